@@ -1,0 +1,274 @@
+"""Regression alerts: channel-agnostic content from a gate verdict, and a plain smtplib sender.
+
+`build_alert` returns (subject, text, html) for any channel (Airflow's SMTP notifier, Slack, ...);
+`send_alert` delivers it over SMTP without Airflow. A server that cannot be reached raises
+SmtpConnectionError, which operators should treat as non-retryable (retrying an alert minutes later
+does not fix a wrong host and delays the task's failure).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import smtplib
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+from gfocal_pipeline.errors import GfocalError
+from gfocal_pipeline.gate import format_verdict_table, verdict_rows
+
+log = logging.getLogger(__name__)
+
+TREND_URL_PREFIX = "/gfocal"
+
+
+class AlertDeliveryError(GfocalError):
+    """The alert could not be delivered. `retryable` says whether trying again later may help."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class SmtpConnectionError(AlertDeliveryError):
+    """The SMTP server refused or did not answer the connection (wrong host/port, server down)."""
+
+
+class AlertContent(NamedTuple):
+    subject: str
+    text: str
+    html: str
+
+
+def airflow_run_url(base_url: str, dag_id: str, run_id: str) -> str:
+    """Link to a DAG run in the Airflow 3 UI; `base_url` is `[api] base_url` (may carry a path prefix)."""
+    return f"{base_url.rstrip('/')}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
+
+
+def trend_page_url(base_url: str) -> str:
+    """Link to the gfocal trend page that plugins/gfocal_plugin.py mounts."""
+    return f"{base_url.rstrip('/')}{TREND_URL_PREFIX}/"
+
+
+def _metric_summary(metric: str, checks: Sequence[Mapping[str, Any]]) -> str:
+    failed = [c for c in checks if c["metric"] == metric and not c["passed"]]
+    vs_base = next((c for c in failed if c["baseline"] is not None), None)
+    if vs_base is not None and vs_base["value"] is not None:
+        value, base = vs_base["value"], vs_base["baseline"]
+        if metric == "fps":
+            change = (value - base) / base * 100 if base else float("-inf")
+            return f"fps {change:+.1f}% ({value:.2f} vs {base:.2f})"
+        return f"{metric} {value - base:+.4f} ({value:.4f} vs {base:.4f})"
+    check = failed[0]
+    if check["value"] is None:
+        return f"{metric} not measured"
+    value_text = f"{check['value']:.4f}" if metric == "AP" else f"{check['value']:.2f}"
+    limit_text = f"{check['limit']:.4f}" if metric == "AP" else f"{check['limit']:.2f}"
+    return f"{metric} {value_text} below floor {limit_text}"
+
+
+def build_alert(
+    verdict: Mapping[str, Any],
+    *,
+    run_url: str | None = None,
+    trend_url: str | None = None,
+    problems: Sequence[str] = (),
+) -> AlertContent:
+    """Subject naming the regressed metric(s), plain-text and HTML bodies with the verdict table.
+
+    `problems` adds free-form lines (e.g. a history database error) to both bodies.
+    """
+    label = verdict.get("label", "")
+    run_id = verdict.get("run_id", "")
+    regressed = list(verdict.get("regressed", []))
+    checks = verdict.get("checks", [])
+    if regressed:
+        what = "; ".join(_metric_summary(metric, checks) for metric in regressed)
+        subject = f"[gfocal] REGRESSION {what} | {label} | run {run_id}"
+    elif not verdict.get("passed"):
+        subject = f"[gfocal] GATE FAILED (no baseline comparison possible) | {label} | run {run_id}"
+    else:
+        subject = f"[gfocal] OK | {label} | run {run_id}"
+    subject = " ".join(subject.split())  # no CR/LF in a header
+
+    links = [(name, url) for name, url in (("Airflow run", run_url), ("Trend page", trend_url)) if url]
+    extra = list(problems)
+    text_parts = [format_verdict_table(verdict)]
+    if extra:
+        text_parts.append("\n".join(f"problem: {line}" for line in extra))
+    if verdict.get("baseline_runs"):
+        text_parts.append("baseline runs: " + ", ".join(verdict["baseline_runs"]))
+    if links:
+        text_parts.append("\n".join(f"{name}: {url}" for name, url in links))
+    text = "\n\n".join(text_parts) + "\n"
+
+    return AlertContent(subject, text, _html_body(verdict, links, extra))
+
+
+def _html_body(verdict: Mapping[str, Any], links: list[tuple[str, str]], problems: list[str]) -> str:
+    esc = html.escape
+    rows = verdict_rows(verdict)
+    status = "PASS" if verdict.get("passed") else "FAIL"
+    color = "#1a7f37" if verdict.get("passed") else "#cf222e"
+    cell = "border:1px solid #d0d7de;padding:4px 8px;text-align:left"
+    head = "".join(f'<th style="{cell}">{esc(c)}</th>' for c in rows[0])
+    body = []
+    for row in rows[1:]:
+        style = cell + (";color:#cf222e;font-weight:bold" if row[-1] == "FAIL" else "")
+        body.append("<tr>" + "".join(f'<td style="{style}">{esc(c)}</td>' for c in row) + "</tr>")
+    table = (
+        f'<table style="border-collapse:collapse;font-family:monospace"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+        if len(rows) > 1
+        else "<p>No checks were run.</p>"
+    )
+    notes = [
+        *verdict.get("notes", []),
+        *(f"{c['name']}: {c['note']}" for c in verdict.get("checks", []) if c.get("note")),
+    ]
+    parts = [
+        f'<h2 style="color:{color}">{status}: {esc(str(verdict.get("label", "")))}</h2>',
+        f"<p>DAG <code>{esc(str(verdict.get('dag_id', '')))}</code>, "
+        f"run <code>{esc(str(verdict.get('run_id', '')))}</code></p>",
+        table,
+    ]
+    if notes:
+        parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    if problems:
+        parts.append("<ul>" + "".join(f"<li><b>problem:</b> {esc(p)}</li>" for p in problems) + "</ul>")
+    if verdict.get("baseline_runs"):
+        parts.append(
+            "<p>Baseline runs: "
+            + ", ".join(f"<code>{esc(r)}</code>" for r in verdict["baseline_runs"])
+            + "</p>"
+        )
+    if links:
+        parts.append(
+            "<p>"
+            + " | ".join(f'<a href="{esc(url, quote=True)}">{esc(name)}</a>' for name, url in links)
+            + "</p>"
+        )
+    return "<!DOCTYPE html><html><body>" + "\n".join(parts) + "</body></html>\n"
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """Where and how to send: `use_ssl` for implicit TLS (port 465), `starttls` to upgrade plain SMTP."""
+
+    host: str
+    sender: str
+    recipients: tuple[str, ...]
+    port: int = 25
+    starttls: bool = False
+    use_ssl: bool = False
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise AlertDeliveryError(f"SMTP host must be a non-empty string, got {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise AlertDeliveryError(f"SMTP port must be an integer in 1..65535, got {self.port!r}")
+        if not isinstance(self.sender, str) or "@" not in self.sender:
+            raise AlertDeliveryError(f"SMTP sender must be an e-mail address, got {self.sender!r}")
+        if isinstance(self.recipients, str) or not self.recipients:
+            raise AlertDeliveryError(
+                f"SMTP recipients must be a non-empty list of addresses, got {self.recipients!r}"
+            )
+        bad = [r for r in self.recipients if not isinstance(r, str) or "@" not in r]
+        if bad:
+            raise AlertDeliveryError(f"SMTP recipients {bad!r} are not e-mail addresses")
+        if self.starttls and self.use_ssl:
+            raise AlertDeliveryError("choose either starttls (port 587/25) or use_ssl (port 465), not both")
+        if (self.user is None) != (self.password is None):
+            raise AlertDeliveryError("SMTP user and password must be given together (or neither)")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> SmtpSettings:
+        """Accepts `from`/`to` aliases; `to` may be a comma-separated string."""
+        values = dict(data)
+        if "from" in values:
+            values["sender"] = values.pop("from")
+        if "to" in values:
+            values["recipients"] = values.pop("to")
+        recipients = values.get("recipients")
+        if isinstance(recipients, str):
+            values["recipients"] = tuple(r.strip() for r in recipients.split(",") if r.strip())
+        elif recipients is not None:
+            values["recipients"] = tuple(recipients)
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise AlertDeliveryError(f"bad SMTP settings {sorted(values)}: {exc}") from exc
+
+
+def _message(content: AlertContent, settings: SmtpSettings) -> EmailMessage:
+    message = EmailMessage()
+    message["Subject"] = content.subject
+    message["From"] = settings.sender
+    message["To"] = ", ".join(settings.recipients)
+    message["Date"] = formatdate(localtime=False)
+    message["Message-ID"] = make_msgid(domain=settings.sender.rsplit("@", 1)[-1])
+    message.set_content(content.text)
+    message.add_alternative(content.html, subtype="html")
+    return message
+
+
+def send_alert(content: AlertContent, settings: SmtpSettings) -> None:
+    """Deliver one multipart (text + HTML) message, or raise AlertDeliveryError / SmtpConnectionError."""
+    message = _message(content, settings)
+    where = f"{settings.host}:{settings.port}"
+    client_class = smtplib.SMTP_SSL if settings.use_ssl else smtplib.SMTP
+    try:
+        client = client_class(settings.host, settings.port, timeout=settings.timeout)
+    except (OSError, smtplib.SMTPException) as exc:
+        log.error("SMTP server %s refused or did not answer the connection: %s", where, exc)
+        raise SmtpConnectionError(
+            f"cannot connect to SMTP server {where} ({exc}); check the alert host/port settings and "
+            "that the mail server is running (not retried: the alert content is in the task log)"
+        ) from exc
+    try:
+        with client:
+            if settings.starttls:
+                client.starttls(context=ssl.create_default_context())
+            if settings.user is not None:
+                client.login(settings.user, settings.password or "")
+            refused = client.send_message(message)
+    except smtplib.SMTPAuthenticationError as exc:
+        raise AlertDeliveryError(f"SMTP server {where} rejected user {settings.user!r}: {exc}") from exc
+    except smtplib.SMTPResponseException as exc:
+        temporary = 400 <= exc.smtp_code < 500
+        raise AlertDeliveryError(
+            f"SMTP server {where} answered {exc.smtp_code} {exc.smtp_error!r}", retryable=temporary
+        ) from exc
+    except smtplib.SMTPRecipientsRefused as exc:
+        raise AlertDeliveryError(f"SMTP server {where} refused every recipient: {exc.recipients}") from exc
+    except (OSError, smtplib.SMTPException) as exc:
+        raise AlertDeliveryError(f"sending the alert through {where} failed: {exc}", retryable=True) from exc
+    if refused:
+        log.warning("SMTP server %s refused some recipients: %s", where, refused)
+    log.info("alert %r sent through %s to %s", content.subject, where, ", ".join(settings.recipients))
+
+
+def alert_on_failure(
+    verdict: Mapping[str, Any],
+    settings: SmtpSettings,
+    *,
+    run_url: str | None = None,
+    trend_url: str | None = None,
+    problems: Sequence[str] = (),
+) -> bool:
+    """Send the alert only when the verdict failed; returns whether a message was sent."""
+    if verdict.get("passed") and not problems:
+        log.info("gate passed for run %s: no alert", verdict.get("run_id"))
+        return False
+    send_alert(build_alert(verdict, run_url=run_url, trend_url=trend_url, problems=problems), settings)
+    return True

@@ -1,0 +1,1 @@
+"""Inference backends. Each runs one shard of preprocessed inputs into the shared output layout."""

@@ -1,0 +1,402 @@
+"""NPU inference of one shard with `msame` (and, sharing this code path, `ais_bench`).
+
+The tool is given the shard's input directory (`inputs/<shard>/<image_id:012d>.bin`) and a fresh
+per-attempt output directory. Its result is trusted only when all of these hold:
+  - the tool's success marker was printed (msame exits 0 even on bad arguments, so the exit code
+    alone proves nothing);
+  - exactly one new run folder appeared in the output directory (folders that were there before
+    the run are ignored, never parsed);
+  - it holds exactly one file per input per model output, no more, no less;
+  - the timing lines parse.
+The outputs (`dets` float32 (100,5), `labels` int64 (100,) per image) are then written to the shared
+layout (`layout.write_shard_outputs(kind="dets")`) and the raw tool folder is removed.
+
+fps = 1000 * batch / mean_ms, with mean_ms the tool's average time per inference, times `chips`
+when one card has several chips that run copies of the job. The recipe reports an Atlas 300I (310,
+four chips) as 4 x 1000 / 223.21 = 17.92 fps; a 310P card is one device: 1000 / 28.99 = 34.49 fps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gfocal_pipeline.backends.base import Backend, ShardResult
+from gfocal_pipeline.backends.cann_env import CannEnv, load_cann_env
+from gfocal_pipeline.backends.process import (
+    ProcessHandle,
+    ProcessResult,
+    check_safe_path,
+    run_tool,
+)
+from gfocal_pipeline.constants import MAX_PER_IMG
+from gfocal_pipeline.errors import BackendError, DatasetError
+from gfocal_pipeline.fileio import write_json
+from gfocal_pipeline.layout import RunLayout, input_file_name, write_shard_outputs
+from gfocal_pipeline.manifest import Manifest
+from gfocal_pipeline.timing import latency_stats
+
+log = logging.getLogger(__name__)
+
+# (name, dtype, values per image) of the Ascend graph's outputs, in output order
+OUTPUTS = (("dets", np.dtype(np.float32), MAX_PER_IMG * 5), ("labels", np.dtype(np.int64), MAX_PER_IMG))
+MAX_DEVICE = 255
+_NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+
+
+@dataclass
+class ToolTiming:
+    """What a tool reported about speed: its mean time per inference and whatever else it gives."""
+
+    mean_ms: float
+    mean_without_first_ms: float | None = None
+    per_input_ms: list[float] = field(default_factory=list)
+    extra_ms: dict[str, float] = field(default_factory=dict)
+    tool_fps: float | None = None
+
+
+@dataclass
+class ToolRun:
+    """One finished, validated tool run over an input directory."""
+
+    run_dir: Path
+    files: dict[str, list[Path]]  # input stem -> one file per model output, in output order
+    timing: ToolTiming
+    process: ProcessResult
+
+
+def check_device(device: object) -> int:
+    if isinstance(device, bool) or not isinstance(device, int | str):
+        raise BackendError(f"device id {device!r} must be an integer 0..{MAX_DEVICE}")
+    try:
+        value = int(device)
+    except ValueError:
+        raise BackendError(f"device id {device!r} must be an integer 0..{MAX_DEVICE}") from None
+    if not 0 <= value <= MAX_DEVICE:
+        raise BackendError(f"device id {value} is out of range: Ascend tools accept 0..{MAX_DEVICE}")
+    return value
+
+
+class AscendToolBackend(Backend):
+    """Common code of the process-tool backends; subclasses describe their tool's contract."""
+
+    kind = "dets"
+    outfmts: tuple[str, ...] = ("BIN", "TXT")
+    success_marker: re.Pattern[str]
+    run_dir_pattern: re.Pattern[str]
+
+    def __init__(
+        self,
+        om_path: str | os.PathLike[str],
+        *,
+        device: int = 0,
+        outfmt: str = "BIN",
+        set_env: str | os.PathLike[str] | None = None,
+        batch_size: int = 1,
+        chips: int = 1,
+        dym_batch: bool = False,
+        timeout_s: float | None = None,
+        keep_raw: bool = False,
+        handle: ProcessHandle | None = None,
+    ) -> None:
+        self.om_path = check_safe_path(om_path, "OM model path", ",")
+        if self.om_path.suffix != ".om":
+            raise BackendError(
+                f"OM model path {str(self.om_path)!r} must end in .om; pass the file atc wrote"
+            )
+        self.device = check_device(device)
+        if outfmt not in self.outfmts:
+            raise BackendError(
+                f"outfmt {outfmt!r} is not supported by {self.name}; use one of {', '.join(self.outfmts)}"
+            )
+        self.outfmt = outfmt
+        if batch_size != 1:
+            raise BackendError(
+                f"{self.name} feeds one preprocessed image per input file, so batch_size must be 1 "
+                f"(got {batch_size}); convert the OM with batch 1"
+            )
+        if chips < 1:
+            raise BackendError(f"chips must be >= 1, got {chips}")
+        self.batch_size = batch_size
+        self.chips = chips
+        self.dym_batch = dym_batch
+        self.set_env = set_env
+        self.timeout_s = timeout_s
+        self.keep_raw = keep_raw
+        self.handle = handle or ProcessHandle()
+
+    # --- tool contract (subclasses) -------------------------------------------------------------
+    def argv(self, env: CannEnv, input_dir: Path, output_dir: Path) -> list[str]:
+        raise NotImplementedError
+
+    def output_file_name(self, stem: str, index: int) -> str:
+        raise NotImplementedError
+
+    def parse_timing(self, result: ProcessResult, output_dir: Path, before: set[str]) -> ToolTiming:
+        raise NotImplementedError
+
+    def failure(self, result: ProcessResult) -> BackendError:
+        errors = [line for line in result.lines if "[ERROR]" in line or "Error" in line][:10]
+        shown = "\n  ".join(errors) if errors else "(no [ERROR] lines)"
+        return BackendError(
+            f"{self.name} did not report success (exit {result.returncode}, no line matching "
+            f"{self.success_marker.pattern!r}):\n  {shown}\nLast output:\n{result.tail(15)}"
+        )
+
+    # --- shared code path ------------------------------------------------------------------------
+    @property
+    def extension(self) -> str:
+        return self.outfmt.lower()
+
+    def default_timeout(self, images: int) -> float:
+        return self.timeout_s if self.timeout_s is not None else 300.0 + 10.0 * images
+
+    def run_tool(self, input_dir: Path, output_dir: Path, stems: list[str]) -> ToolRun:
+        """Run the tool over `input_dir` into `output_dir` and validate what it left (see module doc)."""
+        if not self.om_path.is_file():
+            raise BackendError(f"OM model {str(self.om_path)!r} does not exist; run the convert step first")
+        check_safe_path(input_dir, "input directory", ",")
+        check_safe_path(output_dir, "tool output directory", ",")
+        env = load_cann_env(self.set_env)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        before = set(os.listdir(output_dir))
+        result = run_tool(
+            self.argv(env, input_dir, output_dir),
+            env=env.environ(),
+            name=self.name,
+            timeout_s=self.default_timeout(len(stems)),
+            handle=self.handle,
+        )
+        if not any(self.success_marker.search(line) for line in result.lines) or result.returncode != 0:
+            raise self.failure(result)
+        run_dir = self.find_run_dir(output_dir, before, result)
+        files = self.match_outputs(run_dir, stems)
+        return ToolRun(run_dir, files, self.parse_timing(result, output_dir, before), result)
+
+    def find_run_dir(self, output_dir: Path, before: set[str], result: ProcessResult) -> Path:
+        """The one run folder this run created (earlier runs' folders are ignored)."""
+        new = sorted(
+            name
+            for name in set(os.listdir(output_dir)) - before
+            if (output_dir / name).is_dir() and self.run_dir_pattern.match(name)
+        )
+        if len(new) > 1:  # prefer the folder the tool printed
+            printed = [name for name in new if any(line.rstrip("/").endswith(name) for line in result.lines)]
+            new = printed if len(printed) == 1 else new
+        if len(new) != 1:
+            ignored = sorted(before)
+            raise BackendError(
+                f"{self.name} run should create exactly one output folder in {str(output_dir)!r}, found "
+                f"{new or 'none'} (ignored, present before the run: {ignored[:5]}); check the tool log:\n"
+                f"{result.tail(10)}"
+            )
+        return output_dir / new[0]
+
+    def match_outputs(self, run_dir: Path, stems: list[str]) -> dict[str, list[Path]]:
+        """Exactly one file per input per model output; missing or extra files are named."""
+        expected = {self.output_file_name(stem, i): (stem, i) for stem in stems for i in range(len(OUTPUTS))}
+        present = {p.name for p in run_dir.iterdir() if p.is_file()}
+        missing = sorted(set(expected) - present)
+        extra = sorted(present - set(expected))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} file(s): {missing[:8]}")
+            if extra:
+                parts.append(f"unexpected {len(extra)} file(s): {extra[:8]}")
+            raise BackendError(
+                f"{self.name} output folder {str(run_dir)!r} does not hold exactly one file per input per "
+                f"output ({len(stems)} inputs x {len(OUTPUTS)} outputs): {'; '.join(parts)}"
+            )
+        files: dict[str, list[Path]] = {stem: [Path()] * len(OUTPUTS) for stem in stems}
+        for name, (stem, index) in expected.items():
+            files[stem][index] = run_dir / name
+        return files
+
+    def read_output(self, path: Path, index: int) -> np.ndarray:
+        name, dtype, count = OUTPUTS[index]
+        try:
+            if self.outfmt == "BIN":
+                size = path.stat().st_size
+                if size != count * dtype.itemsize:
+                    raise BackendError(
+                        f"{path.name}: {size} bytes, expected {count * dtype.itemsize} ({count} x {dtype}) "
+                        f"for output {name!r}; the OM's outputs differ from the exported Ascend graph"
+                    )
+                values = np.fromfile(path, dtype=dtype)
+            elif self.outfmt == "NPY":
+                values = np.load(path, allow_pickle=False).reshape(-1)
+            else:
+                values = np.loadtxt(path, dtype=np.float64, ndmin=1).reshape(-1)
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"cannot read {self.name} output {str(path)!r}: {exc}") from exc
+        if values.size != count:
+            raise BackendError(
+                f"{path.name} holds {values.size} values, expected {count} for output {name!r} (batch 1)"
+            )
+        return values.astype(dtype).reshape((MAX_PER_IMG, 5) if name == "dets" else (MAX_PER_IMG,))
+
+    def stage_inputs(
+        self, layout: RunLayout, manifest: Manifest, shard: str, attempt: Path
+    ) -> tuple[Path, list[int]]:
+        """The directory to feed the tool: the shard directory itself when it holds exactly the
+        shard's inputs, else a directory of links to them (the tools read every file given)."""
+        ids = manifest.shards.get(shard)
+        if ids is None:
+            raise DatasetError(f"shard {shard!r} is not in manifest {str(manifest.path)!r}")
+        if not ids:
+            raise DatasetError(f"shard {shard!r} of manifest {str(manifest.path)!r} has no images")
+        source = layout.input_shard(shard)
+        names = [input_file_name(i) for i in ids]
+        for name in names:
+            path = source / name
+            if not path.is_file():
+                raise DatasetError(f"preprocessed input {str(path)!r} is missing; re-run preprocessing")
+            if path.stat().st_size != manifest.bytes_per_image:
+                raise DatasetError(
+                    f"preprocessed input {str(path)!r} has {path.stat().st_size} bytes, expected "
+                    f"{manifest.bytes_per_image} for {manifest.dtype} {manifest.input_shape()[1:]}"
+                )
+        if sorted(os.listdir(source)) == sorted(names):
+            return source, ids
+        staged = attempt / "input"
+        staged.mkdir(parents=True)
+        for name in names:
+            (staged / name).symlink_to((source / name).resolve())
+        log.info("shard %s: input folder holds other files; feeding %d linked inputs", shard, len(names))
+        return staged, ids
+
+    def infer_shard(self, layout: RunLayout, manifest: Manifest, shard: str) -> ShardResult:
+        reused = self.reuse(layout, manifest, shard)
+        if reused is not None:
+            return reused
+        out_dir = layout.output_shard(self.name, shard)
+        raw_root = out_dir / "raw"
+        shutil.rmtree(raw_root, ignore_errors=True)  # leftovers of failed attempts
+        attempt = raw_root / f"attempt-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        attempt.mkdir(parents=True)
+        input_dir, ids = self.stage_inputs(layout, manifest, shard, attempt)
+        stems = [input_file_name(i).removesuffix(".bin") for i in ids]
+        run = self.run_tool(input_dir, attempt / "out", stems)
+        arrays = {
+            name: np.stack([self.read_output(run.files[stem][index], index) for stem in stems])
+            for index, (name, _, _) in enumerate(OUTPUTS)
+        }
+        summary = self.summary(run, len(ids))
+        write_json(
+            layout.timing_file(self.name, shard),
+            {
+                "latencies_ms": run.timing.per_input_ms,
+                "batch_size": self.batch_size,
+                "summary": summary,
+                "argv": run.process.argv,
+                "tool_seconds": round(run.process.duration_s, 3),
+            },
+        )
+        write_shard_outputs(out_dir, np.asarray(ids), arrays, self.kind, self.marker(manifest, shard))
+        if not self.keep_raw:
+            shutil.rmtree(raw_root, ignore_errors=True)
+        log.info(
+            "shard %s: %d images, %.2f ms mean, %.2f fps", shard, len(ids), run.timing.mean_ms, summary["fps"]
+        )
+        return ShardResult(self.name, shard, len(ids), str(out_dir), summary)
+
+    def summary(self, run: ToolRun, images: int) -> dict[str, Any]:
+        timing = run.timing
+        if not timing.mean_ms > 0:
+            raise BackendError(f"{self.name} reported a non-positive mean time {timing.mean_ms} ms")
+        latency: dict[str, float | None] = {
+            "mean": timing.mean_ms,
+            "mean_without_first": timing.mean_without_first_ms,
+        }
+        if timing.per_input_ms:
+            stats = latency_stats(timing.per_input_ms)
+            latency.update({k: v for k, v in stats.items() if k != "mean"})
+        latency.update(timing.extra_ms)
+        return {
+            "fps": self.chips * 1000.0 * self.batch_size / timing.mean_ms,
+            "fps_formula": "chips * 1000 * batch / mean_ms",
+            "latency_ms": latency,
+            "batch_size": self.batch_size,
+            "chips": self.chips,
+            "images": images,
+            "device": self.device,
+            "tool": self.name,
+            "tool_reported_fps": timing.tool_fps,
+        }
+
+
+class MsameBackend(AscendToolBackend):
+    """`msame --model <om> --input <dir> --output <dir> --outfmt BIN|TXT --device N`."""
+
+    name = "msame"
+    outfmts = ("BIN", "TXT")
+    success_marker = re.compile(r"\[INFO\]\s+(?:pid:\s*\d+\s+)?Execute sample success")
+    # 20210622_114034 (<= 2021-08) or 2022827_9_5_3_123456 (unpadded, newer)
+    run_dir_pattern = re.compile(r"^(?:2\d{7}_\d{6}|2\d{5,7}_\d{1,2}_\d{1,2}_\d{1,2}_\d{1,6})$")
+    timing_line = re.compile(r"Inference average time( without first time)?\s*:\s*" + _NUMBER + r"\s*ms")
+    per_input_line = re.compile(r"^Inference time\s*:\s*" + _NUMBER + r"\s*ms")
+    not_om = "input model file type is not .om"
+
+    def argv(self, env: CannEnv, input_dir: Path, output_dir: Path) -> list[str]:
+        argv = [
+            env.require_tool("msame"),
+            "--model",
+            str(self.om_path),
+            "--input",
+            str(input_dir),
+            "--output",
+            str(output_dir),
+            "--outfmt",
+            self.outfmt,
+            "--device",
+            str(self.device),
+        ]
+        if self.dym_batch:
+            argv += ["--dymBatch", str(self.batch_size)]
+        return argv
+
+    def output_file_name(self, stem: str, index: int) -> str:
+        return f"{stem}_output_{index}.{self.extension}"
+
+    def failure(self, result: ProcessResult) -> BackendError:
+        if any(self.not_om in line for line in result.lines):
+            return BackendError(
+                f"msame rejected the model {str(self.om_path)!r}: '[ERROR] {self.not_om}' (msame exits "
+                f"{result.returncode} even so); pass the .om file written by atc"
+            )
+        return super().failure(result)
+
+    def parse_timing(self, result: ProcessResult, output_dir: Path, before: set[str]) -> ToolTiming:
+        mean = without_first = None
+        for line in result.lines:
+            if "Inference average time" not in line:
+                continue
+            match = self.timing_line.search(line)
+            if match is None:
+                raise BackendError(
+                    f"cannot parse msame timing line {line.strip()!r}; expected 'Inference average time : "
+                    "<number> ms'"
+                )
+            if match.group(1):
+                without_first = float(match.group(2))
+            else:
+                mean = float(match.group(2))
+        if mean is None:
+            raise BackendError(
+                f"msame printed no 'Inference average time' line, so no performance can be reported:\n"
+                f"{result.tail(10)}"
+            )
+        per_input = [
+            float(m.group(1)) for line in result.lines if (m := self.per_input_line.match(line.strip()))
+        ]
+        return ToolTiming(mean, without_first, per_input)

@@ -1,0 +1,168 @@
+"""Loading mmcv-style GFocalV2 checkpoints safely, and writing a deterministic random-weight one.
+
+torch 2.13 loads with `weights_only=True`. Official mmcv checkpoints keep numpy values in `meta`
+(e.g. an `np.float64` learning rate or an ndarray), which the safe unpickler rejects. We allow-list
+exactly the numpy reconstruction helpers such files need (see `SAFE_NUMPY_GLOBALS`) for the duration
+of one load, instead of switching safe loading off.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gfocal_pipeline.errors import CheckpointError
+from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir
+from gfocal_pipeline.model import GFocalV2, build_model
+
+
+def _numpy_globals() -> list:
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core to np._core
+    items: list = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    # dtype classes (np.dtypes.Float64DType, ...) appear in pickles written by numpy >= 1.25
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        items += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")]
+    return items
+
+
+SAFE_NUMPY_GLOBALS = _numpy_globals()
+RANDOM_CHECKPOINT_NOTE = "RANDOM WEIGHTS - generated for tests and the demo, not a trained model"
+
+
+def _torch_load(path: Path) -> object:
+    with torch.serialization.safe_globals(SAFE_NUMPY_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> tuple[OrderedDict[str, torch.Tensor], dict]:
+    """Read a checkpoint file -> (state dict without `module.` prefixes, meta dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass the path of a .pth file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not readable; check its permissions")
+    try:
+        obj = _torch_load(path)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} contains objects that are unsafe to unpickle ({_first_line(exc)}). "
+            "Only tensors, plain containers and numpy values are accepted; re-save the file with "
+            "`torch.save({'state_dict': model.state_dict()}, path)` from a trusted environment"
+        ) from exc
+    except Exception as exc:  # torch.load raises many types (KeyError, RuntimeError...) for non-checkpoints
+        raise CheckpointError(
+            f"{str(path)!r} is not a PyTorch checkpoint ({_first_line(exc)}); "
+            "pass a .pth written by torch.save"
+        ) from exc
+    meta: dict = {}
+    if isinstance(obj, dict) and "state_dict" in obj:
+        meta = obj.get("meta") or {}
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds no state dict of tensors (expected {{'meta', 'state_dict'}} "
+            "or a bare state dict)"
+        )
+    state = OrderedDict((k.removeprefix("module."), v) for k, v in obj.items())
+    return state, meta if isinstance(meta, dict) else {}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def layout_mismatch(model: GFocalV2, state: dict[str, torch.Tensor]) -> list[str]:
+    """Human-readable lines for every missing, unexpected or wrongly shaped key."""
+    expected = model.state_dict()
+    lines = []
+    for key, tensor in expected.items():
+        if key not in state:
+            lines.append(f"missing: {key} {tuple(tensor.shape)}")
+        elif tuple(state[key].shape) != tuple(tensor.shape):
+            lines.append(
+                f"wrong shape: {key} expected {tuple(tensor.shape)}, checkpoint has {tuple(state[key].shape)}"
+            )
+    lines += [f"unexpected: {key} {tuple(state[key].shape)}" for key in state if key not in expected]
+    return lines
+
+
+def load_model(path: str | os.PathLike[str], strict: bool = True) -> GFocalV2:
+    """Build GFocalV2 and load `path` into it; strict by default, mismatches listed by key and shape."""
+    state, _ = read_state_dict(path)
+    model = build_model()
+    problems = layout_mismatch(model, state)
+    if problems and strict:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the GFocalV2 R50-FPN layout "
+            f"({len(problems)} problem(s)):\n  {shown}{more}\n"
+            "Pass the official gfocal_r50_fpn_1x.pth (or one in its layout), "
+            "or strict=False to load what fits"
+        )
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return model.eval()
+
+
+def random_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
+    """Deterministic weights in the official layout with activations of sane magnitude.
+
+    Convs: He-normal; frozen BN: mild statistics, the last BN of each block scaled down so residual
+    sums stay bounded; head: mmdet's init (std 0.01, classifier prior 0.01).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model()
+    state = OrderedDict()
+    for key, tensor in model.state_dict().items():
+        shape = tensor.shape
+        if key.endswith("num_batches_tracked"):
+            value = torch.zeros((), dtype=torch.int64)
+        elif key.endswith("integral.project"):
+            value = tensor.clone()
+        elif key.endswith("scale"):
+            value = torch.tensor(1.0 + 0.1 * torch.rand((), generator=generator).item())
+        elif key.endswith("running_mean"):
+            value = 0.1 * torch.randn(shape, generator=generator)
+        elif key.endswith("running_var"):
+            value = 0.5 + torch.rand(shape, generator=generator)
+        elif tensor.dim() == 1 and (".bn" in key or "downsample.1" in key or key.startswith("backbone.bn1")):
+            gain = 0.2 if (key.rsplit(".", 2)[-2] in ("bn3", "1")) else 1.0
+            value = gain * (0.5 + 0.5 * torch.rand(shape, generator=generator)) if key.endswith(
+                "weight"
+            ) else 0.05 * torch.randn(shape, generator=generator)
+        elif ".gn." in key:
+            value = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
+        elif key.startswith("bbox_head.") and key.endswith("weight"):
+            value = 0.01 * torch.randn(shape, generator=generator)
+        elif key == "bbox_head.gfl_cls.bias":
+            value = torch.full(shape, -math.log((1 - 0.01) / 0.01))
+        elif key.endswith("weight"):
+            fan_in = int(np.prod(shape[1:]))
+            value = torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in)
+        else:  # conv biases
+            value = 0.01 * torch.randn(shape, generator=generator)
+        state[key] = value.to(tensor.dtype).reshape(shape).contiguous()
+    return state
+
+
+def write_random_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write an mmcv-style `{'meta', 'state_dict'}` file with random weights (atomically)."""
+    path = Path(path)
+    ensure_writable_dir(path.parent, "checkpoint directory")
+    meta = {"note": RANDOM_CHECKPOINT_NOTE, "seed": seed, "config": "gfocal_r50_fpn_1x", "random": True}
+    buffer = io.BytesIO()  # saving to a buffer keeps the archive name (and so the bytes) fixed
+    torch.save({"meta": meta, "state_dict": random_state_dict(seed)}, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return path

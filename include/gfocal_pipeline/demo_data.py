@@ -1,0 +1,303 @@
+"""A small, real COCO-format data set generated on the fly, for demos, tests and CI without downloads.
+
+`make_demo_coco(root)` writes `<root>/val2017/<id:012d>.jpg` (JPEGs of filled rectangles and
+ellipses in distinct colours on textured backgrounds; landscape, portrait and square sizes, one in
+seven grayscale like some COCO images) and `<root>/annotations/instances_val2017.json` with the 80
+standard COCO categories (ids 1..90 with gaps) and one annotation per drawn object whose bbox
+(xywh), area (pixel count) and polygon come from the drawn pixels. Image ids are sparse and the
+`images` list is unordered, as in COCO.
+
+Deterministic: the same `(num_images, seed)` gives the same bytes. Idempotent: images are written
+atomically and the annotation file last, so a complete set is recognised (its `info.gfocal_demo`)
+and kept as is; an interrupted one is regenerated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
+from gfocal_pipeline.errors import DatasetError
+from gfocal_pipeline.fileio import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+DEMO_VERSION = 1
+MAX_DEMO_IMAGES = 1000
+# (width, height): COCO-typical sizes, landscape, portrait and square
+DEMO_SIZES: tuple[tuple[int, int], ...] = (
+    (640, 480),
+    (480, 640),
+    (500, 375),
+    (375, 500),
+    (800, 600),
+    (333, 500),
+    (640, 427),
+    (427, 640),
+    (612, 612),
+    (500, 333),
+    (640, 360),
+    (360, 640),
+)
+GRAYSCALE_EVERY = 7  # image index % 7 == 5 is stored as a one-channel JPEG
+JPEG_QUALITY = 90
+_MIN_GAP = 6  # pixels between objects, so boxes never overlap
+
+# (id, name, supercategory) of the 80 COCO detection categories
+COCO_CATEGORIES: tuple[tuple[int, str, str], ...] = (
+    (1, "person", "person"),
+    (2, "bicycle", "vehicle"),
+    (3, "car", "vehicle"),
+    (4, "motorcycle", "vehicle"),
+    (5, "airplane", "vehicle"),
+    (6, "bus", "vehicle"),
+    (7, "train", "vehicle"),
+    (8, "truck", "vehicle"),
+    (9, "boat", "vehicle"),
+    (10, "traffic light", "outdoor"),
+    (11, "fire hydrant", "outdoor"),
+    (13, "stop sign", "outdoor"),
+    (14, "parking meter", "outdoor"),
+    (15, "bench", "outdoor"),
+    (16, "bird", "animal"),
+    (17, "cat", "animal"),
+    (18, "dog", "animal"),
+    (19, "horse", "animal"),
+    (20, "sheep", "animal"),
+    (21, "cow", "animal"),
+    (22, "elephant", "animal"),
+    (23, "bear", "animal"),
+    (24, "zebra", "animal"),
+    (25, "giraffe", "animal"),
+    (27, "backpack", "accessory"),
+    (28, "umbrella", "accessory"),
+    (31, "handbag", "accessory"),
+    (32, "tie", "accessory"),
+    (33, "suitcase", "accessory"),
+    (34, "frisbee", "sports"),
+    (35, "skis", "sports"),
+    (36, "snowboard", "sports"),
+    (37, "sports ball", "sports"),
+    (38, "kite", "sports"),
+    (39, "baseball bat", "sports"),
+    (40, "baseball glove", "sports"),
+    (41, "skateboard", "sports"),
+    (42, "surfboard", "sports"),
+    (43, "tennis racket", "sports"),
+    (44, "bottle", "kitchen"),
+    (46, "wine glass", "kitchen"),
+    (47, "cup", "kitchen"),
+    (48, "fork", "kitchen"),
+    (49, "knife", "kitchen"),
+    (50, "spoon", "kitchen"),
+    (51, "bowl", "kitchen"),
+    (52, "banana", "food"),
+    (53, "apple", "food"),
+    (54, "sandwich", "food"),
+    (55, "orange", "food"),
+    (56, "broccoli", "food"),
+    (57, "carrot", "food"),
+    (58, "hot dog", "food"),
+    (59, "pizza", "food"),
+    (60, "donut", "food"),
+    (61, "cake", "food"),
+    (62, "chair", "furniture"),
+    (63, "couch", "furniture"),
+    (64, "potted plant", "furniture"),
+    (65, "bed", "furniture"),
+    (67, "dining table", "furniture"),
+    (70, "toilet", "furniture"),
+    (72, "tv", "electronic"),
+    (73, "laptop", "electronic"),
+    (74, "mouse", "electronic"),
+    (75, "remote", "electronic"),
+    (76, "keyboard", "electronic"),
+    (77, "cell phone", "electronic"),
+    (78, "microwave", "appliance"),
+    (79, "oven", "appliance"),
+    (80, "toaster", "appliance"),
+    (81, "sink", "appliance"),
+    (82, "refrigerator", "appliance"),
+    (84, "book", "indoor"),
+    (85, "clock", "indoor"),
+    (86, "vase", "indoor"),
+    (87, "scissors", "indoor"),
+    (88, "teddy bear", "indoor"),
+    (89, "hair drier", "indoor"),
+    (90, "toothbrush", "indoor"),
+)
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Textured BGR background: two-colour gradient + stripes + noise (objects are flat fills)."""
+    start, end = rng.uniform(40, 215, size=(2, 3)).astype(np.float32)
+    ramp = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]
+    period = rng.uniform(9, 25)
+    angle = rng.uniform(0, np.pi)
+    phase_x = np.arange(width, dtype=np.float32) * np.float32(np.cos(angle) * 2 * np.pi / period)
+    phase_y = np.arange(height, dtype=np.float32) * np.float32(np.sin(angle) * 2 * np.pi / period)
+    stripes = np.float32(14.0) * np.sin(phase_y[:, None] + phase_x[None, :])
+    img = rng.standard_normal((height, width, 3), dtype=np.float32)
+    img *= np.float32(16.0)
+    img += stripes[..., None]
+    img += start + (end - start) * ramp
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _shape_mask(
+    rng: np.random.Generator, width: int, height: int, blocked: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A rectangle or ellipse outside `blocked` (earlier objects plus a gap): (mask, polygon) or None."""
+    short = min(width, height)
+    for _ in range(30):
+        # sizes from COCO "small" (< 32x32) to "large" (> 96x96)
+        bw, bh = (int(v) for v in rng.integers(max(12, short // 20), max(13, short // 2), size=2))
+        x0 = int(rng.integers(0, width - bw))
+        y0 = int(rng.integers(0, height - bh))
+        mask = np.zeros((height, width), dtype=np.uint8)
+        if rng.random() < 0.5:
+            polygon = np.array([[x0, y0], [x0 + bw - 1, y0], [x0 + bw - 1, y0 + bh - 1], [x0, y0 + bh - 1]])
+            cv2.rectangle(mask, (x0, y0), (x0 + bw - 1, y0 + bh - 1), 255, thickness=-1)
+        else:
+            center, axes = (x0 + bw // 2, y0 + bh // 2), ((bw - 1) // 2, (bh - 1) // 2)
+            polygon = cv2.ellipse2Poly(center, axes, 0, 0, 360, 10)
+            cv2.ellipse(mask, center, axes, 0, 0, 360, 255, thickness=-1)
+        if not np.any(mask & blocked):
+            return mask, polygon
+    return None
+
+
+def _draw_image(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """One BGR image and its objects (bbox/area/segmentation/category from the drawn pixels)."""
+    img = _background(rng, width, height)
+    blocked = np.zeros((height, width), dtype=np.uint8)
+    gap = np.ones((2 * _MIN_GAP + 1, 2 * _MIN_GAP + 1), np.uint8)
+    objects: list[dict[str, Any]] = []
+    for _ in range(int(rng.integers(1, 6))):
+        found = _shape_mask(rng, width, height, blocked)
+        if found is None:
+            continue
+        mask, polygon = found
+        blocked |= cv2.dilate(mask, gap)
+        hue = int(rng.integers(0, 180))
+        colour = cv2.cvtColor(np.array([[[hue, 230, 235]]], dtype=np.uint8), cv2.COLOR_HSV2BGR)[0, 0]
+        img[mask > 0] = colour
+        x_min, y_min, box_w, box_h = (int(v) for v in cv2.boundingRect(mask))
+        category = COCO_CATEGORIES[int(rng.integers(0, len(COCO_CATEGORIES)))][0]
+        objects.append(
+            {
+                "category_id": category,
+                "bbox": [x_min, y_min, box_w, box_h],
+                "area": float(cv2.countNonZero(mask)),
+                "segmentation": [[float(v) for v in np.asarray(polygon).reshape(-1)]],
+                "iscrowd": 0,
+            }
+        )
+    return img, objects
+
+
+def _demo_info(num_images: int, seed: int) -> dict[str, Any]:
+    return {"num_images": num_images, "seed": seed, "version": DEMO_VERSION}
+
+
+def _existing(annotation: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(annotation.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _listed_files(data: dict[str, Any] | None) -> list[str]:
+    """Plain file names listed by an earlier demo annotation file (nothing outside the image dir)."""
+    images = (data or {}).get("images")
+    names = [im.get("file_name") for im in images if isinstance(im, dict)] if isinstance(images, list) else []
+    return [name for name in names if isinstance(name, str) and name and Path(name).name == name]
+
+
+def make_demo_coco(root: str | Path, num_images: int = 24, seed: int = 0) -> Path:
+    """Write (or reuse) a demo COCO set under `root` and return `root`; see the module docstring."""
+    if (
+        isinstance(num_images, bool)
+        or not isinstance(num_images, int)
+        or not 1 <= num_images <= MAX_DEMO_IMAGES
+    ):
+        raise DatasetError(f"num_images={num_images!r} must be an integer in 1..{MAX_DEMO_IMAGES}")
+    root = Path(root).expanduser().resolve()
+    image_dir = root / DEFAULT_IMAGE_DIR
+    annotation = root / DEFAULT_ANNOTATION_FILE
+    wanted = _demo_info(num_images, int(seed))
+    previous = _existing(annotation) if annotation.exists() else None
+    if annotation.exists():
+        info = (previous or {}).get("info")
+        marker = info.get("gfocal_demo") if isinstance(info, dict) else None
+        if marker is None:
+            raise DatasetError(
+                f"{str(annotation)!r} exists and is not a generated demo set; refusing to overwrite it, "
+                "choose an empty directory for the demo data"
+            )
+        listed = _listed_files(previous)
+        if marker == wanted and len(listed) == num_images and all((image_dir / n).is_file() for n in listed):
+            log.info("demo data: reusing complete set at %s (%d images, seed %d)", root, num_images, seed)
+            return root
+
+    image_dir.mkdir(parents=True, exist_ok=True)
+    annotation.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([int(seed), DEMO_VERSION])
+    ids = sorted(int(i) for i in rng.choice(np.arange(1, 600_000), size=num_images, replace=False))
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for index, image_id in enumerate(ids):
+        width, height = DEMO_SIZES[index % len(DEMO_SIZES)]
+        img, objects = _draw_image(np.random.default_rng([int(seed), DEMO_VERSION, index]), width, height)
+        if index % GRAYSCALE_EVERY == 5:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        file_name = f"{image_id:012d}.jpg"
+        ok, encoded = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        if not ok:
+            raise DatasetError(f"OpenCV could not encode demo image {file_name}")
+        with atomic_path(image_dir / file_name) as tmp:
+            tmp.write_bytes(encoded.tobytes())
+        images.append(
+            {"id": image_id, "file_name": file_name, "width": width, "height": height, "license": 1}
+        )
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **obj})
+
+    order = rng.permutation(len(images))  # COCO's `images` list is not sorted by id
+    keep = {im["file_name"] for im in images}
+    for name in _listed_files(previous):
+        if name not in keep:  # images of an earlier demo set with other parameters
+            (image_dir / name).unlink(missing_ok=True)
+    write_json(
+        annotation,
+        {
+            "info": {
+                "description": "gfocal-airflow demo set: synthetic shapes on textured backgrounds",
+                "version": str(DEMO_VERSION),
+                "gfocal_demo": wanted,
+            },
+            "licenses": [
+                {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
+            ],
+            "images": [images[i] for i in order],
+            "annotations": annotations,
+            "categories": [
+                {"id": cid, "name": name, "supercategory": sup} for cid, name, sup in COCO_CATEGORIES
+            ],
+        },
+    )
+    log.info("demo data: wrote %d images with %d objects to %s", len(images), len(annotations), root)
+    return root
+
+
+def demo_image(seed: int = 0, width: int = 640, height: int = 480) -> np.ndarray:
+    """One generated BGR picture with drawn objects (the export parity check's 'real image')."""
+    img, _ = _draw_image(np.random.default_rng(seed), width, height)
+    return img

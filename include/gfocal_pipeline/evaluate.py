@@ -1,0 +1,409 @@
+"""Backend outputs -> COCO detections -> COCO bbox metrics, for one backend of one run.
+
+Steps: read every shard of `outputs/<backend>/` (checking its done marker against the manifest), turn each
+image's rows into detections (host NMS for kind "candidates", padding removal for kind "dets"), map boxes
+from input pixels back to the original image with the manifest geometry, map labels 0..79 to the
+annotation file's category ids (sorted by id, as mmdet's `cat_ids`), write `detections.json`, and score it
+with faster-coco-eval (default) or pycocotools; both give the same numbers.
+
+Rescaling is x = (x_in - pad_left) / scale_x, y = (y_in - pad_top) / scale_y without clipping to the
+original image, as the ModelZoo postprocess does: clipping would change the numbers against the reference.
+
+Only the manifest's images are evaluated (`params.imgIds`), so a run over a subset of val2017 is scored on
+that subset; ground truth of other images in the annotation file does not count as missed.
+Stats follow COCO's convention: -1.0 where a metric is undefined (e.g. no ground truth of that area).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gfocal_pipeline.constants import MAX_PER_IMG, NMS_IOU, NUM_CLASSES, SCORE_THR
+from gfocal_pipeline.errors import DatasetError, EvaluationError
+from gfocal_pipeline.fileio import atomic_path, write_json
+from gfocal_pipeline.layout import KINDS, RunLayout, read_shard_outputs
+from gfocal_pipeline.manifest import ImageEntry, Manifest, load_manifest
+from gfocal_pipeline.postprocess import Detections, from_dets, multiclass_nms
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("faster-coco-eval", "pycocotools")
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+DETECTIONS_FILE = "detections.json"
+PER_CLASS_FILE = "per_class.csv"
+STATS_FILE = "stats.json"
+# done-marker fields that must equal the manifest's, with the words used in the error message
+_MARKER_FIELDS = (
+    ("policy", "policy"),
+    ("dtype", "dtype"),
+    ("input_height", "input height"),
+    ("input_width", "input width"),
+    ("manifest_sha256", "sha256"),
+)
+_LIST_LIMIT = 10
+
+
+@dataclass(frozen=True)
+class ImageDetections:
+    """All detections of a run, one row per box: original-image xyxy boxes, scores, labels 0..79."""
+
+    image_ids: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def rescale_boxes(boxes: np.ndarray, entry: ImageEntry) -> np.ndarray:
+    """(k,4) xyxy boxes in input pixels -> original-image pixels (float64), undoing pad then scale."""
+    left, top = entry.pad[0], entry.pad[1]
+    offset = np.array([left, top, left, top], dtype=np.float64)
+    scale = np.array([entry.scale_x, entry.scale_y, entry.scale_x, entry.scale_y], dtype=np.float64)
+    return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - offset) / scale
+
+
+def category_ids(categories: list[dict[str, Any]], annotation_file: str | Path) -> list[int]:
+    """The annotation file's category ids sorted ascending: label k is the k-th (mmdet's `cat_ids`)."""
+    ids = sorted(int(cat["id"]) for cat in categories)
+    if len(ids) != NUM_CLASSES:
+        raise EvaluationError(
+            f"annotation file {str(annotation_file)!r} has {len(ids)} categories, but the model predicts "
+            f"{NUM_CLASSES} COCO classes; use a COCO instances annotation file (e.g. instances_val2017.json)"
+        )
+    return ids
+
+
+def to_coco_results(dets: ImageDetections, cat_ids: list[int]) -> list[dict[str, Any]]:
+    """COCO result records {image_id, category_id, bbox [x, y, w, h], score}; arrays converted at once."""
+    cats = np.asarray(cat_ids, dtype=np.int64)[dets.labels]
+    xywh = np.concatenate([dets.boxes[:, :2], dets.boxes[:, 2:] - dets.boxes[:, :2]], axis=1)
+    return [
+        {"image_id": image_id, "category_id": cat, "bbox": bbox, "score": score}
+        for image_id, cat, bbox, score in zip(
+            dets.image_ids.tolist(), cats.tolist(), xywh.tolist(), dets.scores.astype(np.float64).tolist(),
+            strict=True,
+        )
+    ]
+
+
+def _expected_marker(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "policy": manifest.policy,
+        "dtype": manifest.dtype,
+        "input_height": manifest.input_height,
+        "input_width": manifest.input_width,
+        "manifest_sha256": manifest.sha256,
+    }
+
+
+def _check_marker(
+    marker: dict[str, Any], expected: dict[str, Any], manifest: Manifest, out_dir: Path
+) -> None:
+    for key, words in _MARKER_FIELDS:
+        if marker.get(key) != expected[key]:
+            raise EvaluationError(
+                f"outputs in {str(out_dir)!r} were produced from a manifest with {words} {marker.get(key)!r} "
+                f"but the manifest {str(manifest.path)!r} says {expected[key]!r}; re-run inference"
+            )
+    if marker.get("kind") not in KINDS:
+        raise EvaluationError(
+            f"outputs in {str(out_dir)!r} have unknown kind {marker.get('kind')!r} (expected one of "
+            f"{sorted(KINDS)}); re-run inference"
+        )
+
+
+def _shard_rows(arrays: dict[str, np.ndarray], kind: str, out_dir: Path) -> tuple[np.ndarray, ...]:
+    """The arrays of one shard for `kind`, shape-checked so a bad file fails here, not inside NMS."""
+    missing = [name for name in KINDS[kind] if name not in arrays]
+    if missing or "image_ids" not in arrays:
+        raise EvaluationError(
+            f"outputs in {str(out_dir)!r} lack arrays {missing or ['image_ids']} for kind {kind!r}; "
+            "re-run inference"
+        )
+    first, second = (arrays[name] for name in KINDS[kind])
+    n = len(arrays["image_ids"])
+    if kind == "candidates":
+        ok = (first.ndim == 3 and first.shape[-1] == 4 and second.ndim == 3
+              and second.shape[:2] == first.shape[:2] and second.shape[-1] >= NUM_CLASSES)
+    else:
+        second = second.reshape(len(second), -1)
+        ok = first.ndim == 3 and first.shape[-1] == 5 and second.shape == first.shape[:2]
+    if not ok or len(first) != n:
+        raise EvaluationError(
+            f"outputs in {str(out_dir)!r} have unexpected shapes {KINDS[kind][0]}={first.shape}, "
+            f"{KINDS[kind][1]}={second.shape} for {n} images of kind {kind!r}; re-run inference"
+        )
+    return arrays["image_ids"].astype(np.int64), first, second
+
+
+def _describe(ids: list[int], by_id: dict[int, ImageEntry]) -> str:
+    shown = ", ".join(
+        f"{i} ({by_id[i].file_name})" if i in by_id else str(i) for i in ids[:_LIST_LIMIT]
+    )
+    more = f" and {len(ids) - _LIST_LIMIT} more" if len(ids) > _LIST_LIMIT else ""
+    return shown + more
+
+
+def collect_detections(
+    layout: RunLayout,
+    manifest: Manifest,
+    backend: str,
+    score_thr: float = SCORE_THR,
+    iou_thr: float = NMS_IOU,
+    max_per_img: int = MAX_PER_IMG,
+    allow_missing: bool = False,
+) -> tuple[ImageDetections, list[int]]:
+    """Read all shards of `backend` (one at a time) into original-image detections.
+
+    Returns the detections and the ids of manifest images without an output row (only when
+    `allow_missing`; otherwise they raise). Score/IoU/max thresholds apply to kind "candidates" only;
+    kind "dets" was already reduced by the NMS inside the model.
+    """
+    by_id = manifest.by_id()
+    if not layout.outputs_dir(backend).is_dir():
+        raise EvaluationError(
+            f"no outputs for backend {backend!r}: {str(layout.outputs_dir(backend))!r} does not exist; "
+            f"run inference with backend {backend!r} first"
+        )
+    expected = _expected_marker(manifest)
+    seen: set[int] = set()
+    parts: list[tuple[int, Detections]] = []
+    for shard in manifest.shards:
+        out_dir = layout.output_shard(backend, shard)
+        if not out_dir.is_dir():
+            raise EvaluationError(
+                f"outputs of shard {shard} for backend {backend!r} are missing: {str(out_dir)!r} does not "
+                f"exist; run inference for shard {shard} first"
+            )
+        try:
+            marker, arrays = read_shard_outputs(out_dir)
+        except DatasetError as exc:
+            raise EvaluationError(str(exc)) from exc
+        _check_marker(marker, expected, manifest, out_dir)
+        kind = marker["kind"]
+        image_ids, first, second = _shard_rows(arrays, kind, out_dir)
+        unknown = sorted({int(i) for i in image_ids} - by_id.keys())
+        if unknown:
+            raise EvaluationError(
+                f"outputs in {str(out_dir)!r} have rows for image ids {_describe(unknown, by_id)} that are "
+                f"not in the manifest {str(manifest.path)!r}; they come from another dataset, "
+                "re-run inference"
+            )
+        for row, image_id in enumerate(image_ids.tolist()):
+            if image_id in seen:
+                raise EvaluationError(
+                    f"image id {image_id} ({by_id[image_id].file_name}) has more than one output row "
+                    f"(again in {str(out_dir)!r}); delete {str(layout.outputs_dir(backend))!r} and "
+                    "re-run inference"
+                )
+            seen.add(image_id)
+            if kind == "candidates":
+                found = multiclass_nms(first[row], second[row], score_thr, iou_thr, max_per_img)
+            else:
+                found = from_dets(first[row], second[row])
+            parts.append((image_id, found))
+        log.info("evaluate %s: shard %s read, %d images", backend, shard, len(image_ids))
+
+    missing = [entry.image_id for entry in manifest.images if entry.image_id not in seen]
+    if missing and not allow_missing:
+        raise EvaluationError(
+            f"{len(missing)} manifest image(s) have no output for backend {backend!r}: "
+            f"{_describe(missing, by_id)}; re-run inference for their shards "
+            "(or pass allow_missing=True to count them as images without detections)"
+        )
+    if missing:
+        log.warning("evaluate %s: %d images without outputs count as empty: %s",
+                    backend, len(missing), _describe(missing, by_id))
+    return _concatenate(parts, by_id), missing
+
+
+def _concatenate(parts: list[tuple[int, Detections]], by_id: dict[int, ImageEntry]) -> ImageDetections:
+    parts = [(image_id, found) for image_id, found in parts if len(found)]
+    if not parts:
+        return ImageDetections(np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0, np.float32),
+                               np.zeros(0, np.int64))
+    return ImageDetections(
+        image_ids=np.concatenate([np.full(len(found), image_id, np.int64) for image_id, found in parts]),
+        boxes=np.concatenate([rescale_boxes(found.boxes, by_id[image_id]) for image_id, found in parts]),
+        scores=np.concatenate([found.scores for _, found in parts]).astype(np.float32),
+        labels=np.concatenate([found.labels for _, found in parts]).astype(np.int64),
+    )
+
+
+class _CocoEngine:
+    """One evaluation library behind the same three calls: load ground truth, load results, evaluate."""
+
+    def __init__(self, engine: str) -> None:
+        if engine not in ENGINES:
+            raise EvaluationError(f"unknown evaluation engine {engine!r}; choose one of {list(ENGINES)}")
+        self.engine = engine
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:  # pycocotools prints; keep its chatter in the debug log
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            yield
+        if buffer.getvalue().strip():
+            log.debug("%s: %s", self.engine, buffer.getvalue().strip())
+
+    def load_gt(self, annotation_file: Path) -> Any:
+        try:
+            with self._quiet():
+                if self.engine == "faster-coco-eval":
+                    from faster_coco_eval import COCO
+
+                    return COCO(str(annotation_file), print_function=log.debug)
+                from pycocotools.coco import COCO
+
+                return COCO(str(annotation_file))
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            raise EvaluationError(
+                f"annotation file {str(annotation_file)!r} is not a readable COCO annotation file ({exc}); "
+                "pass the instances_*.json the manifest was built from"
+            ) from exc
+
+    def load_results(self, gt: Any, detections_path: Path, count: int) -> Any:
+        with self._quiet():
+            if count:
+                return gt.loadRes(str(detections_path))
+            if self.engine == "faster-coco-eval":
+                return gt.loadRes([])
+            # pycocotools' loadRes indexes the first record, so an empty result is built by hand
+            from pycocotools.coco import COCO
+
+            empty = COCO()
+            empty.dataset = {"images": list(gt.dataset["images"]),
+                             "categories": list(gt.dataset["categories"]), "annotations": []}
+            empty.createIndex()
+            return empty
+
+    def evaluate(self, gt: Any, dt: Any, image_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(12 summary stats, per-category AP over IoU .50:.95, area all, maxDets 100 (nan without GT))."""
+        with self._quiet():
+            if self.engine == "faster-coco-eval":
+                from faster_coco_eval import COCOeval_faster
+
+                coco_eval = COCOeval_faster(gt, dt, "bbox", print_function=log.debug)
+            else:
+                from pycocotools.cocoeval import COCOeval
+
+                coco_eval = COCOeval(gt, dt, "bbox")
+            coco_eval.params.imgIds = sorted(image_ids)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        params = coco_eval.params
+        precision = np.asarray(coco_eval.eval["precision"])  # (iou, recall, category, area, maxDets)
+        per_iou_recall = precision[:, :, :, params.areaRngLbl.index("all"), params.maxDets.index(100)]
+        valid = per_iou_recall > -1
+        counts = valid.sum(axis=(0, 1))
+        sums = np.where(valid, per_iou_recall, 0.0).sum(axis=(0, 1))
+        per_class = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        return np.asarray(coco_eval.stats[: len(STAT_NAMES)], dtype=np.float64), per_class
+
+
+def _write_detections(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
+        json.dump(records, handle, separators=(",", ":"))
+    return path
+
+
+def _write_per_class(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["category_id", "name", "AP"])
+        for row in rows:
+            writer.writerow([row["category_id"], row["name"], "" if row["AP"] is None else repr(row["AP"])])
+    return path
+
+
+def evaluate_outputs(
+    run_dir: str | Path | RunLayout,
+    backend: str,
+    annotation_file: str | Path | None = None,
+    engine: str = "faster-coco-eval",
+    allow_missing: bool = False,
+    score_thr: float = SCORE_THR,
+    iou_thr: float = NMS_IOU,
+    max_per_img: int = MAX_PER_IMG,
+) -> dict[str, Any]:
+    """Evaluate `outputs/<backend>/` of a run against COCO ground truth; write `eval/<backend>/`.
+
+    Writes detections.json, per_class.csv and stats.json (last) atomically and returns a small dict for
+    XCom: backend, engine, images, detections, missing_images, stats (the 12 COCO numbers by name)
+    and the three paths. `annotation_file` defaults to the one recorded in the manifest.
+    """
+    layout = run_dir if isinstance(run_dir, RunLayout) else RunLayout.at(run_dir)
+    coco = _CocoEngine(engine)
+    try:
+        manifest = load_manifest(layout.manifest)
+    except DatasetError as exc:
+        raise EvaluationError(str(exc)) from exc
+    annotation_file = Path(annotation_file or manifest.annotation_file)
+    if not annotation_file.is_file():
+        raise EvaluationError(
+            f"annotation file {str(annotation_file)!r} does not exist; pass annotation_file= or fix the "
+            f"coco root of the manifest {str(manifest.path)!r}"
+        )
+    gt = coco.load_gt(annotation_file)
+    cat_ids = category_ids(gt.loadCats(gt.getCatIds()), annotation_file)
+    names = {int(cat["id"]): str(cat.get("name", "")) for cat in gt.loadCats(cat_ids)}
+    image_ids = [entry.image_id for entry in manifest.images]
+    unknown = sorted(set(image_ids) - set(gt.getImgIds()))
+    if unknown:
+        raise EvaluationError(
+            f"manifest image ids {_describe(unknown, manifest.by_id())} are not in annotation file "
+            f"{str(annotation_file)!r}; evaluate with the annotation file the manifest was built from"
+        )
+
+    dets, missing = collect_detections(
+        layout, manifest, backend, score_thr, iou_thr, max_per_img, allow_missing
+    )
+    eval_dir = layout.eval_dir(backend)
+    detections_path = _write_detections(eval_dir / DETECTIONS_FILE, to_coco_results(dets, cat_ids))
+    dt = coco.load_results(gt, detections_path, len(dets))
+    stats_array, per_class_ap = coco.evaluate(gt, dt, image_ids)
+
+    stats = {name: float(value) for name, value in zip(STAT_NAMES, stats_array, strict=True)}
+    per_class = [
+        {"category_id": cat, "name": names[cat], "AP": None if math.isnan(ap) else float(ap)}
+        for cat, ap in zip(cat_ids, per_class_ap.tolist(), strict=True)
+    ]
+    per_class_path = _write_per_class(eval_dir / PER_CLASS_FILE, per_class)
+    result = {
+        "backend": backend,
+        "engine": engine,
+        "images": len(image_ids),
+        "detections": len(dets),
+        "missing_images": len(missing),
+        "stats": stats,
+        "detections_path": str(detections_path),
+        "per_class_path": str(per_class_path),
+        "stats_path": str(eval_dir / STATS_FILE),
+    }
+    write_json(eval_dir / STATS_FILE, {
+        **result,
+        "annotation_file": str(annotation_file),
+        "manifest_sha256": manifest.sha256,
+        "score_thr": score_thr,
+        "iou_thr": iou_thr,
+        "max_per_img": max_per_img,
+        "per_class": per_class,
+    })
+    log.info("evaluate %s (%s): %d images, %d detections, %s", backend, engine, len(image_ids), len(dets),
+             ", ".join(f"{name} {value:.3f}" for name, value in stats.items()))
+    return result

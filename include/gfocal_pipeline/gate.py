@@ -1,0 +1,359 @@
+"""Regression gate: judge one run against absolute floors and the median of recent passing runs.
+
+AP tolerance is absolute (COCO AP is already a fraction), fps tolerance relative (speed scales with
+the machine). Timing is noisy, so the gate takes the median of several fps windows (e.g. one per
+shard) and, before failing on speed, may call `remeasure` once; only a regression that the fresh
+measurement confirms fails the run. The verdict is a small JSON-safe dict (fit for XCom) that the
+history stores and the alerts render.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from gfocal_pipeline.errors import GfocalError
+from gfocal_pipeline.history import HistoryStore, RunRecord
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-12
+Remeasure = Callable[[], float | Sequence[float]]
+
+
+class GateConfigError(GfocalError):
+    """Gate thresholds or timing inputs are malformed."""
+
+
+class RegressionError(GfocalError):
+    """The gate failed; `verdict` holds the full verdict dict."""
+
+    def __init__(self, verdict: Mapping[str, Any]) -> None:
+        self.verdict = dict(verdict)
+        metrics = ", ".join(verdict.get("regressed", [])) or "unknown metric"
+        super().__init__(
+            f"regression gate failed for run {verdict.get('run_id')!r} ({verdict.get('label')}): {metrics}\n"
+            + format_verdict_table(verdict)
+        )
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """min_ap / min_fps: absolute floors (None = no floor). ap_tolerance: allowed AP drop below the
+    baseline, absolute. fps_tolerance: allowed fps drop, fraction of the baseline (0.05 = 5 %).
+    baseline_runs: how many recent passing runs the median baseline uses."""
+
+    min_ap: float | None = None
+    min_fps: float | None = None
+    ap_tolerance: float = 0.003
+    fps_tolerance: float = 0.05
+    baseline_runs: int = 5
+
+    def __post_init__(self) -> None:
+        _check_range("min_ap", self.min_ap, 0.0, 1.0, optional=True, hint="COCO AP is a fraction, e.g. 0.400")
+        _check_range("min_fps", self.min_fps, 0.0, math.inf, optional=True, hint="frames per second, >= 0")
+        _check_range("ap_tolerance", self.ap_tolerance, 0.0, 1.0, hint="absolute AP, e.g. 0.003")
+        hint = "a fraction of the baseline, e.g. 0.05 or '5%'"
+        if isinstance(self.fps_tolerance, numbers.Real) and 1.0 <= self.fps_tolerance <= 100.0:
+            pct = self.fps_tolerance
+            hint = f"{pct} looks like a percentage: write {pct / 100:g} or '{pct:g}%'"
+        _check_range("fps_tolerance", self.fps_tolerance, 0.0, 1.0, upper_open=True, hint=hint)
+        runs = self.baseline_runs
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+            raise GateConfigError(f"gate threshold 'baseline_runs' must be an integer >= 1, got {runs!r}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> GateThresholds:
+        """Parse thresholds from DAG params or a config file; numbers may be strings, fps_tolerance '5%'."""
+        if not isinstance(data, Mapping):
+            raise GateConfigError(f"gate thresholds must be a mapping, got {type(data).__name__}: {data!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GateConfigError(f"unknown gate threshold(s) {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for name, raw in data.items():
+            if raw is None or raw == "":
+                if name in ("min_ap", "min_fps"):
+                    values[name] = None
+                continue
+            values[name] = _parse_number(name, raw, integer=name == "baseline_runs")
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _parse_number(name: str, raw: Any, *, integer: bool) -> float | int:
+    if isinstance(raw, bool):
+        raise GateConfigError(f"gate threshold {name!r} must be a number, got the boolean {raw!r}")
+    if isinstance(raw, numbers.Real):
+        value: float = float(raw)
+    elif isinstance(raw, str):
+        text = raw.strip()
+        scale = 1.0
+        if text.endswith("%") and name == "fps_tolerance":
+            text, scale = text[:-1].strip(), 0.01
+        try:
+            value = float(text) * scale
+        except ValueError:
+            raise GateConfigError(f"gate threshold {name!r} must be a number, got {raw!r}") from None
+    else:
+        raise GateConfigError(f"gate threshold {name!r} must be a number, got {type(raw).__name__} {raw!r}")
+    if integer:
+        if not value.is_integer():
+            raise GateConfigError(f"gate threshold {name!r} must be a whole number, got {raw!r}")
+        return int(value)
+    return value
+
+
+def _check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    hint: str,
+    optional: bool = False,
+    upper_open: bool = False,
+) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise GateConfigError(f"gate threshold {name!r} must be a finite number ({hint}), got {value!r}")
+    too_high = value >= high if upper_open else value > high
+    if value < low or too_high:
+        bracket = ")" if upper_open else "]"
+        raise GateConfigError(
+            f"gate threshold {name!r}={value!r} is outside [{low:g}, {high:g}{bracket}: {hint}"
+        )
+
+
+def _median_fps(values: Sequence[float] | float, what: str) -> float:
+    items = [values] if isinstance(values, numbers.Real) else list(values)
+    if not items:
+        raise GateConfigError(f"{what} is empty: pass at least one fps measurement")
+    for item in items:
+        if (
+            isinstance(item, bool)
+            or not isinstance(item, numbers.Real)
+            or not math.isfinite(item)
+            or item < 0
+        ):
+            raise GateConfigError(f"{what} must hold finite fps values >= 0, got {item!r}")
+    return float(statistics.median(items))
+
+
+def _check(
+    name: str,
+    metric: str,
+    value: float | None,
+    limit: float | None,
+    *,
+    baseline: float | None = None,
+    tolerance: float | None = None,
+    note: str | None = None,
+) -> dict[str, Any]:
+    passed = value is not None and limit is not None and value >= limit - _EPS
+    return {
+        "name": name,
+        "metric": metric,
+        "value": value,
+        "baseline": baseline,
+        "tolerance": tolerance,
+        "limit": limit,
+        "passed": passed,
+        "note": note,
+    }
+
+
+def _fps_checks(fps: float | None, baseline: float | None, t: GateThresholds, note: str | None) -> list[dict]:
+    checks = []
+    if t.min_fps is not None:
+        checks.append(
+            _check(
+                "fps floor", "fps", fps, t.min_fps, note=note or (None if fps is not None else "not measured")
+            )
+        )
+    if baseline is not None and fps is not None:
+        limit = baseline * (1.0 - t.fps_tolerance)
+        checks.append(
+            _check(
+                "fps vs baseline", "fps", fps, limit, baseline=baseline, tolerance=t.fps_tolerance, note=note
+            )
+        )
+    return checks
+
+
+def evaluate(
+    record: RunRecord,
+    history: Sequence[RunRecord],
+    thresholds: GateThresholds | Mapping[str, Any],
+    *,
+    fps_windows: Sequence[float] | None = None,
+    remeasure: Remeasure | None = None,
+    history_error: str | None = None,
+) -> dict[str, Any]:
+    """Judge `record` against floors and the median of the newest `baseline_runs` of `history`
+    (passing runs of the same configuration, newest first). Pure apart from calling `remeasure`.
+
+    `history_error` says the history could not be read: the run is then judged on floors only, the
+    verdict fails and the reason is in its notes (so an alert can still be built).
+    """
+    t = thresholds if isinstance(thresholds, GateThresholds) else GateThresholds.from_mapping(thresholds)
+    foreign = [r.run_id for r in history if r.config != record.config]
+    if foreign:
+        raise GateConfigError(
+            f"history runs {foreign} belong to another configuration than {record.config.label}"
+        )
+    base = [r for r in history if not (r.dag_id == record.dag_id and r.run_id == record.run_id)]
+    base = base[: t.baseline_runs]
+    notes: list[str] = []
+
+    fps = record.fps
+    fps_note = None
+    if fps_windows is not None:
+        fps = _median_fps(fps_windows, "fps_windows")
+        fps_note = f"median of {len(fps_windows)} timing windows"
+    if fps is None:
+        notes.append("fps was not measured: speed checks skipped" + (" (floor fails)" if t.min_fps else ""))
+
+    ap_baseline = statistics.median(r.ap for r in base) if base else None
+    fps_values = [r.fps for r in base if r.fps is not None]
+    fps_baseline = float(statistics.median(fps_values)) if fps_values else None
+
+    checks: list[dict[str, Any]] = []
+    if t.min_ap is not None:
+        checks.append(_check("AP floor", "AP", record.ap, t.min_ap))
+    if ap_baseline is not None:
+        limit = ap_baseline - t.ap_tolerance
+        checks.append(
+            _check("AP vs baseline", "AP", record.ap, limit, baseline=ap_baseline, tolerance=t.ap_tolerance)
+        )
+    speed = _fps_checks(fps, fps_baseline, t, fps_note)
+    if remeasure is not None and fps is not None and not all(c["passed"] for c in speed):
+        first = fps
+        try:
+            fps = _median_fps(remeasure(), "remeasure() result")
+            fps_note = f"re-measured before failing: {first:.2f} -> {fps:.2f} fps"
+        except GateConfigError:
+            raise
+        except Exception as exc:  # the first measurement stands; say why it was not confirmed
+            log.warning("fps re-measurement failed, keeping %.2f fps: %s", first, exc)
+            fps_note = f"re-measurement failed ({exc}); first measurement kept"
+        log.info("fps below limit at %.2f; %s", first, fps_note)
+        speed = _fps_checks(fps, fps_baseline, t, fps_note)
+    checks.extend(speed)
+
+    if history_error is not None:
+        notes.append(f"history unavailable ({history_error}): judged on absolute floors only, gate fails")
+    elif not base:
+        notes.append("no passing history for this configuration: judged on absolute floors only")
+    elif len(base) < t.baseline_runs:
+        notes.append(
+            f"baseline is the median of {len(base)} run(s), fewer than the {t.baseline_runs} requested"
+        )
+    if not checks:
+        notes.append("no floors configured and no baseline: nothing to compare")
+
+    regressed = list(dict.fromkeys(c["metric"] for c in checks if not c["passed"]))
+    verdict = {
+        "passed": not regressed and history_error is None,
+        "dag_id": record.dag_id,
+        "run_id": record.run_id,
+        "config": record.config.as_dict(),
+        "label": record.config.label,
+        "metrics": {"AP": record.ap, "fps": fps, "ap_delta": record.ap_delta},
+        "checks": checks,
+        "regressed": regressed,
+        "baseline_runs": [r.run_id for r in base],
+        "first_run": not base and history_error is None,
+        "notes": notes,
+        "thresholds": t.as_dict(),
+    }
+    log.info(
+        "gate %s for %s:\n%s",
+        "passed" if verdict["passed"] else "FAILED",
+        record.run_id,
+        format_verdict_table(verdict),
+    )
+    return verdict
+
+
+def run_gate(
+    store: HistoryStore,
+    record: RunRecord,
+    thresholds: GateThresholds | Mapping[str, Any],
+    *,
+    fps_windows: Sequence[float] | None = None,
+    remeasure: Remeasure | None = None,
+) -> dict[str, Any]:
+    """Read the baseline from `store`, judge `record` (already recorded) and store the verdict on its row.
+
+    A HistoryError (database unreachable) propagates: call `evaluate(..., history_error=str(exc))`
+    to still build a floors-only verdict for the alert.
+    """
+    t = thresholds if isinstance(thresholds, GateThresholds) else GateThresholds.from_mapping(thresholds)
+    history = store.passing_history(
+        record.config, limit=t.baseline_runs, exclude=(record.dag_id, record.run_id)
+    )
+    verdict = evaluate(record, history, t, fps_windows=fps_windows, remeasure=remeasure)
+    store.set_verdict(record.dag_id, record.run_id, record.config, verdict)
+    return verdict
+
+
+def raise_for_verdict(verdict: Mapping[str, Any]) -> None:
+    """Raise RegressionError when the verdict failed."""
+    if not verdict.get("passed"):
+        raise RegressionError(verdict)
+
+
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if metric == "AP" else f"{value:.2f}"
+
+
+def verdict_rows(verdict: Mapping[str, Any]) -> list[list[str]]:
+    """Table rows (header first) of formatted cells: check, value, baseline, tolerance, limit, result."""
+    rows = [["check", "value", "baseline", "tolerance", "limit", "result"]]
+    for check in verdict.get("checks", []):
+        metric, tolerance = check["metric"], check["tolerance"]
+        if tolerance is None:
+            tol = "-"
+        elif metric == "fps":
+            tol = f"{tolerance * 100:g}%"
+        else:
+            tol = f"{tolerance:g}"
+        limit = "-" if check["limit"] is None else ">= " + _fmt(metric, check["limit"])
+        rows.append(
+            [
+                check["name"],
+                _fmt(metric, check["value"]),
+                _fmt(metric, check["baseline"]),
+                tol,
+                limit,
+                "ok" if check["passed"] else "FAIL",
+            ]
+        )
+    return rows
+
+
+def format_verdict_table(verdict: Mapping[str, Any]) -> str:
+    """Plain-text summary: headline, aligned checks table, notes."""
+    status = "PASS" if verdict.get("passed") else "FAIL"
+    lines = [f"{status}  {verdict.get('label', '')}  run {verdict.get('run_id', '')}"]
+    rows = verdict_rows(verdict)
+    if len(rows) > 1:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines += [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+        ]
+    lines += [f"note: {note}" for note in verdict.get("notes", [])]
+    lines += [f"{c['name']}: {c['note']}" for c in verdict.get("checks", []) if c.get("note")]
+    return "\n".join(lines)

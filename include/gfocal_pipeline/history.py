@@ -1,0 +1,497 @@
+"""Results history: one row per finished run and configuration, in a database of its own.
+
+The store is plain SQLAlchemy Core (no Airflow import), so the gate, the alerts, the CLI and the
+plugin's trend page all read the same table. Any SQLAlchemy URL works; the default is a SQLite file
+beside the Airflow home. Recording is an upsert keyed by (dag_id, run_id, configuration): a retried
+task replaces its own row instead of adding a second one, and the gate only ever updates the verdict
+columns of a row that already exists, so a failing gate never loses the measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
+
+from gfocal_pipeline.errors import GfocalError
+
+log = logging.getLogger(__name__)
+
+HISTORY_URL_ENV = "GFOCAL_HISTORY_URL"
+HISTORY_FILE_NAME = "gfocal_history.sqlite"
+TABLE_NAME = "gfocal_run_results"
+
+# COCO summary key -> column name (SQL-friendly, case-insensitive databases would merge APs/APS).
+STAT_COLUMNS: dict[str, str] = {
+    "AP": "ap",
+    "AP50": "ap50",
+    "AP75": "ap75",
+    "APs": "ap_small",
+    "APm": "ap_medium",
+    "APl": "ap_large",
+    "AR1": "ar1",
+    "AR10": "ar10",
+    "AR100": "ar100",
+    "ARs": "ar_small",
+    "ARm": "ar_medium",
+    "ARl": "ar_large",
+}
+LATENCY_KEYS = ("mean", "p50", "p90", "p99", "min", "max")
+VERDICTS = ("pass", "fail")
+CONFIG_FIELDS = ("model", "backend", "device", "precision", "batch_size", "policy")
+
+
+class HistoryError(GfocalError):
+    """The history database is unreachable or misconfigured, or a record is malformed."""
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """What makes two runs comparable: the gate's baseline only mixes runs of the same key."""
+
+    model: str
+    backend: str
+    device: str
+    precision: str
+    batch_size: int
+    policy: str
+
+    def __post_init__(self) -> None:
+        for name in ("model", "backend", "device", "precision", "policy"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise HistoryError(f"configuration field {name!r} must be a non-empty string, got {value!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise HistoryError(
+                f"configuration field 'batch_size' must be an integer >= 1, got {self.batch_size!r}"
+            )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ConfigKey:
+        missing = [name for name in CONFIG_FIELDS if name not in data]
+        if missing:
+            raise HistoryError(f"configuration is missing {missing}; it needs all of {list(CONFIG_FIELDS)}")
+        return cls(**{name: data[name] for name in CONFIG_FIELDS})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.backend}/{self.device} {self.precision} b{self.batch_size} {self.policy}"
+
+    @property
+    def slug(self) -> str:
+        """A string safe for HTML ids and file names."""
+        raw = "-".join(str(value) for value in asdict(self).values())
+        return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in raw)
+
+
+def _utc(moment: datetime) -> datetime:
+    """Aware UTC datetime; naive values (SQLite returns those) are taken as UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _finite(name: str, value: Any, *, optional: bool = True) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise HistoryError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class RunRecord:
+    """One finished run of one configuration: provenance, accuracy, speed and (later) the verdict.
+
+    `stats` holds the COCO summary (keys of STAT_COLUMNS, -1 where COCO has no ground truth);
+    `latency_ms` the keys of LATENCY_KEYS; `verdict` is None until the gate has judged the run.
+    """
+
+    dag_id: str
+    run_id: str
+    config: ConfigKey
+    stats: dict[str, float]
+    finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    fps: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    images: int | None = None
+    ap_delta: float | None = None
+    checkpoint_sha256: str | None = None
+    onnx_sha256: str | None = None
+    om_sha256: str | None = None
+    tool_versions: dict[str, str] = field(default_factory=dict)
+    verdict: str | None = None
+    verdict_detail: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("dag_id", "run_id"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise HistoryError(f"record field {name!r} must be a non-empty string, got {value!r}")
+        if not isinstance(self.config, ConfigKey):
+            raise HistoryError(f"record config must be a ConfigKey, got {type(self.config).__name__}")
+        if not isinstance(self.finished_at, datetime):
+            raise HistoryError(f"record finished_at must be a datetime, got {self.finished_at!r}")
+        self.finished_at = _utc(self.finished_at)
+        unknown = sorted(set(self.stats) - set(STAT_COLUMNS))
+        if unknown:
+            raise HistoryError(f"unknown COCO stat keys {unknown}; expected a subset of {list(STAT_COLUMNS)}")
+        if "AP" not in self.stats:
+            raise HistoryError("stats has no 'AP': pass the COCO summary produced by the evaluation step")
+        self.stats = {
+            key: _finite(f"stats[{key!r}]", value, optional=False) for key, value in self.stats.items()
+        }
+        unknown = sorted(set(self.latency_ms) - set(LATENCY_KEYS))
+        if unknown:
+            raise HistoryError(f"unknown latency keys {unknown}; expected a subset of {list(LATENCY_KEYS)}")
+        self.latency_ms = {
+            k: _finite(f"latency_ms[{k!r}]", v, optional=False) for k, v in self.latency_ms.items()
+        }
+        self.fps = _finite("fps", self.fps)
+        if self.fps is not None and self.fps < 0:
+            raise HistoryError(f"fps must be >= 0, got {self.fps}")
+        self.ap_delta = _finite("ap_delta", self.ap_delta)
+        if self.images is not None and (isinstance(self.images, bool) or not isinstance(self.images, int)):
+            raise HistoryError(f"images must be an integer, got {self.images!r}")
+        if self.verdict not in (None, *VERDICTS):
+            raise HistoryError(f"verdict must be one of {VERDICTS} or None, got {self.verdict!r}")
+
+    @property
+    def ap(self) -> float:
+        return self.stats["AP"]
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        *,
+        dag_id: str,
+        run_id: str,
+        config: ConfigKey | Mapping[str, Any],
+        stats: Mapping[str, float],
+        timing: Mapping[str, Any] | None = None,
+        export_info: Mapping[str, Any] | None = None,
+        convert_info: Mapping[str, Any] | None = None,
+        ap_delta: float | None = None,
+        finished_at: datetime | None = None,
+    ) -> RunRecord:
+        """Build a record from the dicts the pipeline steps return (evaluation stats, timing summary,
+        export.json, convert.json). Keys of the export/convert dicts ending in `_version` become
+        `tool_versions`."""
+        timing = timing or {}
+        export_info = export_info or {}
+        convert_info = convert_info or {}
+        versions = {
+            key: str(value)
+            for info in (export_info, convert_info)
+            for key, value in info.items()
+            if key.endswith("_version") and value is not None
+        }
+        return cls(
+            dag_id=dag_id,
+            run_id=run_id,
+            config=config if isinstance(config, ConfigKey) else ConfigKey.from_mapping(config),
+            stats={key: value for key, value in stats.items() if key in STAT_COLUMNS},
+            finished_at=finished_at or datetime.now(UTC),
+            fps=timing.get("fps"),
+            latency_ms=dict(timing.get("latency_ms") or {}),
+            images=timing.get("images"),
+            ap_delta=ap_delta,
+            checkpoint_sha256=export_info.get("checkpoint_sha256"),
+            onnx_sha256=export_info.get("onnx_sha256"),
+            om_sha256=convert_info.get("om_sha256"),
+            tool_versions=versions,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (small enough for XCom); inverse of from_dict."""
+        data = asdict(self)
+        data["config"] = self.config.as_dict()
+        data["finished_at"] = self.finished_at.isoformat()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
+        values = dict(data)
+        values["config"] = ConfigKey.from_mapping(values["config"])
+        if isinstance(values.get("finished_at"), str):
+            values["finished_at"] = datetime.fromisoformat(values["finished_at"])
+        return cls(**values)
+
+
+_metadata = sa.MetaData()
+_KEY_COLUMNS = ("dag_id", "run_id", *CONFIG_FIELDS)
+results_table = sa.Table(
+    TABLE_NAME,
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("dag_id", sa.String(250), nullable=False),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Column("model", sa.String(100), nullable=False),
+    sa.Column("backend", sa.String(50), nullable=False),
+    sa.Column("device", sa.String(100), nullable=False),
+    sa.Column("precision", sa.String(20), nullable=False),
+    sa.Column("batch_size", sa.Integer, nullable=False),
+    sa.Column("policy", sa.String(50), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("checkpoint_sha256", sa.String(64)),
+    sa.Column("onnx_sha256", sa.String(64)),
+    sa.Column("om_sha256", sa.String(64)),
+    sa.Column("tool_versions", sa.JSON, nullable=False),
+    *(sa.Column(column, sa.Float) for column in STAT_COLUMNS.values()),
+    sa.Column("ap_delta", sa.Float),
+    sa.Column("fps", sa.Float),
+    *(sa.Column(f"latency_{key}_ms", sa.Float) for key in LATENCY_KEYS),
+    sa.Column("images", sa.Integer),
+    sa.Column("verdict", sa.String(10)),
+    sa.Column("verdict_detail", sa.JSON),
+    sa.UniqueConstraint(*_KEY_COLUMNS, name=f"uq_{TABLE_NAME}_run_config"),
+    sa.Index(f"ix_{TABLE_NAME}_config_time", *CONFIG_FIELDS, "finished_at"),
+)
+
+
+def _row_values(record: RunRecord) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "dag_id": record.dag_id,
+        "run_id": record.run_id,
+        **record.config.as_dict(),
+        "finished_at": record.finished_at,
+        "recorded_at": datetime.now(UTC),
+        "checkpoint_sha256": record.checkpoint_sha256,
+        "onnx_sha256": record.onnx_sha256,
+        "om_sha256": record.om_sha256,
+        "tool_versions": dict(record.tool_versions),
+        "ap_delta": record.ap_delta,
+        "fps": record.fps,
+        "images": record.images,
+        "verdict": record.verdict,
+        "verdict_detail": record.verdict_detail,
+    }
+    values.update({column: record.stats.get(key) for key, column in STAT_COLUMNS.items()})
+    values.update({f"latency_{key}_ms": record.latency_ms.get(key) for key in LATENCY_KEYS})
+    return values
+
+
+def _record_from_row(row: Mapping[str, Any]) -> RunRecord:
+    return RunRecord(
+        dag_id=row["dag_id"],
+        run_id=row["run_id"],
+        config=ConfigKey.from_mapping(row),
+        stats={key: row[column] for key, column in STAT_COLUMNS.items() if row[column] is not None},
+        finished_at=_utc(row["finished_at"]),
+        fps=row["fps"],
+        latency_ms={
+            key: row[f"latency_{key}_ms"] for key in LATENCY_KEYS if row[f"latency_{key}_ms"] is not None
+        },
+        images=row["images"],
+        ap_delta=row["ap_delta"],
+        checkpoint_sha256=row["checkpoint_sha256"],
+        onnx_sha256=row["onnx_sha256"],
+        om_sha256=row["om_sha256"],
+        tool_versions=dict(row["tool_versions"] or {}),
+        verdict=row["verdict"],
+        verdict_detail=row["verdict_detail"],
+    )
+
+
+def default_history_url() -> str:
+    """$GFOCAL_HISTORY_URL, else a SQLite file in $AIRFLOW_HOME (default ~/airflow)."""
+    url = os.environ.get(HISTORY_URL_ENV, "").strip()
+    if url:
+        return url
+    home = Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser()
+    return f"sqlite:///{home / HISTORY_FILE_NAME}"
+
+
+class HistoryStore:
+    """Reads and writes run results. Every database failure surfaces as HistoryError naming the URL.
+
+    `schema` places the table in a database schema (Postgres); the table is created on first use.
+    """
+
+    def __init__(self, url: str | URL, *, schema: str | None = None) -> None:
+        try:
+            self._url = make_url(url)
+        except ArgumentError as exc:
+            raise HistoryError(
+                f"history URL {url!r} is not a SQLAlchemy URL ({exc}); "
+                f"use e.g. sqlite:////abs/path/history.sqlite or postgresql+psycopg://user@host/db"
+            ) from exc
+        self.schema = schema
+        self._engine = self._create_engine()
+        self._ready = False
+
+    @property
+    def url(self) -> str:
+        """The URL with any password masked, safe for logs and messages."""
+        return self._url.render_as_string(hide_password=True)
+
+    def _create_engine(self) -> Engine:
+        backend = self._url.get_backend_name()
+        connect_args: dict[str, Any] = {}
+        if backend == "sqlite":
+            database = self._url.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                try:
+                    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise HistoryError(
+                        f"cannot create the directory of history database {self.url!r}: {exc}; "
+                        f"point {HISTORY_URL_ENV} at a writable location"
+                    ) from exc
+            connect_args["timeout"] = 30  # several workers may record at once
+        elif backend == "postgresql":
+            connect_args["connect_timeout"] = 10
+        try:
+            engine = sa.create_engine(self._url, connect_args=connect_args, pool_pre_ping=True)
+        except (NoSuchModuleError, ModuleNotFoundError, ArgumentError) as exc:
+            raise HistoryError(
+                f"cannot open history database {self.url!r}: {exc}; install the database driver "
+                "or name an installed one in the URL (e.g. postgresql+psycopg://)"
+            ) from exc
+        if self.schema:
+            engine = engine.execution_options(schema_translate_map={None: self.schema})
+        return engine
+
+    @contextmanager
+    def _transaction(self, action: str) -> Iterator[Connection]:
+        try:
+            with self._engine.begin() as conn:
+                if not self._ready:
+                    _metadata.create_all(conn, checkfirst=True)
+                yield conn
+            self._ready = True
+        except HistoryError:
+            raise
+        except SQLAlchemyError as exc:
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            log.error("history database %s failed while %s: %s", self.url, action, detail)
+            raise HistoryError(
+                f"history database {self.url!r} failed while {action}: {detail}; check that the "
+                f"server is reachable and {HISTORY_URL_ENV} / the history_url setting is correct"
+            ) from exc
+
+    @staticmethod
+    def _key_clause(dag_id: str, run_id: str, config: ConfigKey) -> sa.ColumnElement[bool]:
+        values = {"dag_id": dag_id, "run_id": run_id, **config.as_dict()}
+        return sa.and_(*(results_table.c[name] == values[name] for name in _KEY_COLUMNS))
+
+    def record(self, record: RunRecord) -> None:
+        """Insert the record, or replace the row of the same (dag_id, run_id, configuration)."""
+        values = _row_values(record)
+        where = self._key_clause(record.dag_id, record.run_id, record.config)
+        action = f"recording run {record.run_id!r}"
+        try:
+            with self._transaction(action) as conn:
+                updated = conn.execute(sa.update(results_table).where(where).values(**values)).rowcount
+                if not updated:
+                    conn.execute(sa.insert(results_table).values(**values))
+        except HistoryError as exc:
+            if not isinstance(exc.__cause__, IntegrityError):
+                raise
+            # Another writer inserted the same key between our UPDATE and INSERT: update it.
+            with self._transaction(action) as conn:
+                conn.execute(sa.update(results_table).where(where).values(**values))
+        log.info("recorded %s run %s (%s) in %s", record.dag_id, record.run_id, record.config.label, self.url)
+
+    def set_verdict(self, dag_id: str, run_id: str, config: ConfigKey, verdict: Mapping[str, Any]) -> None:
+        """Store the gate's verdict dict on an already recorded row."""
+        label = "pass" if verdict.get("passed") else "fail"
+        with self._transaction(f"storing the verdict of run {run_id!r}") as conn:
+            updated = conn.execute(
+                sa.update(results_table)
+                .where(self._key_clause(dag_id, run_id, config))
+                .values(verdict=label, verdict_detail=dict(verdict))
+            ).rowcount
+        if not updated:
+            raise HistoryError(
+                f"no recorded result for dag {dag_id!r} run {run_id!r} ({config.label}); "
+                "record the run before gating it"
+            )
+
+    def get(self, dag_id: str, run_id: str, config: ConfigKey) -> RunRecord | None:
+        with self._transaction(f"reading run {run_id!r}") as conn:
+            row = (
+                conn.execute(sa.select(results_table).where(self._key_clause(dag_id, run_id, config)))
+                .mappings()
+                .first()
+            )
+        return _record_from_row(row) if row is not None else None
+
+    def runs(
+        self,
+        config: ConfigKey,
+        *,
+        limit: int,
+        verdict: str | None = None,
+        dag_id: str | None = None,
+        exclude: tuple[str, str] | None = None,
+    ) -> list[RunRecord]:
+        """The newest `limit` rows of `config`, newest first, optionally only those with `verdict`,
+        of DAG `dag_id`, and without run `exclude` = (dag_id, run_id)."""
+        query = sa.select(results_table).where(
+            *(results_table.c[name] == value for name, value in config.as_dict().items())
+        )
+        if verdict is not None:
+            query = query.where(results_table.c.verdict == verdict)
+        if dag_id is not None:
+            query = query.where(results_table.c.dag_id == dag_id)
+        if exclude is not None:
+            query = query.where(
+                sa.not_(sa.and_(results_table.c.dag_id == exclude[0], results_table.c.run_id == exclude[1]))
+            )
+        query = query.order_by(results_table.c.finished_at.desc(), results_table.c.id.desc()).limit(limit)
+        with self._transaction(f"reading the history of {config.label}") as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_record_from_row(row) for row in rows]
+
+    def passing_history(
+        self, config: ConfigKey, *, limit: int, exclude: tuple[str, str] | None = None
+    ) -> list[RunRecord]:
+        """The newest `limit` passing runs of `config`, newest first: the gate's baseline candidates."""
+        return self.runs(config, limit=limit, verdict="pass", exclude=exclude)
+
+    def configurations(self, *, dag_id: str | None = None) -> list[ConfigKey]:
+        """Every recorded configuration (optionally of one DAG), most recently run first."""
+        columns = [results_table.c[name] for name in CONFIG_FIELDS]
+        query = sa.select(*columns, sa.func.max(results_table.c.finished_at).label("last")).group_by(*columns)
+        if dag_id is not None:
+            query = query.where(results_table.c.dag_id == dag_id)
+        with self._transaction("listing configurations") as conn:
+            rows = conn.execute(query.order_by(sa.desc("last"))).mappings().all()
+        return [ConfigKey.from_mapping(row) for row in rows]
+
+    def recent(self, *, limit: int = 100, dag_id: str | None = None) -> list[RunRecord]:
+        """The newest `limit` rows of all configurations (optionally of one DAG), newest first."""
+        query = sa.select(results_table)
+        if dag_id is not None:
+            query = query.where(results_table.c.dag_id == dag_id)
+        query = query.order_by(results_table.c.finished_at.desc(), results_table.c.id.desc()).limit(limit)
+        with self._transaction("reading recent runs") as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_record_from_row(row) for row in rows]
+
+    def count(self) -> int:
+        with self._transaction("counting rows") as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(results_table)).scalar_one())
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> HistoryStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

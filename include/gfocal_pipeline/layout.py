@@ -1,0 +1,134 @@
+"""Where a run keeps its artifacts, and the one output layout every backend writes.
+
+Run directory (`<base>/<dag_id>/<run_id>/`, or any directory for the CLI):
+
+    model/                     gfocal_portable.onnx, gfocal_ascend.onnx, *.om, export.json
+    manifest.json              see `gfocal_pipeline.dataset` (image id, file, size, scale, pad, shard)
+    inputs/<shard>/<image_id:012d>.bin
+    outputs/<backend>/<shard>/outputs.npz + done.json
+    timing/<backend>/<shard>.json
+    eval/<backend>/detections.json, stats.json, per_class.csv
+    summary.json
+
+Shared output layout (`outputs/<backend>/<shard>/`):
+    outputs.npz  `image_ids` int64 (N,) plus one array per model output, first axis = image:
+                 kind "candidates": `boxes` float32 (N,K,4) input pixels, `scores` float32 (N,K,80)
+                 kind "dets":       `dets` float32 (N,100,5) x1,y1,x2,y2,score, `labels` int64 (N,100)
+    done.json    written last: {"backend", "shard", "kind", "output_names", "images", "policy",
+                 "dtype", "input_height", "input_width", "manifest_sha256"}; a shard without it is
+                 not finished and is recomputed on retry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gfocal_pipeline.errors import DatasetError
+from gfocal_pipeline.fileio import atomic_path, write_json
+
+OUTPUTS_FILE = "outputs.npz"
+DONE_FILE = "done.json"
+KINDS = {"candidates": ("boxes", "scores"), "dets": ("dets", "labels")}
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+def input_file_name(image_id: int) -> str:
+    return f"{int(image_id):012d}.bin"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths inside one run directory."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path) -> RunLayout:
+        return cls(Path(root))
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def inputs_dir(self) -> Path:
+        return self.root / "inputs"
+
+    def input_shard(self, shard: str) -> Path:
+        return self.inputs_dir / shard
+
+    def output_shard(self, backend: str, shard: str) -> Path:
+        return self.root / "outputs" / backend / shard
+
+    def outputs_dir(self, backend: str) -> Path:
+        return self.root / "outputs" / backend
+
+    def timing_file(self, backend: str, shard: str) -> Path:
+        return self.root / "timing" / backend / f"{shard}.json"
+
+    def eval_dir(self, backend: str) -> Path:
+        return self.root / "eval" / backend
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+def write_shard_outputs(
+    out_dir: Path,
+    image_ids: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    kind: str,
+    marker: dict[str, Any],
+) -> Path:
+    """Write one shard's outputs in the shared layout: `outputs.npz` atomically, then `done.json`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown output kind {kind!r}; expected one of {sorted(KINDS)}")
+    missing = [name for name in KINDS[kind] if name not in arrays]
+    if missing:
+        raise DatasetError(f"outputs of kind {kind!r} need arrays {KINDS[kind]}, missing {missing}")
+    image_ids = np.asarray(image_ids, dtype=np.int64)
+    for name, array in arrays.items():
+        if len(array) != len(image_ids):
+            raise DatasetError(
+                f"output {name!r} has {len(array)} rows for {len(image_ids)} images in {str(out_dir)!r}"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = out_dir / DONE_FILE
+    done.unlink(missing_ok=True)
+    with atomic_path(out_dir / OUTPUTS_FILE) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, image_ids=image_ids, **arrays)
+    write_json(done, {**marker, "kind": kind, "output_names": list(KINDS[kind]), "images": len(image_ids)})
+    return out_dir
+
+
+def shard_done(out_dir: Path) -> dict[str, Any] | None:
+    """The done marker of a finished shard, or None when the shard must be (re)computed."""
+    done = out_dir / DONE_FILE
+    if not done.is_file() or not (out_dir / OUTPUTS_FILE).is_file():
+        return None
+    return json.loads(done.read_text())
+
+
+def read_shard_outputs(out_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(done marker, arrays) of a finished shard; a clear error if it is not finished."""
+    marker = shard_done(out_dir)
+    if marker is None:
+        raise DatasetError(
+            f"shard outputs {str(out_dir)!r} are missing or unfinished (no {DONE_FILE}); run inference first"
+        )
+    with np.load(out_dir / OUTPUTS_FILE) as data:
+        arrays = {name: data[name] for name in data.files}
+    return marker, arrays

@@ -1,0 +1,58 @@
+"""Small building blocks whose parameter names follow mmcv (`conv`, `gn`, `scale`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FrozenBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalizes with its running statistics (mmdet's `norm_eval=True`).
+
+    Subclassing `nn.BatchNorm2d` keeps the checkpoint keys (`weight`, `bias`, `running_mean`,
+    `running_var`, `num_batches_tracked`) exactly as in the official file.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+class ConvModule(nn.Module):
+    """Conv2d, optionally followed by GroupNorm and ReLU; keys `conv.*` and `gn.*` as in mmcv."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        gn_groups: int | None = None,
+        relu: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, bias=gn_groups is None
+        )
+        self.gn = nn.GroupNorm(gn_groups, out_channels) if gn_groups else None
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.gn is not None:
+            x = self.gn(x)
+        return F.relu(x) if self.relu else x
+
+
+class Scale(nn.Module):
+    """A learnable scalar (mmcv `Scale`): a 0-dim parameter named `scale`."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(value, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale

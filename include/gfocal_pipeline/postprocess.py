@@ -1,0 +1,66 @@
+"""Host-side NMS of portable candidates and reading NMS-in-graph outputs; vectorised, no per-box loops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from gfocal_pipeline.constants import MAX_PER_IMG, NMS_IOU, NUM_CLASSES, SCORE_THR
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Kept boxes of one image: `boxes` (k,4) x1y1x2y2, `scores` (k,), `labels` (k,) in 0..79."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int64))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def multiclass_nms(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    score_thr: float = SCORE_THR,
+    iou_thr: float = NMS_IOU,
+    max_per_img: int = MAX_PER_IMG,
+) -> Detections:
+    """Class-aware NMS of one image's candidates, as the official `multiclass_nms`.
+
+    boxes (K,4) and scores (K,C): every (candidate, class) pair above `score_thr` competes only with
+    boxes of its own class; the `max_per_img` best survivors are kept, highest score first. Classes at
+    or beyond 80 (the padding channel) take part, as in the official code, and are dropped after.
+    """
+    cand, cls = np.nonzero(scores > score_thr)
+    if cand.size == 0:
+        return Detections.empty()
+    sel_boxes = boxes[cand].astype(np.float64)
+    sel_scores = scores[cand, cls].astype(np.float32)
+    xywh = np.concatenate([sel_boxes[:, :2], sel_boxes[:, 2:] - sel_boxes[:, :2]], axis=1)
+    # OpenCV's batched NMS: same greedy, class-separated suppression (IoU > thr suppresses) in C++
+    keep = cv2.dnn.NMSBoxesBatched(
+        xywh.tolist(), sel_scores.tolist(), cls.astype(np.int32).tolist(), float(score_thr), float(iou_thr)
+    )
+    keep = np.asarray(keep, dtype=np.int64).reshape(-1)
+    # order by score (descending, stable on ties) before truncating, as the official code does
+    keep = keep[np.argsort(-sel_scores[keep], kind="stable")][:max_per_img]
+    keep = keep[cls[keep] < NUM_CLASSES]
+    return Detections(
+        sel_boxes[keep].astype(np.float32), sel_scores[keep], cls[keep].astype(np.int64)
+    )
+
+
+def from_dets(dets: np.ndarray, labels: np.ndarray) -> Detections:
+    """NMS-in-graph outputs (100,5) + (100,) -> Detections, dropping padding rows and the 81st class."""
+    dets = np.asarray(dets, np.float32).reshape(-1, 5)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    valid = (labels >= 0) & (labels < NUM_CLASSES) & (dets[:, 4] > 0)
+    return Detections(dets[valid, :4], dets[valid, 4], labels[valid])

@@ -1,0 +1,488 @@
+"""Turn COCO images into fixed-shape model inputs (`inputs/<shard>/<image_id:012d>.bin`) plus `manifest.json`.
+
+Policies (geometry of each image recorded in the manifest, so boxes map back exactly):
+
+- ``letterbox`` — the ModelZoo seed (`gfocal_preprocess.py`): scale = min(W/w, H/h), new size =
+  floor(w*scale) x floor(h*scale), bilinear resize, image at the top-left of the HxW canvas.
+  scale_x = scale_y = scale. This is what the published Ascend numbers (AP 0.406) used.
+- ``mmdet`` — the official test pipeline (AP 41.0): keep ratio into (1333, 800), i.e.
+  scale = min(1333/long, 800/short), new size = int(w*scale + 0.5) x int(h*scale + 0.5) (mmcv
+  rounding), bilinear, padded to a multiple of 32 and placed top-left in the fixed canvas.
+  scale_x = new_w/w, scale_y = new_h/h. The scale is never shrunk to fit the canvas (that would
+  silently stop being the official pipeline): an image whose padded size does not fit raises
+  `DatasetError`, checked for the whole set before any work, naming the images and the canvas
+  needed. Landscape-only sets fit height=800, width=1344; COCO val (portrait too) needs 1344x1344.
+
+Data types:
+
+- ``float32`` — NCHW normalized RGB, bytes identical to the seed: BGR->RGB, (x - mean) * (1/std)
+  with mmcv's `imnormalize` operation order and float32 mean/std, zero padding (= the mean colour),
+  little-endian, 3*H*W*4 bytes (11,673,600 for 800x1216).
+- ``uint8`` — NHWC BGR, the resized cv2 image as is (normalized in the graph or by Ascend AIPP),
+  padded with round(mean) per channel (BGR 104, 116, 124) so the padding normalizes to ~0;
+  3*H*W bytes (2,918,400 for 800x1216), a quarter of the disk and I/O.
+
+Images are processed in parallel processes (spawned; memory per worker is one image), written
+atomically, and only assigned to shards once all are done, so shards hold exactly `shard_size`
+images in id order. The manifest is written last: a run dir with a manifest is complete. A re-run
+with the same parameters rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from gfocal_pipeline.constants import (
+    DEFAULT_HEIGHT,
+    DEFAULT_WIDTH,
+    MEAN_RGB,
+    MMDET_SCALE,
+    SIZE_DIVISOR,
+    STD_RGB,
+)
+from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR, CocoImage, load_coco
+from gfocal_pipeline.errors import DatasetError
+from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir
+from gfocal_pipeline.layout import RunLayout, input_file_name, shard_name
+from gfocal_pipeline.manifest import DTYPES, POLICIES, ImageEntry, Manifest
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = ".staging"
+# mmcv.imnormalize: float64 (1, 3) mean and 1/std built from the float32 arrays of the config.
+_MEAN = np.float64(np.array(MEAN_RGB, dtype=np.float32).reshape(1, -1))
+_STDINV = 1.0 / np.float64(np.array(STD_RGB, dtype=np.float32).reshape(1, -1))
+PAD_BGR_U8 = tuple(round(value) for value in reversed(MEAN_RGB))  # (104, 116, 124)
+_SHOW = 5
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How one image was placed in the canvas (the ImageEntry fields that describe geometry)."""
+
+    width: int
+    height: int
+    scale_x: float
+    scale_y: float
+    resized_width: int
+    resized_height: int
+    pad: tuple[int, int, int, int]  # left, top, right, bottom
+
+    def entry(self, image_id: int, file_name: str, shard: str) -> ImageEntry:
+        return ImageEntry(
+            image_id=image_id,
+            file_name=file_name,
+            width=self.width,
+            height=self.height,
+            scale_x=self.scale_x,
+            scale_y=self.scale_y,
+            resized_width=self.resized_width,
+            resized_height=self.resized_height,
+            pad=self.pad,
+            shard=shard,
+        )
+
+
+def letterbox_size(width: int, height: int, canvas_h: int, canvas_w: int) -> tuple[int, int, float]:
+    """(new_w, new_h, scale) of the seed: scale = min(W/w, H/h), sizes floored (at least 1 pixel)."""
+    scale = min(canvas_w / width, canvas_h / height)
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale)), scale
+
+
+def mmdet_size(width: int, height: int) -> tuple[int, int]:
+    """(new_w, new_h) of mmcv `rescale_size` into (1333, 800): keep ratio, round half up."""
+    factor = min(max(MMDET_SCALE) / max(width, height), min(MMDET_SCALE) / min(width, height))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def mmdet_canvas(width: int, height: int) -> tuple[int, int]:
+    """(height, width) an image needs under the mmdet policy: its resized size padded to /32."""
+    new_w, new_h = mmdet_size(width, height)
+    return (
+        math.ceil(new_h / SIZE_DIVISOR) * SIZE_DIVISOR,
+        math.ceil(new_w / SIZE_DIVISOR) * SIZE_DIVISOR,
+    )
+
+
+def normalize(img_bgr: np.ndarray) -> np.ndarray:
+    """uint8 BGR HWC -> float32 normalized RGB HWC, in mmcv `imnormalize`'s operation order."""
+    out = img_bgr.astype(np.float32)
+    cv2.cvtColor(out, cv2.COLOR_BGR2RGB, out)
+    cv2.subtract(out, _MEAN, out)
+    cv2.multiply(out, _STDINV, out)
+    return out
+
+
+def _check_options(policy: str, dtype: str, height: int, width: int) -> None:
+    if policy not in POLICIES:
+        raise DatasetError(f"unknown preprocessing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if dtype not in DTYPES:
+        raise DatasetError(f"unknown input dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < SIZE_DIVISOR:
+            raise DatasetError(f"model input {name}={value!r} must be an integer >= {SIZE_DIVISOR}")
+
+
+def preprocess_image(
+    img_bgr: np.ndarray,
+    policy: str = "letterbox",
+    dtype: str = "float32",
+    height: int = DEFAULT_HEIGHT,
+    width: int = DEFAULT_WIDTH,
+) -> tuple[np.ndarray, Geometry]:
+    """One cv2 (BGR uint8 HWC) image -> model input and its geometry.
+
+    Returns a C-contiguous float32 (3, H, W) normalized RGB array, or a uint8 (H, W, 3) BGR array.
+    """
+    _check_options(policy, dtype, height, width)
+    if (
+        not isinstance(img_bgr, np.ndarray)
+        or img_bgr.dtype != np.uint8
+        or img_bgr.ndim != 3
+        or img_bgr.shape[2] != 3
+    ):
+        shape = getattr(img_bgr, "shape", None)
+        kind = getattr(img_bgr, "dtype", type(img_bgr).__name__)
+        raise DatasetError(f"expected a uint8 BGR image of shape (h, w, 3), got {kind} {shape}")
+    h, w = img_bgr.shape[:2]
+    if policy == "letterbox":
+        new_w, new_h, scale = letterbox_size(w, h, height, width)
+        scale_x = scale_y = scale
+    else:
+        need_h, need_w = mmdet_canvas(w, h)
+        if need_h > height or need_w > width:
+            raise DatasetError(
+                f"policy 'mmdet' needs a canvas of height {need_h} and width {need_w} for a {w}x{h} (w x h) "
+                f"image but the model input is {height}x{width} (h x w); preprocess with height>={need_h} "
+                f"and width>={need_w}"
+            )
+        new_w, new_h = mmdet_size(w, h)
+        scale_x, scale_y = new_w / w, new_h / h
+    resized = cv2.resize(img_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    if dtype == "float32":
+        canvas = np.zeros((height, width, 3), dtype=np.float32)
+        canvas[:new_h, :new_w] = normalize(resized)
+        array = np.ascontiguousarray(canvas.transpose(2, 0, 1))
+    else:
+        array = np.empty((height, width, 3), dtype=np.uint8)
+        array[...] = PAD_BGR_U8
+        array[:new_h, :new_w] = resized
+    geometry = Geometry(
+        width=w,
+        height=h,
+        scale_x=float(scale_x),
+        scale_y=float(scale_y),
+        resized_width=new_w,
+        resized_height=new_h,
+        pad=(0, 0, width - new_w, height - new_h),
+    )
+    return array, geometry
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole data set
+
+
+@dataclass(frozen=True)
+class _Job:
+    image_id: int
+    source: str
+    target: str
+    policy: str
+    dtype: str
+    height: int
+    width: int
+
+
+_Result = tuple[int, Geometry | None, str]
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core already; avoid cores x threads oversubscription
+
+
+def _run_job(job: _Job) -> _Result:
+    """Read, preprocess and atomically write one image; (id, geometry, "") or (id, None, reason)."""
+    img = cv2.imread(job.source, cv2.IMREAD_COLOR)
+    if img is None:
+        return job.image_id, None, "OpenCV cannot decode it (corrupt, truncated or not an image)"
+    try:
+        array, geometry = preprocess_image(img, job.policy, job.dtype, job.height, job.width)
+    except DatasetError as exc:
+        raise DatasetError(f"image {job.source!r}: {exc}") from None
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    try:
+        with atomic_path(job.target) as tmp:
+            little.tofile(tmp)
+    except OSError as exc:
+        raise DatasetError(
+            f"cannot write preprocessed input {job.target!r} ({exc.strerror or exc}); "
+            "check free disk space and permissions of the run directory"
+        ) from None
+    return job.image_id, geometry, ""
+
+
+def _run_jobs(jobs: Iterable[_Job], workers: int) -> Iterator[_Result]:
+    """Results in completion order; at most `4 * workers` jobs in flight; worker errors propagate."""
+    if workers == 1:
+        for job in jobs:
+            yield _run_job(job)
+        return
+    source = iter(jobs)
+    context = multiprocessing.get_context("spawn")  # fork is unsafe in threaded hosts (Airflow)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+        pending: dict[Future[_Result], _Job] = {}
+        while True:
+            while len(pending) < 4 * workers and (job := next(source, None)) is not None:
+                pending[pool.submit(_run_job, job)] = job
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                try:
+                    result = future.result()
+                except BaseException as exc:
+                    for other in pending:
+                        other.cancel()
+                    exc.add_note(f"while preprocessing {job.source}")
+                    raise
+                yield result
+
+
+class _Progress:
+    """Logs done/total, rate and ETA at most every `interval` seconds, and once at the end."""
+
+    def __init__(self, total: int, interval: float) -> None:
+        self.total, self.interval, self.done = total, interval, 0
+        self.start = self.last = time.monotonic()
+
+    def step(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval and self.done < self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate
+            log.info("preprocess: %d/%d images (%.1f img/s, ETA %.0f s)", self.done, self.total, rate, eta)
+
+    def finish(self) -> float:
+        elapsed = time.monotonic() - self.start
+        log.info(
+            "preprocess: %d/%d images in %.1f s (%.1f img/s)",
+            self.done,
+            self.total,
+            elapsed,
+            self.done / max(elapsed, 1e-9),
+        )
+        return elapsed
+
+
+def _check_mmdet_fits(images: list[CocoImage], height: int, width: int) -> None:
+    """Fail before any work when the canvas cannot hold the mmdet-resized images (annotation sizes)."""
+    needs = [(image, *mmdet_canvas(image.width, image.height)) for image in images]
+    too_big = [(image, h, w) for image, h, w in needs if h > height or w > width]
+    if not too_big:
+        return
+    need_h = max(h for _, h, _ in needs)
+    need_w = max(w for _, _, w in needs)
+    shown = ", ".join(
+        f"{image.file_name} ({image.width}x{image.height} needs height {h}, width {w})"
+        for image, h, w in too_big[:_SHOW]
+    ) + (" ..." if len(too_big) > _SHOW else "")
+    raise DatasetError(
+        f"policy 'mmdet' keeps the official (1333, 800) scale and pads to /32, so {len(too_big)} image(s) "
+        f"do not fit the {height}x{width} (h x w) model input: {shown}; preprocess with height={need_h} "
+        f"width={need_w} (and export the model for that shape), or use policy='letterbox'"
+    )
+
+
+def _bin_files(inputs_dir: Path) -> Iterator[Path]:
+    if inputs_dir.is_dir():
+        for child in inputs_dir.iterdir():
+            if child.is_dir():
+                yield from (path for path in child.iterdir() if path.is_file())
+
+
+def _check_disk_space(inputs_dir: Path, needed: int) -> None:
+    existing = sum(path.stat().st_size for path in _bin_files(inputs_dir))
+    probe = inputs_dir if inputs_dir.is_dir() else inputs_dir.parent
+    free = shutil.disk_usage(probe).free
+    if free + existing < needed:
+        gib = 1 << 30
+        raise DatasetError(
+            f"preprocessed inputs need {needed / gib:.2f} GiB but only {(free + existing) / gib:.2f} GiB "
+            f"is available under {str(inputs_dir)!r}; free disk space, use dtype='uint8' (4x smaller) "
+            "or limit max_images"
+        )
+
+
+def _clear_inputs(inputs_dir: Path) -> None:
+    """Remove inputs of an earlier run (they are regenerated; keeping them would double the disk use)."""
+    for path in list(_bin_files(inputs_dir)):
+        if path.suffix in (".bin", ".tmp"):
+            path.unlink(missing_ok=True)
+    if inputs_dir.is_dir():
+        for child in inputs_dir.iterdir():
+            if child.is_dir() and not any(child.iterdir()):
+                child.rmdir()
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def preprocess(
+    coco_root: str | Path,
+    run_dir: str | Path,
+    policy: str = "letterbox",
+    dtype: str = "float32",
+    height: int = DEFAULT_HEIGHT,
+    width: int = DEFAULT_WIDTH,
+    shard_size: int = 8,
+    max_images: int | None = None,
+    workers: int | None = None,
+    skip_bad_images: bool = False,
+    image_dir: str = DEFAULT_IMAGE_DIR,
+    annotation_file: str = DEFAULT_ANNOTATION_FILE,
+    progress_interval_s: float = 10.0,
+) -> Manifest:
+    """Preprocess a COCO set into `run_dir` (manifest.json + inputs/<shard>/<id:012d>.bin).
+
+    Undecodable images raise `DatasetError` naming them, or with `skip_bad_images` are listed in
+    `manifest.skipped` and left out. `workers` defaults to the usable CPU cores.
+    """
+    _check_options(policy, dtype, height, width)
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise DatasetError(f"shard_size={shard_size!r} must be a positive integer (images per shard)")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise DatasetError(f"workers={workers!r} must be a positive integer or None (all CPU cores)")
+    dataset = load_coco(coco_root, image_dir, annotation_file, max_images)
+    images = dataset.images
+    if policy == "mmdet":
+        _check_mmdet_fits(images, height, width)
+    layout = RunLayout.at(Path(run_dir))
+    ensure_writable_dir(layout.root, "run directory")
+    bytes_per_image = 3 * height * width * np.dtype(dtype).itemsize
+    _check_disk_space(layout.inputs_dir, len(images) * bytes_per_image)
+
+    # From here on the old manifest no longer describes what is on disk.
+    layout.manifest.unlink(missing_ok=True)
+    _clear_inputs(layout.inputs_dir)
+    staging = layout.inputs_dir / STAGING_DIR
+    staging.mkdir(parents=True, exist_ok=True)
+
+    n_workers = max(1, min(workers or _default_workers(), len(images)))
+    log.info(
+        "preprocess: %d of %d images from %s -> %s (policy=%s dtype=%s %dx%d, shard_size=%d, %d workers)",
+        len(images),
+        dataset.total_images,
+        dataset.root,
+        layout.inputs_dir,
+        policy,
+        dtype,
+        height,
+        width,
+        shard_size,
+        n_workers,
+    )
+    jobs = (
+        _Job(
+            image.image_id,
+            str(image.path),
+            str(staging / input_file_name(image.image_id)),
+            policy,
+            dtype,
+            height,
+            width,
+        )
+        for image in images
+    )
+    geometries: dict[int, Geometry] = {}
+    bad: dict[int, str] = {}
+    progress = _Progress(len(images), progress_interval_s)
+    for image_id, geometry, reason in _run_jobs(jobs, n_workers):
+        progress.step()
+        if geometry is None:
+            bad[image_id] = reason
+        else:
+            geometries[image_id] = geometry
+    progress.finish()
+
+    bad_images = [image for image in images if image.image_id in bad]
+    if bad_images and not skip_bad_images:
+        raise DatasetError(
+            f"{len(bad_images)} image(s) in {str(dataset.image_dir)!r} cannot be read: "
+            f"{', '.join(str(image.path) for image in bad_images[:_SHOW])}"
+            f"{' ...' if len(bad_images) > _SHOW else ''} ({bad[bad_images[0].image_id]}); "
+            "replace them, or pass skip_bad_images=True to leave them out of the run"
+        )
+    for image in bad_images:
+        log.warning("preprocess: skipping unreadable image %s: %s", image.path, bad[image.image_id])
+    kept = [image for image in images if image.image_id in geometries]
+    if not kept:
+        raise DatasetError(f"none of the {len(images)} images in {str(dataset.image_dir)!r} can be read")
+
+    entries: list[ImageEntry] = []
+    shards: dict[str, list[int]] = {}
+    for index, image in enumerate(kept):
+        shard = shard_name(index // shard_size)
+        target_dir = layout.input_shard(shard)
+        if shard not in shards:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            shards[shard] = []
+        name = input_file_name(image.image_id)
+        os.replace(staging / name, target_dir / name)
+        shards[shard].append(image.image_id)
+        entries.append(geometries[image.image_id].entry(image.image_id, image.file_name, shard))
+        if (image.width, image.height) != (entries[-1].width, entries[-1].height):
+            log.warning(
+                "preprocess: %s is %dx%d but the annotation file says %dx%d; using the real size",
+                image.path,
+                entries[-1].width,
+                entries[-1].height,
+                image.width,
+                image.height,
+            )
+    shutil.rmtree(staging, ignore_errors=True)
+
+    manifest = Manifest(
+        policy=policy,
+        dtype=dtype,
+        input_height=height,
+        input_width=width,
+        shard_size=shard_size,
+        coco_root=str(dataset.root),
+        annotation_file=str(dataset.annotation_file),
+        image_dir=str(dataset.image_dir),
+        images=entries,
+        shards=shards,
+        skipped=[
+            {"image_id": image.image_id, "file_name": image.file_name, "reason": bad[image.image_id]}
+            for image in bad_images
+        ],
+    )
+    manifest.write(layout.manifest)
+    log.info(
+        "preprocess: wrote %d inputs in %d shards and %s (%d skipped)",
+        len(entries),
+        len(shards),
+        layout.manifest,
+        len(bad_images),
+    )
+    return manifest

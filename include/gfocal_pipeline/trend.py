@@ -1,0 +1,279 @@
+"""Trend page: AP and fps over time per configuration, latest verdicts, recent runs, as HTML and JSON.
+
+Everything is rendered server-side (inline SVG, inline CSS, no script, no CDN) so the page works on
+offline machines and inside the Airflow UI's iframe. Links are relative: the page is served at
+`<airflow>/gfocal/`, so `../dags/<dag_id>/runs/<run_id>` reaches the Airflow run whatever
+`[api] base_url` prefix the deployment uses. `create_app` builds the FastAPI app; FastAPI is imported
+there only, so the rest of the library does not need it.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from gfocal_pipeline.history import ConfigKey, HistoryError, HistoryStore, RunRecord
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+SERIES = (("AP", "AP", "{:.4f}"), ("fps", "fps", "{:.2f}"))
+VERDICT_COLORS = {"pass": "#1a7f37", "fail": "#cf222e", None: "#6e7781"}
+
+
+def run_path(dag_id: str, run_id: str) -> str:
+    """Path of a DAG run in the Airflow 3 UI, relative to the UI root."""
+    return f"dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
+
+
+def _run_point(record: RunRecord) -> dict[str, Any]:
+    detail = record.verdict_detail or {}
+    return {
+        "dag_id": record.dag_id,
+        "run_id": record.run_id,
+        "finished_at": record.finished_at.isoformat(),
+        "AP": record.stats.get("AP"),
+        "AP50": record.stats.get("AP50"),
+        "AP75": record.stats.get("AP75"),
+        "ap_delta": record.ap_delta,
+        "fps": record.fps,
+        "latency_p50_ms": record.latency_ms.get("p50"),
+        "latency_p99_ms": record.latency_ms.get("p99"),
+        "verdict": record.verdict,
+        "regressed": list(detail.get("regressed", [])),
+        "run_path": run_path(record.dag_id, record.run_id),
+    }
+
+
+def trend_data(histories: Mapping[ConfigKey, Sequence[RunRecord]], recent: Sequence[RunRecord]) -> dict:
+    """JSON-safe page data. `histories`: per configuration, its newest runs (any order);
+    `recent`: newest runs of all configurations for the table, newest first."""
+    configurations = []
+    for config, records in histories.items():
+        runs = sorted(records, key=lambda r: r.finished_at)
+        if not runs:
+            continue
+        latest = runs[-1]
+        configurations.append(
+            {
+                "key": config.as_dict(),
+                "label": config.label,
+                "slug": config.slug,
+                "latest": {
+                    "run_id": latest.run_id,
+                    "dag_id": latest.dag_id,
+                    "finished_at": latest.finished_at.isoformat(),
+                    "verdict": latest.verdict,
+                    "regressed": list((latest.verdict_detail or {}).get("regressed", [])),
+                    "notes": list((latest.verdict_detail or {}).get("notes", [])),
+                },
+                "runs": [_run_point(r) for r in runs],
+            }
+        )
+    configurations.sort(key=lambda c: c["latest"]["finished_at"], reverse=True)
+    return {
+        "generated_at": datetime.now(UTC).isoformat(),
+        "configurations": configurations,
+        "recent_runs": [{**_run_point(r), "label": r.config.label} for r in recent],
+    }
+
+
+def load_trend_data(store: HistoryStore, *, per_config: int = 50, dag_id: str | None = None) -> dict:
+    """Read what the page shows from the history store (HistoryError if the database fails)."""
+    histories = {
+        config: store.runs(config, limit=per_config, dag_id=dag_id)
+        for config in store.configurations(dag_id=dag_id)
+    }
+    return trend_data(histories, store.recent(limit=per_config, dag_id=dag_id))
+
+
+def svg_chart(
+    points: Sequence[Mapping[str, Any]],
+    metric: str,
+    *,
+    title: str,
+    value_format: str = "{:.4g}",
+    width: int = 460,
+    height: int = 180,
+) -> str:
+    """Inline SVG line chart of `metric` over `points` (oldest first), x spaced by run order.
+
+    Each point is a circle coloured by verdict with a <title> tooltip (run id, time, value).
+    """
+    esc = html.escape
+    values = [(i, p) for i, p in enumerate(points) if p.get(metric) is not None]
+    left, right, top, bottom = 58, 12, 24, 28
+    plot_w, plot_h = width - left - right, height - top - bottom
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" data-series="{esc(metric)}" '
+        f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{esc(title)}">',
+        f'<text x="{left}" y="15" class="chart-title">{esc(title)}</text>',
+    ]
+    if not values:
+        parts.append(
+            f'<text x="{left}" y="{top + plot_h / 2:.1f}" class="empty">no {esc(metric)} data</text>'
+        )
+        return "".join(parts) + "</svg>"
+    numbers = [float(p[metric]) for _, p in values]
+    low, high = min(numbers), max(numbers)
+    pad = (high - low) * 0.1 or max(abs(high) * 0.05, 1e-3)
+    low, high = low - pad, high + pad
+    count = len(points)
+
+    def x_of(index: int) -> float:
+        return left + (plot_w / 2 if count == 1 else plot_w * index / (count - 1))
+
+    def y_of(value: float) -> float:
+        return top + plot_h * (high - value) / (high - low)
+
+    for step in range(4):
+        value = low + (high - low) * step / 3
+        y = y_of(value)
+        parts.append(
+            f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" class="grid"/>'
+            f'<text x="{left - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">'
+            f"{esc(value_format.format(value))}</text>"
+        )
+    first, last = points[0]["finished_at"][:10], points[-1]["finished_at"][:10]
+    parts.append(f'<text x="{left}" y="{height - 8}" class="tick">{esc(first)}</text>')
+    if count > 1:
+        parts.append(
+            f'<text x="{left + plot_w}" y="{height - 8}" class="tick" text-anchor="end">{esc(last)}</text>'
+        )
+    coords = " ".join(f"{x_of(i):.1f},{y_of(float(p[metric])):.1f}" for i, p in values)
+    parts.append(f'<polyline class="series" data-series="{esc(metric)}" points="{coords}"/>')
+    for i, p in values:
+        value = float(p[metric])
+        color = VERDICT_COLORS.get(p.get("verdict"), VERDICT_COLORS[None])
+        tip = f"{p['run_id']} ({p['finished_at'][:16]}): {metric} {value_format.format(value)}"
+        parts.append(
+            f'<circle class="point" data-series="{esc(metric)}" data-run-id="{esc(p["run_id"])}" '
+            f'data-value="{value!r}" cx="{x_of(i):.1f}" cy="{y_of(value):.1f}" r="3.5" fill="{color}">'
+            f"<title>{esc(tip)}</title></circle>"
+        )
+    return "".join(parts) + "</svg>"
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:16px;color:#1f2328;background:#fff}
+h1{font-size:1.3em}h2{font-size:1.05em;margin:0 0 6px}
+section.config{border:1px solid #d0d7de;border-radius:6px;padding:10px;margin:0 0 14px}
+.charts{display:flex;flex-wrap:wrap;gap:12px}
+.chart .grid{stroke:#eaeef2}.chart .tick{font-size:10px;fill:#57606a}.chart .chart-title{font-size:12px}
+.chart .series{fill:none;stroke:#0969da;stroke-width:1.5}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:.85em}
+.badge.pass{background:#1a7f37}.badge.fail{background:#cf222e}.badge.none{background:#6e7781}
+table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #d0d7de;padding:3px 8px;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.notes{color:#57606a;font-size:.85em}
+"""
+
+
+def _badge(verdict: str | None) -> str:
+    name = verdict or "none"
+    text = {"pass": "PASS", "fail": "FAIL"}.get(verdict or "", "not gated")
+    return f'<span class="badge {name}">{text}</span>'
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def render_page(data: Mapping[str, Any], *, airflow_root: str = "../", title: str = "GFocal trends") -> str:
+    """The HTML page for `data` (from trend_data). `airflow_root` is the relative path from the page
+    to the Airflow UI root, used for run links."""
+    esc = html.escape
+    out = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+        f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>",
+        '<p class="notes">Per configuration (model, backend/device, precision, batch, policy); '
+        'points coloured by gate verdict. Data as <a href="api/trends">JSON</a>.</p>',
+    ]
+    if not data["configurations"]:
+        out.append("<p>No runs recorded yet.</p>")
+    for config in data["configurations"]:
+        latest = config["latest"]
+        regressed = ", ".join(latest["regressed"])
+        out.append(
+            f'<section class="config" id="{esc(config["slug"])}"><h2>{esc(config["label"])}</h2>'
+            f"<p>Latest: {_badge(latest['verdict'])} run <code>{esc(latest['run_id'])}</code> "
+            f"at {esc(latest['finished_at'][:19])}"
+            + (f" — regressed: <b>{esc(regressed)}</b>" if regressed else "")
+            + "</p>"
+        )
+        if latest["notes"]:
+            out.append('<p class="notes">' + "; ".join(esc(n) for n in latest["notes"]) + "</p>")
+        out.append('<div class="charts">')
+        for metric, label, fmt in SERIES:
+            out.append(svg_chart(config["runs"], metric, title=f"{label} over time", value_format=fmt))
+        out.append("</div></section>")
+    if data["recent_runs"]:
+        out.append(
+            "<h2>Recent runs</h2><table><thead><tr><th>finished</th><th>run</th><th>configuration</th>"
+            "<th>AP</th><th>AP Δ</th><th>fps</th><th>p50 ms</th><th>p99 ms</th><th>verdict</th>"
+            "</tr></thead><tbody>"
+        )
+        for run in data["recent_runs"]:
+            href = esc(airflow_root + run["run_path"], quote=True)
+            out.append(
+                f"<tr><td>{esc(run['finished_at'][:19])}</td>"
+                f'<td><a href="{href}" target="_top">{esc(run["dag_id"])} / {esc(run["run_id"])}</a></td>'
+                f"<td>{esc(run['label'])}</td>"
+                f'<td class="num">{_num(run["AP"], "{:.4f}")}</td>'
+                f'<td class="num">{_num(run["ap_delta"], "{:+.4f}")}</td>'
+                f'<td class="num">{_num(run["fps"], "{:.2f}")}</td>'
+                f'<td class="num">{_num(run["latency_p50_ms"], "{:.2f}")}</td>'
+                f'<td class="num">{_num(run["latency_p99_ms"], "{:.2f}")}</td>'
+                f"<td>{_badge(run['verdict'])}</td></tr>"
+            )
+        out.append("</tbody></table>")
+    out.append(f'<p class="notes">Generated {esc(data["generated_at"][:19])} UTC.</p></body></html>')
+    return "\n".join(out)
+
+
+def create_app(
+    store: HistoryStore | Callable[[], HistoryStore],
+    *,
+    dependencies: Sequence[Any] = (),
+    airflow_root: str = "../",
+    title: str = "GFocal trends",
+) -> FastAPI:
+    """FastAPI app serving `/` (HTML) and `/api/trends` (JSON). `store` may be a factory, called on
+    the first request, so importing the app (e.g. by the Airflow plugin manager) touches no database.
+    `dependencies` are added to every route (the plugin passes Airflow's authentication check)."""
+    from fastapi import FastAPI, Query
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    app = FastAPI(title=title, dependencies=list(dependencies), docs_url=None, redoc_url=None)
+    holder: list[HistoryStore] = []
+
+    def get_store() -> HistoryStore:
+        if not holder:
+            holder.append(store if isinstance(store, HistoryStore) else store())
+        return holder[0]
+
+    def load(limit: int, dag_id: str | None) -> dict:
+        return load_trend_data(get_store(), per_config=limit, dag_id=dag_id)
+
+    limit_query = Query(50, ge=1, le=1000, description="runs per configuration")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page(limit: int = limit_query, dag_id: str | None = None) -> HTMLResponse:
+        try:
+            data = load(limit, dag_id)
+        except HistoryError as exc:
+            body = f"<!DOCTYPE html><html><body><h1>{html.escape(title)}</h1><p>{html.escape(str(exc))}</p>"
+            return HTMLResponse(body + "</body></html>", status_code=503)
+        return HTMLResponse(render_page(data, airflow_root=airflow_root, title=title))
+
+    @app.get("/api/trends")
+    def trends(limit: int = limit_query, dag_id: str | None = None) -> JSONResponse:
+        try:
+            return JSONResponse(load(limit, dag_id))
+        except HistoryError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    return app

@@ -1,0 +1,80 @@
+"""Shared fixtures. Airflow is pointed at a throw-away SQLite home before anything imports it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EMULATORS = ROOT / "tests" / "emulators"
+
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="gfocal-airflow-home-"))
+_DAGS = _AIRFLOW_HOME / "dags"
+_DAGS.mkdir()
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(_DAGS),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
+        "GFOCAL_WORK_DIR": str(_AIRFLOW_HOME / "work"),
+    }
+)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The deterministic RANDOM-weight checkpoint in the official layout."""
+    from gfocal_pipeline.checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "gfocal_random.pth", seed=0)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata DB (SQLite) shared by the tests of one session."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=os.environ
+    )
+    return _AIRFLOW_HOME
+
+
+def load_dag_file(source: Path, name: str | None = None) -> Any:
+    """Copy a DAG file into the test DAG bundle and import it; returns the module."""
+    target = _DAGS / (name or source.name)
+    shutil.copyfile(source, target)
+    spec = importlib.util.spec_from_file_location(target.stem, target)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def xcoms(dag_id: str, run_id: str) -> dict[str, Any]:
+    """{task_id or task_id[map_index]: return_value} of one DAG run."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = (
+            session.query(XComModel)
+            .filter(XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key == "return_value")
+            .all()
+        )
+        return {
+            (r.task_id if r.map_index < 0 else f"{r.task_id}[{r.map_index}]"): r.value for r in rows
+        }
+
+
+@pytest.fixture(scope="session")
+def dags_dir() -> Path:
+    return _DAGS

@@ -1,0 +1,94 @@
+"""Checkpoint loading: mmcv layouts, safe unpickling with numpy meta, strict layout errors."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gfocal_pipeline.checkpoint import (
+    RANDOM_CHECKPOINT_NOTE,
+    load_model,
+    random_state_dict,
+    read_state_dict,
+    write_random_checkpoint,
+)
+from gfocal_pipeline.errors import CheckpointError
+from gfocal_pipeline.fileio import sha256_file
+
+
+def test_random_checkpoint_is_deterministic_and_labelled(tmp_path: Path) -> None:
+    a = write_random_checkpoint(tmp_path / "a.pth", seed=3)
+    b = write_random_checkpoint(tmp_path / "b.pth", seed=3)
+    c = write_random_checkpoint(tmp_path / "c.pth", seed=4)
+    assert sha256_file(a) == sha256_file(b) != sha256_file(c)
+    raw = torch.load(a, weights_only=True)
+    assert set(raw) == {"meta", "state_dict"}
+    assert raw["meta"]["note"] == RANDOM_CHECKPOINT_NOTE and raw["meta"]["random"] is True
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_loads_mmcv_bare_and_module_prefixed(tmp_path: Path) -> None:
+    state = random_state_dict(1)
+    torch.save(state, tmp_path / "bare.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ddp.pth")
+    for name in ("bare.pth", "ddp.pth"):
+        model = load_model(tmp_path / name)
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_numpy_meta_loads_with_safe_unpickling(tmp_path: Path) -> None:
+    """An mmcv checkpoint's meta may carry numpy scalars/arrays; they load without weights_only=False."""
+    meta = {"epoch": np.int64(12), "lr": np.float64(0.01), "hist": np.arange(3, dtype=np.float32)}
+    torch.save({"meta": meta, "state_dict": random_state_dict(0)}, tmp_path / "np.pth")
+    state, got = read_state_dict(tmp_path / "np.pth")
+    assert float(got["lr"]) == 0.01 and int(got["epoch"]) == 12
+    assert np.array_equal(got["hist"], np.arange(3, dtype=np.float32))
+    assert "bbox_head.gfl_cls.weight" in state
+
+
+class _Evil:
+    def __reduce__(self):  # would run a command if unpickled unsafely
+        return (print, ("pwned",))
+
+
+def test_unsafe_pickle_is_refused(tmp_path: Path) -> None:
+    torch.save({"meta": {"x": _Evil()}, "state_dict": random_state_dict(0)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"evil\.pth.*unsafe"):
+        read_state_dict(tmp_path / "evil.pth")
+
+
+def test_missing_and_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"nope\.pth.*does not exist"):
+        read_state_dict(tmp_path / "nope.pth")
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(CheckpointError, match=r"text\.pth.*not a PyTorch checkpoint"):
+        read_state_dict(tmp_path / "text.pth")
+    with open(tmp_path / "list.pth", "wb") as handle:
+        pickle.dump([1, 2, 3], handle)
+    with pytest.raises(CheckpointError, match=r"list\.pth"):
+        read_state_dict(tmp_path / "list.pth")
+    torch.save({"state_dict": {}}, tmp_path / "empty.pth")
+    with pytest.raises(CheckpointError, match="no state dict"):
+        read_state_dict(tmp_path / "empty.pth")
+
+
+def test_layout_mismatch_lists_keys_and_shapes(tmp_path: Path) -> None:
+    state = random_state_dict(0)
+    del state["bbox_head.reg_conf.0.bias"]
+    state["bbox_head.gfl_cls.weight"] = torch.zeros(80, 256, 3, 3)  # the GFL v1 shape
+    state["bbox_head.extra.weight"] = torch.zeros(2)
+    torch.save({"state_dict": state}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "bad.pth")
+    text = str(info.value)
+    assert "missing: bbox_head.reg_conf.0.bias (64,)" in text
+    assert "wrong shape: bbox_head.gfl_cls.weight expected (81, 256, 3, 3), checkpoint has (80, 256, 3, 3)" in text
+    assert "unexpected: bbox_head.extra.weight (2,)" in text
+    assert "Traceback" not in text
+    model = load_model(tmp_path / "bad.pth", strict=False)  # what fits is loaded
+    assert torch.equal(model.state_dict()["bbox_head.gfl_reg.weight"], state["bbox_head.gfl_reg.weight"])
