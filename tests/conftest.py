@@ -55,6 +55,7 @@ def load_dag_file(source: Path, name: str | None = None) -> Any:
     spec = importlib.util.spec_from_file_location(target.stem, target)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[target.stem] = module
     spec.loader.exec_module(module)
     return module
 

@@ -162,12 +162,13 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:16px;color:#1f2328;background:#fff}
 h1{font-size:1.3em}h2{font-size:1.05em;margin:0 0 6px}
 section.config{border:1px solid #d0d7de;border-radius:6px;padding:10px;margin:0 0 14px}
-.charts{display:flex;flex-wrap:wrap;gap:12px}
+.charts{display:flex;flex-wrap:wrap;gap:12px}.charts .chart{flex:1 1 360px;max-width:640px;height:auto}
 .chart .grid{stroke:#eaeef2}.chart .tick{font-size:10px;fill:#57606a}.chart .chart-title{font-size:12px}
 .chart .series{fill:none;stroke:#0969da;stroke-width:1.5}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:.85em}
 .badge.pass{background:#1a7f37}.badge.fail{background:#cf222e}.badge.none{background:#6e7781}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #d0d7de;padding:3px 8px;text-align:left}
+th,td.time,td.num{white-space:nowrap}td.config{color:#57606a;font-size:.9em}
 td.num{text-align:right;font-variant-numeric:tabular-nums}.notes{color:#57606a;font-size:.85em}
 """
 
@@ -176,6 +177,11 @@ def _badge(verdict: str | None) -> str:
     name = verdict or "none"
     text = {"pass": "PASS", "fail": "FAIL"}.get(verdict or "", "not gated")
     return f'<span class="badge {name}">{text}</span>'
+
+
+def _when(iso: str) -> str:
+    """'2026-03-01T02:47:00+00:00' -> '2026-03-01 02:47' (times are stored in UTC)."""
+    return iso[:16].replace("T", " ")
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -200,7 +206,7 @@ def render_page(data: Mapping[str, Any], *, airflow_root: str = "../", title: st
         out.append(
             f'<section class="config" id="{esc(config["slug"])}"><h2>{esc(config["label"])}</h2>'
             f"<p>Latest: {_badge(latest['verdict'])} run <code>{esc(latest['run_id'])}</code> "
-            f"at {esc(latest['finished_at'][:19])}"
+            f"at {esc(_when(latest['finished_at']))} UTC"
             + (f" — regressed: <b>{esc(regressed)}</b>" if regressed else "")
             + "</p>"
         )
@@ -212,16 +218,16 @@ def render_page(data: Mapping[str, Any], *, airflow_root: str = "../", title: st
         out.append("</div></section>")
     if data["recent_runs"]:
         out.append(
-            "<h2>Recent runs</h2><table><thead><tr><th>finished</th><th>run</th><th>configuration</th>"
+            "<h2>Recent runs</h2><table><thead><tr><th>finished (UTC)</th><th>run</th><th>configuration</th>"
             "<th>AP</th><th>AP Δ</th><th>fps</th><th>p50 ms</th><th>p99 ms</th><th>verdict</th>"
             "</tr></thead><tbody>"
         )
         for run in data["recent_runs"]:
             href = esc(airflow_root + run["run_path"], quote=True)
             out.append(
-                f"<tr><td>{esc(run['finished_at'][:19])}</td>"
+                f'<tr><td class="time">{esc(_when(run["finished_at"]))}</td>'
                 f'<td><a href="{href}" target="_top">{esc(run["dag_id"])} / {esc(run["run_id"])}</a></td>'
-                f"<td>{esc(run['label'])}</td>"
+                f'<td class="config">{esc(run["label"])}</td>'
                 f'<td class="num">{_num(run["AP"], "{:.4f}")}</td>'
                 f'<td class="num">{_num(run["ap_delta"], "{:+.4f}")}</td>'
                 f'<td class="num">{_num(run["fps"], "{:.2f}")}</td>'

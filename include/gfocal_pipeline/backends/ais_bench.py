@@ -30,6 +30,7 @@ class AisBenchBackend(AscendToolBackend):
     name = "ais_bench"
     outfmts = ("BIN", "TXT", "NPY")
     success_marker = re.compile(r"Performance Summary")
+    success_hint = "[INFO] ---Performance Summary---"
     run_dir_pattern = re.compile(r"^\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}$")
 
     def argv(self, env: CannEnv, input_dir: Path, output_dir: Path) -> list[str]:

@@ -239,7 +239,9 @@ def convert_onnx(
 
     `input_dtype="uint8"` adds static AIPP (uint8 BGR NHWC in, normalized RGB to the model).
     Returns {om_path, om_sha256, soc_version, cann_version, atc_args, cached, convert_seconds,
-    cache_key}; `convert_seconds` is the time atc ran in this call (0 when cached).
+    cache_key}; `convert_seconds` is the time atc ran in this call (0 when cached). With
+    `output_dir` the OM is copied there as `<om_name>.om` beside a `convert.json` describing it;
+    without, `om_path` is the cache entry's file.
     """
     onnx_path = check_safe_path(onnx_path, "ONNX model path")
     cache_dir = check_safe_path(cache_dir, "OM cache directory")
@@ -304,7 +306,7 @@ def convert_onnx(
         log.info("OM for %s found in cache %s (key %s); atc not run", onnx_path.name, entry, key[:12])
     om = entry / CACHE_OM
     om_path = _publish(om, output_dir, f"{stem}.om") if output_dir is not None else om
-    return {
+    result = {
         "om_path": str(om_path),
         "om_sha256": meta["om_sha256"],
         "soc_version": soc_version,
@@ -314,6 +316,18 @@ def convert_onnx(
         "convert_seconds": round(seconds, 3),
         "cache_key": key,
     }
+    if output_dir is not None:
+        write_json(
+            output_dir / "convert.json",
+            {
+                **result,
+                "onnx_path": str(onnx_path),
+                "onnx_sha256": onnx_sha,
+                "input_dtype": input_dtype,
+                "aipp_config": aipp_text,
+            },
+        )
+    return result
 
 
 def _convert(

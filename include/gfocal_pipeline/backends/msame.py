@@ -92,6 +92,7 @@ class AscendToolBackend(Backend):
     kind = "dets"
     outfmts: tuple[str, ...] = ("BIN", "TXT")
     success_marker: re.Pattern[str]
+    success_hint: str  # the success line in words, for error messages
     run_dir_pattern: re.Pattern[str]
 
     def __init__(
@@ -148,8 +149,8 @@ class AscendToolBackend(Backend):
         errors = [line for line in result.lines if "[ERROR]" in line or "Error" in line][:10]
         shown = "\n  ".join(errors) if errors else "(no [ERROR] lines)"
         return BackendError(
-            f"{self.name} did not report success (exit {result.returncode}, no line matching "
-            f"{self.success_marker.pattern!r}):\n  {shown}\nLast output:\n{result.tail(15)}"
+            f"{self.name} did not report success (exit {result.returncode}, no {self.success_hint!r} line):"
+            f"\n  {shown}\nLast output:\n{result.tail(15)}"
         )
 
     # --- shared code path ------------------------------------------------------------------------
@@ -341,6 +342,7 @@ class MsameBackend(AscendToolBackend):
     name = "msame"
     outfmts = ("BIN", "TXT")
     success_marker = re.compile(r"\[INFO\]\s+(?:pid:\s*\d+\s+)?Execute sample success")
+    success_hint = "[INFO] Execute sample success"
     # 20210622_114034 (<= 2021-08) or 2022827_9_5_3_123456 (unpadded, newer)
     run_dir_pattern = re.compile(r"^(?:2\d{7}_\d{6}|2\d{5,7}_\d{1,2}_\d{1,2}_\d{1,2}_\d{1,6})$")
     timing_line = re.compile(r"Inference average time( without first time)?\s*:\s*" + _NUMBER + r"\s*ms")

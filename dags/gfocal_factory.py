@@ -1,0 +1,156 @@
+"""One factory for every gfocal DAG: the ONNX Runtime (embedded) and the Ascend nightly variants.
+
+A `PipelineSpec` says which backend runs the converted model, where it runs (queue, pool), whether a
+PyTorch reference runs beside it, and the schedule. Everything a run needs comes from `params`, so a
+run triggered from the UI form and a scheduled one take the same path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import DAG, Param, XComArg
+
+from gfocal_pipeline.config import default_work_dir, demo_paths, validate_run_config
+from gfocal_pipeline.constants import ASCEND_POOL, ASCEND_QUEUE, DEFAULT_HEIGHT, DEFAULT_WIDTH
+
+PREPARE = "prepare"
+RUN = "{{ ti.xcom_pull(task_ids='prepare') }}"
+
+
+def cfg(key: str) -> str:
+    """Jinja for one validated parameter, as pushed by the prepare task."""
+    return "{{ ti.xcom_pull(task_ids='" + PREPARE + "')['" + key + "'] }}"
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    dag_id: str
+    description: str
+    backend: str  # onnxruntime | msame
+    schedule: str | None = None
+    reference: bool = False  # also run the PyTorch model on the same inputs
+    queue: str | None = None  # Celery queue of the device inference tasks
+    pool: str | None = None
+    tags: tuple[str, ...] = ()
+    extra_params: dict[str, Param] = field(default_factory=dict)
+
+
+def common_params() -> dict[str, Param]:
+    demo = demo_paths()
+    return {
+        "checkpoint": Param(str(demo["checkpoint"]), type="string", title="Checkpoint (.pth)",
+                            description="mmcv-style GFocalV2 R50-FPN checkpoint. Default: generated RANDOM weights."),
+        "coco_root": Param(str(demo["coco_root"]), type="string", title="COCO root",
+                           description="Folder with val2017/ and annotations/instances_val2017.json. "
+                                       "Default: the generated demo set."),
+        "work_dir": Param(str(default_work_dir()), type="string", title="Work directory",
+                          description="Runs are written to <work_dir>/<dag_id>/<run_id>/."),
+        "policy": Param("letterbox", type="string", enum=["letterbox", "mmdet"], title="Resize policy",
+                        description="letterbox: the ModelZoo recipe (1216x800, pad bottom-right); "
+                                    "mmdet: the official test pipeline (1333x800 keep-ratio, pad /32)."),
+        "dtype": Param("float32", type="string", enum=["float32", "uint8"], title="Input dtype",
+                       description="float32: normalized on the host (the seed's .bin); uint8: 4x smaller, "
+                                   "normalized in the model (AIPP on Ascend)."),
+        "height": Param(DEFAULT_HEIGHT, type="integer", minimum=64, maximum=4096, multipleOf=32,
+                        title="Input height"),
+        "width": Param(DEFAULT_WIDTH, type="integer", minimum=64, maximum=4096, multipleOf=32,
+                       title="Input width"),
+        "batch_size": Param(1, type="integer", minimum=1, maximum=256, title="Batch size"),
+        "shard_size": Param(8, type="integer", minimum=1, maximum=100000, title="Images per shard",
+                            description="Inference is mapped over shards; each shard is one task."),
+        "max_images": Param(None, type=["null", "integer"], minimum=1, title="Max images",
+                            description="Evaluate only the first N images by id (empty = all)."),
+        "engine": Param("faster-coco-eval", type="string", enum=["faster-coco-eval", "pycocotools"],
+                        title="COCO evaluator"),
+        "min_ap": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Minimum AP",
+                        description="Absolute floor, e.g. 0.400. Empty = no floor."),
+        "min_fps": Param(None, type=["null", "number"], minimum=0, title="Minimum fps"),
+        "ap_tolerance": Param(0.003, type="number", minimum=0, maximum=1, title="AP tolerance",
+                              description="Allowed AP drop below the baseline (absolute)."),
+        "fps_tolerance": Param(0.05, type="number", minimum=0, maximum=1, title="fps tolerance",
+                               description="Allowed fps drop below the baseline (fraction, 0.05 = 5%)."),
+        "baseline_runs": Param(5, type="integer", minimum=1, maximum=100, title="Baseline runs",
+                               description="Median of the last N passing runs of the same configuration."),
+    }
+
+
+def build_dag(spec: PipelineSpec) -> DAG:
+    """Build the DAG described by `spec` (see module docstring)."""
+    from operators import (
+        CocoEvalOperator,
+        CocoPreprocessOperator,
+        OnnxExportOperator,
+        OnnxRuntimeInferOperator,
+        PrepareRunOperator,
+        RunSummaryOperator,
+        TorchInferOperator,
+    )
+
+    params = {**common_params(), **spec.extra_params}
+    with DAG(
+        dag_id=spec.dag_id,
+        description=spec.description,
+        schedule=spec.schedule,
+        start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        params=params,
+        tags=["gfocal", *spec.tags],
+        default_args={"retries": 0, "retry_delay": timedelta(minutes=2)},
+        render_template_as_native_obj=True,
+        doc_md=__doc__,
+    ) as dag:
+        prepare = PrepareRunOperator(
+            task_id=PREPARE, config={name: "{{ params." + name + " }}" for name in params},
+            validator=validate_run_config,
+        )
+        run_dir = cfg("run_dir")
+        preprocess = CocoPreprocessOperator(
+            task_id="preprocess", coco_root=cfg("coco_root"), run_dir=run_dir, policy=cfg("policy"),
+            dtype=cfg("dtype"), height=cfg("height"), width=cfg("width"), shard_size=cfg("shard_size"),
+            max_images=cfg("max_images"),
+        )
+        shards = XComArg(preprocess)
+        uint8 = "{{ ti.xcom_pull(task_ids='prepare')['dtype'] == 'uint8' }}"
+        export_kwargs = {
+            "checkpoint": cfg("checkpoint"), "height": cfg("height"), "width": cfg("width"),
+            "normalize_in_graph": uint8,
+        }
+        evaluations: dict[str, str] = {}
+        if spec.backend == "onnxruntime":
+            export = OnnxExportOperator(
+                task_id="export", variant="portable", dynamic_batch=True,
+                output_path=run_dir + "/model/gfocal_portable.onnx", **export_kwargs,
+            )
+            infer = OnnxRuntimeInferOperator.partial(
+                task_id="infer", run_dir=run_dir, batch_size=cfg("batch_size"),
+                model="{{ ti.xcom_pull(task_ids='export')['onnx_path'] }}",
+            ).expand(shard=shards)
+            evaluate = CocoEvalOperator(task_id="evaluate", run_dir=run_dir, backend="onnxruntime",
+                                        engine=cfg("engine"))
+            prepare >> [export, preprocess]
+            [export, preprocess] >> infer >> evaluate
+            evaluations["device"] = "evaluate"
+            device_eval = evaluate
+        else:
+            raise ValueError(f"unknown backend {spec.backend!r}")
+        ends = [device_eval]
+        if spec.reference:
+            reference = TorchInferOperator.partial(
+                task_id="infer_reference", run_dir=run_dir, model=cfg("checkpoint"), batch_size=1,
+            ).expand(shard=shards)
+            evaluate_ref = CocoEvalOperator(task_id="evaluate_reference", run_dir=run_dir, backend="torch",
+                                            engine=cfg("engine"))
+            preprocess >> reference >> evaluate_ref
+            evaluations["reference"] = "evaluate_reference"
+            ends.append(evaluate_ref)
+        summary = RunSummaryOperator(
+            task_id="summary", run_dir=run_dir, evaluations=evaluations,
+            facts={"weights_random": cfg("weights_random"), "dag_id": spec.dag_id},
+        )
+        ends >> summary
+    return dag

@@ -1,0 +1,20 @@
+"""`gfocal_onnxruntime`: the whole chain on the embedded default (ONNX Runtime on CPU, no NPU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from airflow.sdk import DAG  # noqa: E402
+from gfocal_factory import PipelineSpec, build_dag  # noqa: E402
+
+dag: DAG = build_dag(
+    PipelineSpec(
+        dag_id="gfocal_onnxruntime",
+        description="GFocalV2: export -> preprocess -> ONNX Runtime -> COCO eval -> summary",
+        backend="onnxruntime",
+        tags=("onnxruntime",),
+    )
+)

@@ -1,0 +1,161 @@
+"""One function per pipeline step, returning the small dicts that travel by XCom.
+
+The Airflow operators and the `gfocal` CLI both call these, so a step behaves the same everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from gfocal_pipeline.errors import DatasetError, GfocalError
+from gfocal_pipeline.fileio import write_json
+from gfocal_pipeline.layout import RunLayout
+from gfocal_pipeline.manifest import load_manifest
+from gfocal_pipeline.timing import summarize
+
+log = logging.getLogger(__name__)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str) -> str:
+    """A run id (e.g. `manual__2025-01-01T00:00:00+00:00`) as one safe path component."""
+    name = _UNSAFE.sub("_", str(text)).strip("._")
+    if not name:
+        raise GfocalError(f"cannot make a directory name from {text!r}")
+    return name
+
+
+def run_directory(work_dir: str | Path, dag_id: str, run_id: str) -> Path:
+    """`<work_dir>/<dag_id>/<run_id>` with both ids made path-safe."""
+    return Path(work_dir) / safe_name(dag_id) / safe_name(run_id)
+
+
+def preprocess_step(coco_root: str | Path, run_dir: str | Path, **options: Any) -> dict[str, Any]:
+    """Preprocess a COCO root into `run_dir`; returns the manifest facts and the shard names."""
+    from gfocal_pipeline.preprocess import preprocess
+
+    started = time.perf_counter()
+    layout = RunLayout.at(run_dir)
+    manifest = preprocess(coco_root, layout.root, **options)
+    return {
+        "manifest_path": str(manifest.path),
+        "manifest_sha256": manifest.sha256,
+        "policy": manifest.policy,
+        "dtype": manifest.dtype,
+        "input_shape": list(manifest.input_shape()),
+        "images": len(manifest.images),
+        "skipped": len(manifest.skipped),
+        "shards": sorted(manifest.shards),
+        "preprocess_seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def infer_step(run_dir: str | Path, shard: str, backend: str, **options: Any) -> dict[str, Any]:
+    """Run one shard through `backend` (see `backends.registry`); returns its timing summary."""
+    from gfocal_pipeline.backends.registry import get_backend
+
+    layout = RunLayout.at(run_dir)
+    manifest = load_manifest(layout.manifest)
+    result = get_backend(backend, **options).infer_shard(layout, manifest, shard)
+    return result.to_dict()
+
+
+def combined_timing(run_dir: str | Path, backend: str) -> dict[str, Any]:
+    """Timing over every shard of a backend: fps and latency percentiles of all timed batches."""
+    layout = RunLayout.at(run_dir)
+    files = sorted((layout.root / "timing" / backend).glob("*.json"))
+    if not files:
+        raise DatasetError(f"no timing files under {str(layout.root / 'timing' / backend)!r}; run inference first")
+    latencies: list[float] = []
+    images = 0
+    batch_sizes = set()
+    shard_fps = []
+    extra: dict[str, Any] = {}
+    for path in files:
+        data = json.loads(path.read_text())
+        summary = data["summary"]
+        batch_sizes.add(summary.get("batch_size"))
+        shard_fps.append(summary["fps"])
+        if data.get("latencies_ms"):
+            latencies += data["latencies_ms"]
+            images += summary["images"]
+        for key in ("device", "tool"):
+            if key in summary:
+                extra[key] = summary[key]
+    batch = batch_sizes.pop() if len(batch_sizes) == 1 else None
+    if latencies:
+        combined = summarize(latencies, images, batch or 1)
+    else:  # tools that only report means (msame): image-weighted mean of shard fps
+        combined = {"fps": float(sum(shard_fps) / len(shard_fps)), "batch_size": batch}
+    combined["batch_size"] = batch
+    combined["shard_fps"] = shard_fps
+    return {**combined, **extra}
+
+
+def evaluate_step(run_dir: str | Path, backend: str, **options: Any) -> dict[str, Any]:
+    """COCO evaluation of a backend's outputs plus its combined timing."""
+    from gfocal_pipeline.evaluate import evaluate_outputs
+
+    result = evaluate_outputs(run_dir, backend, **options)
+    result["timing"] = combined_timing(run_dir, backend)
+    return result
+
+
+def summary_step(run_dir: str | Path, evaluations: dict[str, dict[str, Any]], **facts: Any) -> dict[str, Any]:
+    """Write `summary.json` (what the summary task prints) and return it.
+
+    With a `reference` evaluation (PyTorch) and a `device` one, AP_pytorch, AP_npu and AP_delta are
+    reported like the seed's 0.410 vs 0.406 table.
+    """
+    layout = RunLayout.at(run_dir)
+    summary: dict[str, Any] = {"run_dir": str(layout.root), **facts, "backends": {}}
+    for role, result in evaluations.items():
+        timing = result.get("timing", {})
+        summary["backends"][role] = {
+            "backend": result.get("backend"),
+            "stats": result.get("stats", {}),
+            "fps": timing.get("fps"),
+            "latency_ms": timing.get("latency_ms"),
+            "batch_size": timing.get("batch_size"),
+            "images": result.get("images"),
+            "detections": result.get("detections"),
+            "detections_path": result.get("detections_path"),
+            "per_class_path": result.get("per_class_path"),
+        }
+    if "reference" in evaluations and "device" in evaluations:
+        ap_ref = evaluations["reference"]["stats"]["AP"]
+        ap_dev = evaluations["device"]["stats"]["AP"]
+        summary.update({"AP_pytorch": ap_ref, "AP_npu": ap_dev, "AP_delta": ap_dev - ap_ref})
+    write_json(layout.summary, summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human-readable table printed at the end of a run."""
+    from gfocal_pipeline.evaluate import STAT_NAMES
+
+    lines = [f"Run directory: {summary['run_dir']}"]
+    if summary.get("weights_note"):
+        lines.append(f"NOTE: {summary['weights_note']}")
+    for role, info in summary["backends"].items():
+        lines.append(f"\n[{role}] backend={info['backend']} images={info['images']} "
+                     f"detections={info['detections']}")
+        stats = info["stats"]
+        lines.append("  " + "  ".join(f"{name}={stats.get(name, float('nan')):.3f}" for name in STAT_NAMES[:6]))
+        lines.append("  " + "  ".join(f"{name}={stats.get(name, float('nan')):.3f}" for name in STAT_NAMES[6:]))
+        if info.get("fps") is not None:
+            lat = info.get("latency_ms") or {}
+            pct = "  ".join(f"{k}={v:.1f}" for k, v in lat.items() if isinstance(v, int | float))
+            lines.append(f"  fps={info['fps']:.2f} (batch {info['batch_size']})  latency ms: {pct}")
+        lines.append(f"  detections: {info['detections_path']}")
+        lines.append(f"  per-class AP: {info['per_class_path']}")
+    if "AP_delta" in summary:
+        lines.append(f"\nAP_pytorch={summary['AP_pytorch']:.4f}  AP_npu={summary['AP_npu']:.4f}  "
+                     f"AP_delta={summary['AP_delta']:+.4f}")
+    return "\n".join(lines)
