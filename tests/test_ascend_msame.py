@@ -18,8 +18,8 @@ from gfocal_pipeline.backends.atc import convert_onnx
 from gfocal_pipeline.backends.msame import MsameBackend
 from gfocal_pipeline.errors import BackendError, DatasetError
 from gfocal_pipeline.layout import RunLayout, input_file_name, read_shard_outputs
-from gfocal_pipeline.manifest import ImageEntry, Manifest
 from gfocal_pipeline.preprocess import normalize
+
 
 @pytest.fixture
 def kit(tmp_path: Path) -> Toolkit:

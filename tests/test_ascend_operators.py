@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from emulators.models import tiny_dets_model
-from emulators.toolkit import Toolkit, make_toolkit
 from emulators.runs import IDS, SHARD, write_run
+from emulators.toolkit import Toolkit, make_toolkit
 
 from gfocal_pipeline.errors import BackendError
 from gfocal_pipeline.layout import read_shard_outputs
