@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
 import pendulum
 from airflow.sdk import DAG, Param, XComArg
 
 from gfocal_pipeline.config import default_work_dir, demo_paths, validate_run_config
-from gfocal_pipeline.constants import ASCEND_POOL, ASCEND_QUEUE, DEFAULT_HEIGHT, DEFAULT_WIDTH
+from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_WIDTH
 
 PREPARE = "prepare"
 RUN = "{{ ti.xcom_pull(task_ids='prepare') }}"
@@ -37,6 +36,8 @@ class PipelineSpec:
     pool: str | None = None
     tags: tuple[str, ...] = ()
     extra_params: dict[str, Param] = field(default_factory=dict)
+    device: str = "cpu"  # the history's `device` column for the device backend
+    deadline: timedelta | None = None  # alert when a run has not finished this long after queueing
 
 
 def common_params() -> dict[str, Param]:
@@ -78,6 +79,24 @@ def common_params() -> dict[str, Param]:
     }
 
 
+def ascend_params() -> dict[str, Param]:
+    """Form fields of the Ascend DAG."""
+    return {
+        "tool": Param("msame", type="string", enum=["msame", "ais_bench"], title="Inference tool"),
+        "device": Param(0, type="integer", minimum=0, maximum=255, title="NPU device id"),
+        "chips": Param(1, type="integer", minimum=1, maximum=16, title="Chips per card",
+                       description="fps = chips x 1000 x batch / mean ms (4 for an Atlas 300I / Ascend 310)."),
+        "outfmt": Param("BIN", type="string", enum=["BIN", "TXT"], title="Tool output format"),
+        "soc_version": Param("", type="string", pattern="^(Ascend[0-9A-Za-z]+)?$", title="SoC version",
+                             description="e.g. Ascend310P3; empty = detect with npu-smi info."),
+        "precision_mode": Param("force_fp16", type="string",
+                                enum=["force_fp16", "allow_fp32_to_fp16", "must_keep_origin_dtype",
+                                      "allow_mix_precision"], title="atc precision mode"),
+        "cann_set_env": Param("/usr/local/Ascend/ascend-toolkit/set_env.sh", type="string",
+                              title="CANN set_env.sh", description="Sourced once for the tools' environment."),
+    }
+
+
 def build_dag(spec: PipelineSpec) -> DAG:
     """Build the DAG described by `spec` (see module docstring)."""
     from operators import (
@@ -89,8 +108,19 @@ def build_dag(spec: PipelineSpec) -> DAG:
         RunSummaryOperator,
         TorchInferOperator,
     )
+    from operators.alerting import GfocalAlertNotifier
+    from operators.quality import RecordResultsOperator, RegressionGateOperator
 
     params = {**common_params(), **spec.extra_params}
+    deadline = None
+    if spec.deadline is not None:
+        from airflow.sdk import DeadlineAlert, DeadlineReference, SyncCallback
+
+        deadline = DeadlineAlert(
+            reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=spec.deadline,
+            callback=SyncCallback("operators.alerting.deadline_missed",
+                                  kwargs={"dag_id": spec.dag_id, "interval": str(spec.deadline)}),
+        )
     with DAG(
         dag_id=spec.dag_id,
         description=spec.description,
@@ -100,7 +130,9 @@ def build_dag(spec: PipelineSpec) -> DAG:
         max_active_runs=1,
         params=params,
         tags=["gfocal", *spec.tags],
-        default_args={"retries": 0, "retry_delay": timedelta(minutes=2)},
+        default_args={"retries": 0, "retry_delay": timedelta(minutes=2),
+                      "on_failure_callback": GfocalAlertNotifier()},
+        deadline=deadline,
         render_template_as_native_obj=True,
         doc_md=__doc__,
     ) as dag:
@@ -121,6 +153,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
             "normalize_in_graph": uint8,
         }
         evaluations: dict[str, str] = {}
+        convert_task: str | None = None
         if spec.backend == "onnxruntime":
             export = OnnxExportOperator(
                 task_id="export", variant="portable", dynamic_batch=True,
@@ -136,6 +169,41 @@ def build_dag(spec: PipelineSpec) -> DAG:
             [export, preprocess] >> infer >> evaluate
             evaluations["device"] = "evaluate"
             device_eval = evaluate
+            roles = {"device": {"eval_task": "evaluate", "backend": "onnxruntime", "device": spec.device,
+                                "precision": "fp32"}}
+        elif spec.backend == "msame":
+            from operators import AtcConvertOperator, MsameInferOperator
+
+            export = OnnxExportOperator(
+                task_id="export", variant="ascend", output_path=run_dir + "/model/gfocal_ascend.onnx",
+                checkpoint=cfg("checkpoint"), height=cfg("height"), width=cfg("width"),
+            )
+            export_portable = OnnxExportOperator(
+                task_id="export_portable", variant="portable", dynamic_batch=True,
+                output_path=run_dir + "/model/gfocal_portable.onnx", **export_kwargs,
+            )
+            ascend = {"queue": spec.queue, "pool": spec.pool} if spec.queue else {}
+            convert = AtcConvertOperator(
+                task_id="convert", onnx_path="{{ ti.xcom_pull(task_ids='export')['onnx_path'] }}",
+                cache_dir=cfg("work_dir") + "/cache/om", output_dir=run_dir + "/model", om_name="gfocal_bs1",
+                soc_version=cfg("soc_version"), input_dtype=cfg("dtype"), precision_mode=cfg("precision_mode"),
+                set_env=cfg("cann_set_env"), **ascend,
+            )
+            convert_task = "convert"
+            infer = MsameInferOperator.partial(
+                task_id="infer", run_dir=run_dir, tool=cfg("tool"), device=cfg("device"),
+                outfmt=cfg("outfmt"), set_env=cfg("cann_set_env"), chips=cfg("chips"),
+                om_path="{{ ti.xcom_pull(task_ids='convert')['om_path'] }}", **ascend,
+            ).expand(shard=shards)
+            evaluate = CocoEvalOperator(task_id="evaluate", run_dir=run_dir, backend=cfg("tool"),
+                                        engine=cfg("engine"))
+            prepare >> [export, export_portable, preprocess]
+            export >> convert
+            [convert, preprocess] >> infer >> evaluate
+            evaluations["device"] = "evaluate"
+            device_eval = evaluate
+            roles = {"device": {"eval_task": "evaluate", "backend": cfg("tool"), "device": spec.device,
+                                "precision": cfg("precision_mode")}}
         else:
             raise ValueError(f"unknown backend {spec.backend!r}")
         ends = [device_eval]
@@ -147,10 +215,20 @@ def build_dag(spec: PipelineSpec) -> DAG:
                                             engine=cfg("engine"))
             preprocess >> reference >> evaluate_ref
             evaluations["reference"] = "evaluate_reference"
+            roles["reference"] = {"eval_task": "evaluate_reference", "backend": "torch", "device": "cpu",
+                                  "precision": "fp32"}
             ends.append(evaluate_ref)
         summary = RunSummaryOperator(
             task_id="summary", run_dir=run_dir, evaluations=evaluations,
             facts={"weights_random": cfg("weights_random"), "dag_id": spec.dag_id},
         )
-        ends >> summary
+        record = RecordResultsOperator(
+            task_id="record", config=RUN, roles=roles, export_task="export",
+            convert_task=convert_task,
+        )
+        gate = RegressionGateOperator(task_id="gate", record_task="record",
+                                      thresholds="{{ ti.xcom_pull(task_ids='prepare')['thresholds'] }}")
+        ends >> summary >> record >> gate
+        if spec.backend == "msame":
+            export_portable >> summary  # the portable graph's parity report is part of the run
     return dag

@@ -7,8 +7,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from airflow.sdk import DAG  # noqa: E402
-from gfocal_factory import PipelineSpec, build_dag  # noqa: E402
+from airflow.sdk import DAG
+from gfocal_factory import PipelineSpec, build_dag
 
 dag: DAG = build_dag(
     PipelineSpec(

@@ -1,5 +1,6 @@
 """Thin Airflow operators over `gfocal_pipeline`: validate arguments, call the library, return XCom dicts."""
 
+from operators.ascend import AtcConvertOperator, MsameInferOperator
 from operators.export import OnnxExportOperator
 from operators.pipeline import (
     CocoEvalOperator,
@@ -10,14 +11,19 @@ from operators.pipeline import (
     RunSummaryOperator,
     TorchInferOperator,
 )
+from operators.quality import RecordResultsOperator, RegressionGateOperator
 
 __all__ = [
+    "AtcConvertOperator",
+    "MsameInferOperator",
     "CocoEvalOperator",
     "CocoPreprocessOperator",
     "InferOperator",
     "OnnxExportOperator",
     "OnnxRuntimeInferOperator",
     "PrepareRunOperator",
+    "RecordResultsOperator",
+    "RegressionGateOperator",
     "RunSummaryOperator",
     "TorchInferOperator",
 ]

@@ -27,6 +27,7 @@ os.environ.update(
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
         "GFOCAL_WORK_DIR": str(_AIRFLOW_HOME / "work"),
+        "GFOCAL_HISTORY_URL": f"sqlite:///{_AIRFLOW_HOME / 'history.sqlite'}",
     }
 )
 

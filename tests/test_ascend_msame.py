@@ -281,3 +281,35 @@ def test_uint8_inputs_through_aipp(kit: Toolkit, tmp_path: Path) -> None:
     for row, image_id in enumerate(IDS):
         expected, _ = tiny_reference(normalize(inputs[image_id]).transpose(2, 0, 1))
         np.testing.assert_allclose(arrays["dets"][row], expected, atol=3e-3)
+
+
+def test_uint8_graph_without_aipp(kit: Toolkit, tmp_path: Path) -> None:
+    onnx_file = tiny_dets_model(tmp_path / "u8.onnx", H, W, uint8_nhwc=True)
+    with pytest.raises(BackendError, match=r"is uint8 .* convert it with input_dtype='uint8'"):
+        convert_onnx(onnx_file, tmp_path / "cache", set_env=kit.set_env)
+    converted = convert_onnx(onnx_file, tmp_path / "cache", set_env=kit.set_env, input_dtype="uint8")
+    assert (
+        "--input_format=NHWC" in converted["atc_args"]
+        and "--input_shape=input.1:1,16,16,3" in converted["atc_args"]
+    )
+    assert not any(a.startswith("--insert_op_conf") for a in converted["atc_args"])
+    layout, manifest, inputs = write_run(tmp_path / "run", dtype="uint8")
+    MsameBackend(converted["om_path"], set_env=kit.set_env).infer_shard(layout, manifest, SHARD)
+    _, arrays = read_shard_outputs(layout.output_shard("msame", SHARD))
+    for row, image_id in enumerate(IDS):
+        expected_dets, expected_labels = tiny_reference(inputs[image_id])
+        np.testing.assert_array_equal(arrays["dets"][row], expected_dets)
+        np.testing.assert_array_equal(arrays["labels"][row], expected_labels)
+
+
+def test_outputs_of_another_om_are_not_reused(kit: Toolkit, om: Path, tmp_path: Path) -> None:
+    layout, manifest, _ = write_run(tmp_path / "run")
+    MsameBackend(om, set_env=kit.set_env).infer_shard(layout, manifest, SHARD)
+    other = convert_onnx(
+        tiny_dets_model(tmp_path / "other.onnx", H, W),
+        tmp_path / "cache",
+        set_env=kit.set_env,
+        precision_mode="allow_fp32_to_fp16",
+    )
+    result = MsameBackend(other["om_path"], set_env=kit.set_env).infer_shard(layout, manifest, SHARD)
+    assert result.reused is False and len(kit.calls("msame")) == 2

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, load_dag_file, xcoms
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
@@ -38,7 +37,8 @@ def run(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str
 
 def test_every_task_pushed_its_xcom(run: tuple[str, dict]) -> None:
     _, values = run
-    assert set(values) == {"prepare", "export", "preprocess", "infer[0]", "infer[1]", "evaluate", "summary"}
+    assert set(values) == {"prepare", "export", "preprocess", "infer[0]", "infer[1]", "evaluate", "summary",
+                           "record", "gate"}
     prepared = values["prepare"]
     assert prepared["weights_random"] is True and Path(prepared["run_dir"]).is_dir()
     export = values["export"]
@@ -58,5 +58,10 @@ def test_every_task_pushed_its_xcom(run: tuple[str, dict]) -> None:
     summary = values["summary"]
     assert summary["backends"]["device"]["stats"] == evaluation["stats"]
     assert json.loads(Path(summary["run_dir"], "summary.json").read_text())["backends"]["device"]["images"] == 6
+    record = values["record"]["device"]
+    assert record["run_id"] == run[0] and record["stats"]["AP"] == evaluation["stats"]["AP"]
+    assert record["config"]["backend"] == "onnxruntime" and record["onnx_sha256"] == export["onnx_sha256"]
+    verdict = values["gate"]
+    assert verdict["passed"] is True and verdict["first_run"] is True  # no history yet: floors only
     # bulk data stays on disk: every XCom value is small
     assert all(len(json.dumps(v)) < 8000 for v in values.values())

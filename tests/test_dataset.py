@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from gfocal_pipeline.dataset import category_ids, load_categories, load_coco
 from gfocal_pipeline.demo_data import make_demo_coco
 from gfocal_pipeline.errors import DatasetError, GfocalError

@@ -8,10 +8,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from pycocotools.coco import COCO
+
 from gfocal_pipeline.dataset import load_coco
 from gfocal_pipeline.demo_data import make_demo_coco
 from gfocal_pipeline.errors import DatasetError
-from pycocotools.coco import COCO
 
 # COCO detection category ids 1..90 leave out these ten
 COCO_ID_GAPS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from gfocal_pipeline.errors import EvaluationError
 from gfocal_pipeline.evaluate import evaluate_outputs
 from gfocal_pipeline.layout import RunLayout, write_shard_outputs

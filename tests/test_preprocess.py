@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from gfocal_pipeline.dataset import load_coco
 from gfocal_pipeline.demo_data import make_demo_coco
 from gfocal_pipeline.errors import DatasetError

@@ -29,14 +29,13 @@ from pathlib import Path
 
 import cv2
 import pytest
+from selenium import webdriver  # the dev extra; a missing install must fail, not skip
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from gfocal_pipeline.history import ConfigKey, HistoryStore, RunRecord
-
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.airflow]
 
@@ -188,6 +187,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 raise AssertionError(f"api-server exited with {process.returncode}:\n{tail(log)}")
         finally:
             stop(process)
+            ARTIFACTS.mkdir(exist_ok=True)
+            shutil.copyfile(log, ARTIFACTS / "trend_api_server.log")  # for CI debugging
     raise AssertionError(f"api-server could not bind a free port:\n{tail(log)}")
 
 
@@ -195,7 +196,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def browser(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
     """Headless system Chromium, logged in through the simple auth manager's login page."""
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip("needs Debian chromium + chromium-driver (apt-get install chromium chromium-driver)")
+        pytest.fail("needs Debian chromium + chromium-driver: run scripts/setup.sh test")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (

@@ -272,3 +272,26 @@ def alert_on_failure(
         return False
     send_alert(build_alert(verdict, run_url=run_url, trend_url=trend_url, problems=problems), settings)
     return True
+
+
+def build_failure_alert(
+    *,
+    dag_id: str,
+    run_id: str,
+    what: str,
+    error: str,
+    run_url: str | None = None,
+    trend_url: str | None = None,
+) -> AlertContent:
+    """Alert for a run that broke before (or instead of) a verdict: a failed task or a missed deadline."""
+    subject = " ".join(f"[gfocal] FAILED {what} | {dag_id} | run {run_id}".split())
+    links = [(name, url) for name, url in (("Airflow run", run_url), ("Trend page", trend_url)) if url]
+    text = f"{what} failed in {dag_id}, run {run_id}:\n\n{error}\n"
+    if links:
+        text += "\n" + "\n".join(f"{name}: {url}" for name, url in links) + "\n"
+    link_html = "".join(f'<p><a href="{html.escape(url)}">{html.escape(name)}</a></p>' for name, url in links)
+    body = (
+        f"<p><b>{html.escape(what)}</b> failed in {html.escape(dag_id)}, run {html.escape(run_id)}:</p>"
+        f"<pre>{html.escape(error)}</pre>{link_html}"
+    )
+    return AlertContent(subject, text, body)

@@ -34,6 +34,7 @@ def _numpy_globals() -> list:
 
 
 SAFE_NUMPY_GLOBALS = _numpy_globals()
+DEMO_CONFIDENT_CLASSES = (0, 2, 56)  # person, car, chair
 RANDOM_CHECKPOINT_NOTE = "RANDOM WEIGHTS - generated for tests and the demo, not a trained model"
 
 
@@ -146,7 +147,10 @@ def random_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
         elif key.startswith("bbox_head.") and key.endswith("weight"):
             value = 0.01 * torch.randn(shape, generator=generator)
         elif key == "bbox_head.gfl_cls.bias":
+            # mmdet's prior (0.01) for most classes; a few "confident" classes so the demo produces
+            # detections and exercises NMS, evaluation and the detection files end to end
             value = torch.full(shape, -math.log((1 - 0.01) / 0.01))
+            value[list(DEMO_CONFIDENT_CLASSES)] = -math.log((1 - 0.3) / 0.3)
         elif key.endswith("weight"):
             fan_in = int(np.prod(shape[1:]))
             value = torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in)

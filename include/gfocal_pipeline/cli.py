@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_INPUT_NAME, DEFAULT_WIDTH
@@ -58,7 +59,100 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_random_checkpoint)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_export]
+def cmd_preprocess(args: argparse.Namespace) -> Any:
+    from gfocal_pipeline.steps import preprocess_step
+
+    return preprocess_step(
+        args.coco_root, args.run_dir, policy=args.policy, dtype=args.dtype, height=args.height,
+        width=args.width, shard_size=args.shard_size, max_images=args.max_images,
+        skip_bad_images=args.skip_bad_images, workers=args.workers,
+    )
+
+
+def cmd_infer(args: argparse.Namespace) -> Any:
+    from gfocal_pipeline.layout import RunLayout
+    from gfocal_pipeline.manifest import load_manifest
+    from gfocal_pipeline.steps import combined_timing, infer_step
+
+    options: dict[str, Any] = {"batch_size": args.batch_size}
+    if args.backend == "torch":
+        options.update(checkpoint=args.model, device=args.device)
+    else:
+        options.update(model=args.model, providers=args.providers)
+    shards = args.shard or sorted(load_manifest(RunLayout.at(args.run_dir).manifest).shards)
+    results = [infer_step(args.run_dir, shard, args.backend, **options) for shard in shards]
+    return {"shards": results, "timing": combined_timing(args.run_dir, args.backend)}
+
+
+def cmd_eval(args: argparse.Namespace) -> Any:
+    from gfocal_pipeline.steps import evaluate_step
+
+    return evaluate_step(args.run_dir, args.backend, engine=args.engine, allow_missing=args.allow_missing)
+
+
+def cmd_summary(args: argparse.Namespace) -> Any:
+    from gfocal_pipeline.layout import RunLayout
+    from gfocal_pipeline.steps import format_summary
+
+    run_dir = args.run_dir
+    if args.latest:
+        candidates = sorted(Path(args.run_dir).glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise GfocalError(f"no finished run (summary.json) under {args.run_dir!r}")
+        run_dir = candidates[-1].parent
+    summary = json.loads(RunLayout.at(run_dir).summary.read_text())
+    print(format_summary(summary))
+    return None
+
+
+def cmd_demo_data(args: argparse.Namespace) -> Any:
+    from gfocal_pipeline.config import ensure_demo_data
+
+    return {k: str(v) for k, v in ensure_demo_data(args.work_dir).items()}
+
+
+def add_steps(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preprocess", help="COCO root -> manifest + sharded .bin inputs")
+    p.add_argument("--coco-root", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--policy", default="letterbox", choices=["letterbox", "mmdet"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "uint8"])
+    p.add_argument("--height", type=int, default=DEFAULT_HEIGHT)
+    p.add_argument("--width", type=int, default=DEFAULT_WIDTH)
+    p.add_argument("--shard-size", type=int, default=8)
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("infer", help="run shards of a run directory through a backend")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--model", required=True, help="ONNX file (onnxruntime) or checkpoint (torch)")
+    p.add_argument("--shard", action="append", help="shard name (repeatable); default: all")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--providers", default=None, help="onnxruntime providers, e.g. cpu or cuda,cpu")
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("eval", help="postprocess + COCO evaluation of a backend's outputs")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--engine", default="faster-coco-eval", choices=["faster-coco-eval", "pycocotools"])
+    p.add_argument("--allow-missing", action="store_true", help="count images without output as empty")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("summary", help="print the summary table of a finished run")
+    p.add_argument("run_dir")
+    p.add_argument("--latest", action="store_true", help="run_dir is a DAG folder: show its newest run")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("demo-data", help="generate the demo COCO set and RANDOM checkpoint")
+    p.add_argument("--work-dir", default=None)
+    p.set_defaults(func=cmd_demo_data)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_export, add_steps]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        _print_json(args.func(args))
+        result = args.func(args)
+        if result is not None:
+            _print_json(result)
     except GfocalError as exc:
         print(f"gfocal {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -7,15 +7,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from gfocal_pipeline.backends.atc import PRECISION_MODES
+from gfocal_pipeline.backends.process import check_safe_value
 from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_WIDTH, SIZE_DIVISOR
-from gfocal_pipeline.errors import GfocalError
+from gfocal_pipeline.errors import BackendError, GfocalError
 
 WORK_DIR_ENV = "GFOCAL_WORK_DIR"
 DEMO_IMAGES = 24
-# Characters a shell would interpret. We never use a shell, but a path carrying them is almost
-# certainly a mistake or an injection attempt from a form, and the Ascend tools are often wrapped
-# in site scripts that do use one.
-_SHELL_META = re.compile(r"[;&|`$<>\\\n\r\t*?!{}()\[\]'\"#~]")
 
 
 class ConfigError(GfocalError):
@@ -53,12 +51,10 @@ def check_path_param(name: str, value: Any, must_exist: bool = False) -> str:
     if not isinstance(value, str | os.PathLike) or not str(value).strip():
         raise ConfigError(f"parameter {name!r} must be a non-empty path, got {value!r}")
     text = str(value).strip()
-    bad = sorted(set(_SHELL_META.findall(text)))
-    if bad:
-        raise ConfigError(
-            f"parameter {name!r} = {text!r} contains shell metacharacters {''.join(bad)!r}; "
-            "use a plain path (letters, digits, '/', '.', '-', '_', ':', '+', '=', ',', '@', '%' and spaces)"
-        )
+    try:
+        check_safe_value(text, f"parameter {name!r}")
+    except BackendError as exc:
+        raise ConfigError(str(exc)) from None
     if must_exist and not Path(text).exists():
         raise ConfigError(f"parameter {name!r}: {text!r} does not exist; pass an existing path")
     return text
@@ -111,6 +107,22 @@ def validate_run_config(config: dict[str, Any]) -> dict[str, Any]:
     cfg["shard_size"] = check_int("shard_size", cfg.get("shard_size", 8), 1, 100_000)
     max_images = cfg.get("max_images")
     cfg["max_images"] = None if max_images in (None, "", 0) else check_int("max_images", max_images, 1, 10**7)
+    # the Ascend DAG's form fields (validated here too: the prepare task runs before any tool)
+    if "tool" in cfg:
+        cfg["tool"] = check_choice("tool", cfg["tool"], ("msame", "ais_bench"))
+    if "device" in cfg:
+        cfg["device"] = check_int("device", cfg["device"], 0, 255)
+    if "chips" in cfg:
+        cfg["chips"] = check_int("chips", cfg["chips"], 1, 16)
+    if "outfmt" in cfg:
+        cfg["outfmt"] = check_choice("outfmt", cfg["outfmt"], ("BIN", "TXT"))
+    if cfg.get("soc_version") and not re.fullmatch(r"Ascend[0-9A-Za-z]+", str(cfg["soc_version"])):
+        raise ConfigError(f"parameter 'soc_version' = {cfg['soc_version']!r} must look like Ascend310P3 "
+                          "(or be empty to detect it with npu-smi)")
+    if "precision_mode" in cfg:
+        cfg["precision_mode"] = check_choice("precision_mode", cfg["precision_mode"], PRECISION_MODES)
+    if cfg.get("cann_set_env"):  # lives on the NPU worker: checked for safety here, for existence there
+        cfg["cann_set_env"] = check_path_param("cann_set_env", cfg["cann_set_env"])
     names = ("min_ap", "min_fps", "ap_tolerance", "fps_tolerance", "baseline_runs")
     try:
         thresholds = GateThresholds.from_mapping({k: cfg[k] for k in names if k in cfg})

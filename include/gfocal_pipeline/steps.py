@@ -67,13 +67,20 @@ def infer_step(run_dir: str | Path, shard: str, backend: str, **options: Any) ->
 
 
 def combined_timing(run_dir: str | Path, backend: str) -> dict[str, Any]:
-    """Timing over every shard of a backend: fps and latency percentiles of all timed batches."""
+    """Timing over every shard of a backend.
+
+    fps = all images / sum over shards of (shard images / shard fps): each shard's fps comes from its
+    backend's own formula (e.g. msame's chip count), and for in-process backends this equals images /
+    total batch latency. Latency percentiles pool every shard's timed latencies.
+    """
     layout = RunLayout.at(run_dir)
-    files = sorted((layout.root / "timing" / backend).glob("*.json"))
+    folder = layout.root / "timing" / backend
+    files = sorted(folder.glob("*.json"))
     if not files:
-        raise DatasetError(f"no timing files under {str(layout.root / 'timing' / backend)!r}; run inference first")
+        raise DatasetError(f"no timing files under {str(folder)!r}; run inference first")
     latencies: list[float] = []
     images = 0
+    seconds = 0.0
     batch_sizes = set()
     shard_fps = []
     extra: dict[str, Any] = {}
@@ -82,20 +89,16 @@ def combined_timing(run_dir: str | Path, backend: str) -> dict[str, Any]:
         summary = data["summary"]
         batch_sizes.add(summary.get("batch_size"))
         shard_fps.append(summary["fps"])
-        if data.get("latencies_ms"):
-            latencies += data["latencies_ms"]
-            images += summary["images"]
-        for key in ("device", "tool"):
-            if key in summary:
-                extra[key] = summary[key]
+        images += summary["images"]
+        seconds += summary["images"] / summary["fps"] if summary["fps"] else 0.0
+        latencies += data.get("latencies_ms") or []
+        extra.update({k: summary[k] for k in ("device", "chips") if k in summary})
     batch = batch_sizes.pop() if len(batch_sizes) == 1 else None
+    result: dict[str, Any] = {"fps": images / seconds if seconds else 0.0, "images": images,
+                              "batch_size": batch, "shard_fps": shard_fps}
     if latencies:
-        combined = summarize(latencies, images, batch or 1)
-    else:  # tools that only report means (msame): image-weighted mean of shard fps
-        combined = {"fps": float(sum(shard_fps) / len(shard_fps)), "batch_size": batch}
-    combined["batch_size"] = batch
-    combined["shard_fps"] = shard_fps
-    return {**combined, **extra}
+        result["latency_ms"] = summarize(latencies, images, batch or 1)["latency_ms"]
+    return {**result, **extra}
 
 
 def evaluate_step(run_dir: str | Path, backend: str, **options: Any) -> dict[str, Any]:
@@ -141,8 +144,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     from gfocal_pipeline.evaluate import STAT_NAMES
 
     lines = [f"Run directory: {summary['run_dir']}"]
-    if summary.get("weights_note"):
-        lines.append(f"NOTE: {summary['weights_note']}")
+    if summary.get("weights_random"):
+        lines.append("NOTE: the checkpoint has RANDOM weights (generated demo): AP and detections are "
+                     "meaningless; speed and the pipeline itself are what this run shows.")
     for role, info in summary["backends"].items():
         lines.append(f"\n[{role}] backend={info['backend']} images={info['images']} "
                      f"detections={info['detections']}")

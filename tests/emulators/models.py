@@ -14,7 +14,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def tiny_dets_model(path: Path, height: int = 16, width: int = 16, batch: int | str = 1) -> Path:
+def tiny_dets_model(
+    path: Path, height: int = 16, width: int = 16, batch: int | str = 1, uint8_nhwc: bool = False
+) -> Path:
+    """With `uint8_nhwc` the input is (B,H,W,3) uint8 (like a graph exported with normalize_in_graph)."""
     assert 3 * height * width >= 600
     ints = {
         "flat_shape": [0, -1],
@@ -27,8 +30,10 @@ def tiny_dets_model(path: Path, height: int = 16, width: int = 16, batch: int | 
     }
     inits = [numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in ints.items()]
     inits.append(numpy_helper.from_array(np.asarray(10.0, np.float32), "ten"))
-    nodes = [
-        helper.make_node("Reshape", ["input.1", "flat_shape"], ["flat"]),
+    source = "as_float" if uint8_nhwc else "input.1"
+    nodes = [helper.make_node("Cast", ["input.1"], ["as_float"], to=TensorProto.FLOAT)] if uint8_nhwc else []
+    nodes += [
+        helper.make_node("Reshape", [source, "flat_shape"], ["flat"]),
         helper.make_node("Slice", ["flat", "s0", "e0", "axis"], ["first"]),
         helper.make_node("Reshape", ["first", "dets_shape"], ["dets"]),
         helper.make_node("Slice", ["flat", "s1", "e1", "axis"], ["second"]),
@@ -40,7 +45,11 @@ def tiny_dets_model(path: Path, height: int = 16, width: int = 16, batch: int | 
     graph = helper.make_graph(
         nodes,
         "tiny_dets",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [batch, 3, height, width])],
+        [
+            helper.make_tensor_value_info("input.1", TensorProto.UINT8, [batch, height, width, 3])
+            if uint8_nhwc
+            else helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [batch, 3, height, width])
+        ],
         [
             helper.make_tensor_value_info("dets", TensorProto.FLOAT, [batch, 100, 5]),
             helper.make_tensor_value_info("labels", TensorProto.INT64, [batch, 100]),
@@ -55,6 +64,6 @@ def tiny_dets_model(path: Path, height: int = 16, width: int = 16, batch: int | 
 
 
 def tiny_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """numpy version of `tiny_dets_model` for one image (3,H,W) -> dets (100,5), labels (100,)."""
+    """numpy version of `tiny_dets_model` for one image -> dets (100,5), labels (100,)."""
     flat = np.asarray(x, np.float32).reshape(-1)
     return flat[:500].reshape(100, 5), np.floor(np.abs(flat[500:600]) * np.float32(10)).astype(np.int64)

@@ -68,8 +68,8 @@ _PATH_OPTIONS = ("--model=", "--output=", "--insert_op_conf=")
 _ATC_SEPARATORS = ",;:"
 
 
-def onnx_input(onnx_path: Path, input_name: str) -> tuple[int | None, ...]:
-    """Static dims of the ONNX input `input_name` (None for a symbolic dim)."""
+def onnx_input(onnx_path: Path, input_name: str) -> tuple[tuple[int | None, ...], bool]:
+    """(static dims of the ONNX input `input_name` (None for a symbolic dim), whether it is uint8)."""
     import onnx
 
     try:
@@ -83,8 +83,11 @@ def onnx_input(onnx_path: Path, input_name: str) -> tuple[int | None, ...]:
             f"ONNX model {str(onnx_path)!r} has no input named {input_name!r} (inputs: "
             f"{', '.join(sorted(inputs)) or 'none'}); pass input_name accordingly"
         )
-    dims = inputs[input_name].type.tensor_type.shape.dim
-    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
+    tensor = inputs[input_name].type.tensor_type
+    dims = tuple(
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim
+    )
+    return dims, tensor.elem_type == onnx.TensorProto.UINT8
 
 
 def build_atc_args(
@@ -237,7 +240,8 @@ def convert_onnx(
 ) -> dict[str, Any]:
     """Convert `onnx_path` to an OM (or reuse the cached one) and describe the result.
 
-    `input_dtype="uint8"` adds static AIPP (uint8 BGR NHWC in, normalized RGB to the model).
+    `input_dtype="uint8"` adds static AIPP (uint8 BGR NHWC in, normalized RGB to the model), unless
+    the ONNX input itself is uint8 NHWC (exported with `normalize_in_graph`): then it is fed as is.
     Returns {om_path, om_sha256, soc_version, cann_version, atc_args, cached, convert_seconds,
     cache_key}; `convert_seconds` is the time atc ran in this call (0 when cached). With
     `output_dir` the OM is copied there as `<om_name>.om` beside a `convert.json` describing it;
@@ -258,11 +262,16 @@ def convert_onnx(
         soc_version = detect_soc_version(env, handle=handle)
         log.info("detected soc_version %s from npu-smi", soc_version)
 
-    dims = onnx_input(onnx_path, input_name)
+    dims, uint8_graph = onnx_input(onnx_path, input_name)
     if len(dims) != 4 or any(d is None for d in dims[1:]):
         raise BackendError(
-            f"ONNX input {input_name!r} of {str(onnx_path)!r} has shape {dims}; atc needs N,C,H,W with "
-            "static C,H,W - re-export with a fixed input size"
+            f"ONNX input {input_name!r} of {str(onnx_path)!r} has shape {dims}; atc needs 4 dims with "
+            "static C,H,W (or H,W,C) - re-export with a fixed input size"
+        )
+    if uint8_graph and input_dtype != "uint8":
+        raise BackendError(
+            f"ONNX input {input_name!r} of {str(onnx_path)!r} is uint8 (normalized in the graph); convert it "
+            "with input_dtype='uint8' and feed uint8 inputs"
         )
     if dynamic_batch_sizes:
         shape_batch = -1
@@ -276,8 +285,12 @@ def convert_onnx(
             "dynamic_batch=True or use the model's batch"
         )
     input_shape = (shape_batch, *dims[1:])
-    _, _, height, width = input_shape
-    aipp_text = aipp_config(width, height) if input_dtype == "uint8" else None
+    if uint8_graph:  # NHWC uint8 BGR straight into the graph, which normalizes itself: no AIPP
+        input_format, aipp_text = "NHWC", None
+    else:  # float NCHW graph; uint8 inputs get static AIPP in front of it
+        _, _, height, width = input_shape
+        input_format = "NCHW"
+        aipp_text = aipp_config(width, height) if input_dtype == "uint8" else None
     stem = om_name or (f"gfocal_bs{shape_batch}" if shape_batch > 0 else "gfocal_dynbatch")
     check_safe_value(stem, "OM name", "/")
 
@@ -286,6 +299,7 @@ def convert_onnx(
     options = dict(
         input_name=input_name,
         input_shape=input_shape,
+        input_format=input_format,
         soc_version=soc_version,
         dynamic_batch_sizes=dynamic_batch_sizes,
         precision_mode=precision_mode,

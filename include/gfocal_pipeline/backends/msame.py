@@ -25,6 +25,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,8 @@ from gfocal_pipeline.backends.process import (
 )
 from gfocal_pipeline.constants import MAX_PER_IMG
 from gfocal_pipeline.errors import BackendError, DatasetError
-from gfocal_pipeline.fileio import write_json
-from gfocal_pipeline.layout import RunLayout, input_file_name, write_shard_outputs
+from gfocal_pipeline.fileio import sha256_file, write_json
+from gfocal_pipeline.layout import RunLayout, input_file_name, shard_done, write_shard_outputs
 from gfocal_pipeline.manifest import Manifest
 from gfocal_pipeline.timing import latency_stats
 
@@ -275,6 +276,22 @@ class AscendToolBackend(Backend):
             (staged / name).symlink_to((source / name).resolve())
         log.info("shard %s: input folder holds other files; feeding %d linked inputs", shard, len(names))
         return staged, ids
+
+    @cached_property
+    def model_sha256(self) -> str:
+        if not self.om_path.is_file():
+            raise BackendError(f"OM model {str(self.om_path)!r} does not exist; run the convert step first")
+        return sha256_file(self.om_path)
+
+    def marker(self, manifest: Manifest, shard: str) -> dict[str, Any]:
+        return {**super().marker(manifest, shard), "model_sha256": self.model_sha256}
+
+    def reuse(self, layout: RunLayout, manifest: Manifest, shard: str) -> ShardResult | None:
+        """Finished outputs count only if they came from this very OM (a re-converted model reruns)."""
+        marker = shard_done(layout.output_shard(self.name, shard))
+        if marker is None or marker.get("model_sha256") != self.model_sha256:
+            return None
+        return super().reuse(layout, manifest, shard)
 
     def infer_shard(self, layout: RunLayout, manifest: Manifest, shard: str) -> ShardResult:
         reused = self.reuse(layout, manifest, shard)

@@ -152,6 +152,8 @@ def run_tool(
         raise BackendError(f"could not start {name} ({argv[0]!r}): {exc.strerror or exc}") from exc
     if handle is not None:
         handle.attach(process)
+        if handle.killed:  # killed between the check above and the attach
+            kill_group(process)
     sink: queue.Queue = queue.Queue()
     readers = [
         threading.Thread(target=_pump, args=(process.stdout, "stdout", sink), daemon=True),

@@ -33,9 +33,23 @@ def _torch(**options: Any) -> Backend:
     return build(TorchBackend, **options)
 
 
+def _msame(**options: Any) -> Backend:
+    from gfocal_pipeline.backends.msame import MsameBackend
+
+    return build(MsameBackend, **options)
+
+
+def _ais_bench(**options: Any) -> Backend:
+    from gfocal_pipeline.backends.ais_bench import AisBenchBackend
+
+    return build(AisBenchBackend, **options)
+
+
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "onnxruntime": _onnxruntime,
     "torch": _torch,
+    "msame": _msame,
+    "ais_bench": _ais_bench,
 }
 
 

@@ -135,6 +135,11 @@ def convert(options: dict[str, str]) -> str:
             )
     if any(d < 1 for d in shape[1:]) or (shape[0] == -1 and not batch_sizes) or shape[0] == 0:
         raise invalid("-1", "Inputs", "maybe you should set input_shape to specify its shape")
+    elem = value.type.tensor_type.elem_type
+    dtypes = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.UINT8: "uint8"}
+    if elem not in dtypes:
+        raise invalid(name, "Inputs", "the emulator supports float32 or uint8 model inputs")
+    dtype = dtypes[elem]
     fmt = options.get("input_format", "NCHW")
     if fmt not in ("NCHW", "NHWC", "ND"):
         raise invalid(fmt, "--input_format", "must be NCHW, NHWC or ND")
@@ -143,6 +148,8 @@ def convert(options: dict[str, str]) -> str:
         try:
             with open(options["insert_op_conf"]) as handle:
                 aipp_cfg = aipp.parse(handle.read())
+            if dtype != "float32":
+                raise aipp.AippError("AIPP needs a float model input")
             aipp.check(aipp_cfg, shape[2], shape[3])
         except (OSError, aipp.AippError) as exc:
             raise AtcError(
@@ -165,7 +172,7 @@ def convert(options: dict[str, str]) -> str:
         "soc_version": options["soc_version"],
         "framework": 5,
         "precision_mode": precision,
-        "input": {"name": name, "shape": shape, "format": fmt, "aipp": aipp_cfg},
+        "input": {"name": name, "shape": shape, "format": fmt, "aipp": aipp_cfg, "dtype": dtype},
         "dynamic_batch_sizes": batch_sizes,
         "outputs": outputs,
         "nms": links or None,

@@ -36,7 +36,7 @@ class EmulatedModel:
 
     @property
     def input_dtype(self) -> np.dtype:
-        return np.dtype(np.uint8) if self.input.get("aipp") else np.dtype(np.float32)
+        return np.dtype(np.uint8) if self.input.get("aipp") else np.dtype(self.input.get("dtype", "float32"))
 
     @property
     def image_bytes(self) -> int:
@@ -64,7 +64,7 @@ class EmulatedModel:
         if self.input.get("aipp"):
             _, _, h, w = self.input["shape"]
             x = aipp.apply(x, self.input["aipp"], h, w)
-        feeds = {self.input["name"]: np.ascontiguousarray(x, dtype=np.float32)}
+        feeds = {self.input["name"]: np.ascontiguousarray(x)}
         if "model" in self.sessions:
             values = self.sessions["model"].run(None, feeds)
             named = dict(zip([o.name for o in self.sessions["model"].get_outputs()], values, strict=True))

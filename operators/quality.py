@@ -1,0 +1,103 @@
+"""Results history and the regression gate as Airflow tasks (record first, then judge)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk import BaseOperator
+
+from gfocal_pipeline.gate import format_verdict_table, run_gate
+from gfocal_pipeline.history import HistoryStore, RunRecord, default_history_url
+from operators.alerting import VERDICT_KEY
+
+
+def history_url() -> str:
+    from airflow.configuration import conf
+
+    return conf.get("gfocal", "history_url", fallback=None) or default_history_url()
+
+
+class RecordResultsOperator(BaseOperator):
+    """Write one history row per evaluated backend of this run (idempotent per run id).
+
+    `roles` maps a role to {eval_task, backend, device, precision}; `export_task` / `convert_task`
+    provide hashes and tool versions. Returns {role: record dict}.
+    """
+
+    template_fields: Sequence[str] = ("config", "roles")
+
+    def __init__(
+        self,
+        *,
+        config: dict[str, Any] | str,
+        roles: dict[str, dict[str, str]],
+        export_task: str,
+        convert_task: str | None = None,
+        model: str = "gfocalv2_r50_fpn_1x",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.config, self.roles, self.model = config, roles, model
+        self.export_task, self.convert_task = export_task, convert_task
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        ti = context["ti"]
+        cfg = dict(self.config) if isinstance(self.config, dict) else {}
+        export_info = ti.xcom_pull(task_ids=self.export_task) or {}
+        convert_info = (ti.xcom_pull(task_ids=self.convert_task) if self.convert_task else None) or {}
+        evaluations = {role: ti.xcom_pull(task_ids=spec["eval_task"]) for role, spec in self.roles.items()}
+        ap_delta = None
+        if "reference" in evaluations and "device" in evaluations:
+            ap_delta = evaluations["device"]["stats"]["AP"] - evaluations["reference"]["stats"]["AP"]
+        records = {}
+        with HistoryStore(history_url()) as store:
+            for role, spec in self.roles.items():
+                result = evaluations[role]
+                record = RunRecord.from_pipeline(
+                    dag_id=ti.dag_id, run_id=ti.run_id,
+                    config={
+                        "model": self.model, "backend": spec["backend"], "device": spec["device"],
+                        "precision": spec.get("precision", "fp32"), "batch_size": cfg.get("batch_size", 1),
+                        "policy": cfg.get("policy", "letterbox"),
+                    },
+                    stats=result["stats"], timing={**result.get("timing", {}), "images": result["images"]},
+                    export_info=export_info, convert_info=convert_info,
+                    ap_delta=ap_delta if role == "device" else None,
+                )
+                store.record(record)
+                records[role] = record.to_dict()
+                self.log.info("recorded %s run %s in %s", role, ti.run_id, store.url)
+        return records
+
+
+class RegressionGateOperator(BaseOperator):
+    """Judge the device run against floors and the median of recent passing runs.
+
+    The verdict is pushed (XCom key `verdict` and the return value); a failed gate fails the task
+    without retries, and the DAG's failure notifier turns the verdict into an alert.
+    """
+
+    template_fields: Sequence[str] = ("thresholds",)
+
+    def __init__(
+        self, *, record_task: str, thresholds: dict[str, Any] | str, role: str = "device", **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.record_task, self.thresholds, self.role = record_task, thresholds, role
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        ti = context["ti"]
+        record = RunRecord.from_dict(ti.xcom_pull(task_ids=self.record_task)[self.role])
+        shard_fps = (ti.xcom_pull(task_ids="evaluate") or {}).get("timing", {}).get("shard_fps")
+        with HistoryStore(history_url()) as store:
+            verdict = run_gate(store, record, dict(self.thresholds), fps_windows=shard_fps or None)
+        ti.xcom_push(key=VERDICT_KEY, value=verdict)
+        self.log.info("gate verdict:\n%s", format_verdict_table(verdict))
+        if not verdict["passed"]:
+            raise AirflowFailException(
+                f"regression gate failed: {', '.join(verdict.get('regressed') or ['floors'])}\n"
+                + format_verdict_table(verdict)
+            )
+        return verdict

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The project's test command: sets up everything it needs, then lint + the whole pytest suite.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+scripts/setup.sh test
+venv="${GFOCAL_VENV:-$root/.venv}"
+
+# Postgres backs the history tests; these machines run it, start it if it is installed but down
+if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && command -v pg_ctlcluster >/dev/null 2>&1; then
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+fi
+export GFOCAL_REQUIRE_POSTGRES="${GFOCAL_REQUIRE_POSTGRES:-1}"
+
+"$venv/bin/ruff" check .
+exec "$venv/bin/pytest" -q "$@"
