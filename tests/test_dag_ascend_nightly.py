@@ -92,6 +92,7 @@ def test_second_night_reuses_the_cached_om(nightly: dict) -> None:
 def test_deadline_is_configured(airflow_db: Path, dags_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIRFLOW__GFOCAL__NIGHTLY_DEADLINE_HOURS", "5")
     copy = dags_dir / "gfocal_nightly_deadline.py"
+    load_dag_file(ROOT / "dags" / "gfocal_factory.py")
     try:
         module = load_dag_file(ROOT / "dags" / "gfocal_ascend_nightly.py", name=copy.name)
     finally:
