@@ -17,11 +17,11 @@ from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from airflow.configuration import conf  # noqa: E402
-from airflow.sdk import DAG  # noqa: E402
-from gfocal_factory import PipelineSpec, ascend_params, build_dag  # noqa: E402
+from airflow.configuration import conf
+from airflow.sdk import DAG
+from gfocal_factory import PipelineSpec, ascend_params, build_dag
 
-from gfocal_pipeline.constants import ASCEND_POOL, ASCEND_QUEUE  # noqa: E402
+from gfocal_pipeline.constants import ASCEND_POOL, ASCEND_QUEUE
 
 deadline_hours = float(conf.get("gfocal", "nightly_deadline_hours", fallback="6"))
 

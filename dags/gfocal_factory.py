@@ -43,39 +43,102 @@ class PipelineSpec:
 def common_params() -> dict[str, Param]:
     demo = demo_paths()
     return {
-        "checkpoint": Param(str(demo["checkpoint"]), type="string", title="Checkpoint (.pth)",
-                            description="mmcv-style GFocalV2 R50-FPN checkpoint. Default: generated RANDOM weights."),
-        "coco_root": Param(str(demo["coco_root"]), type="string", title="COCO root",
-                           description="Folder with val2017/ and annotations/instances_val2017.json. "
-                                       "Default: the generated demo set."),
-        "work_dir": Param(str(default_work_dir()), type="string", title="Work directory",
-                          description="Runs are written to <work_dir>/<dag_id>/<run_id>/."),
-        "policy": Param("letterbox", type="string", enum=["letterbox", "mmdet"], title="Resize policy",
-                        description="letterbox: the ModelZoo recipe (1216x800, pad bottom-right); "
-                                    "mmdet: the official test pipeline (1333x800 keep-ratio, pad /32)."),
-        "dtype": Param("float32", type="string", enum=["float32", "uint8"], title="Input dtype",
-                       description="float32: normalized on the host (the seed's .bin); uint8: 4x smaller, "
-                                   "normalized in the model (AIPP on Ascend)."),
-        "height": Param(DEFAULT_HEIGHT, type="integer", minimum=64, maximum=4096, multipleOf=32,
-                        title="Input height"),
-        "width": Param(DEFAULT_WIDTH, type="integer", minimum=64, maximum=4096, multipleOf=32,
-                       title="Input width"),
+        "checkpoint": Param(
+            str(demo["checkpoint"]),
+            type="string",
+            title="Checkpoint (.pth)",
+            description="mmcv-style GFocalV2 R50-FPN checkpoint. Default: generated RANDOM weights.",
+        ),
+        "coco_root": Param(
+            str(demo["coco_root"]),
+            type="string",
+            title="COCO root",
+            description="Folder with val2017/ and annotations/instances_val2017.json. "
+            "Default: the generated demo set.",
+        ),
+        "work_dir": Param(
+            str(default_work_dir()),
+            type="string",
+            title="Work directory",
+            description="Runs are written to <work_dir>/<dag_id>/<run_id>/.",
+        ),
+        "policy": Param(
+            "letterbox",
+            type="string",
+            enum=["letterbox", "mmdet"],
+            title="Resize policy",
+            description="letterbox: the ModelZoo recipe (1216x800, pad bottom-right); "
+            "mmdet: the official test pipeline (1333x800 keep-ratio, pad /32).",
+        ),
+        "dtype": Param(
+            "float32",
+            type="string",
+            enum=["float32", "uint8"],
+            title="Input dtype",
+            description="float32: normalized on the host (the seed's .bin); uint8: 4x smaller, "
+            "normalized in the model (AIPP on Ascend).",
+        ),
+        "height": Param(
+            DEFAULT_HEIGHT, type="integer", minimum=64, maximum=4096, multipleOf=32, title="Input height"
+        ),
+        "width": Param(
+            DEFAULT_WIDTH, type="integer", minimum=64, maximum=4096, multipleOf=32, title="Input width"
+        ),
         "batch_size": Param(1, type="integer", minimum=1, maximum=256, title="Batch size"),
-        "shard_size": Param(8, type="integer", minimum=1, maximum=100000, title="Images per shard",
-                            description="Inference is mapped over shards; each shard is one task."),
-        "max_images": Param(None, type=["null", "integer"], minimum=1, title="Max images",
-                            description="Evaluate only the first N images by id (empty = all)."),
-        "engine": Param("faster-coco-eval", type="string", enum=["faster-coco-eval", "pycocotools"],
-                        title="COCO evaluator"),
-        "min_ap": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Minimum AP",
-                        description="Absolute floor, e.g. 0.400. Empty = no floor."),
+        "shard_size": Param(
+            8,
+            type="integer",
+            minimum=1,
+            maximum=100000,
+            title="Images per shard",
+            description="Inference is mapped over shards; each shard is one task.",
+        ),
+        "max_images": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Max images",
+            description="Evaluate only the first N images by id (empty = all).",
+        ),
+        "engine": Param(
+            "faster-coco-eval",
+            type="string",
+            enum=["faster-coco-eval", "pycocotools"],
+            title="COCO evaluator",
+        ),
+        "min_ap": Param(
+            None,
+            type=["null", "number"],
+            minimum=0,
+            maximum=1,
+            title="Minimum AP",
+            description="Absolute floor, e.g. 0.400. Empty = no floor.",
+        ),
         "min_fps": Param(None, type=["null", "number"], minimum=0, title="Minimum fps"),
-        "ap_tolerance": Param(0.003, type="number", minimum=0, maximum=1, title="AP tolerance",
-                              description="Allowed AP drop below the baseline (absolute)."),
-        "fps_tolerance": Param(0.05, type="number", minimum=0, maximum=1, title="fps tolerance",
-                               description="Allowed fps drop below the baseline (fraction, 0.05 = 5%)."),
-        "baseline_runs": Param(5, type="integer", minimum=1, maximum=100, title="Baseline runs",
-                               description="Median of the last N passing runs of the same configuration."),
+        "ap_tolerance": Param(
+            0.003,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="AP tolerance",
+            description="Allowed AP drop below the baseline (absolute).",
+        ),
+        "fps_tolerance": Param(
+            0.05,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="fps tolerance",
+            description="Allowed fps drop below the baseline (fraction, 0.05 = 5%).",
+        ),
+        "baseline_runs": Param(
+            5,
+            type="integer",
+            minimum=1,
+            maximum=100,
+            title="Baseline runs",
+            description="Median of the last N passing runs of the same configuration.",
+        ),
     }
 
 
@@ -84,16 +147,34 @@ def ascend_params() -> dict[str, Param]:
     return {
         "tool": Param("msame", type="string", enum=["msame", "ais_bench"], title="Inference tool"),
         "device": Param(0, type="integer", minimum=0, maximum=255, title="NPU device id"),
-        "chips": Param(1, type="integer", minimum=1, maximum=16, title="Chips per card",
-                       description="fps = chips x 1000 x batch / mean ms (4 for an Atlas 300I / Ascend 310)."),
+        "chips": Param(
+            1,
+            type="integer",
+            minimum=1,
+            maximum=16,
+            title="Chips per card",
+            description="fps = chips x 1000 x batch / mean ms (4 for an Atlas 300I / Ascend 310).",
+        ),
         "outfmt": Param("BIN", type="string", enum=["BIN", "TXT"], title="Tool output format"),
-        "soc_version": Param("", type="string", pattern="^(Ascend[0-9A-Za-z]+)?$", title="SoC version",
-                             description="e.g. Ascend310P3; empty = detect with npu-smi info."),
-        "precision_mode": Param("force_fp16", type="string",
-                                enum=["force_fp16", "allow_fp32_to_fp16", "must_keep_origin_dtype",
-                                      "allow_mix_precision"], title="atc precision mode"),
-        "cann_set_env": Param("/usr/local/Ascend/ascend-toolkit/set_env.sh", type="string",
-                              title="CANN set_env.sh", description="Sourced once for the tools' environment."),
+        "soc_version": Param(
+            "",
+            type="string",
+            pattern="^(Ascend[0-9A-Za-z]+)?$",
+            title="SoC version",
+            description="e.g. Ascend310P3; empty = detect with npu-smi info.",
+        ),
+        "precision_mode": Param(
+            "force_fp16",
+            type="string",
+            enum=["force_fp16", "allow_fp32_to_fp16", "must_keep_origin_dtype", "allow_mix_precision"],
+            title="atc precision mode",
+        ),
+        "cann_set_env": Param(
+            "/usr/local/Ascend/ascend-toolkit/set_env.sh",
+            type="string",
+            title="CANN set_env.sh",
+            description="Sourced once for the tools' environment.",
+        ),
     }
 
 
@@ -117,9 +198,12 @@ def build_dag(spec: PipelineSpec) -> DAG:
         from airflow.sdk import DeadlineAlert, DeadlineReference, SyncCallback
 
         deadline = DeadlineAlert(
-            reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=spec.deadline,
-            callback=SyncCallback("operators.alerting.deadline_missed",
-                                  kwargs={"dag_id": spec.dag_id, "interval": str(spec.deadline)}),
+            reference=DeadlineReference.DAGRUN_QUEUED_AT,
+            interval=spec.deadline,
+            callback=SyncCallback(
+                "operators.alerting.deadline_missed",
+                kwargs={"dag_id": spec.dag_id, "interval": str(spec.deadline)},
+            ),
         )
     with DAG(
         dag_id=spec.dag_id,
@@ -130,104 +214,170 @@ def build_dag(spec: PipelineSpec) -> DAG:
         max_active_runs=1,
         params=params,
         tags=["gfocal", *spec.tags],
-        default_args={"retries": 0, "retry_delay": timedelta(minutes=2),
-                      "on_failure_callback": GfocalAlertNotifier()},
+        default_args={
+            "retries": 0,
+            "retry_delay": timedelta(minutes=2),
+            "on_failure_callback": GfocalAlertNotifier(),
+        },
         deadline=deadline,
         render_template_as_native_obj=True,
         doc_md=__doc__,
     ) as dag:
         prepare = PrepareRunOperator(
-            task_id=PREPARE, config={name: "{{ params." + name + " }}" for name in params},
+            task_id=PREPARE,
+            config={name: "{{ params." + name + " }}" for name in params},
             validator=validate_run_config,
         )
         run_dir = cfg("run_dir")
         preprocess = CocoPreprocessOperator(
-            task_id="preprocess", coco_root=cfg("coco_root"), run_dir=run_dir, policy=cfg("policy"),
-            dtype=cfg("dtype"), height=cfg("height"), width=cfg("width"), shard_size=cfg("shard_size"),
+            task_id="preprocess",
+            coco_root=cfg("coco_root"),
+            run_dir=run_dir,
+            policy=cfg("policy"),
+            dtype=cfg("dtype"),
+            height=cfg("height"),
+            width=cfg("width"),
+            shard_size=cfg("shard_size"),
             max_images=cfg("max_images"),
         )
         shards = XComArg(preprocess)
         uint8 = "{{ ti.xcom_pull(task_ids='prepare')['dtype'] == 'uint8' }}"
         export_kwargs = {
-            "checkpoint": cfg("checkpoint"), "height": cfg("height"), "width": cfg("width"),
+            "checkpoint": cfg("checkpoint"),
+            "height": cfg("height"),
+            "width": cfg("width"),
             "normalize_in_graph": uint8,
         }
         evaluations: dict[str, str] = {}
         convert_task: str | None = None
         if spec.backend == "onnxruntime":
             export = OnnxExportOperator(
-                task_id="export", variant="portable", dynamic_batch=True,
-                output_path=run_dir + "/model/gfocal_portable.onnx", **export_kwargs,
+                task_id="export",
+                variant="portable",
+                dynamic_batch=True,
+                output_path=run_dir + "/model/gfocal_portable.onnx",
+                **export_kwargs,
             )
             infer = OnnxRuntimeInferOperator.partial(
-                task_id="infer", run_dir=run_dir, batch_size=cfg("batch_size"),
+                task_id="infer",
+                run_dir=run_dir,
+                batch_size=cfg("batch_size"),
                 model="{{ ti.xcom_pull(task_ids='export')['onnx_path'] }}",
             ).expand(shard=shards)
-            evaluate = CocoEvalOperator(task_id="evaluate", run_dir=run_dir, backend="onnxruntime",
-                                        engine=cfg("engine"))
+            evaluate = CocoEvalOperator(
+                task_id="evaluate", run_dir=run_dir, backend="onnxruntime", engine=cfg("engine")
+            )
             prepare >> [export, preprocess]
             [export, preprocess] >> infer >> evaluate
             evaluations["device"] = "evaluate"
             device_eval = evaluate
-            roles = {"device": {"eval_task": "evaluate", "backend": "onnxruntime", "device": spec.device,
-                                "precision": "fp32"}}
+            roles = {
+                "device": {
+                    "eval_task": "evaluate",
+                    "backend": "onnxruntime",
+                    "device": spec.device,
+                    "precision": "fp32",
+                }
+            }
         elif spec.backend == "msame":
             from operators import AtcConvertOperator, MsameInferOperator
 
             export = OnnxExportOperator(
-                task_id="export", variant="ascend", output_path=run_dir + "/model/gfocal_ascend.onnx",
-                checkpoint=cfg("checkpoint"), height=cfg("height"), width=cfg("width"),
+                task_id="export",
+                variant="ascend",
+                output_path=run_dir + "/model/gfocal_ascend.onnx",
+                checkpoint=cfg("checkpoint"),
+                height=cfg("height"),
+                width=cfg("width"),
             )
             export_portable = OnnxExportOperator(
-                task_id="export_portable", variant="portable", dynamic_batch=True,
-                output_path=run_dir + "/model/gfocal_portable.onnx", **export_kwargs,
+                task_id="export_portable",
+                variant="portable",
+                dynamic_batch=True,
+                output_path=run_dir + "/model/gfocal_portable.onnx",
+                **export_kwargs,
             )
             ascend = {"queue": spec.queue, "pool": spec.pool} if spec.queue else {}
             convert = AtcConvertOperator(
-                task_id="convert", onnx_path="{{ ti.xcom_pull(task_ids='export')['onnx_path'] }}",
-                cache_dir=cfg("work_dir") + "/cache/om", output_dir=run_dir + "/model", om_name="gfocal_bs1",
-                soc_version=cfg("soc_version"), input_dtype=cfg("dtype"), precision_mode=cfg("precision_mode"),
-                set_env=cfg("cann_set_env"), **ascend,
+                task_id="convert",
+                onnx_path="{{ ti.xcom_pull(task_ids='export')['onnx_path'] }}",
+                cache_dir=cfg("work_dir") + "/cache/om",
+                output_dir=run_dir + "/model",
+                om_name="gfocal_bs1",
+                soc_version=cfg("soc_version"),
+                input_dtype=cfg("dtype"),
+                precision_mode=cfg("precision_mode"),
+                set_env=cfg("cann_set_env"),
+                **ascend,
             )
             convert_task = "convert"
             infer = MsameInferOperator.partial(
-                task_id="infer", run_dir=run_dir, tool=cfg("tool"), device=cfg("device"),
-                outfmt=cfg("outfmt"), set_env=cfg("cann_set_env"), chips=cfg("chips"),
-                om_path="{{ ti.xcom_pull(task_ids='convert')['om_path'] }}", **ascend,
+                task_id="infer",
+                run_dir=run_dir,
+                tool=cfg("tool"),
+                device=cfg("device"),
+                outfmt=cfg("outfmt"),
+                set_env=cfg("cann_set_env"),
+                chips=cfg("chips"),
+                om_path="{{ ti.xcom_pull(task_ids='convert')['om_path'] }}",
+                **ascend,
             ).expand(shard=shards)
-            evaluate = CocoEvalOperator(task_id="evaluate", run_dir=run_dir, backend=cfg("tool"),
-                                        engine=cfg("engine"))
+            evaluate = CocoEvalOperator(
+                task_id="evaluate", run_dir=run_dir, backend=cfg("tool"), engine=cfg("engine")
+            )
             prepare >> [export, export_portable, preprocess]
             export >> convert
             [convert, preprocess] >> infer >> evaluate
             evaluations["device"] = "evaluate"
             device_eval = evaluate
-            roles = {"device": {"eval_task": "evaluate", "backend": cfg("tool"), "device": spec.device,
-                                "precision": cfg("precision_mode")}}
+            roles = {
+                "device": {
+                    "eval_task": "evaluate",
+                    "backend": cfg("tool"),
+                    "device": spec.device,
+                    "precision": cfg("precision_mode"),
+                }
+            }
         else:
             raise ValueError(f"unknown backend {spec.backend!r}")
         ends = [device_eval]
         if spec.reference:
             reference = TorchInferOperator.partial(
-                task_id="infer_reference", run_dir=run_dir, model=cfg("checkpoint"), batch_size=1,
+                task_id="infer_reference",
+                run_dir=run_dir,
+                model=cfg("checkpoint"),
+                batch_size=1,
             ).expand(shard=shards)
-            evaluate_ref = CocoEvalOperator(task_id="evaluate_reference", run_dir=run_dir, backend="torch",
-                                            engine=cfg("engine"))
+            evaluate_ref = CocoEvalOperator(
+                task_id="evaluate_reference", run_dir=run_dir, backend="torch", engine=cfg("engine")
+            )
             preprocess >> reference >> evaluate_ref
             evaluations["reference"] = "evaluate_reference"
-            roles["reference"] = {"eval_task": "evaluate_reference", "backend": "torch", "device": "cpu",
-                                  "precision": "fp32"}
+            roles["reference"] = {
+                "eval_task": "evaluate_reference",
+                "backend": "torch",
+                "device": "cpu",
+                "precision": "fp32",
+            }
             ends.append(evaluate_ref)
         summary = RunSummaryOperator(
-            task_id="summary", run_dir=run_dir, evaluations=evaluations,
+            task_id="summary",
+            run_dir=run_dir,
+            evaluations=evaluations,
             facts={"weights_random": cfg("weights_random"), "dag_id": spec.dag_id},
         )
         record = RecordResultsOperator(
-            task_id="record", config=RUN, roles=roles, export_task="export",
+            task_id="record",
+            config=RUN,
+            roles=roles,
+            export_task="export",
             convert_task=convert_task,
         )
-        gate = RegressionGateOperator(task_id="gate", record_task="record",
-                                      thresholds="{{ ti.xcom_pull(task_ids='prepare')['thresholds'] }}")
+        gate = RegressionGateOperator(
+            task_id="gate",
+            record_task="record",
+            thresholds="{{ ti.xcom_pull(task_ids='prepare')['thresholds'] }}",
+        )
         ends >> summary >> record >> gate
         if spec.backend == "msame":
             export_portable >> summary  # the portable graph's parity report is part of the run

@@ -15,10 +15,10 @@ from operators.quality import RecordResultsOperator, RegressionGateOperator
 
 __all__ = [
     "AtcConvertOperator",
-    "MsameInferOperator",
     "CocoEvalOperator",
     "CocoPreprocessOperator",
     "InferOperator",
+    "MsameInferOperator",
     "OnnxExportOperator",
     "OnnxRuntimeInferOperator",
     "PrepareRunOperator",

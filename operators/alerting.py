@@ -58,14 +58,19 @@ def deliver(content: AlertContent, context: dict[str, Any] | None = None) -> lis
             if channel == "smtp":
                 recipients = [r.strip() for r in _conf("alert_to").split(",") if r.strip()]
                 if not recipients:
-                    log.warning("no [gfocal] alert_to recipients: alert not e-mailed:\n%s\n%s",
-                                content.subject, content.text)
+                    log.warning(
+                        "no [gfocal] alert_to recipients: alert not e-mailed:\n%s\n%s",
+                        content.subject,
+                        content.text,
+                    )
                     continue
                 from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
                 notifier = SmtpNotifier(
-                    to=recipients, from_email=_conf("alert_from", "gfocal@localhost"),
-                    subject=content.subject, html_content=content.html,
+                    to=recipients,
+                    from_email=_conf("alert_from", "gfocal@localhost"),
+                    subject=content.subject,
+                    html_content=content.html,
                     smtp_conn_id=_conf("smtp_conn_id", "smtp_default"),
                 )
             elif channel == "slack":
@@ -79,7 +84,8 @@ def deliver(content: AlertContent, context: dict[str, Any] | None = None) -> lis
                 from airflow.providers.apprise.notifications.apprise import AppriseNotifier
 
                 notifier = AppriseNotifier(
-                    title=content.subject, body=content.text,
+                    title=content.subject,
+                    body=content.text,
                     apprise_conn_id=_conf("apprise_conn_id", "apprise_default"),
                 )
             else:
@@ -111,8 +117,12 @@ class GfocalAlertNotifier(BaseNotifier):
             content = build_alert(verdict, run_url=run_url, trend_url=trend_url)
         else:
             content = build_failure_alert(
-                dag_id=dag_id, run_id=run_id, what=f"task {ti.task_id}", error=str(error or "unknown error"),
-                run_url=run_url, trend_url=trend_url,
+                dag_id=dag_id,
+                run_id=run_id,
+                what=f"task {ti.task_id}",
+                error=str(error or "unknown error"),
+                run_url=run_url,
+                trend_url=trend_url,
             )
         deliver(content, context)
 
@@ -124,8 +134,11 @@ def deadline_missed(context: dict[str, Any] | None = None, **kwargs: Any) -> Non
     run_id = getattr(dag_run, "run_id", None) or "?"
     run_url, trend_url = _links(dag_id, run_id)
     content = build_failure_alert(
-        dag_id=dag_id, run_id=run_id, what="deadline",
+        dag_id=dag_id,
+        run_id=run_id,
+        what="deadline",
         error=f"the run had not finished {kwargs.get('interval', 'in time')} after it was queued",
-        run_url=run_url, trend_url=trend_url,
+        run_url=run_url,
+        trend_url=trend_url,
     )
     deliver(content, context)

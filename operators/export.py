@@ -20,7 +20,14 @@ class OnnxExportOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = (
-        "checkpoint", "output_path", "variant", "height", "width", "batch", "opset", "dynamic_batch",
+        "checkpoint",
+        "output_path",
+        "variant",
+        "height",
+        "width",
+        "batch",
+        "opset",
+        "dynamic_batch",
         "normalize_in_graph",
     )
     ui_color = "#e8d5f5"
@@ -68,6 +75,10 @@ class OnnxExportOperator(BaseOperator):
             normalize_in_graph=as_bool("normalize_in_graph", self.normalize_in_graph),
             parity_threshold=float(self.parity_threshold),
         )
-        self.log.info("exported %s (sha256 %s), parity max abs err %.3g", result.onnx_path,
-                      result.onnx_sha256[:12], result.parity_max_abs_err)
+        self.log.info(
+            "exported %s (sha256 %s), parity max abs err %.3g",
+            result.onnx_path,
+            result.onnx_sha256[:12],
+            result.parity_max_abs_err,
+        )
         return result.to_xcom()

@@ -44,7 +44,14 @@ class CocoPreprocessOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = (
-        "coco_root", "run_dir", "policy", "dtype", "height", "width", "shard_size", "max_images",
+        "coco_root",
+        "run_dir",
+        "policy",
+        "dtype",
+        "height",
+        "width",
+        "shard_size",
+        "max_images",
         "skip_bad_images",
     )
 
@@ -69,15 +76,28 @@ class CocoPreprocessOperator(BaseOperator):
         self.max_images, self.skip_bad_images, self.workers = max_images, skip_bad_images, workers
 
     def execute(self, context: Any) -> list[str]:
-        max_images = None if self.max_images in (None, "", "None", 0, "0") else as_int("max_images", self.max_images)
-        result = steps.preprocess_step(
-            self.coco_root, self.run_dir, policy=str(self.policy), dtype=str(self.dtype),
-            height=as_int("height", self.height), width=as_int("width", self.width),
-            shard_size=as_int("shard_size", self.shard_size), max_images=max_images,
-            skip_bad_images=as_bool("skip_bad_images", self.skip_bad_images), workers=self.workers,
+        max_images = (
+            None if self.max_images in (None, "", "None", 0, "0") else as_int("max_images", self.max_images)
         )
-        self.log.info("preprocessed %d images into %d shards (%s, %s)", result["images"],
-                      len(result["shards"]), result["policy"], result["dtype"])
+        result = steps.preprocess_step(
+            self.coco_root,
+            self.run_dir,
+            policy=str(self.policy),
+            dtype=str(self.dtype),
+            height=as_int("height", self.height),
+            width=as_int("width", self.width),
+            shard_size=as_int("shard_size", self.shard_size),
+            max_images=max_images,
+            skip_bad_images=as_bool("skip_bad_images", self.skip_bad_images),
+            workers=self.workers,
+        )
+        self.log.info(
+            "preprocessed %d images into %d shards (%s, %s)",
+            result["images"],
+            len(result["shards"]),
+            result["policy"],
+            result["dtype"],
+        )
         context["ti"].xcom_push(key="manifest", value=result)
         return result["shards"]
 
@@ -106,14 +126,23 @@ class InferOperator(BaseOperator):
         self.backend = backend or self.backend_name
 
     def backend_options(self) -> dict[str, Any]:
-        return {"model": self.model, "providers": self.providers or None, "intra_op_num_threads": self.threads}
+        return {
+            "model": self.model,
+            "providers": self.providers or None,
+            "intra_op_num_threads": self.threads,
+        }
 
     def execute(self, context: Any) -> dict[str, Any]:
         result = steps.infer_step(
-            self.run_dir, str(self.shard), str(self.backend),
-            batch_size=as_int("batch_size", self.batch_size), **self.backend_options(),
+            self.run_dir,
+            str(self.shard),
+            str(self.backend),
+            batch_size=as_int("batch_size", self.batch_size),
+            **self.backend_options(),
         )
-        self.log.info("shard %s: %d images, %.2f fps", result["shard"], result["images"], result["timing"]["fps"])
+        self.log.info(
+            "shard %s: %d images, %.2f fps", result["shard"], result["images"], result["timing"]["fps"]
+        )
         return result
 
 
@@ -151,7 +180,9 @@ class CocoEvalOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         result = steps.evaluate_step(
-            self.run_dir, str(self.backend), engine=str(self.engine),
+            self.run_dir,
+            str(self.backend),
+            engine=str(self.engine),
             allow_missing=as_bool("allow_missing", self.allow_missing),
         )
         self.log.info("%s: AP=%.4f over %d images", self.backend, result["stats"]["AP"], result["images"])

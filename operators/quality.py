@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowFailException
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from gfocal_pipeline.gate import format_verdict_table, run_gate
 from gfocal_pipeline.history import HistoryStore, RunRecord, default_history_url
@@ -56,14 +56,20 @@ class RecordResultsOperator(BaseOperator):
             for role, spec in self.roles.items():
                 result = evaluations[role]
                 record = RunRecord.from_pipeline(
-                    dag_id=ti.dag_id, run_id=ti.run_id,
+                    dag_id=ti.dag_id,
+                    run_id=ti.run_id,
                     config={
-                        "model": self.model, "backend": spec["backend"], "device": spec["device"],
-                        "precision": spec.get("precision", "fp32"), "batch_size": cfg.get("batch_size", 1),
+                        "model": self.model,
+                        "backend": spec["backend"],
+                        "device": spec["device"],
+                        "precision": spec.get("precision", "fp32"),
+                        "batch_size": cfg.get("batch_size", 1),
                         "policy": cfg.get("policy", "letterbox"),
                     },
-                    stats=result["stats"], timing={**result.get("timing", {}), "images": result["images"]},
-                    export_info=export_info, convert_info=convert_info,
+                    stats=result["stats"],
+                    timing={**result.get("timing", {}), "images": result["images"]},
+                    export_info=export_info,
+                    convert_info=convert_info,
                     ap_delta=ap_delta if role == "device" else None,
                 )
                 store.record(record)

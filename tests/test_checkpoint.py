@@ -87,7 +87,10 @@ def test_layout_mismatch_lists_keys_and_shapes(tmp_path: Path) -> None:
         load_model(tmp_path / "bad.pth")
     text = str(info.value)
     assert "missing: bbox_head.reg_conf.0.bias (64,)" in text
-    assert "wrong shape: bbox_head.gfl_cls.weight expected (81, 256, 3, 3), checkpoint has (80, 256, 3, 3)" in text
+    assert (
+        "wrong shape: bbox_head.gfl_cls.weight expected (81, 256, 3, 3), checkpoint has (80, 256, 3, 3)"
+        in text
+    )
     assert "unexpected: bbox_head.extra.weight (2,)" in text
     assert "Traceback" not in text
     model = load_model(tmp_path / "bad.pth", strict=False)  # what fits is loaded

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
-
 from conftest import ROOT, load_dag_file, xcoms
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
@@ -31,12 +30,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_floor_regression_alerts_once(airflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_floor_regression_alerts_once(
+    airflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     inbox = Inbox()
     controller = Controller(inbox, hostname="127.0.0.1", port=_free_port())
     controller.start()
-    monkeypatch.setitem(os.environ, "AIRFLOW_CONN_SMTP_DEFAULT",
-                        f"smtp://127.0.0.1:{controller.port}?disable_tls=true&disable_ssl=true")
+    monkeypatch.setitem(
+        os.environ,
+        "AIRFLOW_CONN_SMTP_DEFAULT",
+        f"smtp://127.0.0.1:{controller.port}?disable_tls=true&disable_ssl=true",
+    )
     monkeypatch.setitem(os.environ, "AIRFLOW__GFOCAL__ALERT_TO", "oncall@example.test")
     monkeypatch.setitem(os.environ, "AIRFLOW__GFOCAL__ALERT_FROM", "gfocal@example.test")
     monkeypatch.setitem(os.environ, "AIRFLOW__GFOCAL__BASE_URL", "http://airflow.example.test/prefix")
@@ -44,8 +48,14 @@ def test_floor_regression_alerts_once(airflow_db: Path, tmp_path: Path, monkeypa
     try:
         load_dag_file(ROOT / "dags" / "gfocal_factory.py")
         module = load_dag_file(ROOT / "dags" / "gfocal_onnxruntime.py")
-        conf = {"work_dir": str(tmp_path / "work"), "height": 128, "width": 160, "max_images": 3,
-                "shard_size": 3, "min_ap": 0.4}  # random weights cannot reach AP 0.4
+        conf = {
+            "work_dir": str(tmp_path / "work"),
+            "height": 128,
+            "width": 160,
+            "max_images": 3,
+            "shard_size": 3,
+            "min_ap": 0.4,
+        }  # random weights cannot reach AP 0.4
         dag_run = module.dag.test(run_conf=conf)
     finally:
         controller.stop()

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, load_dag_file, xcoms
 from emulators.toolkit import make_toolkit
 
@@ -30,8 +29,15 @@ def nightly(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     module = load_dag_file(ROOT / "dags" / "gfocal_ascend_nightly.py")
     dag = module.dag
     work = tmp_path_factory.mktemp("work")
-    conf = {"work_dir": str(work), "height": 128, "width": 160, "max_images": 5, "shard_size": 3,
-            "cann_set_env": str(toolkit.set_env), "outfmt": "TXT"}
+    conf = {
+        "work_dir": str(work),
+        "height": 128,
+        "width": 160,
+        "max_images": 5,
+        "shard_size": 3,
+        "cann_set_env": str(toolkit.set_env),
+        "outfmt": "TXT",
+    }
     first = dag.test(run_conf=conf)
     assert first.state == "success"
     os.environ.pop("AIRFLOW__GFOCAL__NIGHTLY_DEADLINE_HOURS")
@@ -39,7 +45,9 @@ def nightly(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     second = dag.test(run_conf=conf)
     assert second.state == "success"
     return {
-        "dag": dag, "first": xcoms(dag.dag_id, first.run_id), "second": xcoms(dag.dag_id, second.run_id),
+        "dag": dag,
+        "first": xcoms(dag.dag_id, first.run_id),
+        "second": xcoms(dag.dag_id, second.run_id),
         "atc_calls": (calls_after_first, toolkit.call_log.read_text().count('"tool": "atc"')),
     }
 
@@ -57,9 +65,22 @@ def test_shape_of_the_nightly(nightly: dict) -> None:
 
 def test_nightly_reports_pytorch_and_npu_ap(nightly: dict) -> None:
     values = nightly["first"]
-    expected = {"prepare", "export", "export_portable", "convert", "preprocess", "evaluate",
-                "infer_reference[0]", "infer_reference[1]", "infer[0]", "infer[1]", "evaluate_reference",
-                "summary", "record", "gate"}
+    expected = {
+        "prepare",
+        "export",
+        "export_portable",
+        "convert",
+        "preprocess",
+        "evaluate",
+        "infer_reference[0]",
+        "infer_reference[1]",
+        "infer[0]",
+        "infer[1]",
+        "evaluate_reference",
+        "summary",
+        "record",
+        "gate",
+    }
     assert set(values) == expected
     convert = values["convert"]
     assert convert["cached"] is False and convert["soc_version"] == "Ascend310P3"

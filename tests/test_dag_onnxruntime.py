@@ -10,13 +10,17 @@ from conftest import ROOT, load_dag_file, xcoms
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
+
 def manifest_xcom(run_id: str) -> dict:
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        row = session.query(XComModel).filter_by(
-            dag_id="gfocal_onnxruntime", run_id=run_id, task_id="preprocess", key="manifest").one()
+        row = (
+            session.query(XComModel)
+            .filter_by(dag_id="gfocal_onnxruntime", run_id=run_id, task_id="preprocess", key="manifest")
+            .one()
+        )
         return row.value
 
 
@@ -28,8 +32,14 @@ def run(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str
     load_dag_file(ROOT / "dags" / "gfocal_factory.py")
     module = load_dag_file(ROOT / "dags" / "gfocal_onnxruntime.py")
     work = tmp_path_factory.mktemp("work")
-    conf = {"work_dir": str(work), "height": 256, "width": 320, "max_images": 6, "shard_size": 4,
-            "batch_size": 2}
+    conf = {
+        "work_dir": str(work),
+        "height": 256,
+        "width": 320,
+        "max_images": 6,
+        "shard_size": 4,
+        "batch_size": 2,
+    }
     dag_run = module.dag.test(run_conf=conf)
     assert dag_run.state == "success"
     return dag_run.run_id, xcoms("gfocal_onnxruntime", dag_run.run_id)
@@ -37,8 +47,17 @@ def run(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str
 
 def test_every_task_pushed_its_xcom(run: tuple[str, dict]) -> None:
     _, values = run
-    assert set(values) == {"prepare", "export", "preprocess", "infer[0]", "infer[1]", "evaluate", "summary",
-                           "record", "gate"}
+    assert set(values) == {
+        "prepare",
+        "export",
+        "preprocess",
+        "infer[0]",
+        "infer[1]",
+        "evaluate",
+        "summary",
+        "record",
+        "gate",
+    }
     prepared = values["prepare"]
     assert prepared["weights_random"] is True and Path(prepared["run_dir"]).is_dir()
     export = values["export"]
@@ -57,7 +76,9 @@ def test_every_task_pushed_its_xcom(run: tuple[str, dict]) -> None:
     assert evaluation["timing"]["fps"] > 0
     summary = values["summary"]
     assert summary["backends"]["device"]["stats"] == evaluation["stats"]
-    assert json.loads(Path(summary["run_dir"], "summary.json").read_text())["backends"]["device"]["images"] == 6
+    assert (
+        json.loads(Path(summary["run_dir"], "summary.json").read_text())["backends"]["device"]["images"] == 6
+    )
     record = values["record"]["device"]
     assert record["run_id"] == run[0] and record["stats"]["AP"] == evaluation["stats"]["AP"]
     assert record["config"]["backend"] == "onnxruntime" and record["onnx_sha256"] == export["onnx_sha256"]

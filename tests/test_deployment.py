@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import yaml
-
 from conftest import ROOT
+
 from gfocal_pipeline.constants import ASCEND_POOL, ASCEND_QUEUE
 
 

@@ -24,8 +24,9 @@ def exports(random_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("export")
     return {
         "portable": export_onnx(random_checkpoint, out / "p.onnx", "portable", H, W),
-        "dynamic": export_onnx(random_checkpoint, out / "d.onnx", "portable", H, W, dynamic_batch=True,
-                               normalize_in_graph=True),
+        "dynamic": export_onnx(
+            random_checkpoint, out / "d.onnx", "portable", H, W, dynamic_batch=True, normalize_in_graph=True
+        ),
         "ascend": export_onnx(random_checkpoint, out / "a.onnx", "ascend", H, W),
     }
 
@@ -107,14 +108,16 @@ def test_sidecar_and_checkpoint_hash(exports: dict, random_checkpoint: Path) -> 
         ({"batch": 0}, ExportError, r"batch 0"),
     ],
 )
-def test_bad_arguments(tmp_path: Path, random_checkpoint: Path, kwargs: dict, error: type, pattern: str) -> None:
+def test_bad_arguments(
+    tmp_path: Path, random_checkpoint: Path, kwargs: dict, error: type, pattern: str
+) -> None:
     with pytest.raises(error, match=pattern):
         export_onnx(random_checkpoint, tmp_path / "x.onnx", **{"height": H, "width": W, **kwargs})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_checkpoints(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="missing.pth"):
+    with pytest.raises(CheckpointError, match=r"missing\.pth"):
         export_onnx(tmp_path / "missing.pth", tmp_path / "x.onnx", height=H, width=W)
     state = random_state_dict(0)
     del state["bbox_head.scales.4.scale"]

@@ -22,9 +22,16 @@ def cmd_export(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.export import export_onnx
 
     result = export_onnx(
-        checkpoint=args.checkpoint, output=args.output, variant=args.variant, height=args.height,
-        width=args.width, batch=args.batch, dynamic_batch=args.dynamic_batch, opset=args.opset,
-        input_name=args.input_name, normalize_in_graph=args.normalize_in_graph,
+        checkpoint=args.checkpoint,
+        output=args.output,
+        variant=args.variant,
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        dynamic_batch=args.dynamic_batch,
+        opset=args.opset,
+        input_name=args.input_name,
+        normalize_in_graph=args.normalize_in_graph,
         parity_threshold=args.parity_threshold,
     )
     return result.to_dict()
@@ -48,12 +55,17 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch axis dynamic")
     p.add_argument("--opset", type=int, default=None, help="default: 17 portable, 11 ascend")
     p.add_argument("--input-name", default=DEFAULT_INPUT_NAME)
-    p.add_argument("--normalize-in-graph", action="store_true",
-                   help="take NHWC uint8 BGR input and normalize inside the graph")
+    p.add_argument(
+        "--normalize-in-graph",
+        action="store_true",
+        help="take NHWC uint8 BGR input and normalize inside the graph",
+    )
     p.add_argument("--parity-threshold", type=float, default=1e-3)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("random-checkpoint", help="write a deterministic RANDOM-weight checkpoint (tests/demo)")
+    p = sub.add_parser(
+        "random-checkpoint", help="write a deterministic RANDOM-weight checkpoint (tests/demo)"
+    )
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_random_checkpoint)
@@ -63,9 +75,16 @@ def cmd_preprocess(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.steps import preprocess_step
 
     return preprocess_step(
-        args.coco_root, args.run_dir, policy=args.policy, dtype=args.dtype, height=args.height,
-        width=args.width, shard_size=args.shard_size, max_images=args.max_images,
-        skip_bad_images=args.skip_bad_images, workers=args.workers,
+        args.coco_root,
+        args.run_dir,
+        policy=args.policy,
+        dtype=args.dtype,
+        height=args.height,
+        width=args.width,
+        shard_size=args.shard_size,
+        max_images=args.max_images,
+        skip_bad_images=args.skip_bad_images,
+        workers=args.workers,
     )
 
 

@@ -117,8 +117,10 @@ def validate_run_config(config: dict[str, Any]) -> dict[str, Any]:
     if "outfmt" in cfg:
         cfg["outfmt"] = check_choice("outfmt", cfg["outfmt"], ("BIN", "TXT"))
     if cfg.get("soc_version") and not re.fullmatch(r"Ascend[0-9A-Za-z]+", str(cfg["soc_version"])):
-        raise ConfigError(f"parameter 'soc_version' = {cfg['soc_version']!r} must look like Ascend310P3 "
-                          "(or be empty to detect it with npu-smi)")
+        raise ConfigError(
+            f"parameter 'soc_version' = {cfg['soc_version']!r} must look like Ascend310P3 "
+            "(or be empty to detect it with npu-smi)"
+        )
     if "precision_mode" in cfg:
         cfg["precision_mode"] = check_choice("precision_mode", cfg["precision_mode"], PRECISION_MODES)
     if cfg.get("cann_set_env"):  # lives on the NPU worker: checked for safety here, for existence there

@@ -68,8 +68,17 @@ class ExportResult:
 
     def to_xcom(self) -> dict[str, Any]:
         keys = (
-            "onnx_path", "onnx_sha256", "checkpoint_sha256", "variant", "input_name", "input_shape",
-            "output_names", "opset", "parity_max_abs_err", "export_seconds", "torch_version",
+            "onnx_path",
+            "onnx_sha256",
+            "checkpoint_sha256",
+            "variant",
+            "input_name",
+            "input_shape",
+            "output_names",
+            "opset",
+            "parity_max_abs_err",
+            "export_seconds",
+            "torch_version",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -91,9 +100,7 @@ def sample_input(height: int, width: int, uint8: bool) -> np.ndarray:
     from gfocal_pipeline.demo_data import demo_image
     from gfocal_pipeline.preprocess import preprocess_image
 
-    array, _ = preprocess_image(
-        demo_image(0), "letterbox", "uint8" if uint8 else "float32", height, width
-    )
+    array, _ = preprocess_image(demo_image(0), "letterbox", "uint8" if uint8 else "float32", height, width)
     return array[None]
 
 
@@ -169,7 +176,9 @@ def parity(deploy: DeployModel, model: onnx.ModelProto, feed: np.ndarray) -> dic
         if deploy.normalize_in_graph:
             tensor = deploy.normalize(tensor)
         boxes, scores = decode_candidates(
-            *deploy.model(tensor), deploy.height, deploy.width,
+            *deploy.model(tensor),
+            deploy.height,
+            deploy.width,
             project=deploy.model.bbox_head.integral.project,
         )
     if deploy.variant == "portable":
@@ -178,7 +187,9 @@ def parity(deploy: DeployModel, model: onnx.ModelProto, feed: np.ndarray) -> dic
     else:  # the graph cut before the NMS: float32 boxes (B,K,1,4) and scores with the zero column
         expected = (boxes.numpy(), scores.numpy())
         got = _run_ort(_nms_free_copy(model)[0], feed)
-    return candidate_errors((got[0], got[1][..., : expected[1].shape[-1]]), expected, deploy.height, deploy.width)
+    return candidate_errors(
+        (got[0], got[1][..., : expected[1].shape[-1]]), expected, deploy.height, deploy.width
+    )
 
 
 def export_onnx(
@@ -214,15 +225,28 @@ def export_onnx(
     feed = np.repeat(sample_input(height, width, normalize_in_graph), batch, axis=0)
     output_names = list(deploy.output_names)
     dynamic_axes = {name: {0: "batch"} for name in [input_name, *output_names]} if dynamic_batch else None
-    log.info("exporting %s graph %dx%d batch %s opset %d -> %s", variant, height, width,
-             "dynamic" if dynamic_batch else batch, opset, output)
+    log.info(
+        "exporting %s graph %dx%d batch %s opset %d -> %s",
+        variant,
+        height,
+        width,
+        "dynamic" if dynamic_batch else batch,
+        opset,
+        output,
+    )
 
     with atomic_path(output) as tmp:
         try:
             with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
                 torch.onnx.export(
-                    deploy, (torch.from_numpy(feed),), str(tmp), dynamo=False, opset_version=opset,
-                    input_names=[input_name], output_names=output_names, dynamic_axes=dynamic_axes,
+                    deploy,
+                    (torch.from_numpy(feed),),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[input_name],
+                    output_names=output_names,
+                    dynamic_axes=dynamic_axes,
                     do_constant_folding=True,
                     custom_opsets=None,
                 )

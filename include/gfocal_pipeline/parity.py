@@ -53,7 +53,9 @@ def candidate_errors(
             pairs_e = nearest[matched]
             if pairs_g.size:
                 box_err = max(box_err, float(np.abs(gb[b, start + pairs_g] - eb[b, start + pairs_e]).max()))
-                score_err = max(score_err, float(np.abs(gs[b, start + pairs_g] - es[b, start + pairs_e]).max()))
+                score_err = max(
+                    score_err, float(np.abs(gs[b, start + pairs_g] - es[b, start + pairs_e]).max())
+                )
             floor = min(g_key[:, 4].min(), e_key[:, 4].min())
             loose = g_key[~matched, 4]
             ties += int(np.sum(loose <= floor + match_score))

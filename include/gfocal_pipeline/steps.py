@@ -94,8 +94,12 @@ def combined_timing(run_dir: str | Path, backend: str) -> dict[str, Any]:
         latencies += data.get("latencies_ms") or []
         extra.update({k: summary[k] for k in ("device", "chips") if k in summary})
     batch = batch_sizes.pop() if len(batch_sizes) == 1 else None
-    result: dict[str, Any] = {"fps": images / seconds if seconds else 0.0, "images": images,
-                              "batch_size": batch, "shard_fps": shard_fps}
+    result: dict[str, Any] = {
+        "fps": images / seconds if seconds else 0.0,
+        "images": images,
+        "batch_size": batch,
+        "shard_fps": shard_fps,
+    }
     if latencies:
         result["latency_ms"] = summarize(latencies, images, batch or 1)["latency_ms"]
     return {**result, **extra}
@@ -145,14 +149,21 @@ def format_summary(summary: dict[str, Any]) -> str:
 
     lines = [f"Run directory: {summary['run_dir']}"]
     if summary.get("weights_random"):
-        lines.append("NOTE: the checkpoint has RANDOM weights (generated demo): AP and detections are "
-                     "meaningless; speed and the pipeline itself are what this run shows.")
+        lines.append(
+            "NOTE: the checkpoint has RANDOM weights (generated demo): AP and detections are "
+            "meaningless; speed and the pipeline itself are what this run shows."
+        )
     for role, info in summary["backends"].items():
-        lines.append(f"\n[{role}] backend={info['backend']} images={info['images']} "
-                     f"detections={info['detections']}")
+        lines.append(
+            f"\n[{role}] backend={info['backend']} images={info['images']} detections={info['detections']}"
+        )
         stats = info["stats"]
-        lines.append("  " + "  ".join(f"{name}={stats.get(name, float('nan')):.3f}" for name in STAT_NAMES[:6]))
-        lines.append("  " + "  ".join(f"{name}={stats.get(name, float('nan')):.3f}" for name in STAT_NAMES[6:]))
+        lines.append(
+            "  " + "  ".join(f"{name}={stats.get(name, float('nan')):.3f}" for name in STAT_NAMES[:6])
+        )
+        lines.append(
+            "  " + "  ".join(f"{name}={stats.get(name, float('nan')):.3f}" for name in STAT_NAMES[6:])
+        )
         if info.get("fps") is not None:
             lat = info.get("latency_ms") or {}
             pct = "  ".join(f"{k}={v:.1f}" for k, v in lat.items() if isinstance(v, int | float))
@@ -160,6 +171,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  detections: {info['detections_path']}")
         lines.append(f"  per-class AP: {info['per_class_path']}")
     if "AP_delta" in summary:
-        lines.append(f"\nAP_pytorch={summary['AP_pytorch']:.4f}  AP_npu={summary['AP_npu']:.4f}  "
-                     f"AP_delta={summary['AP_delta']:+.4f}")
+        lines.append(
+            f"\nAP_pytorch={summary['AP_pytorch']:.4f}  AP_npu={summary['AP_npu']:.4f}  "
+            f"AP_delta={summary['AP_delta']:+.4f}"
+        )
     return "\n".join(lines)
