@@ -80,3 +80,17 @@ def xcoms(dag_id: str, run_id: str) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def dags_dir() -> Path:
     return _DAGS
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Counts per suite that CI must show ran (the mmdet reference tests are never to be skipped)."""
+    groups = {"reference": "mmdet reference", "airflow": "real Airflow DAG/server"}
+    for marker, title in groups.items():
+        counts = {}
+        for outcome in ("passed", "failed", "skipped", "error"):
+            reports = terminalreporter.stats.get(outcome, [])
+            counts[outcome] = sum(
+                1 for r in reports if getattr(r, "when", "call") in ("call", "setup") and marker in r.keywords
+            )
+        line = ", ".join(f"{n} {k}" for k, n in counts.items())
+        terminalreporter.write_line(f"gfocal {title} tests: {line}")

@@ -86,3 +86,27 @@ def test_every_task_pushed_its_xcom(run: tuple[str, dict]) -> None:
     assert verdict["passed"] is True and verdict["first_run"] is True  # no history yet: floors only
     # bulk data stays on disk: every XCom value is small
     assert all(len(json.dumps(v)) < 8000 for v in values.values())
+
+
+def test_invalid_form_values_are_rejected_before_a_run_exists(airflow_db: Path) -> None:
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    load_dag_file(ROOT / "dags" / "gfocal_factory.py")
+    dag = load_dag_file(ROOT / "dags" / "gfocal_onnxruntime.py").dag
+    params = dag.params
+    assert params.get_param("policy").schema["enum"] == ["letterbox", "mmdet"]
+    assert params.get_param("height").schema["multipleOf"] == 32
+    assert all(params.get_param(name).schema.get("title") for name in params)
+    for bad in ({"policy": "bogus"}, {"height": 801}, {"batch_size": 0}, {"fps_tolerance": 5}):
+        with pytest.raises(ParamValidationError):
+            dag.test(run_conf=bad)  # the same validation a UI/API trigger goes through
+    assert _runs_with_conf("gfocal_onnxruntime", ("bogus", 801)) == 0  # no run was created
+
+
+def _runs_with_conf(dag_id: str, values: tuple) -> int:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        runs = session.query(DagRun).filter(DagRun.dag_id == dag_id).all()
+        return sum(1 for r in runs if any(v in (r.conf or {}).values() for v in values))

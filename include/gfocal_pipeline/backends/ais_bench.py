@@ -33,25 +33,8 @@ class AisBenchBackend(AscendToolBackend):
     success_hint = "[INFO] ---Performance Summary---"
     run_dir_pattern = re.compile(r"^\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}$")
 
-    def argv(self, env: CannEnv, input_dir: Path, output_dir: Path) -> list[str]:
-        argv = [
-            env.require_tool("python3"),
-            "-m",
-            "ais_bench",
-            "--model",
-            str(self.om_path),
-            "--input",
-            str(input_dir),
-            "--output",
-            str(output_dir),
-            "--outfmt",
-            self.outfmt,
-            "--device",
-            str(self.device),
-        ]
-        if self.dym_batch:
-            argv += ["--dymBatch", str(self.batch_size)]
-        return argv
+    def command(self, env: CannEnv) -> list[str]:
+        return [env.require_tool("python3"), "-m", "ais_bench"]
 
     def output_file_name(self, stem: str, index: int) -> str:
         return f"{stem}_{index}.{self.extension}"

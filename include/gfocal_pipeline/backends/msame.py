@@ -137,8 +137,23 @@ class AscendToolBackend(Backend):
         self.handle = handle or ProcessHandle()
 
     # --- tool contract (subclasses) -------------------------------------------------------------
-    def argv(self, env: CannEnv, input_dir: Path, output_dir: Path) -> list[str]:
+    def command(self, env: CannEnv) -> list[str]:
+        """The tool's executable (and module) as resolved in the CANN environment."""
         raise NotImplementedError
+
+    def argv(self, env: CannEnv, input_dir: Path, output_dir: Path) -> list[str]:
+        """The tool's argument list; msame and ais_bench share these flags."""
+        argv = [
+            *self.command(env),
+            "--model", str(self.om_path),
+            "--input", str(input_dir),
+            "--output", str(output_dir),
+            "--outfmt", self.outfmt,
+            "--device", str(self.device),
+        ]
+        if self.dym_batch:
+            argv += ["--dymBatch", str(self.batch_size)]
+        return argv
 
     def output_file_name(self, stem: str, index: int) -> str:
         raise NotImplementedError
@@ -366,23 +381,8 @@ class MsameBackend(AscendToolBackend):
     per_input_line = re.compile(r"^Inference time\s*:\s*" + _NUMBER + r"\s*ms")
     not_om = "input model file type is not .om"
 
-    def argv(self, env: CannEnv, input_dir: Path, output_dir: Path) -> list[str]:
-        argv = [
-            env.require_tool("msame"),
-            "--model",
-            str(self.om_path),
-            "--input",
-            str(input_dir),
-            "--output",
-            str(output_dir),
-            "--outfmt",
-            self.outfmt,
-            "--device",
-            str(self.device),
-        ]
-        if self.dym_batch:
-            argv += ["--dymBatch", str(self.batch_size)]
-        return argv
+    def command(self, env: CannEnv) -> list[str]:
+        return [env.require_tool("msame")]
 
     def output_file_name(self, stem: str, index: int) -> str:
         return f"{stem}_output_{index}.{self.extension}"
