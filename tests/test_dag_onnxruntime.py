@@ -61,6 +61,12 @@ def test_every_task_pushed_its_xcom(run: tuple[str, dict]) -> None:
     prepared = values["prepare"]
     assert prepared["weights_random"] is True and Path(prepared["run_dir"]).is_dir()
     export = values["export"]
+    assert set(export) == {"onnx_path", "onnx_sha256", "checkpoint_sha256", "variant", "input_name",
+                           "input_shape", "output_names", "opset", "parity_max_abs_err", "export_seconds",
+                           "torch_version"}
+    assert export["input_name"] == "input.1" and export["output_names"] == ["boxes", "scores"]
+    assert export["opset"] == 17 and export["torch_version"].startswith("2.13")
+    assert Path(export["onnx_path"]).is_file() and export["export_seconds"] > 0
     assert export["variant"] == "portable" and export["input_shape"] == ["batch", 3, 256, 320]
     assert export["parity_max_abs_err"] <= 1e-3 and len(export["onnx_sha256"]) == 64
     assert values["preprocess"] == ["00000", "00001"]

@@ -57,6 +57,7 @@ class Manifest:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     version: int = MANIFEST_VERSION
     path: Path | None = None
+    _sha256: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def layout(self) -> str:
@@ -77,18 +78,23 @@ class Manifest:
 
     @property
     def sha256(self) -> str:
+        """Hash of the manifest file as it was when written or loaded (what its outputs belong to)."""
         if self.path is None:
             raise DatasetError("manifest has not been written to disk yet")
-        return sha256_file(self.path)
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("path")
+        data.pop("_sha256")
         data["layout"] = self.layout
         return data
 
     def write(self, path: str | Path) -> Path:
         self.path = write_json(path, self.to_dict())
+        self._sha256 = sha256_file(self.path)
         return self.path
 
 
@@ -106,6 +112,6 @@ def load_manifest(path: str | Path) -> Manifest:
             )
         data.pop("layout", None)
         images = [ImageEntry(**{**e, "pad": tuple(e["pad"])}) for e in data.pop("images")]
-        return Manifest(**data, images=images, path=path)
+        return Manifest(**data, images=images, path=path, _sha256=sha256_file(path))
     except (ValueError, TypeError, KeyError) as exc:
         raise DatasetError(f"manifest {str(path)!r} is malformed ({exc}); re-run preprocessing") from exc

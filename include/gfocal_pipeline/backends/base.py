@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -89,8 +90,6 @@ class Backend(ABC):
             return None
         if any(marker.get(key) != value for key, value in self.identity().items()):
             return None
-        import json
-
         timing = json.loads(timing_file.read_text())
         log.info("shard %s: outputs already complete for this manifest, reusing them", shard)
         return ShardResult(
