@@ -74,6 +74,7 @@ def main() -> None:
     height, width = (int(v) for v in args.size.lower().split("x"))
     batches = [int(b) for b in args.batch.split(",")]
 
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
         root = Path(tmp)
         checkpoint = write_random_checkpoint(root / "random.pth")
@@ -93,12 +94,17 @@ def main() -> None:
                              for ms in json.loads(RunLayout.at(run).timing_file(name, r.shard).read_text())
                              ["latencies_ms"]]
                 images = sum(r.images for r in results)
-                print(json.dumps({
+                rows.append({
                     "backend": name, "batch": batch, "size": f"{height}x{width}", "images": images,
                     "fps": round(images / (sum(latencies) / 1000.0), 2),
                     "p50_ms": round(float(np.percentile(latencies, 50)), 2),
                     "p90_ms": round(float(np.percentile(latencies, 90)), 2),
-                }))
+                })
+                print(json.dumps(rows[-1]))
+    base = rows[0]
+    for row in rows[1:]:  # ratios measured side by side in this one run
+        print(f"ratio fps {row['backend']}/b{row['batch']} vs {base['backend']}/b{base['batch']}: "
+              f"{row['fps'] / base['fps']:.2f}x")
 
 
 if __name__ == "__main__":
