@@ -45,17 +45,18 @@ def multiclass_nms(
     sel_boxes = boxes[cand].astype(np.float64)
     sel_scores = scores[cand, cls].astype(np.float32)
     xywh = np.concatenate([sel_boxes[:, :2], sel_boxes[:, 2:] - sel_boxes[:, :2]], axis=1)
-    # OpenCV's batched NMS: same greedy, class-separated suppression (IoU > thr suppresses) in C++
-    keep = cv2.dnn.NMSBoxesBatched(
-        xywh.tolist(), sel_scores.tolist(), cls.astype(np.int32).tolist(), float(score_thr), float(iou_thr)
-    )
-    keep = np.asarray(keep, dtype=np.int64).reshape(-1)
+    # one greedy NMS per class in OpenCV (C++; IoU > thr suppresses): per class the cost is
+    # candidates x survivors of that class, far below one batched NMS over all classes
+    order = np.argsort(cls, kind="stable")
+    kept = []
+    for group in np.split(order, np.flatnonzero(np.diff(cls[order])) + 1):
+        survivors = cv2.dnn.NMSBoxes(xywh[group], sel_scores[group], float(score_thr), float(iou_thr))
+        kept.append(group[np.asarray(survivors, dtype=np.int64).reshape(-1)])
+    keep = np.concatenate(kept)
     # order by score (descending, stable on ties) before truncating, as the official code does
     keep = keep[np.argsort(-sel_scores[keep], kind="stable")][:max_per_img]
     keep = keep[cls[keep] < NUM_CLASSES]
-    return Detections(
-        sel_boxes[keep].astype(np.float32), sel_scores[keep], cls[keep].astype(np.int64)
-    )
+    return Detections(sel_boxes[keep].astype(np.float32), sel_scores[keep], cls[keep].astype(np.int64))
 
 
 def from_dets(dets: np.ndarray, labels: np.ndarray) -> Detections:
