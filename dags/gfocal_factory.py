@@ -356,7 +356,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
             roles["reference"] = {
                 "eval_task": "evaluate_reference",
                 "backend": "torch",
-                "device": "cpu",
+                "device": "auto",
                 "precision": "fp32",
             }
             ends.append(evaluate_ref)

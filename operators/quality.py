@@ -61,7 +61,10 @@ class RecordResultsOperator(BaseOperator):
                     config={
                         "model": self.model,
                         "backend": spec["backend"],
-                        "device": spec["device"],
+                        # "auto": where the backend actually ran (torch picks CUDA when present)
+                        "device": str(result.get("timing", {}).get("device", "cpu"))
+                        if spec["device"] == "auto"
+                        else spec["device"],
                         "precision": spec.get("precision", "fp32"),
                         "batch_size": cfg.get("batch_size", 1),
                         "policy": cfg.get("policy", "letterbox"),

@@ -111,6 +111,10 @@ class InProcessBackend(Backend):
         self.batch_size = batch_size
         self.warmup = max(0, warmup)
 
+    def timing_facts(self) -> dict[str, Any]:
+        """Extra facts stored with the timing (e.g. the device it ran on)."""
+        return {}
+
     @abstractmethod
     def run_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Inputs (B, ...) -> named outputs with first axis B."""
@@ -150,7 +154,7 @@ class InProcessBackend(Backend):
                      len(manifest.shards[shard]), latencies[-1])
         arrays = {name: np.concatenate(parts) for name, parts in outputs.items()}
         out_dir = layout.output_shard(self.name, shard)
-        summary = summarize(latencies, timed_images, self.batch_size)
+        summary = {**summarize(latencies, timed_images, self.batch_size), **self.timing_facts()}
         write_json(layout.timing_file(self.name, shard),
                    {"latencies_ms": latencies, "batch_size": self.batch_size, "summary": summary})
         write_shard_outputs(out_dir, np.asarray(ids_all), arrays, self.kind, self.marker(manifest, shard))

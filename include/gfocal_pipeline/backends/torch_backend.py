@@ -90,6 +90,9 @@ class TorchBackend(InProcessBackend):
         log.info("torch %s: %s on %s (fp16 autocast %s), batch %d", torch.__version__, self.checkpoint,
                  self.device, "on" if self.amp else "off", self.batch_size)
 
+    def timing_facts(self) -> dict[str, Any]:
+        return {"device": str(self.device)}
+
     def identity(self) -> dict[str, Any]:
         return {"model_sha256": self._checkpoint_sha256, "device": self.device.type, "amp": self.amp}
 
