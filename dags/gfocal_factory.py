@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import pendulum
 from airflow.sdk import DAG, Param, XComArg
@@ -40,104 +41,132 @@ class PipelineSpec:
     deadline: timedelta | None = None  # alert when a run has not finished this long after queueing
 
 
+def _p(default: Any, title: str, description: str, **schema: Any) -> Param:
+    return Param(default, title=title, description=description, **schema)
+
+
 def common_params() -> dict[str, Param]:
+    """Form fields shared by every gfocal DAG (validated by Airflow before a run is created)."""
     demo = demo_paths()
     return {
-        "checkpoint": Param(
+        "checkpoint": _p(
             str(demo["checkpoint"]),
+            "Checkpoint (.pth)",
+            "mmcv-style GFocalV2 R50-FPN checkpoint. Default: generated RANDOM weights.",
             type="string",
-            title="Checkpoint (.pth)",
-            description="mmcv-style GFocalV2 R50-FPN checkpoint. Default: generated RANDOM weights.",
+            minLength=1,
         ),
-        "coco_root": Param(
+        "coco_root": _p(
             str(demo["coco_root"]),
+            "COCO root",
+            "Folder with val2017/ and annotations/instances_val2017.json. Default: the demo set.",
             type="string",
-            title="COCO root",
-            description="Folder with val2017/ and annotations/instances_val2017.json. "
-            "Default: the generated demo set.",
+            minLength=1,
         ),
-        "work_dir": Param(
+        "work_dir": _p(
             str(default_work_dir()),
+            "Work directory",
+            "Runs are written to <work_dir>/<dag_id>/<run_id>/; the OM cache lives here too.",
             type="string",
-            title="Work directory",
-            description="Runs are written to <work_dir>/<dag_id>/<run_id>/.",
+            minLength=1,
         ),
-        "policy": Param(
+        "policy": _p(
             "letterbox",
+            "Resize policy",
+            "letterbox: the ModelZoo recipe (into 1216x800, pad bottom-right); "
+            "mmdet: the official test pipeline (1333x800 keep-ratio, pad to /32).",
             type="string",
             enum=["letterbox", "mmdet"],
-            title="Resize policy",
-            description="letterbox: the ModelZoo recipe (1216x800, pad bottom-right); "
-            "mmdet: the official test pipeline (1333x800 keep-ratio, pad /32).",
         ),
-        "dtype": Param(
+        "dtype": _p(
             "float32",
+            "Input dtype",
+            "float32: normalized on the host (the recipe's .bin); uint8: 4x smaller, normalized "
+            "in the model (AIPP on Ascend).",
             type="string",
             enum=["float32", "uint8"],
-            title="Input dtype",
-            description="float32: normalized on the host (the seed's .bin); uint8: 4x smaller, "
-            "normalized in the model (AIPP on Ascend).",
         ),
-        "height": Param(
-            DEFAULT_HEIGHT, type="integer", minimum=64, maximum=4096, multipleOf=32, title="Input height"
+        "height": _p(
+            DEFAULT_HEIGHT,
+            "Input height",
+            "Model input height in pixels (multiple of 32).",
+            type="integer",
+            minimum=64,
+            maximum=4096,
+            multipleOf=32,
         ),
-        "width": Param(
-            DEFAULT_WIDTH, type="integer", minimum=64, maximum=4096, multipleOf=32, title="Input width"
+        "width": _p(
+            DEFAULT_WIDTH,
+            "Input width",
+            "Model input width in pixels (multiple of 32).",
+            type="integer",
+            minimum=64,
+            maximum=4096,
+            multipleOf=32,
         ),
-        "batch_size": Param(1, type="integer", minimum=1, maximum=256, title="Batch size"),
-        "shard_size": Param(
+        "batch_size": _p(
+            1, "Batch size", "Images per inference call.", type="integer", minimum=1, maximum=256
+        ),
+        "shard_size": _p(
             8,
+            "Images per shard",
+            "Inference is mapped over shards; each shard is one task.",
             type="integer",
             minimum=1,
             maximum=100000,
-            title="Images per shard",
-            description="Inference is mapped over shards; each shard is one task.",
         ),
-        "max_images": Param(
+        "max_images": _p(
             None,
+            "Max images",
+            "Use only the first N images by id (empty = all).",
             type=["null", "integer"],
             minimum=1,
-            title="Max images",
-            description="Evaluate only the first N images by id (empty = all).",
         ),
-        "engine": Param(
+        "engine": _p(
             "faster-coco-eval",
+            "COCO evaluator",
+            "faster-coco-eval (default) or pycocotools; they give the same numbers.",
             type="string",
             enum=["faster-coco-eval", "pycocotools"],
-            title="COCO evaluator",
         ),
-        "min_ap": Param(
+        "min_ap": _p(
             None,
+            "Minimum AP",
+            "Absolute floor, e.g. 0.400. Empty = no floor.",
             type=["null", "number"],
             minimum=0,
             maximum=1,
-            title="Minimum AP",
-            description="Absolute floor, e.g. 0.400. Empty = no floor.",
         ),
-        "min_fps": Param(None, type=["null", "number"], minimum=0, title="Minimum fps"),
-        "ap_tolerance": Param(
+        "min_fps": _p(
+            None,
+            "Minimum fps",
+            "Absolute floor in frames per second. Empty = no floor.",
+            type=["null", "number"],
+            minimum=0,
+        ),
+        "ap_tolerance": _p(
             0.003,
+            "AP tolerance",
+            "Allowed AP drop below the baseline (absolute).",
             type="number",
             minimum=0,
-            maximum=1,
-            title="AP tolerance",
-            description="Allowed AP drop below the baseline (absolute).",
+            exclusiveMaximum=1,
         ),
-        "fps_tolerance": Param(
+        "fps_tolerance": _p(
             0.05,
+            "fps tolerance",
+            "Allowed fps drop below the baseline (fraction: 0.05 = 5%).",
             type="number",
             minimum=0,
-            maximum=1,
-            title="fps tolerance",
-            description="Allowed fps drop below the baseline (fraction, 0.05 = 5%).",
+            exclusiveMaximum=1,
         ),
-        "baseline_runs": Param(
+        "baseline_runs": _p(
             5,
+            "Baseline runs",
+            "The baseline is the median of the last N passing runs of the same configuration.",
             type="integer",
             minimum=1,
             maximum=100,
-            title="Baseline runs",
-            description="Median of the last N passing runs of the same configuration.",
         ),
     }
 
@@ -145,35 +174,52 @@ def common_params() -> dict[str, Param]:
 def ascend_params() -> dict[str, Param]:
     """Form fields of the Ascend DAG."""
     return {
-        "tool": Param("msame", type="string", enum=["msame", "ais_bench"], title="Inference tool"),
-        "device": Param(0, type="integer", minimum=0, maximum=255, title="NPU device id"),
-        "chips": Param(
+        "tool": _p(
+            "msame",
+            "Inference tool",
+            "msame (the recipe) or ais_bench.",
+            type="string",
+            enum=["msame", "ais_bench"],
+        ),
+        "device": _p(
+            0, "NPU device id", "The --device of msame/ais_bench.", type="integer", minimum=0, maximum=255
+        ),
+        "chips": _p(
             1,
+            "Chips per card",
+            "fps = chips x 1000 x batch / mean ms (4 for an Atlas 300I / Ascend 310).",
             type="integer",
             minimum=1,
             maximum=16,
-            title="Chips per card",
-            description="fps = chips x 1000 x batch / mean ms (4 for an Atlas 300I / Ascend 310).",
         ),
-        "outfmt": Param("BIN", type="string", enum=["BIN", "TXT"], title="Tool output format"),
-        "soc_version": Param(
+        "outfmt": _p(
+            "BIN",
+            "Tool output format",
+            "BIN (exact) or TXT (6 significant digits).",
+            type="string",
+            enum=["BIN", "TXT"],
+        ),
+        "soc_version": _p(
             "",
+            "SoC version",
+            "e.g. Ascend310P3; empty = detect with npu-smi info.",
             type="string",
             pattern="^(Ascend[0-9A-Za-z]+)?$",
-            title="SoC version",
-            description="e.g. Ascend310P3; empty = detect with npu-smi info.",
         ),
-        "precision_mode": Param(
+        "precision_mode": _p(
             "force_fp16",
+            "atc precision mode",
+            "Passed to atc --precision_mode.",
             type="string",
             enum=["force_fp16", "allow_fp32_to_fp16", "must_keep_origin_dtype", "allow_mix_precision"],
-            title="atc precision mode",
         ),
-        "cann_set_env": Param(
-            "/usr/local/Ascend/ascend-toolkit/set_env.sh",
+        "cann_set_env": _p(
+            "",
+            "CANN set_env.sh",
+            "Sourced once for the tools' environment. Empty = $GFOCAL_CANN_SET_ENV on the worker, "
+            "else /usr/local/Ascend/ascend-toolkit/set_env.sh.",
             type="string",
-            title="CANN set_env.sh",
-            description="Sourced once for the tools' environment.",
+            pattern="^[^;|&$`<>()!*?{}\\[\\]~'\"]*$",
         ),
     }
 

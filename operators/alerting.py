@@ -13,6 +13,7 @@ Configuration (airflow.cfg section `[gfocal]` or `AIRFLOW__GFOCAL__*` env vars):
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from airflow.sdk import BaseNotifier
@@ -128,10 +129,16 @@ class GfocalAlertNotifier(BaseNotifier):
 
 
 def deadline_missed(context: dict[str, Any] | None = None, **kwargs: Any) -> None:
-    """Deadline callback: the nightly has not finished in time."""
-    dag_run = (context or {}).get("dag_run")
-    dag_id = getattr(dag_run, "dag_id", None) or kwargs.get("dag_id", "?")
-    run_id = getattr(dag_run, "run_id", None) or "?"
+    """Deadline callback: the nightly has not finished in time.
+
+    Airflow passes the run as a dict (`context["dag_run"]`, the API model dumped); an object with
+    attributes is accepted too.
+    """
+    dag_run = (context or {}).get("dag_run") or {}
+    if not isinstance(dag_run, Mapping):
+        dag_run = {"dag_id": getattr(dag_run, "dag_id", None), "run_id": getattr(dag_run, "run_id", None)}
+    dag_id = dag_run.get("dag_id") or kwargs.get("dag_id", "?")
+    run_id = dag_run.get("run_id") or "?"
     run_url, trend_url = _links(dag_id, run_id)
     content = build_failure_alert(
         dag_id=dag_id,

@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from gfocal_pipeline import steps
 from gfocal_pipeline.gate import format_verdict_table, run_gate
 from gfocal_pipeline.history import HistoryStore, RunRecord, default_history_url
 from operators.alerting import VERDICT_KEY
@@ -23,7 +24,7 @@ class RecordResultsOperator(BaseOperator):
     """Write one history row per evaluated backend of this run (idempotent per run id).
 
     `roles` maps a role to {eval_task, backend, device, precision}; `export_task` / `convert_task`
-    provide hashes and tool versions. Returns {role: record dict}.
+    provide hashes and tool versions, `summary_task` the AP_delta. Returns {role: record dict}.
     """
 
     template_fields: Sequence[str] = ("config", "roles")
@@ -35,12 +36,13 @@ class RecordResultsOperator(BaseOperator):
         roles: dict[str, dict[str, str]],
         export_task: str,
         convert_task: str | None = None,
+        summary_task: str = "summary",
         model: str = "gfocalv2_r50_fpn_1x",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.config, self.roles, self.model = config, roles, model
-        self.export_task, self.convert_task = export_task, convert_task
+        self.export_task, self.convert_task, self.summary_task = export_task, convert_task, summary_task
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
@@ -48,36 +50,17 @@ class RecordResultsOperator(BaseOperator):
         export_info = ti.xcom_pull(task_ids=self.export_task) or {}
         convert_info = (ti.xcom_pull(task_ids=self.convert_task) if self.convert_task else None) or {}
         evaluations = {role: ti.xcom_pull(task_ids=spec["eval_task"]) for role, spec in self.roles.items()}
-        ap_delta = None
-        if "reference" in evaluations and "device" in evaluations:
-            ap_delta = evaluations["device"]["stats"]["AP"] - evaluations["reference"]["stats"]["AP"]
+        summary = ti.xcom_pull(task_ids=self.summary_task) or {}
         records = {}
         with HistoryStore(history_url()) as store:
             for role, spec in self.roles.items():
-                result = evaluations[role]
-                record = RunRecord.from_pipeline(
-                    dag_id=ti.dag_id,
-                    run_id=ti.run_id,
-                    config={
-                        "model": self.model,
-                        "backend": spec["backend"],
-                        # "auto": where the backend actually ran (torch picks CUDA when present)
-                        "device": str(result.get("timing", {}).get("device", "cpu"))
-                        if spec["device"] == "auto"
-                        else spec["device"],
-                        "precision": spec.get("precision", "fp32"),
-                        "batch_size": cfg.get("batch_size", 1),
-                        "policy": cfg.get("policy", "letterbox"),
-                    },
-                    stats=result["stats"],
-                    timing={**result.get("timing", {}), "images": result["images"]},
-                    export_info=export_info,
-                    convert_info=convert_info,
-                    ap_delta=ap_delta if role == "device" else None,
+                record = steps.history_record(
+                    dag_id=ti.dag_id, run_id=ti.run_id, role=spec, evaluation=evaluations[role],
+                    run_config=cfg, export_info=export_info, convert_info=convert_info,
+                    ap_delta=summary.get("AP_delta") if role == "device" else None, model=self.model,
                 )
                 store.record(record)
                 records[role] = record.to_dict()
-                self.log.info("recorded %s run %s in %s", role, ti.run_id, store.url)
         return records
 
 

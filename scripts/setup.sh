@@ -10,9 +10,10 @@ venv="${GFOCAL_VENV:-$root/.venv}"
 py="${PYTHON:-python3.11}"
 command -v "$py" >/dev/null 2>&1 || py=python3
 
-stamp_of() { cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -c1-16; echo "$1"; }
-want="$(stamp_of "$profile" | tr '\n' '-')"
-if [[ -f "$venv/.gfocal-stamp" ]] && grep -qx -- "$want" "$venv/.gfocal-stamp"; then
+# One stamp line per installed profile; `test` includes everything `runtime` needs.
+hash="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -c1-16)"
+stamp="$venv/.gfocal-stamp"
+if [[ -f "$stamp" ]] && { grep -qx -- "$hash-$profile" "$stamp" || grep -qx -- "$hash-test" "$stamp"; }; then
   exit 0
 fi
 
@@ -26,8 +27,13 @@ pipq() {  # pip, quiet on success, its log shown on failure
   fi
 }
 pipq install --upgrade "pip>=24" "setuptools>=77,<81" wheel
-# the CPU build of torch first, so nothing pulls a CUDA build
-pipq install "torch==2.13.0"
+# torch first, pinned, so no other package pulls a different build. On a host whose index serves the
+# CUDA build for torch==2.13.0, set GFOCAL_TORCH_INDEX_URL to a CPU wheel index.
+if [[ -n "${GFOCAL_TORCH_INDEX_URL:-}" ]]; then
+  pipq install "torch==2.13.0" --index-url "$GFOCAL_TORCH_INDEX_URL"
+else
+  pipq install "torch==2.13.0"
+fi
 extras="dev"
 pipq install -e "$root[$extras]"
 
@@ -46,5 +52,6 @@ if [[ "$profile" == "test" ]]; then
     "${sudo_cmd[@]}" apt-get install -y -qq chromium chromium-driver >/dev/null
   fi
 fi
-echo "$want" > "$venv/.gfocal-stamp"
+{ [[ -f "$stamp" ]] && grep -x -- "$hash-.*" "$stamp"; echo "$hash-$profile"; } | sort -u > "$stamp.new" || true
+mv "$stamp.new" "$stamp"
 echo "== gfocal setup ($profile) done"

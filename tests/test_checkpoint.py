@@ -51,6 +51,24 @@ def test_numpy_meta_loads_with_safe_unpickling(tmp_path: Path) -> None:
     assert "bbox_head.gfl_cls.weight" in state
 
 
+def test_numpy1_pickled_meta_loads(tmp_path: Path) -> None:
+    """A checkpoint written under numpy 1.x names `numpy.core.multiarray.*`, not numpy 2's `numpy._core`."""
+    import zipfile
+
+    meta = {"lr": np.float64(0.02), "hist": np.arange(2, dtype=np.int64)}
+    torch.save({"meta": meta, "state_dict": random_state_dict(0)}, tmp_path / "np2.pth")
+    with zipfile.ZipFile(tmp_path / "np2.pth") as src, zipfile.ZipFile(tmp_path / "np1.pth", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data  # protocol 2: newline-terminated GLOBAL names
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(item, data)
+    state, got = read_state_dict(tmp_path / "np1.pth")
+    assert float(got["lr"]) == 0.02 and got["hist"].tolist() == [0, 1]
+    assert "backbone.conv1.weight" in state
+
+
 class _Evil:
     def __reduce__(self):  # would run a command if unpickled unsafely
         return (print, ("pwned",))

@@ -26,6 +26,11 @@ from gfocal_pipeline.model import GFocalV2, build_model
 def _numpy_globals() -> list:
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core to np._core
     items: list = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    # files pickled by numpy 1.x (the official 2021 checkpoint) name the old module path
+    items += [
+        (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+        (core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    ]
     # dtype classes (np.dtypes.Float64DType, ...) appear in pickles written by numpy >= 1.25
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:

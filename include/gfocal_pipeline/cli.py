@@ -12,6 +12,7 @@ from typing import Any
 
 from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_INPUT_NAME, DEFAULT_WIDTH
 from gfocal_pipeline.errors import GfocalError
+from gfocal_pipeline.manifest import load_manifest
 
 
 def _print_json(data: Any) -> None:
@@ -124,6 +125,63 @@ def cmd_summary(args: argparse.Namespace) -> Any:
     return None
 
 
+def cmd_gate(args: argparse.Namespace) -> Any:
+    """Record a finished run directory in the history and judge it, without Airflow."""
+    from gfocal_pipeline.alerts import SmtpSettings, alert_on_failure
+    from gfocal_pipeline.gate import GateThresholds, format_verdict_table, run_gate
+    from gfocal_pipeline.history import HistoryStore, default_history_url
+    from gfocal_pipeline.layout import RunLayout
+    from gfocal_pipeline.steps import combined_timing, history_record
+
+    layout = RunLayout.at(args.run_dir)
+    stats_file = layout.eval_dir(args.backend) / "stats.json"
+    if not stats_file.is_file():
+        raise GfocalError(f"{str(stats_file)!r} not found; run `gfocal eval --backend {args.backend}` first")
+    evaluation = {**json.loads(stats_file.read_text()), "timing": combined_timing(layout.root, args.backend)}
+    manifest = load_manifest(layout.manifest)
+    run_config = {
+        "policy": manifest.policy,
+        "dtype": manifest.dtype,
+        "height": manifest.input_height,
+        "width": manifest.input_width,
+    }
+    role = {"backend": args.backend, "device": args.device, "precision": args.precision}
+    record = history_record(
+        dag_id="gfocal-cli",
+        run_id=args.run_id or layout.root.name,
+        role=role,
+        evaluation=evaluation,
+        run_config=run_config,
+        export_info={},
+        convert_info={},
+        ap_delta=None,
+    )
+    thresholds = GateThresholds.from_mapping(
+        {k: getattr(args, k) for k in ("min_ap", "min_fps", "ap_tolerance", "fps_tolerance", "baseline_runs")}
+    )
+    with HistoryStore(args.history_url or default_history_url()) as store:
+        store.record(record)
+        verdict = run_gate(store, record, thresholds, fps_windows=evaluation["timing"].get("shard_fps"))
+    if args.smtp_host:
+        settings = SmtpSettings.from_mapping(
+            {"host": args.smtp_host, "port": args.smtp_port, "from": args.alert_from, "to": args.alert_to}
+        )
+        alert_on_failure(verdict, settings)
+    print(format_verdict_table(verdict), file=sys.stderr)
+    if not verdict["passed"]:
+        raise GateFailed(verdict)
+    return verdict
+
+
+class GateFailed(GfocalError):
+    """The gate judged the run a regression (exit status 1)."""
+
+    exit_code = 1
+
+    def __init__(self, verdict: dict[str, Any]) -> None:
+        super().__init__(f"regression: {', '.join(verdict.get('regressed') or ['floors'])}")
+
+
 def cmd_demo_data(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.config import ensure_demo_data
 
@@ -166,6 +224,26 @@ def add_steps(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latest", action="store_true", help="run_dir is a DAG folder: show its newest run")
     p.set_defaults(func=cmd_summary)
 
+    p = sub.add_parser("gate", help="record a finished run in the history and apply the regression gate")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--run-id", default=None, help="default: the run directory's name")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument(
+        "--history-url", default=None, help="SQLAlchemy URL (default: $GFOCAL_HISTORY_URL or SQLite)"
+    )
+    p.add_argument("--min-ap", type=float, default=None)
+    p.add_argument("--min-fps", type=float, default=None)
+    p.add_argument("--ap-tolerance", type=float, default=0.003)
+    p.add_argument("--fps-tolerance", type=float, default=0.05)
+    p.add_argument("--baseline-runs", type=int, default=5)
+    p.add_argument("--smtp-host", default=None, help="send an alert on failure through this SMTP server")
+    p.add_argument("--smtp-port", type=int, default=25)
+    p.add_argument("--alert-from", default="gfocal@localhost")
+    p.add_argument("--alert-to", default=None, help="comma-separated recipients")
+    p.set_defaults(func=cmd_gate)
+
     p = sub.add_parser("demo-data", help="generate the demo COCO set and RANDOM checkpoint")
     p.add_argument("--work-dir", default=None)
     p.set_defaults(func=cmd_demo_data)
@@ -196,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_json(result)
     except GfocalError as exc:
         print(f"gfocal {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     return 0
 
 

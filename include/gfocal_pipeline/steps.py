@@ -114,6 +114,56 @@ def evaluate_step(run_dir: str | Path, backend: str, **options: Any) -> dict[str
     return result
 
 
+def history_record(
+    *,
+    dag_id: str,
+    run_id: str,
+    role: dict[str, Any],
+    evaluation: dict[str, Any],
+    run_config: dict[str, Any],
+    export_info: dict[str, Any],
+    convert_info: dict[str, Any],
+    ap_delta: float | None,
+    model: str = "gfocalv2_r50_fpn_1x",
+) -> Any:
+    """The history row of one evaluated backend of a run.
+
+    The configuration that baselines are grouped by names what changes the numbers: backend, the
+    device it really ran on (the SoC from atc, or torch's device), precision, the batch actually run,
+    and resize policy + input size + dtype + image count (a 8-image smoke run never becomes the
+    baseline of a full val2017 run).
+    """
+    from gfocal_pipeline.history import RunRecord
+
+    timing = evaluation.get("timing", {})
+    device = role["device"]
+    if device == "auto":
+        device = str(timing.get("device", "cpu"))
+    elif device == "npu" and convert_info.get("soc_version"):
+        device = str(convert_info["soc_version"])
+    policy = (
+        f"{run_config.get('policy', 'letterbox')} {run_config.get('height')}x{run_config.get('width')} "
+        f"{run_config.get('dtype', 'float32')} {evaluation['images']}img"
+    )
+    return RunRecord.from_pipeline(
+        dag_id=dag_id,
+        run_id=run_id,
+        config={
+            "model": model,
+            "backend": role["backend"],
+            "device": device,
+            "precision": timing.get("precision") or role.get("precision", "fp32"),
+            "batch_size": timing.get("batch_size") or run_config.get("batch_size", 1),
+            "policy": policy,
+        },
+        stats=evaluation["stats"],
+        timing={**timing, "images": evaluation["images"]},
+        export_info=export_info,
+        convert_info=convert_info,
+        ap_delta=ap_delta,
+    )
+
+
 def summary_step(run_dir: str | Path, evaluations: dict[str, dict[str, Any]], **facts: Any) -> dict[str, Any]:
     """Write `summary.json` (what the summary task prints) and return it.
 

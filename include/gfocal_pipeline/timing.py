@@ -1,7 +1,8 @@
 """Latency statistics and the fps formula shared by all backends.
 
 fps = (images timed) / (sum of timed batch latencies in seconds), warm-up batches excluded.
-For tools that report only a mean per-inference latency (msame), fps = 1000 * batch / mean_ms.
+For the NPU tools, which report a mean time per inference (msame, ais_bench),
+fps = chips * 1000 * batch / mean_ms (chips = 4 for an Atlas 300I / Ascend 310 card, as the recipe counts).
 """
 
 from __future__ import annotations

@@ -194,7 +194,11 @@ def _find_om(directory: Path, stem: str) -> Path | None:
 def _load_entry(entry: Path) -> dict[str, Any] | None:
     """A cache entry's metadata when its OM is intact, else None (the entry is removed)."""
     meta_file, om = entry / CACHE_META, entry / CACHE_OM
+    if not entry.exists():
+        return None
     if not (meta_file.is_file() and om.is_file()):
+        log.warning("OM cache entry %s is incomplete; converting again", entry)
+        shutil.rmtree(entry, ignore_errors=True)
         return None
     try:
         meta = json.loads(meta_file.read_text())

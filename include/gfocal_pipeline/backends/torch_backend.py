@@ -91,7 +91,7 @@ class TorchBackend(InProcessBackend):
                  self.device, "on" if self.amp else "off", self.batch_size)
 
     def timing_facts(self) -> dict[str, Any]:
-        return {"device": str(self.device)}
+        return {"device": str(self.device), "precision": "fp16" if self.amp else "fp32"}
 
     def identity(self) -> dict[str, Any]:
         return {"model_sha256": self._checkpoint_sha256, "device": self.device.type, "amp": self.amp}
