@@ -121,3 +121,18 @@ def test_deadline_is_configured(airflow_db: Path, dags_dir: Path, monkeypatch: p
     (alert,) = module.dag.deadline if isinstance(module.dag.deadline, list) else [module.dag.deadline]
     assert alert.interval.total_seconds() == 5 * 3600
     assert "operators.alerting.deadline_missed" in str(alert.callback.path)
+
+
+def test_nightly_form_rejects_bad_values(nightly: dict) -> None:
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    dag = nightly["dag"]
+    for bad in (
+        {"tool": "benchmark"},
+        {"device": 256},
+        {"soc_version": "310P3"},
+        {"cann_set_env": "/usr/local/Ascend/set_env.sh; rm -rf /"},
+        {"outfmt": "NPY"},
+    ):
+        with pytest.raises(ParamValidationError):
+            dag.test(run_conf=bad)
