@@ -157,8 +157,11 @@ class AtcConvertOperator(_KillableMixin, BaseOperator):
 class MsameInferOperator(_KillableMixin, BaseOperator):
     """Run one shard on the NPU with `msame` (default) or `ais_bench`; mapped over shards.
 
-    XCom: `backend`, `shard`, `images`, `output_dir`, `fps`, `latency_ms`, `device`, `reused`.
-    Outputs land in the shared layout under `outputs/<tool>/<shard>/`.
+    XCom: `backend`, `shard`, `images`, `output_dir`, `fps`, `latency_ms`, `device`, `reused`,
+    `batch_size`. Outputs land in the shared layout under `outputs/<tool>/<shard>/`.
+    `batch_size` > 1 needs `tool="ais_bench"` (msame has no file batching) and an OM converted with
+    dynamic_batch_sizes including it (or static batch = batch_size); fps = chips*1000*batch/mean_ms.
+    `dym_batch` unset = decided from the OM's convert.json; true/false force `--dymBatch` on/off.
     """
 
     template_fields: Sequence[str] = (
@@ -170,6 +173,8 @@ class MsameInferOperator(_KillableMixin, BaseOperator):
         "outfmt",
         "set_env",
         "chips",
+        "batch_size",
+        "dym_batch",
         "keep_raw",
     )
     ui_color = "#fbd3b0"
@@ -185,7 +190,8 @@ class MsameInferOperator(_KillableMixin, BaseOperator):
         outfmt: str = "BIN",
         set_env: str | None = None,
         chips: int | str = 1,
-        dym_batch: bool = False,
+        batch_size: int | str = 1,
+        dym_batch: bool | str | None = None,
         timeout_s: float | None = None,
         keep_raw: bool | str = False,
         **kwargs: Any,
@@ -193,6 +199,7 @@ class MsameInferOperator(_KillableMixin, BaseOperator):
         super().__init__(**kwargs)
         self.run_dir, self.shard, self.om_path, self.tool = run_dir, shard, om_path, tool
         self.device, self.outfmt, self.set_env, self.chips = device, outfmt, set_env, chips
+        self.batch_size = batch_size
         self.dym_batch, self.timeout_s, self.keep_raw = dym_batch, timeout_s, keep_raw
         self._validate(parse_time=True)
 
@@ -212,6 +219,19 @@ class MsameInferOperator(_KillableMixin, BaseOperator):
             value = _optional(getattr(self, name))
             if ready(value):
                 check_safe_path(value, name, ",")
+        if ready(self.batch_size):
+            batch = as_int("batch_size", self.batch_size)
+            if batch < 1:
+                raise BackendError(f"batch_size must be >= 1, got {batch}")
+            tool = TOOLS.get(self.tool) if ready(self.tool) else None
+            if batch > 1 and tool is not None and not tool.file_batching:
+                raise BackendError(
+                    f"{self.tool} batch_size must be 1 (got {batch}): {tool.no_file_batching_reason}"
+                )
+
+    def _dym_batch(self) -> bool | None:
+        value = _optional(self.dym_batch)
+        return None if value is None else as_bool("dym_batch", value)
 
     def execute(self, context: Any) -> dict[str, Any]:
         self._validate(parse_time=False)
@@ -221,7 +241,8 @@ class MsameInferOperator(_KillableMixin, BaseOperator):
             outfmt=str(self.outfmt),
             set_env=_optional(self.set_env),
             chips=as_int("chips", self.chips),
-            dym_batch=as_bool("dym_batch", self.dym_batch),
+            batch_size=as_int("batch_size", self.batch_size),
+            dym_batch=self._dym_batch(),
             timeout_s=None if _optional(self.timeout_s) is None else float(self.timeout_s),
             keep_raw=as_bool("keep_raw", self.keep_raw),
             handle=self._new_handle(),
@@ -245,5 +266,6 @@ class MsameInferOperator(_KillableMixin, BaseOperator):
             "fps": timing["fps"],
             "latency_ms": timing["latency_ms"],
             "device": timing.get("device", backend.device),
+            "batch_size": timing.get("batch_size", backend.batch_size),
             "reused": result.reused,
         }

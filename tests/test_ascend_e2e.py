@@ -8,19 +8,17 @@ confident for three classes (and its box regression less uniform); the network s
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
+from emulators.checkpoints import confident_checkpoint
 from emulators.toolkit import Toolkit, make_toolkit
 
 from gfocal_pipeline.backends.ais_bench import AisBenchBackend
 from gfocal_pipeline.backends.atc import convert_onnx
 from gfocal_pipeline.backends.base import read_input
 from gfocal_pipeline.backends.msame import MsameBackend
-from gfocal_pipeline.checkpoint import random_state_dict
 from gfocal_pipeline.demo_data import make_demo_coco
 from gfocal_pipeline.export import export_onnx
 from gfocal_pipeline.layout import RunLayout, input_file_name, read_shard_outputs
@@ -30,20 +28,6 @@ from gfocal_pipeline.preprocess import preprocess
 
 pytestmark = pytest.mark.slow
 H, W = 128, 160
-
-
-def confident_checkpoint(path: Path) -> Path:
-    state = random_state_dict(0)
-    generator = torch.Generator().manual_seed(1)
-    cls_weight = state["bbox_head.gfl_cls.weight"]
-    state["bbox_head.gfl_cls.weight"] = 0.01 * torch.randn(cls_weight.shape, generator=generator)
-    bias = torch.full_like(state["bbox_head.gfl_cls.bias"], -8.0)
-    bias[:3] = torch.tensor([-1.5, -1.6, -1.8])
-    state["bbox_head.gfl_cls.bias"] = bias
-    reg_weight = state["bbox_head.gfl_reg.weight"]
-    state["bbox_head.gfl_reg.weight"] = 0.1 * torch.randn(reg_weight.shape, generator=generator)
-    torch.save({"meta": {"note": "test weights"}, "state_dict": state}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -112,8 +112,10 @@ def test_infer_operator_msame_and_ais_bench(kit: Toolkit, tmp_path: Path) -> Non
             "fps",
             "latency_ms",
             "device",
+            "batch_size",
             "reused",
         }
+        assert xcom["batch_size"] == 1
         assert (xcom["backend"], xcom["shard"], xcom["images"], xcom["device"]) == (tool, SHARD, len(IDS), 2)
         assert xcom["fps"] == pytest.approx(1000.0 / xcom["latency_ms"]["mean"])
         _, arrays = read_shard_outputs(Path(xcom["output_dir"]))
@@ -130,6 +132,8 @@ def test_infer_operator_msame_and_ais_bench(kit: Toolkit, tmp_path: Path) -> Non
         ({"om_path": "/models/a.om;reboot"}, r"om_path .* not allowed \(';'\)"),
         ({"run_dir": "/runs/$(id)"}, r"run_dir .* not allowed"),
         ({"shard": "00000`x`"}, r"shard .* not allowed"),
+        ({"batch_size": 2}, r"msame batch_size must be 1 \(got 2\): msame .* has no file batching"),
+        ({"batch_size": "0", "tool": "ais_bench"}, "batch_size must be >= 1, got 0"),
     ],
 )
 def test_infer_operator_validates_arguments(overrides: dict, message: str) -> None:
@@ -155,3 +159,26 @@ def test_infer_operator_checks_rendered_values(kit: Toolkit, tmp_path: Path) -> 
     op.device = "300"  # what the template rendered to
     with pytest.raises(BackendError, match="device id 300 is out of range"):
         op.execute(context={})
+
+
+def test_infer_operator_ais_bench_rendered_batch_size(kit: Toolkit, tmp_path: Path) -> None:
+    onnx_file = tiny_dets_model(tmp_path / "dyn.onnx", batch="N")
+    om = convert_operator(kit, tmp_path, onnx_path=str(onnx_file), dynamic_batch_sizes="1,2").execute(
+        context={}
+    )["om_path"]
+    write_run(tmp_path / "run")
+    op = MsameInferOperator(
+        task_id="infer",
+        run_dir=str(tmp_path / "run"),
+        shard=SHARD,
+        om_path=om,
+        tool="ais_bench",
+        batch_size="{{ params.batch_size }}",
+        set_env=str(kit.set_env),
+    )
+    op.batch_size = "2"  # what the template rendered to
+    xcom = op.execute(context={})
+    assert xcom["batch_size"] == 2 and xcom["images"] == len(IDS)
+    assert xcom["fps"] == pytest.approx(2 * 1000.0 / xcom["latency_ms"]["mean"])
+    argv = kit.calls("ais_bench")[-1]["argv"]
+    assert argv[argv.index("--dymBatch") + 1] == "2"

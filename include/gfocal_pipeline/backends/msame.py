@@ -11,14 +11,23 @@ per-attempt output directory. Its result is trusted only when all of these hold:
 The outputs (`dets` float32 (100,5), `labels` int64 (100,) per image) are then written to the shared
 layout (`layout.write_shard_outputs(kind="dets")`) and the raw tool folder is removed.
 
-fps = 1000 * batch / mean_ms, with mean_ms the tool's average time per inference, times `chips`
-when one card has several chips that run copies of the job. The recipe reports an Atlas 300I (310,
-four chips) as 4 x 1000 / 223.21 = 17.92 fps; a 310P card is one device: 1000 / 28.99 = 34.49 fps.
+fps = chips * 1000 * batch / mean_ms, with mean_ms the tool's average time per inference (one
+inference = one batch of `batch` images), times `chips` when one card has several chips that run
+copies of the job. The recipe reports an Atlas 300I (310, four chips) at batch 1 as
+4 x 1000 / 223.21 = 17.92 fps; a 310P card is one device: 1000 / 28.99 = 34.49 fps.
+
+Batch: msame feeds each input file as one whole inference, and our inputs hold one image per file,
+so msame runs batch 1 only. ais_bench groups `batch` consecutive files into one inference (the last
+group padded) and splits each output back into one file per input, so it runs batch N on an OM
+converted with a dynamic batch that includes N (`--dymBatch N`) or with static batch N. What the OM
+supports is read from the `convert.json` that the convert step writes beside it (see `om_batch`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -31,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from gfocal_pipeline.backends.atc import CACHE_META
 from gfocal_pipeline.backends.base import Backend, ShardResult
 from gfocal_pipeline.backends.cann_env import CannEnv, load_cann_env
 from gfocal_pipeline.backends.process import (
@@ -75,6 +85,49 @@ class ToolRun:
     process: ProcessResult
 
 
+@dataclass(frozen=True)
+class OmBatch:
+    """The batch an OM was converted for: `static` (-1 when dynamic) and its dynamic batch sizes."""
+
+    static: int
+    dynamic: tuple[int, ...] = ()
+    source: str = ""
+
+    def describe(self) -> str:
+        if self.dynamic:
+            return f"dynamic batch sizes {list(self.dynamic)}"
+        return f"static batch {self.static} (no dynamic batch sizes)"
+
+
+def om_batch(om_path: Path, om_sha256: str) -> OmBatch | None:
+    """The OM's batch from the atc arguments in the `convert.json` beside it (the convert step's
+    output folder, or the cache entry); None when there is none or it describes another file."""
+    meta_path = om_path.parent / CACHE_META
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("om_sha256") != om_sha256:
+            return None
+        args = [str(a) for a in meta["atc_args"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    static = dynamic = None
+    for arg in args:
+        if arg.startswith("--input_shape="):
+            first = arg.split("=", 1)[1].split(";")[0]
+            try:
+                static = int(first.rsplit(":", 1)[-1].split(",")[0])
+            except ValueError:
+                return None
+        elif arg.startswith("--dynamic_batch_size="):
+            try:
+                dynamic = tuple(int(b) for b in arg.split("=", 1)[1].split(",") if b.strip())
+            except ValueError:
+                return None
+    if static is None:
+        return None
+    return OmBatch(static, dynamic or (), str(meta_path))
+
+
 def check_device(device: object) -> int:
     if isinstance(device, bool) or not isinstance(device, int | str):
         raise BackendError(f"device id {device!r} must be an integer 0..{MAX_DEVICE}")
@@ -95,6 +148,9 @@ class AscendToolBackend(Backend):
     success_marker: re.Pattern[str]
     success_hint: str  # the success line in words, for error messages
     run_dir_pattern: re.Pattern[str]
+    # True when the tool groups `batch_size` one-image input files into one inference
+    file_batching = False
+    no_file_batching_reason = ""
 
     def __init__(
         self,
@@ -105,7 +161,7 @@ class AscendToolBackend(Backend):
         set_env: str | os.PathLike[str] | None = None,
         batch_size: int = 1,
         chips: int = 1,
-        dym_batch: bool = False,
+        dym_batch: bool | None = None,
         timeout_s: float | None = None,
         keep_raw: bool = False,
         handle: ProcessHandle | None = None,
@@ -121,16 +177,17 @@ class AscendToolBackend(Backend):
                 f"outfmt {outfmt!r} is not supported by {self.name}; use one of {', '.join(self.outfmts)}"
             )
         self.outfmt = outfmt
-        if batch_size != 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise BackendError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if batch_size != 1 and not self.file_batching:
             raise BackendError(
-                f"{self.name} feeds one preprocessed image per input file, so batch_size must be 1 "
-                f"(got {batch_size}); convert the OM with batch 1"
+                f"{self.name} batch_size must be 1 (got {batch_size}): {self.no_file_batching_reason}"
             )
         if chips < 1:
             raise BackendError(f"chips must be >= 1, got {chips}")
         self.batch_size = batch_size
         self.chips = chips
-        self.dym_batch = dym_batch
+        self.dym_batch = dym_batch  # None: decided from the OM's convert.json (see dym_batch_value)
         self.set_env = set_env
         self.timeout_s = timeout_s
         self.keep_raw = keep_raw
@@ -141,7 +198,45 @@ class AscendToolBackend(Backend):
         """The tool's executable (and module) as resolved in the CANN environment."""
         raise NotImplementedError
 
-    def argv(self, env: CannEnv, input_dir: Path, output_dir: Path) -> list[str]:
+    def dym_batch_value(self) -> int | None:
+        """The `--dymBatch` to pass (None: none), checked against what the OM was converted for.
+
+        `dym_batch=None` (auto): pass it when the OM has dynamic batch sizes, not when it has a
+        static batch, and, when the OM's batch is unknown (no matching convert.json), only for
+        batch_size > 1. True / False force it on / off; both are checked when the batch is known."""
+        known = om_batch(self.om_path, self.model_sha256)
+        where = f"OM {str(self.om_path)!r}"
+        if known is None:
+            wanted = self.dym_batch if self.dym_batch is not None else self.batch_size > 1
+            return self.batch_size if wanted else None
+        if known.dynamic:
+            if self.batch_size not in known.dynamic:
+                raise BackendError(
+                    f"batch_size {self.batch_size} is not one of the {where}'s {known.describe()}; use one "
+                    f"of them or re-convert with dynamic_batch_sizes including {self.batch_size}"
+                )
+            if self.dym_batch is False:
+                raise BackendError(
+                    f"{where} has {known.describe()}, so {self.name} needs --dymBatch; leave dym_batch "
+                    "unset (auto) or set it true"
+                )
+            return self.batch_size
+        if self.batch_size != known.static:
+            raise BackendError(
+                f"batch_size {self.batch_size} does not match the {where}'s {known.describe()}; re-convert "
+                f"with dynamic_batch_sizes including {self.batch_size} (from an ONNX exported with "
+                f"dynamic_batch=True) or use batch_size {known.static}"
+            )
+        if self.dym_batch:
+            raise BackendError(
+                f"dym_batch is set but the {where} has {known.describe()}; --dymBatch would be rejected. "
+                "Leave dym_batch unset or re-convert with dynamic_batch_sizes"
+            )
+        return None
+
+    def argv(
+        self, env: CannEnv, input_dir: Path, output_dir: Path, dym_batch: int | None = None
+    ) -> list[str]:
         """The tool's argument list; msame and ais_bench share these flags."""
         argv = [
             *self.command(env),
@@ -151,8 +246,8 @@ class AscendToolBackend(Backend):
             "--outfmt", self.outfmt,
             "--device", str(self.device),
         ]
-        if self.dym_batch:
-            argv += ["--dymBatch", str(self.batch_size)]
+        if dym_batch is not None:
+            argv += ["--dymBatch", str(dym_batch)]
         return argv
 
     def output_file_name(self, stem: str, index: int) -> str:
@@ -160,6 +255,9 @@ class AscendToolBackend(Backend):
 
     def parse_timing(self, result: ProcessResult, output_dir: Path, before: set[str]) -> ToolTiming:
         raise NotImplementedError
+
+    def check_timing(self, timing: ToolTiming, inputs: int) -> None:
+        """Hook: checks of the reported timing against the number of inputs (none by default)."""
 
     def failure(self, result: ProcessResult) -> BackendError:
         errors = [line for line in result.lines if "[ERROR]" in line or "Error" in line][:10]
@@ -183,11 +281,12 @@ class AscendToolBackend(Backend):
             raise BackendError(f"OM model {str(self.om_path)!r} does not exist; run the convert step first")
         check_safe_path(input_dir, "input directory", ",")
         check_safe_path(output_dir, "tool output directory", ",")
+        dym_batch = self.dym_batch_value()
         env = load_cann_env(self.set_env)
         output_dir.mkdir(parents=True, exist_ok=True)
         before = set(os.listdir(output_dir))
         result = run_tool(
-            self.argv(env, input_dir, output_dir),
+            self.argv(env, input_dir, output_dir, dym_batch),
             env=env.environ(),
             name=self.name,
             timeout_s=self.default_timeout(len(stems)),
@@ -197,7 +296,9 @@ class AscendToolBackend(Backend):
             raise self.failure(result)
         run_dir = self.find_run_dir(output_dir, before, result)
         files = self.match_outputs(run_dir, stems)
-        return ToolRun(run_dir, files, self.parse_timing(result, output_dir, before), result)
+        timing = self.parse_timing(result, output_dir, before)
+        self.check_timing(timing, len(stems))
+        return ToolRun(run_dir, files, timing, result)
 
     def find_run_dir(self, output_dir: Path, before: set[str], result: ProcessResult) -> Path:
         """The one run folder this run created (earlier runs' folders are ignored)."""
@@ -258,7 +359,7 @@ class AscendToolBackend(Backend):
             raise BackendError(f"cannot read {self.name} output {str(path)!r}: {exc}") from exc
         if values.size != count:
             raise BackendError(
-                f"{path.name} holds {values.size} values, expected {count} for output {name!r} (batch 1)"
+                f"{path.name} holds {values.size} values, expected {count} for output {name!r} (one image)"
             )
         return values.astype(dtype).reshape((MAX_PER_IMG, 5) if name == "dets" else (MAX_PER_IMG,))
 
@@ -358,8 +459,10 @@ class AscendToolBackend(Backend):
         return {
             "fps": self.chips * 1000.0 * self.batch_size / timing.mean_ms,
             "fps_formula": "chips * 1000 * batch / mean_ms",
+            "latency_per": "inference of batch_size images",
             "latency_ms": latency,
             "batch_size": self.batch_size,
+            "inferences": math.ceil(images / self.batch_size),
             "chips": self.chips,
             "images": images,
             "device": self.device,
@@ -373,6 +476,11 @@ class MsameBackend(AscendToolBackend):
 
     name = "msame"
     outfmts = ("BIN", "TXT")
+    no_file_batching_reason = (
+        "msame feeds each input file as one whole inference and has no file batching, while the "
+        "preprocessed inputs hold one image per .bin; use tool 'ais_bench' for batch N (it groups N "
+        "files per inference) or keep batch 1 for msame"
+    )
     success_marker = re.compile(r"\[INFO\]\s+(?:pid:\s*\d+\s+)?Execute sample success")
     success_hint = "[INFO] Execute sample success"
     # 20210622_114034 (<= 2021-08) or 2022827_9_5_3_123456 (unpadded, newer)

@@ -1,4 +1,11 @@
-"""The emulated ais_bench inference run: flags, `[LEVEL] msg` logging, output folder and summary."""
+"""The emulated ais_bench inference run: flags, `[LEVEL] msg` logging, output folder and summary.
+
+Files mode as in ais_bench: the input buffer (static batch, or `--dymBatch N` on a dynamic-batch OM,
+checked against the OM's sizes) divided by the first file's size gives the files per inference;
+the last group is padded with copies of its first file, every output is split along
+`--output_batchsize_axis` into `<stem>_<i>` files and the padded ones are dropped. One time per
+inference (= per batch) goes into the summary; warm-up runs on the first group and is not timed.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", "-d", type=_device, default=0)
     p.add_argument("--dymBatch", type=int, default=0)
     p.add_argument("--batchsize", type=int, default=None)
+    p.add_argument("--output_batchsize_axis", type=int, default=0)
     p.add_argument("--warmup_count", type=int, default=1)
     p.add_argument("--display_all_summary", type=_bool, default=False)
     return p
@@ -55,6 +63,55 @@ def save(array: np.ndarray, path: str, fmt: str) -> None:
         np.savetxt(path, array.reshape(-1, array.shape[-1]))
     else:
         np.ascontiguousarray(array).tofile(path)
+
+
+class RunError(Exception):
+    """ais_bench's own failure: `[ERROR]` lines were logged, the run raises (traceback, exit 1)."""
+
+
+def model_batch(model: EmulatedModel, dym_batch: int) -> int:
+    """Images per inference, validated like aclruntime's CheckDynamicBatchSize."""
+    sizes = model.meta.get("dynamic_batch_sizes") or []
+    if dym_batch:
+        if not sizes:
+            logger.error("the dynamic_batch_size parameter is not specified for model conversion")
+            raise RunError("set dynamic batch failed")
+        if dym_batch not in sizes:
+            logger.error("the dymBatch parameter is not correct")
+            logger.error(
+                "model has dynamic batch size:{%s}, please set correct dynamic batch size",
+                "".join(f"[{b}]" for b in sizes),
+            )
+            raise RunError("set dynamic batch failed")
+        return dym_batch
+    if sizes:  # the real tool then sizes the buffer for the largest batch and fails at execution
+        logger.error("the model has a dynamic batch; pass --dymBatch")
+        raise RunError("dynamic batch not set")
+    return max(1, int(model.input["shape"][0]))
+
+
+def groups(files: list[str], tensor_bytes: int) -> list[list[str | None]]:
+    """Files per inference (None = padding, fed as the group's first file)."""
+    file_bytes = os.path.getsize(files[0])
+    if file_bytes == 0 or tensor_bytes % file_bytes:
+        logger.error("arg0 tensorsize: %s filesize: %s not match", tensor_bytes, file_bytes)
+        raise RunError("input size mismatch")
+    per = tensor_bytes // file_bytes
+    chunks: list[list[str | None]] = [list(files[i : i + per]) for i in range(0, len(files), per)]
+    chunks[-1] += [None] * (per - len(chunks[-1]))
+    logger.info(
+        "get filesperbatch files0 size:%s tensor0size:%s filesperbatch:%s runcount:%s",
+        file_bytes, tensor_bytes, per, len(chunks),
+    )
+    return chunks
+
+
+def read_group(group: list[str | None]) -> bytes:
+    data = []
+    for path in group:
+        with open(path or group[0], "rb") as handle:  # type: ignore[arg-type]
+            data.append(handle.read())
+    return b"".join(data)
 
 
 def main(argv: list[str]) -> int:
@@ -83,29 +140,38 @@ def main(argv: list[str]) -> int:
         folder = os.path.join(args.output, args.output_dirname or timestr)
         os.makedirs(folder, exist_ok=True)
         logger.info("output path:%s", folder)
+    batch = model_batch(model, args.dymBatch)
     dym = args.dymBatch or None
+    chunks = groups(files, batch * model.image_bytes) if files else []
     for _ in range(args.warmup_count):
-        if files:
-            with open(files[0], "rb") as handle:
-                model.run(handle.read(), dym)
+        if chunks:
+            model.run(read_group(chunks[0]), dym)
     times: list[float] = []
     written: list[str] = []
     ext = {"NPY": "npy", "BIN": "bin", "TXT": "txt"}[args.outfmt]
-    for path in files:
-        with open(path, "rb") as handle:
-            outputs, ms = model.run(handle.read(), dym)
+    for group in chunks:
+        outputs, ms = model.run(read_group(group), dym)
         times.append(ms)
-        if folder:
-            stem = os.path.basename(path).split(".")[0]
-            for index, array in enumerate(outputs):
+        if not folder:
+            continue
+        axis = args.output_batchsize_axis
+        for index, array in enumerate(outputs):
+            if axis >= array.ndim or array.shape[axis] % len(group):
+                logger.error("save out files error shape:%s files per batch:%s", array.shape, len(group))
+                raise RunError("cannot split outputs")
+            parts = np.array_split(array, len(group), axis)
+            for path, part in zip(group, parts, strict=True):
+                if path is None:  # padding: its outputs are not saved
+                    continue
+                stem = os.path.basename(path).split(".")[0]
                 target = os.path.join(folder, f"{stem}_{index}.{ext}")
-                save(array, target, args.outfmt)
+                save(part, target, args.outfmt)
                 written.append(target)
     if written and "ais_drop_output" in active:
         os.remove(written[-1])
     if written and "ais_extra_output" in active:
         save(np.zeros((1, 1), np.float32), os.path.join(folder, f"stray_0.{ext}"), args.outfmt)
-    batch = args.batchsize or (dym or max(1, model.input["shape"][0]))
+    batch = args.batchsize or batch
     t = np.asarray(times or [0.0])
     stats = {
         "min": float(t.min()),
