@@ -328,6 +328,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
         elif spec.backend == "msame":
             from operators import AtcConvertOperator, MsameInferOperator
 
+            batched = "{{ ti.xcom_pull(task_ids='prepare')['batch_size'] > 1 }}"
             export = OnnxExportOperator(
                 task_id="export",
                 variant="ascend",
@@ -335,6 +336,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
                 checkpoint=cfg("checkpoint"),
                 height=cfg("height"),
                 width=cfg("width"),
+                dynamic_batch=batched,  # batch > 1 (ais_bench): a dynamic-batch OM
             )
             export_portable = OnnxExportOperator(
                 task_id="export_portable",
@@ -349,7 +351,9 @@ def build_dag(spec: PipelineSpec) -> DAG:
                 onnx_path="{{ ti.xcom_pull(task_ids='export')['onnx_path'] }}",
                 cache_dir=cfg("work_dir") + "/cache/om",
                 output_dir=run_dir + "/model",
-                om_name="gfocal_bs1",
+                om_name="gfocal",
+                dynamic_batch_sizes="{{ '1,' ~ ti.xcom_pull(task_ids='prepare')['batch_size'] "
+                "if ti.xcom_pull(task_ids='prepare')['batch_size'] > 1 else '' }}",
                 soc_version=cfg("soc_version"),
                 input_dtype=cfg("dtype"),
                 precision_mode=cfg("precision_mode"),
@@ -365,6 +369,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
                 outfmt=cfg("outfmt"),
                 set_env=cfg("cann_set_env"),
                 chips=cfg("chips"),
+                batch_size=cfg("batch_size"),
                 om_path="{{ ti.xcom_pull(task_ids='convert')['om_path'] }}",
                 **ascend,
             ).expand(shard=shards)

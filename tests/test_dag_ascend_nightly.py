@@ -45,6 +45,7 @@ def nightly(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     second = dag.test(run_conf=conf)
     assert second.state == "success"
     return {
+        "conf": conf,
         "dag": dag,
         "first": xcoms(dag.dag_id, first.run_id),
         "second": xcoms(dag.dag_id, second.run_id),
@@ -136,3 +137,21 @@ def test_nightly_form_rejects_bad_values(nightly: dict) -> None:
     ):
         with pytest.raises(ParamValidationError):
             dag.test(run_conf=bad)
+
+
+def test_ais_bench_runs_batches_on_a_dynamic_batch_om(nightly: dict) -> None:
+    dag = nightly["dag"]
+    run = dag.test(run_conf={**nightly["conf"], "tool": "ais_bench", "batch_size": 2, "min_ap": None})
+    assert run.state == "success"
+    values = xcoms(dag.dag_id, run.run_id)
+    assert "--dynamic_batch_size=1,2" in values["convert"]["atc_args"]
+    assert {values["infer[0]"]["batch_size"], values["infer[1]"]["batch_size"]} == {2}
+    assert values["summary"]["backends"]["device"]["backend"] == "ais_bench"
+    assert values["summary"]["backends"]["device"]["images"] == 5
+
+
+def test_msame_with_batch_above_one_is_refused_at_prepare(nightly: dict) -> None:
+    dag = nightly["dag"]
+    run = dag.test(run_conf={**nightly["conf"], "tool": "msame", "batch_size": 2})
+    assert run.state == "failed"
+    assert "prepare" not in xcoms(dag.dag_id, run.run_id)

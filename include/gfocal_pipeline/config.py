@@ -110,6 +110,11 @@ def validate_run_config(config: dict[str, Any]) -> dict[str, Any]:
     # the Ascend DAG's form fields (validated here too: the prepare task runs before any tool)
     if "tool" in cfg:
         cfg["tool"] = check_choice("tool", cfg["tool"], ("msame", "ais_bench"))
+    if cfg.get("tool") == "msame" and cfg["batch_size"] > 1:
+        raise ConfigError(
+            f"parameter 'batch_size' = {cfg['batch_size']}: msame runs one input file per inference; "
+            "use tool 'ais_bench' for batch > 1 (it groups files into batches of a dynamic-batch OM)"
+        )
     if "device" in cfg:
         cfg["device"] = check_int("device", cfg["device"], 0, 255)
     if "chips" in cfg:
