@@ -131,14 +131,14 @@ class GfocalAlertNotifier(BaseNotifier):
 def deadline_missed(context: dict[str, Any] | None = None, **kwargs: Any) -> None:
     """Deadline callback: the nightly has not finished in time.
 
-    Airflow passes the run as a dict (`context["dag_run"]`, the API model dumped); an object with
-    attributes is accepted too.
+    Airflow passes the run as a dict (`context["dag_run"]`: the API's DAGRunResponse dumped, whose run
+    id field is `dag_run_id`); an object with attributes is accepted too.
     """
     dag_run = (context or {}).get("dag_run") or {}
     if not isinstance(dag_run, Mapping):
         dag_run = {"dag_id": getattr(dag_run, "dag_id", None), "run_id": getattr(dag_run, "run_id", None)}
     dag_id = dag_run.get("dag_id") or kwargs.get("dag_id", "?")
-    run_id = dag_run.get("run_id") or "?"
+    run_id = dag_run.get("dag_run_id") or dag_run.get("run_id") or "?"  # the API model names it dag_run_id
     run_url, trend_url = _links(dag_id, run_id)
     content = build_failure_alert(
         dag_id=dag_id,

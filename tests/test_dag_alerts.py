@@ -144,8 +144,13 @@ def test_deadline_alert_names_the_run(inbox: Inbox) -> None:
 
     run_id = "scheduled__2026-11-26T02:00:00+00:00"
     # Airflow hands the deadline callback the run as a dict
+    from airflow.api_fastapi.core_api.datamodels.dag_run import DAGRunResponse
+
+    # Airflow's Deadline.handle_miss passes DAGRunResponse(...).model_dump(mode="json") as dag_run
+    dumped = set(DAGRunResponse.model_json_schema(mode="serialization")["properties"])
+    assert {"dag_id", "dag_run_id"} <= dumped and "run_id" not in dumped
     deadline_missed(
-        {"dag_run": {"dag_id": "gfocal_ascend_nightly", "run_id": run_id}},
+        {"dag_run": {"dag_id": "gfocal_ascend_nightly", "dag_run_id": run_id}},
         dag_id="gfocal_ascend_nightly",
         interval="6:00:00",
     )
