@@ -23,7 +23,7 @@ import torch
 from gfocal_pipeline.backends.registry import get_backend
 from gfocal_pipeline.checkpoint import load_model, write_random_checkpoint
 from gfocal_pipeline.layout import RunLayout, input_file_name, shard_name
-from gfocal_pipeline.manifest import ImageEntry, Manifest, load_manifest
+from gfocal_pipeline.manifest import Geometry, ImageEntry, Manifest, load_manifest
 from gfocal_pipeline.model import DeployModel
 
 
@@ -34,8 +34,14 @@ def export_portable(checkpoint: Path, path: Path, height: int, width: int) -> Pa
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is what atc needs
         torch.onnx.export(
-            deploy, (torch.randn(1, 3, height, width),), str(path), dynamo=False, opset_version=17,
-            input_names=names[:1], output_names=names[1:], dynamic_axes={n: {0: "batch"} for n in names},
+            deploy,
+            (torch.randn(1, 3, height, width),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=names[:1],
+            output_names=names[1:],
+            dynamic_axes={n: {0: "batch"} for n in names},
         )
     return path
 
@@ -52,8 +58,14 @@ def build_run(root: Path, images: int, shard_size: int, height: int, width: int)
         rng.standard_normal((3, height, width), dtype=np.float32).tofile(
             layout.input_shard(shard) / input_file_name(index + 1)
         )
-        entries.append(ImageEntry(index + 1, f"{index + 1}.jpg", width, height, 1.0, 1.0, width, height,
-                                  (0, 0, 0, 0), shard))
+        entries.append(
+            ImageEntry(
+                index + 1,
+                f"{index + 1}.jpg",
+                shard,
+                Geometry(width, height, 1.0, 1.0, width, height, (0, 0, 0, 0)),
+            )
+        )
     Manifest("letterbox", "float32", height, width, shard_size, "-", "-", "-", entries, shards).write(
         layout.manifest
     )
@@ -84,27 +96,44 @@ def main() -> None:
                 run = root / f"run-{name}-{batch}"
                 manifest = build_run(run, args.images, max(batches) * 4, height, width)
                 if name == "onnxruntime":
-                    backend = get_backend(name, model=model, batch_size=batch, providers=args.providers,
-                                          intra_op_num_threads=args.threads)
+                    backend = get_backend(
+                        name,
+                        model=model,
+                        batch_size=batch,
+                        providers=args.providers,
+                        intra_op_num_threads=args.threads,
+                    )
                 else:
-                    backend = get_backend(name, checkpoint=checkpoint, batch_size=batch, device=args.device,
-                                          num_threads=args.threads)
+                    backend = get_backend(
+                        name, model=checkpoint, batch_size=batch, device=args.device, num_threads=args.threads
+                    )
                 results = [backend.infer_shard(RunLayout.at(run), manifest, s) for s in manifest.shards]
-                latencies = [ms for r in results
-                             for ms in json.loads(RunLayout.at(run).timing_file(name, r.shard).read_text())
-                             ["latencies_ms"]]
+                latencies = [
+                    ms
+                    for r in results
+                    for ms in json.loads(RunLayout.at(run).timing_file(name, r.shard).read_text())[
+                        "latencies_ms"
+                    ]
+                ]
                 images = sum(r.images for r in results)
-                rows.append({
-                    "backend": name, "batch": batch, "size": f"{height}x{width}", "images": images,
-                    "fps": round(images / (sum(latencies) / 1000.0), 2),
-                    "p50_ms": round(float(np.percentile(latencies, 50)), 2),
-                    "p90_ms": round(float(np.percentile(latencies, 90)), 2),
-                })
+                rows.append(
+                    {
+                        "backend": name,
+                        "batch": batch,
+                        "size": f"{height}x{width}",
+                        "images": images,
+                        "fps": round(images / (sum(latencies) / 1000.0), 2),
+                        "p50_ms": round(float(np.percentile(latencies, 50)), 2),
+                        "p90_ms": round(float(np.percentile(latencies, 90)), 2),
+                    }
+                )
                 print(json.dumps(rows[-1]))
     base = rows[0]
     for row in rows[1:]:  # ratios measured side by side in this one run
-        print(f"ratio fps {row['backend']}/b{row['batch']} vs {base['backend']}/b{base['batch']}: "
-              f"{row['fps'] / base['fps']:.2f}x")
+        print(
+            f"ratio fps {row['backend']}/b{row['batch']} vs {base['backend']}/b{base['batch']}: "
+            f"{row['fps'] / base['fps']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ dag: DAG = build_dag(
     PipelineSpec(
         dag_id="gfocal_onnxruntime",
         description="GFocalV2: export -> preprocess -> ONNX Runtime -> COCO eval -> summary",
-        backend="onnxruntime",
+        family="onnxruntime",
         tags=("onnxruntime",),
     )
 )

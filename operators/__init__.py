@@ -1,15 +1,13 @@
-"""Thin Airflow operators over `gfocal_pipeline`: validate arguments, call the library, return XCom dicts."""
+"""Thin Airflow operators over `gfocal_pipeline.steps`: each calls one step and returns its XCom dict."""
 
-from operators.ascend import AtcConvertOperator, MsameInferOperator
+from operators.ascend import AtcConvertOperator
 from operators.export import OnnxExportOperator
+from operators.infer import InferOperator, MsameInferOperator
 from operators.pipeline import (
     CocoEvalOperator,
     CocoPreprocessOperator,
-    InferOperator,
-    OnnxRuntimeInferOperator,
     PrepareRunOperator,
     RunSummaryOperator,
-    TorchInferOperator,
 )
 from operators.quality import RecordResultsOperator, RegressionGateOperator
 
@@ -20,10 +18,8 @@ __all__ = [
     "InferOperator",
     "MsameInferOperator",
     "OnnxExportOperator",
-    "OnnxRuntimeInferOperator",
     "PrepareRunOperator",
     "RecordResultsOperator",
     "RegressionGateOperator",
     "RunSummaryOperator",
-    "TorchInferOperator",
 ]

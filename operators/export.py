@@ -7,78 +7,67 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
+from gfocal_pipeline import steps
 from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_INPUT_NAME, DEFAULT_WIDTH
-from gfocal_pipeline.export import DEFAULT_PARITY_THRESHOLD, export_onnx
-from operators.params import as_bool, as_int
+from gfocal_pipeline.export import DEFAULT_MAX_UNEXPLAINED, DEFAULT_PARITY_THRESHOLD
+from operators.base import attributes
 
 
 class OnnxExportOperator(BaseOperator):
-    """Export a GFocalV2 checkpoint to ONNX and push a small dict to XCom.
+    """Export a GFocalV2 checkpoint to the run's `model/gfocal_<variant>.onnx` and check its parity.
 
-    XCom: `onnx_path`, `onnx_sha256`, `checkpoint_sha256`, `variant`, `input_name`, `input_shape`,
-    `output_names`, `opset`, `parity_max_abs_err`, `export_seconds`, `torch_version`.
+    For: the first model step of every DAG (`portable` for ONNX Runtime, `ascend` for atc); `dtype`
+    and `batch_size` decide the graph's input and batch axis (see `steps.export_step`). XCom:
+    `onnx_path`, `onnx_sha256`, `checkpoint_sha256`, `variant`, `input_name`, `input_shape`,
+    `output_names`, `opset`, `parity_max_abs_err`, `parity_ties`, `parity_unexplained`,
+    `unexplained_allowed` (True when `max_unexplained` let unexplained candidates through),
+    `export_seconds`, `torch_version`. A refused graph fails the task and is kept as
+    `<name>.rejected.onnx` beside the target.
     """
 
     template_fields: Sequence[str] = (
+        "run_dir",
         "checkpoint",
-        "output_path",
-        "variant",
         "height",
         "width",
-        "batch",
-        "opset",
-        "dynamic_batch",
-        "normalize_in_graph",
+        "dtype",
+        "batch_size",
+        "parity_threshold",
+        "max_unexplained",
     )
     ui_color = "#e8d5f5"
 
     def __init__(
         self,
         *,
+        run_dir: str,
         checkpoint: str,
-        output_path: str,
         variant: str = "portable",
-        height: int | str = DEFAULT_HEIGHT,
-        width: int | str = DEFAULT_WIDTH,
-        batch: int | str = 1,
-        opset: int | str | None = None,
-        dynamic_batch: bool | str = False,
-        normalize_in_graph: bool | str = False,
-        input_name: str = DEFAULT_INPUT_NAME,
+        height: int = DEFAULT_HEIGHT,
+        width: int = DEFAULT_WIDTH,
+        dtype: str = "float32",
+        batch_size: int = 1,
         parity_threshold: float = DEFAULT_PARITY_THRESHOLD,
+        max_unexplained: int = DEFAULT_MAX_UNEXPLAINED,
+        opset: int | None = None,
+        input_name: str = DEFAULT_INPUT_NAME,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.checkpoint = checkpoint
-        self.output_path = output_path
-        self.variant = variant
-        self.height = height
-        self.width = width
-        self.batch = batch
-        self.opset = opset
-        self.dynamic_batch = dynamic_batch
-        self.normalize_in_graph = normalize_in_graph
+        self.run_dir, self.checkpoint, self.variant = run_dir, checkpoint, variant
+        self.height, self.width, self.opset = height, width, opset
+        self.dtype, self.batch_size = dtype, batch_size
+        self.parity_threshold, self.max_unexplained = parity_threshold, max_unexplained
         self.input_name = input_name
-        self.parity_threshold = parity_threshold
 
     def execute(self, context: Any) -> dict[str, Any]:
-        result = export_onnx(
-            checkpoint=self.checkpoint,
-            output=self.output_path,
-            variant=str(self.variant),
-            height=as_int("height", self.height),
-            width=as_int("width", self.width),
-            batch=as_int("batch", self.batch),
-            dynamic_batch=as_bool("dynamic_batch", self.dynamic_batch),
-            opset=None if self.opset in (None, "", "None") else as_int("opset", self.opset),
-            input_name=self.input_name,
-            normalize_in_graph=as_bool("normalize_in_graph", self.normalize_in_graph),
-            parity_threshold=float(self.parity_threshold),
-        )
+        names = ("dtype", "batch_size", "height", "width", "opset", "input_name", "parity_threshold")
+        options = attributes(self, (*names, "max_unexplained"))
+        result = steps.export_step(self.run_dir, self.variant, self.checkpoint, **options)
         self.log.info(
             "exported %s (sha256 %s), parity max abs err %.3g",
-            result.onnx_path,
-            result.onnx_sha256[:12],
-            result.parity_max_abs_err,
+            result["onnx_path"],
+            result["onnx_sha256"][:12],
+            result["parity_max_abs_err"],
         )
-        return result.to_xcom()
+        return result

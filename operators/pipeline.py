@@ -1,4 +1,8 @@
-"""Operators for the embedded pipeline steps: prepare, preprocess, infer, evaluate, summary."""
+"""Operators of the embedded pipeline steps: prepare, preprocess, evaluate, summary.
+
+Templated fields render as native objects (the DAGs set `render_template_as_native_obj`), so the
+values read from the prepare task arrive typed (int, None, ...) and are passed on as they are.
+"""
 
 from __future__ import annotations
 
@@ -8,89 +12,73 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from gfocal_pipeline import steps
-from operators.params import as_bool, as_int
+from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
+from gfocal_pipeline.run_config import PREPROCESS_OPTIONS
+from operators.base import attributes
+from operators.settings import load_settings
+from operators.wiring import MANIFEST_KEY
 
 
 class PrepareRunOperator(BaseOperator):
-    """First task of a run: validates the run's parameters once and fixes its working directory.
+    """First task of a run: validates the run's options once (`RunConfig`) and makes its run directory.
 
-    Pushes the validated parameters plus `run_dir` (`<work_dir>/<dag_id>/<run_id>`), so every later
-    task reads the same values.
+    Pushes the validated options plus `run_dir` (`<work_dir>/<dag_id>/<run_id>`) and `om_cache_dir`,
+    so every later task reads the same typed values. `ascend` adds the Ascend DAG's options.
     """
 
     template_fields: Sequence[str] = ("config",)
 
-    def __init__(self, *, config: dict[str, Any] | str, validator: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *, config: dict[str, Any], ascend: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.config = config
-        self.validator = validator
+        self.config, self.ascend = config, ascend
 
     def execute(self, context: Any) -> dict[str, Any]:
-        config = dict(self.config) if isinstance(self.config, dict) else {}
-        if self.validator is not None:
-            config = self.validator(config)
-        run_dir = steps.run_directory(config["work_dir"], context["dag"].dag_id, context["run_id"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config["run_dir"] = str(run_dir)
-        self.log.info("run directory: %s", run_dir)
-        return config
+        prepared = steps.prepare_step(
+            dict(self.config), context["dag"].dag_id, context["run_id"], ascend=self.ascend
+        )
+        self.log.info("run directory: %s", prepared["run_dir"])
+        return prepared
 
 
 class CocoPreprocessOperator(BaseOperator):
-    """COCO root -> manifest + sharded `.bin` inputs.
+    """COCO-format set -> manifest + sharded `.bin` inputs.
 
     Returns the list of shard names (what inference tasks are mapped over); the manifest facts
-    (path, sha256, images, dtype, ...) are pushed under the XCom key `manifest`.
+    (path, sha256, images, dtype, ...) are pushed under the XCom key `manifest`. `workers` (threads)
+    defaults to the worker's `[gfocal] preprocess_workers`, else its usable CPU cores.
     """
 
-    template_fields: Sequence[str] = (
-        "coco_root",
-        "run_dir",
-        "policy",
-        "dtype",
-        "height",
-        "width",
-        "shard_size",
-        "max_images",
-        "skip_bad_images",
-    )
+    template_fields: Sequence[str] = ("run_dir", *PREPROCESS_OPTIONS)
 
     def __init__(
         self,
         *,
         coco_root: str,
         run_dir: str,
+        images_dir: str = DEFAULT_IMAGE_DIR,
+        annotations: str = DEFAULT_ANNOTATION_FILE,
         policy: str = "letterbox",
         dtype: str = "float32",
-        height: int | str = 800,
-        width: int | str = 1216,
-        shard_size: int | str = 8,
-        max_images: int | str | None = None,
-        skip_bad_images: bool | str = False,
+        height: int = 800,
+        width: int = 1216,
+        shard_size: int = 8,
+        max_images: int | None = None,
+        skip_bad_images: bool = False,
         workers: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.coco_root, self.run_dir, self.policy, self.dtype = coco_root, run_dir, policy, dtype
+        self.images_dir, self.annotations = images_dir, annotations
         self.height, self.width, self.shard_size = height, width, shard_size
         self.max_images, self.skip_bad_images, self.workers = max_images, skip_bad_images, workers
 
     def execute(self, context: Any) -> list[str]:
-        max_images = (
-            None if self.max_images in (None, "", "None", 0, "0") else as_int("max_images", self.max_images)
-        )
-        result = steps.preprocess_step(
-            self.coco_root,
-            self.run_dir,
-            policy=str(self.policy),
-            dtype=str(self.dtype),
-            height=as_int("height", self.height),
-            width=as_int("width", self.width),
-            shard_size=as_int("shard_size", self.shard_size),
-            max_images=max_images,
-            skip_bad_images=as_bool("skip_bad_images", self.skip_bad_images),
-            workers=self.workers,
-        )
+        names = tuple(name for name in PREPROCESS_OPTIONS if name != "coco_root")
+        options = attributes(self, (*names, "skip_bad_images", "workers"))
+        if options["workers"] is None:  # this worker's own [gfocal] preprocess_workers (its cores)
+            options["workers"] = load_settings().preprocess_workers
+        result = steps.preprocess_step(self.coco_root, self.run_dir, **options)
         self.log.info(
             "preprocessed %d images into %d shards (%s, %s)",
             result["images"],
@@ -98,73 +86,18 @@ class CocoPreprocessOperator(BaseOperator):
             result["policy"],
             result["dtype"],
         )
-        context["ti"].xcom_push(key="manifest", value=result)
+        context["ti"].xcom_push(key=MANIFEST_KEY, value=result)
         return result["shards"]
 
 
-class InferOperator(BaseOperator):
-    """Run one shard through an in-process backend (`onnxruntime` or `torch`); mapped over shards."""
-
-    template_fields: Sequence[str] = ("run_dir", "shard", "model", "batch_size", "providers", "backend")
-    backend_name = ""
-
-    def __init__(
-        self,
-        *,
-        run_dir: str,
-        shard: str,
-        model: str,
-        batch_size: int | str = 1,
-        providers: str | None = None,
-        threads: int | None = None,
-        backend: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.run_dir, self.shard, self.model = run_dir, shard, model
-        self.batch_size, self.providers, self.threads = batch_size, providers, threads
-        self.backend = backend or self.backend_name
-
-    def backend_options(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "providers": self.providers or None,
-            "intra_op_num_threads": self.threads,
-        }
-
-    def execute(self, context: Any) -> dict[str, Any]:
-        result = steps.infer_step(
-            self.run_dir,
-            str(self.shard),
-            str(self.backend),
-            batch_size=as_int("batch_size", self.batch_size),
-            **self.backend_options(),
-        )
-        self.log.info(
-            "shard %s: %d images, %.2f fps", result["shard"], result["images"], result["timing"]["fps"]
-        )
-        return result
-
-
-class OnnxRuntimeInferOperator(InferOperator):
-    """ONNX Runtime on the portable graph; providers e.g. `cpu`, `cuda`, `cann` (CPU by default)."""
-
-    backend_name = "onnxruntime"
-
-
-class TorchInferOperator(InferOperator):
-    """The PyTorch reference: the checkpoint itself on CPU (CUDA with fp16 when present)."""
-
-    backend_name = "torch"
-
-    def backend_options(self) -> dict[str, Any]:
-        return {"checkpoint": self.model, "num_threads": self.threads}
-
-
 class CocoEvalOperator(BaseOperator):
-    """Postprocess a backend's outputs and score them with COCO; pushes the 12 stats by name."""
+    """Postprocess one backend's outputs of a run and score them with COCO.
 
-    template_fields: Sequence[str] = ("run_dir", "backend", "engine", "allow_missing")
+    For: the evaluate tasks (device and reference). Pushes the 12 stats by name, the detections and
+    per-class files and the backend's combined timing.
+    """
+
+    template_fields: Sequence[str] = ("run_dir", "backend", "engine")
 
     def __init__(
         self,
@@ -172,7 +105,7 @@ class CocoEvalOperator(BaseOperator):
         run_dir: str,
         backend: str,
         engine: str = "faster-coco-eval",
-        allow_missing: bool | str = False,
+        allow_missing: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -180,10 +113,7 @@ class CocoEvalOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         result = steps.evaluate_step(
-            self.run_dir,
-            str(self.backend),
-            engine=str(self.engine),
-            allow_missing=as_bool("allow_missing", self.allow_missing),
+            self.run_dir, self.backend, engine=self.engine, allow_missing=self.allow_missing
         )
         self.log.info("%s: AP=%.4f over %d images", self.backend, result["stats"]["AP"], result["images"])
         return result

@@ -9,15 +9,10 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from gfocal_pipeline import steps
-from gfocal_pipeline.gate import format_verdict_table, run_gate
-from gfocal_pipeline.history import HistoryStore, RunRecord, default_history_url
-from operators.alerting import VERDICT_KEY
-
-
-def history_url() -> str:
-    from airflow.configuration import conf
-
-    return conf.get("gfocal", "history_url", fallback=None) or default_history_url()
+from gfocal_pipeline.gate import RegressionError, format_verdict_table, run_gate
+from gfocal_pipeline.history import HistoryStore, RunRecord
+from operators.settings import load_settings
+from operators.wiring import VERDICT_KEY
 
 
 class RecordResultsOperator(BaseOperator):
@@ -35,8 +30,8 @@ class RecordResultsOperator(BaseOperator):
         config: dict[str, Any] | str,
         roles: dict[str, dict[str, str]],
         export_task: str,
+        summary_task: str,
         convert_task: str | None = None,
-        summary_task: str = "summary",
         model: str = "gfocalv2_r50_fpn_1x",
         **kwargs: Any,
     ) -> None:
@@ -46,18 +41,22 @@ class RecordResultsOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
-        cfg = dict(self.config) if isinstance(self.config, dict) else {}
         export_info = ti.xcom_pull(task_ids=self.export_task) or {}
         convert_info = (ti.xcom_pull(task_ids=self.convert_task) if self.convert_task else None) or {}
-        evaluations = {role: ti.xcom_pull(task_ids=spec["eval_task"]) for role, spec in self.roles.items()}
         summary = ti.xcom_pull(task_ids=self.summary_task) or {}
         records = {}
-        with HistoryStore(history_url()) as store:
+        with HistoryStore(load_settings().history_url) as store:
             for role, spec in self.roles.items():
                 record = steps.history_record(
-                    dag_id=ti.dag_id, run_id=ti.run_id, role=spec, evaluation=evaluations[role],
-                    run_config=cfg, export_info=export_info, convert_info=convert_info,
-                    ap_delta=summary.get("AP_delta") if role == "device" else None, model=self.model,
+                    dag_id=ti.dag_id,
+                    run_id=ti.run_id,
+                    role=spec,
+                    evaluation=ti.xcom_pull(task_ids=spec["eval_task"]),
+                    run_config=dict(self.config),
+                    export_info=export_info,
+                    convert_info=convert_info,
+                    ap_delta=summary.get("AP_delta") if role == "device" else None,
+                    model=self.model,
                 )
                 store.record(record)
                 records[role] = record.to_dict()
@@ -68,28 +67,37 @@ class RegressionGateOperator(BaseOperator):
     """Judge the device run against floors and the median of recent passing runs.
 
     The verdict is pushed (XCom key `verdict` and the return value); a failed gate fails the task
-    without retries, and the DAG's failure notifier turns the verdict into an alert.
+    without retries, and the DAG's failure notifier turns the verdict into an alert. The fps
+    windows are the shard fps of `evaluate_task`.
     """
 
     template_fields: Sequence[str] = ("thresholds",)
 
     def __init__(
-        self, *, record_task: str, thresholds: dict[str, Any] | str, role: str = "device", **kwargs: Any
+        self,
+        *,
+        record_task: str,
+        evaluate_task: str,
+        thresholds: dict[str, Any] | str,
+        role: str = "device",
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.record_task, self.thresholds, self.role = record_task, thresholds, role
+        self.record_task, self.evaluate_task, self.thresholds, self.role = (
+            record_task,
+            evaluate_task,
+            thresholds,
+            role,
+        )
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
         record = RunRecord.from_dict(ti.xcom_pull(task_ids=self.record_task)[self.role])
-        shard_fps = (ti.xcom_pull(task_ids="evaluate") or {}).get("timing", {}).get("shard_fps")
-        with HistoryStore(history_url()) as store:
+        shard_fps = (ti.xcom_pull(task_ids=self.evaluate_task) or {}).get("timing", {}).get("shard_fps")
+        with HistoryStore(load_settings().history_url) as store:
             verdict = run_gate(store, record, dict(self.thresholds), fps_windows=shard_fps or None)
         ti.xcom_push(key=VERDICT_KEY, value=verdict)
         self.log.info("gate verdict:\n%s", format_verdict_table(verdict))
         if not verdict["passed"]:
-            raise AirflowFailException(
-                f"regression gate failed: {', '.join(verdict.get('regressed') or ['floors'])}\n"
-                + format_verdict_table(verdict)
-            )
+            raise AirflowFailException(str(RegressionError(verdict)))
         return verdict

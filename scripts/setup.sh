@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent environment setup for gfocal-airflow.
 #   scripts/setup.sh runtime   venv + the product (Airflow, torch CPU, ONNX Runtime, COCO tools)
-#   scripts/setup.sh test      runtime + dev tools + the mmdet/mmcv reference + Chromium for UI tests
+#   scripts/setup.sh test      runtime + dev tools + the `celery` and `integration` extras + the mmdet/mmcv
+#                              reference + Chromium for UI tests
 # A stamp inside .venv records what was installed; an unchanged tree re-runs in about a second.
 set -euo pipefail
 profile="${1:-runtime}"
@@ -35,6 +36,8 @@ else
   pipq install "torch==2.13.0"
 fi
 extras="dev"
+# test: also what the multi-process integration test runs (Celery workers, the REST API client)
+if [[ "$profile" == "test" ]]; then extras="dev,celery,integration"; fi
 pipq install -e "$root[$extras]"
 
 if [[ "$profile" == "test" ]]; then

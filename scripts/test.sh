@@ -11,6 +11,12 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && command -v pg_ctlcluster 
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
 fi
 export GFOCAL_REQUIRE_POSTGRES="${GFOCAL_REQUIRE_POSTGRES:-1}"
+# Redis is the Celery broker of tests/integration; start it the way these machines do if it is down
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && command -v redis-server >/dev/null 2>&1; then
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no || true
+fi
 
+"$venv/bin/ruff" format --check .
 "$venv/bin/ruff" check .
+"$venv/bin/ruff" check --select C901 .  # complexity <= 12 ([tool.ruff.lint.mccabe])
 exec "$venv/bin/pytest" -q "$@"

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import EMULATORS, ROOT, load_dag_file, xcoms
 
-ROOT = Path(__file__).resolve().parents[1]
-EMULATORS = ROOT / "tests" / "emulators"
+__all__ = ["EMULATORS", "ROOT", "load_dag_file", "xcoms"]
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="gfocal-airflow-home-"))
 _DAGS = _AIRFLOW_HOME / "dags"
@@ -47,34 +45,6 @@ def airflow_db() -> Path:
         [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=os.environ
     )
     return _AIRFLOW_HOME
-
-
-def load_dag_file(source: Path, name: str | None = None) -> Any:
-    """Copy a DAG file into the test DAG bundle and import it; returns the module."""
-    target = _DAGS / (name or source.name)
-    shutil.copyfile(source, target)
-    spec = importlib.util.spec_from_file_location(target.stem, target)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[target.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def xcoms(dag_id: str, run_id: str) -> dict[str, Any]:
-    """{task_id or task_id[map_index]: return_value} of one DAG run."""
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        rows = (
-            session.query(XComModel)
-            .filter(XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key == "return_value")
-            .all()
-        )
-        return {
-            (r.task_id if r.map_index < 0 else f"{r.task_id}[{r.map_index}]"): r.value for r in rows
-        }
 
 
 @pytest.fixture(scope="session")

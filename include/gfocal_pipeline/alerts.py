@@ -79,12 +79,8 @@ def build_alert(
     *,
     run_url: str | None = None,
     trend_url: str | None = None,
-    problems: Sequence[str] = (),
 ) -> AlertContent:
-    """Subject naming the regressed metric(s), plain-text and HTML bodies with the verdict table.
-
-    `problems` adds free-form lines (e.g. a history database error) to both bodies.
-    """
+    """Subject naming the regressed metric(s), plain-text and HTML bodies with the verdict table."""
     label = verdict.get("label", "")
     run_id = verdict.get("run_id", "")
     regressed = list(verdict.get("regressed", []))
@@ -99,20 +95,17 @@ def build_alert(
     subject = " ".join(subject.split())  # no CR/LF in a header
 
     links = [(name, url) for name, url in (("Airflow run", run_url), ("Trend page", trend_url)) if url]
-    extra = list(problems)
     text_parts = [format_verdict_table(verdict)]
-    if extra:
-        text_parts.append("\n".join(f"problem: {line}" for line in extra))
     if verdict.get("baseline_runs"):
         text_parts.append("baseline runs: " + ", ".join(verdict["baseline_runs"]))
     if links:
         text_parts.append("\n".join(f"{name}: {url}" for name, url in links))
     text = "\n\n".join(text_parts) + "\n"
 
-    return AlertContent(subject, text, _html_body(verdict, links, extra))
+    return AlertContent(subject, text, _html_body(verdict, links))
 
 
-def _html_body(verdict: Mapping[str, Any], links: list[tuple[str, str]], problems: list[str]) -> str:
+def _html_body(verdict: Mapping[str, Any], links: list[tuple[str, str]]) -> str:
     esc = html.escape
     rows = verdict_rows(verdict)
     status = "PASS" if verdict.get("passed") else "FAIL"
@@ -141,8 +134,6 @@ def _html_body(verdict: Mapping[str, Any], links: list[tuple[str, str]], problem
     ]
     if notes:
         parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
-    if problems:
-        parts.append("<ul>" + "".join(f"<li><b>problem:</b> {esc(p)}</li>" for p in problems) + "</ul>")
     if verdict.get("baseline_runs"):
         parts.append(
             "<p>Baseline runs: "
@@ -264,13 +255,12 @@ def alert_on_failure(
     *,
     run_url: str | None = None,
     trend_url: str | None = None,
-    problems: Sequence[str] = (),
 ) -> bool:
     """Send the alert only when the verdict failed; returns whether a message was sent."""
-    if verdict.get("passed") and not problems:
+    if verdict.get("passed"):
         log.info("gate passed for run %s: no alert", verdict.get("run_id"))
         return False
-    send_alert(build_alert(verdict, run_url=run_url, trend_url=trend_url, problems=problems), settings)
+    send_alert(build_alert(verdict, run_url=run_url, trend_url=trend_url), settings)
     return True
 
 

@@ -144,9 +144,11 @@ def random_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
             value = 0.5 + torch.rand(shape, generator=generator)
         elif tensor.dim() == 1 and (".bn" in key or "downsample.1" in key or key.startswith("backbone.bn1")):
             gain = 0.2 if (key.rsplit(".", 2)[-2] in ("bn3", "1")) else 1.0
-            value = gain * (0.5 + 0.5 * torch.rand(shape, generator=generator)) if key.endswith(
-                "weight"
-            ) else 0.05 * torch.randn(shape, generator=generator)
+            value = (
+                gain * (0.5 + 0.5 * torch.rand(shape, generator=generator))
+                if key.endswith("weight")
+                else 0.05 * torch.randn(shape, generator=generator)
+            )
         elif ".gn." in key:
             value = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
         elif key.startswith("bbox_head.") and key.endswith("weight"):

@@ -1,39 +1,77 @@
-"""`gfocal` command line: every pipeline step without Airflow, with the same options as the operators."""
+"""`gfocal` command line: every pipeline step without Airflow, with the options of the DAGs' forms.
+
+Options shared with the trigger forms (sizes, policy, dtype, batch, Ascend tool settings, gate
+thresholds, ...) are generated from `RunConfig` (same names, bounds, choices and help), and are
+validated the same way; relative paths are made absolute first.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_INPUT_NAME, DEFAULT_WIDTH
+from gfocal_pipeline.constants import DEFAULT_INPUT_NAME
 from gfocal_pipeline.errors import GfocalError
-from gfocal_pipeline.manifest import load_manifest
+from gfocal_pipeline.options import Choice, check_option, plain
+from gfocal_pipeline.run_config import PREPROCESS_OPTIONS, form_options, option_spec
+
+DEFAULTS = {name: default for name, (default, _) in form_options(ascend=True).items()}
+INFER_BACKENDS = ("onnxruntime", "torch", "msame", "ais_bench")
 
 
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+def add_run_options(parser: argparse.ArgumentParser, *names: str, required: Sequence[str] = ()) -> None:
+    """`--<name>` options generated from the run options' specs (see `run_config`)."""
+    for name in names:
+        spec = option_spec(name)
+        kind = str if issubclass(spec.kind, Choice) else spec.kind
+        choices = spec.kind.values() if issubclass(spec.kind, Choice) else None
+        default = None if name in required or spec.path else DEFAULTS[name]
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            choices=choices,
+            default=default,
+            required=name in required,
+            help=f"{spec.description} (default: {default})" if default is not None else spec.description,
+        )
+
+
+def run_values(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named options of `args`, validated by their specs (paths made absolute and normalized)."""
+    values = {}
+    for name in names:
+        spec, value = option_spec(name), getattr(args, name)
+        if spec.path and value:
+            value = os.path.abspath(value)
+        values[name] = plain(check_option(name, value, spec))
+    return values
+
+
 def cmd_export(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.export import export_onnx
 
+    options = run_values(args, "height", "width", "parity_threshold", "max_unexplained")
     result = export_onnx(
         checkpoint=args.checkpoint,
         output=args.output,
         variant=args.variant,
-        height=args.height,
-        width=args.width,
         batch=args.batch,
         dynamic_batch=args.dynamic_batch,
         opset=args.opset,
         input_name=args.input_name,
         normalize_in_graph=args.normalize_in_graph,
-        parity_threshold=args.parity_threshold,
+        **options,
     )
     return result.to_dict()
 
@@ -50,8 +88,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="mmcv-style .pth (official layout)")
     p.add_argument("--output", required=True, help="path of the .onnx file to write")
     p.add_argument("--variant", default="portable", choices=["portable", "ascend"])
-    p.add_argument("--height", type=int, default=DEFAULT_HEIGHT)
-    p.add_argument("--width", type=int, default=DEFAULT_WIDTH)
+    add_run_options(p, "height", "width", "parity_threshold", "max_unexplained")
     p.add_argument("--batch", type=int, default=1, help="static batch (ignored with --dynamic-batch)")
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch axis dynamic")
     p.add_argument("--opset", type=int, default=None, help="default: 17 portable, 11 ascend")
@@ -61,7 +98,6 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="take NHWC uint8 BGR input and normalize inside the graph",
     )
-    p.add_argument("--parity-threshold", type=float, default=1e-3)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -75,18 +111,54 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_preprocess(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.steps import preprocess_step
 
-    return preprocess_step(
-        args.coco_root,
+    values = run_values(args, *PREPROCESS_OPTIONS)
+    extra = {"skip_bad_images": args.skip_bad_images, "workers": args.workers}
+    return preprocess_step(values.pop("coco_root"), args.run_dir, **values, **extra)
+
+
+CONVERT_OPTIONS = ("batch_size", "soc_version", "dtype", "precision_mode", "cann_set_env")
+
+
+def cmd_convert(args: argparse.Namespace) -> Any:
+    from gfocal_pipeline.layout import RunLayout, om_cache_dir
+    from gfocal_pipeline.steps import convert_step
+
+    values = run_values(args, *CONVERT_OPTIONS)
+    onnx = args.onnx or RunLayout.at(args.run_dir).onnx("ascend")
+    cache = args.cache_dir or om_cache_dir(Path(args.run_dir).resolve().parent)
+    return convert_step(
         args.run_dir,
-        policy=args.policy,
-        dtype=args.dtype,
-        height=args.height,
-        width=args.width,
-        shard_size=args.shard_size,
-        max_images=args.max_images,
-        skip_bad_images=args.skip_bad_images,
-        workers=args.workers,
+        onnx,
+        cache,
+        batch_size=values["batch_size"],
+        soc_version=values["soc_version"],
+        input_dtype=values["dtype"],
+        precision_mode=values["precision_mode"],
+        set_env=values["cann_set_env"],
+        log_level=args.log_level,
     )
+
+
+def _default_model(backend: str, run_dir: str) -> str:
+    from gfocal_pipeline.layout import RunLayout
+
+    layout = RunLayout.at(run_dir)
+    defaults = {"onnxruntime": layout.onnx("portable"), "msame": layout.om, "ais_bench": layout.om}
+    if backend not in defaults:
+        raise GfocalError(f"backend {backend!r} needs --model (the checkpoint .pth)")
+    return str(defaults[backend])
+
+
+def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of `--backend`'s own constructor taken from the command line."""
+    if args.backend == "onnxruntime":
+        return {"providers": args.providers}
+    if args.backend == "torch":
+        return {"device": args.device or "auto"}
+    args.device = 0 if args.device is None else args.device
+    values = run_values(args, "device", "outfmt", "chips", "cann_set_env")
+    values["set_env"] = values.pop("cann_set_env")
+    return values
 
 
 def cmd_infer(args: argparse.Namespace) -> Any:
@@ -94,11 +166,11 @@ def cmd_infer(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.manifest import load_manifest
     from gfocal_pipeline.steps import combined_timing, infer_step
 
-    options: dict[str, Any] = {"batch_size": args.batch_size}
-    if args.backend == "torch":
-        options.update(checkpoint=args.model, device=args.device)
-    else:
-        options.update(model=args.model, providers=args.providers)
+    options = {
+        "model": args.model or _default_model(args.backend, args.run_dir),
+        **run_values(args, "batch_size"),
+        **_backend_options(args),
+    }
     shards = args.shard or sorted(load_manifest(RunLayout.at(args.run_dir).manifest).shards)
     results = [infer_step(args.run_dir, shard, args.backend, **options) for shard in shards]
     return {"shards": results, "timing": combined_timing(args.run_dir, args.backend)}
@@ -107,7 +179,8 @@ def cmd_infer(args: argparse.Namespace) -> Any:
 def cmd_eval(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.steps import evaluate_step
 
-    return evaluate_step(args.run_dir, args.backend, engine=args.engine, allow_missing=args.allow_missing)
+    engine = run_values(args, "engine")["engine"]
+    return evaluate_step(args.run_dir, args.backend, engine=engine, allow_missing=args.allow_missing)
 
 
 def cmd_summary(args: argparse.Namespace) -> Any:
@@ -125,64 +198,40 @@ def cmd_summary(args: argparse.Namespace) -> Any:
     return None
 
 
+GATE_OPTIONS = ("min_ap", "min_fps", "ap_tolerance", "fps_tolerance", "baseline_runs")
+
+
+def _send_alert(args: argparse.Namespace, verdict: dict[str, Any]) -> None:
+    """E-mail a failed verdict; a lost alert is reported, the verdict stands."""
+    from gfocal_pipeline.alerts import AlertDeliveryError, SmtpSettings, alert_on_failure
+
+    try:
+        settings = SmtpSettings.from_mapping(
+            {"host": args.smtp_host, "port": args.smtp_port, "from": args.alert_from, "to": args.alert_to}
+        )
+        alert_on_failure(verdict, settings)
+    except AlertDeliveryError as exc:
+        print(f"gfocal gate: warning: alert not sent: {exc}", file=sys.stderr)
+
+
 def cmd_gate(args: argparse.Namespace) -> Any:
     """Record a finished run directory in the history and judge it, without Airflow."""
-    from gfocal_pipeline.alerts import AlertDeliveryError, SmtpSettings, alert_on_failure
-    from gfocal_pipeline.gate import GateThresholds, format_verdict_table, run_gate
+    from gfocal_pipeline.gate import GateThresholds, format_verdict_table, raise_for_verdict, run_gate
     from gfocal_pipeline.history import HistoryStore, default_history_url
-    from gfocal_pipeline.layout import RunLayout
-    from gfocal_pipeline.steps import combined_timing, history_record
+    from gfocal_pipeline.steps import cli_history_record
 
-    layout = RunLayout.at(args.run_dir)
-    stats_file = layout.eval_dir(args.backend) / "stats.json"
-    if not stats_file.is_file():
-        raise GfocalError(f"{str(stats_file)!r} not found; run `gfocal eval --backend {args.backend}` first")
-    evaluation = {**json.loads(stats_file.read_text()), "timing": combined_timing(layout.root, args.backend)}
-    manifest = load_manifest(layout.manifest)
-    run_config = {
-        "policy": manifest.policy,
-        "dtype": manifest.dtype,
-        "height": manifest.input_height,
-        "width": manifest.input_width,
-    }
-    role = {"backend": args.backend, "device": args.device, "precision": args.precision}
-    record = history_record(
-        dag_id="gfocal-cli",
-        run_id=args.run_id or layout.root.name,
-        role=role,
-        evaluation=evaluation,
-        run_config=run_config,
-        export_info={},
-        convert_info={},
-        ap_delta=None,
-    )
-    thresholds = GateThresholds.from_mapping(
-        {k: getattr(args, k) for k in ("min_ap", "min_fps", "ap_tolerance", "fps_tolerance", "baseline_runs")}
+    thresholds = GateThresholds(**run_values(args, *GATE_OPTIONS))
+    record, evaluation = cli_history_record(
+        args.run_dir, args.backend, run_id=args.run_id, device=args.device, precision=args.precision
     )
     with HistoryStore(args.history_url or default_history_url()) as store:
         store.record(record)
         verdict = run_gate(store, record, thresholds, fps_windows=evaluation["timing"].get("shard_fps"))
     print(format_verdict_table(verdict), file=sys.stderr)
     if args.smtp_host:
-        try:
-            settings = SmtpSettings.from_mapping(
-                {"host": args.smtp_host, "port": args.smtp_port, "from": args.alert_from, "to": args.alert_to}
-            )
-            alert_on_failure(verdict, settings)
-        except AlertDeliveryError as exc:  # the verdict stands; a lost alert is reported, not fatal
-            print(f"gfocal gate: warning: alert not sent: {exc}", file=sys.stderr)
-    if not verdict["passed"]:
-        raise GateFailed(verdict)
+        _send_alert(args, verdict)
+    raise_for_verdict(verdict)  # a failed gate exits with status 1
     return verdict
-
-
-class GateFailed(GfocalError):
-    """The gate judged the run a regression (exit status 1)."""
-
-    exit_code = 1
-
-    def __init__(self, verdict: dict[str, Any]) -> None:
-        super().__init__(f"regression: {', '.join(verdict.get('regressed') or ['floors'])}")
 
 
 def cmd_demo_data(args: argparse.Namespace) -> Any:
@@ -191,37 +240,52 @@ def cmd_demo_data(args: argparse.Namespace) -> Any:
     return {k: str(v) for k, v in ensure_demo_data(args.work_dir).items()}
 
 
-def add_steps(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("preprocess", help="COCO root -> manifest + sharded .bin inputs")
-    p.add_argument("--coco-root", required=True)
+def add_preprocess_and_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preprocess", help="COCO-format set -> manifest + sharded .bin inputs")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--policy", default="letterbox", choices=["letterbox", "mmdet"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "uint8"])
-    p.add_argument("--height", type=int, default=DEFAULT_HEIGHT)
-    p.add_argument("--width", type=int, default=DEFAULT_WIDTH)
-    p.add_argument("--shard-size", type=int, default=8)
-    p.add_argument("--max-images", type=int, default=None)
+    add_run_options(p, *PREPROCESS_OPTIONS, required=("coco_root",))
     p.add_argument("--skip-bad-images", action="store_true")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=cmd_preprocess)
 
+    p = sub.add_parser("convert", help="the Ascend ONNX -> <run-dir>/model/gfocal.om with atc (OM cache)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--onnx", default=None, help="default: <run-dir>/model/gfocal_ascend.onnx")
+    p.add_argument("--cache-dir", default=None, help="OM cache (default: <run-dir>/../cache/om)")
+    p.add_argument("--log-level", default="error", choices=["debug", "info", "warning", "error", "null"])
+    add_run_options(p, *CONVERT_OPTIONS)
+    p.set_defaults(func=cmd_convert)
+
+
+def add_infer_and_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="run shards of a run directory through a backend")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    p.add_argument("--model", required=True, help="ONNX file (onnxruntime) or checkpoint (torch)")
+    p.add_argument("--backend", default="onnxruntime", choices=INFER_BACKENDS)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="ONNX (onnxruntime), checkpoint (torch) or OM (msame, "
+        "ais_bench); default: the run's model/gfocal_portable.onnx or model/gfocal.om",
+    )
     p.add_argument("--shard", action="append", help="shard name (repeatable); default: all")
-    p.add_argument("--batch-size", type=int, default=1)
+    add_run_options(p, "batch_size", "outfmt", "chips", "cann_set_env")
     p.add_argument("--providers", default=None, help="onnxruntime providers, e.g. cpu or cuda,cpu")
-    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch: auto (default), cpu, cuda; msame/ais_bench: the NPU device id (default 0)",
+    )
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("eval", help="postprocess + COCO evaluation of a backend's outputs")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--engine", default="faster-coco-eval", choices=["faster-coco-eval", "pycocotools"])
+    p.add_argument("--backend", default="onnxruntime", choices=INFER_BACKENDS)
+    add_run_options(p, "engine")
     p.add_argument("--allow-missing", action="store_true", help="count images without output as empty")
     p.set_defaults(func=cmd_eval)
 
+
+def add_results(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summary", help="print the summary table of a finished run")
     p.add_argument("run_dir")
     p.add_argument("--latest", action="store_true", help="run_dir is a DAG folder: show its newest run")
@@ -229,18 +293,14 @@ def add_steps(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("gate", help="record a finished run in the history and apply the regression gate")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--backend", default="onnxruntime", choices=INFER_BACKENDS)
     p.add_argument("--run-id", default=None, help="default: the run directory's name")
     p.add_argument("--device", default="auto", help="auto: where the backend ran (torch: cpu or cuda)")
     p.add_argument("--precision", default="fp32")
     p.add_argument(
         "--history-url", default=None, help="SQLAlchemy URL (default: $GFOCAL_HISTORY_URL or SQLite)"
     )
-    p.add_argument("--min-ap", type=float, default=None)
-    p.add_argument("--min-fps", type=float, default=None)
-    p.add_argument("--ap-tolerance", type=float, default=0.003)
-    p.add_argument("--fps-tolerance", type=float, default=0.05)
-    p.add_argument("--baseline-runs", type=int, default=5)
+    add_run_options(p, *GATE_OPTIONS)
     p.add_argument("--smtp-host", default=None, help="send an alert on failure through this SMTP server")
     p.add_argument("--smtp-port", type=int, default=25)
     p.add_argument("--alert-from", default="gfocal@localhost")
@@ -252,7 +312,12 @@ def add_steps(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo_data)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_export, add_steps]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_export,
+    add_preprocess_and_convert,
+    add_infer_and_eval,
+    add_results,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

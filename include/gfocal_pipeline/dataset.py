@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gfocal_pipeline.constants import NUM_CLASSES
 from gfocal_pipeline.errors import DatasetError
 
 DEFAULT_IMAGE_DIR = "val2017"
@@ -48,11 +47,6 @@ class CocoDataset:
     images: list[CocoImage]
     categories: list[tuple[int, str]]
     total_images: int  # images in the annotation file, before `max_images`
-
-    @property
-    def category_ids(self) -> list[int]:
-        """COCO category id of each model class index (class i -> category_ids[i])."""
-        return [cat_id for cat_id, _ in self.categories]
 
 
 def _names(items: list[str]) -> str:
@@ -100,27 +94,6 @@ def _parse_categories(data: dict[str, Any], path: Path) -> list[tuple[int, str]]
     if len(set(ids)) != len(ids):
         raise DatasetError(f"annotation file {str(path)!r} repeats category ids; fix the 'categories' list")
     return categories
-
-
-def load_categories(annotation_file: str | Path, expected: int | None = NUM_CLASSES) -> list[tuple[int, str]]:
-    """(category id, name) sorted by id: the model's class index -> COCO category mapping.
-
-    For the COCO detection set these are the 80 ids 1..90 with gaps. `expected` guards against
-    evaluating an 80-class model on a set with another class list (None disables the check).
-    """
-    path = Path(annotation_file)
-    categories = _parse_categories(read_annotations(path), path)
-    if expected is not None and len(categories) != expected:
-        raise DatasetError(
-            f"annotation file {str(path)!r} has {len(categories)} categories but the model predicts "
-            f"{expected} classes; use the COCO instances file (80 categories)"
-        )
-    return categories
-
-
-def category_ids(annotation_file: str | Path, expected: int | None = NUM_CLASSES) -> list[int]:
-    """COCO category id of each model class index, i.e. the category ids sorted ascending."""
-    return [cat_id for cat_id, _ in load_categories(annotation_file, expected)]
 
 
 def _parse_images(data: dict[str, Any], path: Path, image_dir: Path) -> list[CocoImage]:

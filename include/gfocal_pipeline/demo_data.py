@@ -223,78 +223,116 @@ def _listed_files(data: dict[str, Any] | None) -> list[str]:
 
 def make_demo_coco(root: str | Path, num_images: int = 24, seed: int = 0) -> Path:
     """Write (or reuse) a demo COCO set under `root` and return `root`; see the module docstring."""
+    _check_num_images(num_images)
+    root = Path(root).expanduser().resolve()
+    image_dir = root / DEFAULT_IMAGE_DIR
+    annotation = root / DEFAULT_ANNOTATION_FILE
+    wanted = _demo_info(num_images, int(seed))
+    previous, complete = _previous_set(annotation, image_dir, wanted, num_images)
+    if complete:
+        log.info("demo data: reusing complete set at %s (%d images, seed %d)", root, num_images, seed)
+        return root
+
+    image_dir.mkdir(parents=True, exist_ok=True)
+    annotation.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([int(seed), DEMO_VERSION])
+    ids = sorted(int(i) for i in rng.choice(np.arange(1, 600_000), size=num_images, replace=False))
+    images, annotations = _write_images(image_dir, ids, int(seed))
+    order = rng.permutation(len(images))  # COCO's `images` list is not sorted by id
+    _remove_stale(image_dir, previous, {im["file_name"] for im in images})
+    write_json(annotation, _coco_document(wanted, [images[i] for i in order], annotations))
+    log.info("demo data: wrote %d images with %d objects to %s", len(images), len(annotations), root)
+    return root
+
+
+def _check_num_images(num_images: int) -> None:
+    """Raise DatasetError unless `num_images` is an int (not a bool) in 1..MAX_DEMO_IMAGES."""
     if (
         isinstance(num_images, bool)
         or not isinstance(num_images, int)
         or not 1 <= num_images <= MAX_DEMO_IMAGES
     ):
         raise DatasetError(f"num_images={num_images!r} must be an integer in 1..{MAX_DEMO_IMAGES}")
-    root = Path(root).expanduser().resolve()
-    image_dir = root / DEFAULT_IMAGE_DIR
-    annotation = root / DEFAULT_ANNOTATION_FILE
-    wanted = _demo_info(num_images, int(seed))
-    previous = _existing(annotation) if annotation.exists() else None
-    if annotation.exists():
-        info = (previous or {}).get("info")
-        marker = info.get("gfocal_demo") if isinstance(info, dict) else None
-        if marker is None:
-            raise DatasetError(
-                f"{str(annotation)!r} exists and is not a generated demo set; refusing to overwrite it, "
-                "choose an empty directory for the demo data"
-            )
-        listed = _listed_files(previous)
-        if marker == wanted and len(listed) == num_images and all((image_dir / n).is_file() for n in listed):
-            log.info("demo data: reusing complete set at %s (%d images, seed %d)", root, num_images, seed)
-            return root
 
-    image_dir.mkdir(parents=True, exist_ok=True)
-    annotation.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng([int(seed), DEMO_VERSION])
-    ids = sorted(int(i) for i in rng.choice(np.arange(1, 600_000), size=num_images, replace=False))
+
+def _previous_set(
+    annotation: Path, image_dir: Path, wanted: dict[str, Any], num_images: int
+) -> tuple[dict[str, Any] | None, bool]:
+    """(the earlier demo annotation data or None, whether it is a complete set made as `wanted`).
+
+    Raises DatasetError when `annotation` exists but is not a generated demo set.
+    """
+    previous = _existing(annotation) if annotation.exists() else None
+    if not annotation.exists():
+        return previous, False
+    info = (previous or {}).get("info")
+    marker = info.get("gfocal_demo") if isinstance(info, dict) else None
+    if marker is None:
+        raise DatasetError(
+            f"{str(annotation)!r} exists and is not a generated demo set; refusing to overwrite it, "
+            "choose an empty directory for the demo data"
+        )
+    listed = _listed_files(previous)
+    complete = (
+        marker == wanted and len(listed) == num_images and all((image_dir / n).is_file() for n in listed)
+    )
+    return previous, complete
+
+
+def _write_images(
+    image_dir: Path, ids: list[int], seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Draw and write one JPEG per image id; return the COCO `images` and `annotations` records."""
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for index, image_id in enumerate(ids):
         width, height = DEMO_SIZES[index % len(DEMO_SIZES)]
-        img, objects = _draw_image(np.random.default_rng([int(seed), DEMO_VERSION, index]), width, height)
+        img, objects = _draw_image(np.random.default_rng([seed, DEMO_VERSION, index]), width, height)
         if index % GRAYSCALE_EVERY == 5:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
         file_name = f"{image_id:012d}.jpg"
-        ok, encoded = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-        if not ok:
-            raise DatasetError(f"OpenCV could not encode demo image {file_name}")
-        with atomic_path(image_dir / file_name) as tmp:
-            tmp.write_bytes(encoded.tobytes())
+        _write_jpeg(image_dir / file_name, img)
         images.append(
             {"id": image_id, "file_name": file_name, "width": width, "height": height, "license": 1}
         )
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **obj})
+    return images, annotations
 
-    order = rng.permutation(len(images))  # COCO's `images` list is not sorted by id
-    keep = {im["file_name"] for im in images}
+
+def _write_jpeg(path: Path, img: np.ndarray) -> None:
+    """Encode `img` as a JPEG of JPEG_QUALITY and write it to `path` atomically."""
+    ok, encoded = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise DatasetError(f"OpenCV could not encode demo image {path.name}")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(encoded.tobytes())
+
+
+def _remove_stale(image_dir: Path, previous: dict[str, Any] | None, keep: set[str]) -> None:
+    """Delete the images an earlier demo set (other parameters) listed that the new set does not have."""
     for name in _listed_files(previous):
-        if name not in keep:  # images of an earlier demo set with other parameters
+        if name not in keep:
             (image_dir / name).unlink(missing_ok=True)
-    write_json(
-        annotation,
-        {
-            "info": {
-                "description": "gfocal-airflow demo set: synthetic shapes on textured backgrounds",
-                "version": str(DEMO_VERSION),
-                "gfocal_demo": wanted,
-            },
-            "licenses": [
-                {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
-            ],
-            "images": [images[i] for i in order],
-            "annotations": annotations,
-            "categories": [
-                {"id": cid, "name": name, "supercategory": sup} for cid, name, sup in COCO_CATEGORIES
-            ],
+
+
+def _coco_document(
+    wanted: dict[str, Any], images: list[dict[str, Any]], annotations: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The annotation file's content: info (with the demo marker), licence, images, objects, categories."""
+    return {
+        "info": {
+            "description": "gfocal-airflow demo set: synthetic shapes on textured backgrounds",
+            "version": str(DEMO_VERSION),
+            "gfocal_demo": wanted,
         },
-    )
-    log.info("demo data: wrote %d images with %d objects to %s", len(images), len(annotations), root)
-    return root
+        "licenses": [
+            {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
+        ],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": cid, "name": name, "supercategory": sup} for cid, name, sup in COCO_CATEGORIES],
+    }
 
 
 def demo_image(seed: int = 0, width: int = 640, height: int = 480) -> np.ndarray:

@@ -25,3 +25,7 @@ class BackendError(GfocalError):
 
 class EvaluationError(GfocalError):
     """Outputs cannot be evaluated (missing images, mismatched manifest, ...)."""
+
+
+class ConfigError(GfocalError):
+    """A run parameter is invalid; the message names it and the accepted values."""

@@ -69,9 +69,10 @@ class ImageDetections:
 
 def rescale_boxes(boxes: np.ndarray, entry: ImageEntry) -> np.ndarray:
     """(k,4) xyxy boxes in input pixels -> original-image pixels (float64), undoing pad then scale."""
-    left, top = entry.pad[0], entry.pad[1]
+    geometry = entry.geometry
+    left, top = geometry.pad[0], geometry.pad[1]
     offset = np.array([left, top, left, top], dtype=np.float64)
-    scale = np.array([entry.scale_x, entry.scale_y, entry.scale_x, entry.scale_y], dtype=np.float64)
+    scale = np.array([geometry.scale_x, geometry.scale_y] * 2, dtype=np.float64)
     return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - offset) / scale
 
 
@@ -93,7 +94,10 @@ def to_coco_results(dets: ImageDetections, cat_ids: list[int]) -> list[dict[str,
     return [
         {"image_id": image_id, "category_id": cat, "bbox": bbox, "score": score}
         for image_id, cat, bbox, score in zip(
-            dets.image_ids.tolist(), cats.tolist(), xywh.tolist(), dets.scores.astype(np.float64).tolist(),
+            dets.image_ids.tolist(),
+            cats.tolist(),
+            xywh.tolist(),
+            dets.scores.astype(np.float64).tolist(),
             strict=True,
         )
     ]
@@ -136,8 +140,13 @@ def _shard_rows(arrays: dict[str, np.ndarray], kind: str, out_dir: Path) -> tupl
     first, second = (arrays[name] for name in KINDS[kind])
     n = len(arrays["image_ids"])
     if kind == "candidates":
-        ok = (first.ndim == 3 and first.shape[-1] == 4 and second.ndim == 3
-              and second.shape[:2] == first.shape[:2] and second.shape[-1] >= NUM_CLASSES)
+        ok = (
+            first.ndim == 3
+            and first.shape[-1] == 4
+            and second.ndim == 3
+            and second.shape[:2] == first.shape[:2]
+            and second.shape[-1] >= NUM_CLASSES
+        )
     else:
         second = second.reshape(len(second), -1)
         ok = first.ndim == 3 and first.shape[-1] == 5 and second.shape == first.shape[:2]
@@ -150,9 +159,7 @@ def _shard_rows(arrays: dict[str, np.ndarray], kind: str, out_dir: Path) -> tupl
 
 
 def _describe(ids: list[int], by_id: dict[int, ImageEntry]) -> str:
-    shown = ", ".join(
-        f"{i} ({by_id[i].file_name})" if i in by_id else str(i) for i in ids[:_LIST_LIMIT]
-    )
+    shown = ", ".join(f"{i} ({by_id[i].file_name})" if i in by_id else str(i) for i in ids[:_LIST_LIMIT])
     more = f" and {len(ids) - _LIST_LIMIT} more" if len(ids) > _LIST_LIMIT else ""
     return shown + more
 
@@ -183,25 +190,7 @@ def collect_detections(
     parts: list[tuple[int, Detections]] = []
     for shard in manifest.shards:
         out_dir = layout.output_shard(backend, shard)
-        if not out_dir.is_dir():
-            raise EvaluationError(
-                f"outputs of shard {shard} for backend {backend!r} are missing: {str(out_dir)!r} does not "
-                f"exist; run inference for shard {shard} first"
-            )
-        try:
-            marker, arrays = read_shard_outputs(out_dir)
-        except DatasetError as exc:
-            raise EvaluationError(str(exc)) from exc
-        _check_marker(marker, expected, manifest, out_dir)
-        kind = marker["kind"]
-        image_ids, first, second = _shard_rows(arrays, kind, out_dir)
-        unknown = sorted({int(i) for i in image_ids} - by_id.keys())
-        if unknown:
-            raise EvaluationError(
-                f"outputs in {str(out_dir)!r} have rows for image ids {_describe(unknown, by_id)} that are "
-                f"not in the manifest {str(manifest.path)!r}; they come from another dataset, "
-                "re-run inference"
-            )
+        kind, image_ids, first, second = _read_shard(out_dir, backend, shard, manifest, expected)
         for row, image_id in enumerate(image_ids.tolist()):
             if image_id in seen:
                 raise EvaluationError(
@@ -218,6 +207,14 @@ def collect_detections(
         log.info("evaluate %s: shard %s read, %d images", backend, shard, len(image_ids))
 
     missing = [entry.image_id for entry in manifest.images if entry.image_id not in seen]
+    _check_missing(missing, backend, by_id, allow_missing)
+    return _concatenate(parts, by_id), missing
+
+
+def _check_missing(
+    missing: list[int], backend: str, by_id: dict[int, ImageEntry], allow_missing: bool
+) -> None:
+    """Raise for manifest images without an output row, or (with `allow_missing`) log them."""
     if missing and not allow_missing:
         raise EvaluationError(
             f"{len(missing)} manifest image(s) have no output for backend {backend!r}: "
@@ -225,16 +222,46 @@ def collect_detections(
             "(or pass allow_missing=True to count them as images without detections)"
         )
     if missing:
-        log.warning("evaluate %s: %d images without outputs count as empty: %s",
-                    backend, len(missing), _describe(missing, by_id))
-    return _concatenate(parts, by_id), missing
+        log.warning(
+            "evaluate %s: %d images without outputs count as empty: %s",
+            backend,
+            len(missing),
+            _describe(missing, by_id),
+        )
+
+
+def _read_shard(
+    out_dir: Path, backend: str, shard: str, manifest: Manifest, expected: dict[str, Any]
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """(kind, image ids, first, second output) of one finished shard, checked against the manifest."""
+    if not out_dir.is_dir():
+        raise EvaluationError(
+            f"outputs of shard {shard} for backend {backend!r} are missing: {str(out_dir)!r} does not "
+            f"exist; run inference for shard {shard} first"
+        )
+    try:
+        marker, arrays = read_shard_outputs(out_dir)
+    except DatasetError as exc:
+        raise EvaluationError(str(exc)) from exc
+    _check_marker(marker, expected, manifest, out_dir)
+    image_ids, first, second = _shard_rows(arrays, marker["kind"], out_dir)
+    by_id = manifest.by_id()
+    unknown = sorted({int(i) for i in image_ids} - by_id.keys())
+    if unknown:
+        raise EvaluationError(
+            f"outputs in {str(out_dir)!r} have rows for image ids {_describe(unknown, by_id)} that are "
+            f"not in the manifest {str(manifest.path)!r}; they come from another dataset, "
+            "re-run inference"
+        )
+    return marker["kind"], image_ids, first, second
 
 
 def _concatenate(parts: list[tuple[int, Detections]], by_id: dict[int, ImageEntry]) -> ImageDetections:
     parts = [(image_id, found) for image_id, found in parts if len(found)]
     if not parts:
-        return ImageDetections(np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0, np.float32),
-                               np.zeros(0, np.int64))
+        return ImageDetections(
+            np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64)
+        )
     return ImageDetections(
         image_ids=np.concatenate([np.full(len(found), image_id, np.int64) for image_id, found in parts]),
         boxes=np.concatenate([rescale_boxes(found.boxes, by_id[image_id]) for image_id, found in parts]),
@@ -285,8 +312,11 @@ class _CocoEngine:
             from pycocotools.coco import COCO
 
             empty = COCO()
-            empty.dataset = {"images": list(gt.dataset["images"]),
-                             "categories": list(gt.dataset["categories"]), "annotations": []}
+            empty.dataset = {
+                "images": list(gt.dataset["images"]),
+                "categories": list(gt.dataset["categories"]),
+                "annotations": [],
+            }
             empty.createIndex()
             return empty
 
@@ -349,26 +379,11 @@ def evaluate_outputs(
     """
     layout = run_dir if isinstance(run_dir, RunLayout) else RunLayout.at(run_dir)
     coco = _CocoEngine(engine)
-    try:
-        manifest = load_manifest(layout.manifest)
-    except DatasetError as exc:
-        raise EvaluationError(str(exc)) from exc
-    annotation_file = Path(annotation_file or manifest.annotation_file)
-    if not annotation_file.is_file():
-        raise EvaluationError(
-            f"annotation file {str(annotation_file)!r} does not exist; pass annotation_file= or fix the "
-            f"coco root of the manifest {str(manifest.path)!r}"
-        )
+    manifest, annotation_file = _manifest_and_annotations(layout, annotation_file)
     gt = coco.load_gt(annotation_file)
     cat_ids = category_ids(gt.loadCats(gt.getCatIds()), annotation_file)
     names = {int(cat["id"]): str(cat.get("name", "")) for cat in gt.loadCats(cat_ids)}
-    image_ids = [entry.image_id for entry in manifest.images]
-    unknown = sorted(set(image_ids) - set(gt.getImgIds()))
-    if unknown:
-        raise EvaluationError(
-            f"manifest image ids {_describe(unknown, manifest.by_id())} are not in annotation file "
-            f"{str(annotation_file)!r}; evaluate with the annotation file the manifest was built from"
-        )
+    image_ids = _annotated_image_ids(manifest, gt, annotation_file)
 
     dets, missing = collect_detections(
         layout, manifest, backend, score_thr, iou_thr, max_per_img, allow_missing
@@ -379,10 +394,7 @@ def evaluate_outputs(
     stats_array, per_class_ap = coco.evaluate(gt, dt, image_ids)
 
     stats = {name: float(value) for name, value in zip(STAT_NAMES, stats_array, strict=True)}
-    per_class = [
-        {"category_id": cat, "name": names[cat], "AP": None if math.isnan(ap) else float(ap)}
-        for cat, ap in zip(cat_ids, per_class_ap.tolist(), strict=True)
-    ]
+    per_class = _per_class_rows(cat_ids, names, per_class_ap)
     per_class_path = _write_per_class(eval_dir / PER_CLASS_FILE, per_class)
     result = {
         "backend": backend,
@@ -395,15 +407,58 @@ def evaluate_outputs(
         "per_class_path": str(per_class_path),
         "stats_path": str(eval_dir / STATS_FILE),
     }
-    write_json(eval_dir / STATS_FILE, {
-        **result,
-        "annotation_file": str(annotation_file),
-        "manifest_sha256": manifest.sha256,
-        "score_thr": score_thr,
-        "iou_thr": iou_thr,
-        "max_per_img": max_per_img,
-        "per_class": per_class,
-    })
-    log.info("evaluate %s (%s): %d images, %d detections, %s", backend, engine, len(image_ids), len(dets),
-             ", ".join(f"{name} {value:.3f}" for name, value in stats.items()))
+    facts = {"annotation_file": str(annotation_file), "manifest_sha256": manifest.sha256}
+    thresholds = {"score_thr": score_thr, "iou_thr": iou_thr, "max_per_img": max_per_img}
+    write_json(eval_dir / STATS_FILE, {**result, **facts, **thresholds, "per_class": per_class})
+    _log_result(result)
     return result
+
+
+def _annotated_image_ids(manifest: Manifest, gt: Any, annotation_file: Path) -> list[int]:
+    """The manifest's image ids, in manifest order; each must be an image of the annotation file."""
+    image_ids = [entry.image_id for entry in manifest.images]
+    unknown = sorted(set(image_ids) - set(gt.getImgIds()))
+    if unknown:
+        raise EvaluationError(
+            f"manifest image ids {_describe(unknown, manifest.by_id())} are not in annotation file "
+            f"{str(annotation_file)!r}; evaluate with the annotation file the manifest was built from"
+        )
+    return image_ids
+
+
+def _per_class_rows(
+    cat_ids: list[int], names: dict[int, str], per_class_ap: np.ndarray
+) -> list[dict[str, Any]]:
+    """One {category_id, name, AP} row per category; AP None where the category has no ground truth."""
+    return [
+        {"category_id": cat, "name": names[cat], "AP": None if math.isnan(ap) else float(ap)}
+        for cat, ap in zip(cat_ids, per_class_ap.tolist(), strict=True)
+    ]
+
+
+def _log_result(result: dict[str, Any]) -> None:
+    """Log the one-line summary of an evaluation result."""
+    shown = ", ".join(f"{name} {value:.3f}" for name, value in result["stats"].items())
+    log.info(
+        "evaluate %s (%s): %d images, %d detections, %s",
+        result["backend"],
+        result["engine"],
+        result["images"],
+        result["detections"],
+        shown,
+    )
+
+
+def _manifest_and_annotations(layout: RunLayout, annotation_file: str | Path | None) -> tuple[Manifest, Path]:
+    """The run's manifest and the annotation file to score against (default: the manifest's)."""
+    try:
+        manifest = load_manifest(layout.manifest)
+    except DatasetError as exc:
+        raise EvaluationError(str(exc)) from exc
+    path = Path(annotation_file or manifest.annotation_file)
+    if not path.is_file():
+        raise EvaluationError(
+            f"annotation file {str(path)!r} does not exist; pass annotation_file= or fix the "
+            f"coco root of the manifest {str(manifest.path)!r}"
+        )
+    return manifest, path

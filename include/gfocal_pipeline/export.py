@@ -27,6 +27,7 @@ import torch
 
 from gfocal_pipeline.checkpoint import load_model
 from gfocal_pipeline.constants import (
+    CLS_OUT_CHANNELS,
     DEFAULT_HEIGHT,
     DEFAULT_INPUT_NAME,
     DEFAULT_WIDTH,
@@ -38,12 +39,14 @@ from gfocal_pipeline.decode import candidates_per_image
 from gfocal_pipeline.errors import ExportError
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file, write_json
 from gfocal_pipeline.model.deploy import NMS_OP, VARIANTS, DeployModel
-from gfocal_pipeline.parity import candidate_errors
+from gfocal_pipeline.parity import ParityReport, compare_candidates
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = {"portable": 17, "ascend": 11}
 DEFAULT_PARITY_THRESHOLD = 1e-3
+DEFAULT_MAX_UNEXPLAINED = 0
+ALL_ANCHORS = 1 << 30  # decode every anchor of a level (no top-k)
 
 
 @dataclass
@@ -61,6 +64,9 @@ class ExportResult:
     opset: int
     parity_max_abs_err: float
     parity: dict[str, float] = field(default_factory=dict)
+    parity_levels: list[dict[str, Any]] = field(default_factory=list)
+    max_unexplained: int = DEFAULT_MAX_UNEXPLAINED
+    unexplained_allowed: bool = False  # True when max_unexplained let unexplained candidates through
     candidates_per_image: int = 0
     export_seconds: float = 0.0
     torch_version: str = torch.__version__
@@ -77,10 +83,14 @@ class ExportResult:
             "output_names",
             "opset",
             "parity_max_abs_err",
+            "unexplained_allowed",
             "export_seconds",
             "torch_version",
         )
-        return {k: getattr(self, k) for k in keys}
+        small = {k: getattr(self, k) for k in keys}
+        small["parity_ties"] = self.parity.get("boundary_ties", 0)
+        small["parity_unexplained"] = self.parity.get("unexplained", 0)
+        return small
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,13 +105,22 @@ def validate_shape(height: int, width: int) -> None:
             )
 
 
-def sample_input(height: int, width: int, uint8: bool) -> np.ndarray:
-    """A real preprocessed image (one generated demo picture, letterboxed) of shape (1, ...)."""
+# (width, height) of the generated pictures parity runs on: a landscape and a portrait one, so both
+# leave constant letterbox padding (right of the picture) - where exact top-k ties come from
+PARITY_PICTURES = ((640, 480), (360, 640))
+
+
+def sample_inputs(height: int, width: int, uint8: bool) -> list[np.ndarray]:
+    """Real preprocessed images (generated demo pictures, letterboxed), each of shape (1, ...)."""
     from gfocal_pipeline.demo_data import demo_image
     from gfocal_pipeline.preprocess import preprocess_image
 
-    array, _ = preprocess_image(demo_image(0), "letterbox", "uint8" if uint8 else "float32", height, width)
-    return array[None]
+    dtype = "uint8" if uint8 else "float32"
+    arrays = []
+    for seed, (w, h) in enumerate(PARITY_PICTURES):
+        array, _ = preprocess_image(demo_image(seed, width=w, height=h), "letterbox", dtype, height, width)
+        arrays.append(array[None])
+    return arrays
 
 
 def _nms_free_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -156,19 +175,16 @@ def check_graph(model: onnx.ModelProto, variant: str) -> None:
         raise ExportError(f"exported {variant} graph is not valid ONNX: {exc}") from exc
 
 
-def _run_ort(model: onnx.ModelProto, feed: np.ndarray) -> list[np.ndarray]:
+def _session(model: onnx.ModelProto) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: feed})
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def parity(deploy: DeployModel, model: onnx.ModelProto, feed: np.ndarray) -> dict[str, float]:
-    """ONNX Runtime vs PyTorch on the candidates: max abs error of boxes and scores (matched per
-    level, see `gfocal_pipeline.parity`); candidates only one side kept and that are not boundary
-    ties count as `unexplained` and fail the export."""
+def reference_anchors(deploy: DeployModel, feed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's decode of every anchor (no top-k): boxes (B,A,4) and all 81 scores (B,A,81)."""
     from gfocal_pipeline.decode import decode_candidates
 
     with torch.inference_mode():
@@ -179,17 +195,152 @@ def parity(deploy: DeployModel, model: onnx.ModelProto, feed: np.ndarray) -> dic
             *deploy.model(tensor),
             deploy.height,
             deploy.width,
+            nms_pre=ALL_ANCHORS,
             project=deploy.model.bbox_head.integral.project,
         )
-    if deploy.variant == "portable":
-        expected = (boxes.numpy(), scores[..., :NUM_CLASSES].numpy())
-        got = _run_ort(model, feed)
-    else:  # the graph cut before the NMS: float32 boxes (B,K,1,4) and scores with the zero column
-        expected = (boxes.numpy(), scores.numpy())
-        got = _run_ort(_nms_free_copy(model)[0], feed)
-    return candidate_errors(
-        (got[0], got[1][..., : expected[1].shape[-1]]), expected, deploy.height, deploy.width
-    )
+    return boxes.numpy(), scores.numpy()
+
+
+def parity(deploy: DeployModel, model: onnx.ModelProto, *feeds: np.ndarray) -> ParityReport:
+    """ONNX Runtime's candidates of `model` against PyTorch's anchors on each feed (see
+    `gfocal_pipeline.parity`).
+
+    The portable graph is compared on its 80 output scores; the ascend graph is run cut just before
+    its NMS (float32 boxes and the 81 classifier channels, the appended zero column dropped).
+    """
+    graph = model if deploy.variant == "portable" else _nms_free_copy(model)[0]
+    columns = NUM_CLASSES if deploy.variant == "portable" else CLS_OUT_CHANNELS
+    session = _session(graph)
+    report = ParityReport()
+    for feed in feeds:
+        boxes, scores = session.run(None, {session.get_inputs()[0].name: feed})
+        reference = reference_anchors(deploy, feed)
+        got = (boxes, scores[..., :columns])
+        report.merge(compare_candidates(got, reference, deploy.height, deploy.width))
+    return report
+
+
+def _keep_rejected(tmp: Path, output: Path) -> Path:
+    """Keep a graph that failed its checks beside the target, as `<name>.rejected.onnx`."""
+    rejected = rejected_path(output)
+    with atomic_path(rejected) as keep:
+        os.replace(tmp, keep)
+    return rejected
+
+
+def rejected_path(output: str | os.PathLike[str]) -> Path:
+    return Path(output).with_suffix(".rejected.onnx")
+
+
+def _verdict(report: ParityReport, parity_threshold: float, max_unexplained: int) -> str:
+    """Why the parity report refuses the graph, or "" when it passes."""
+    if report.count_mismatch or any(report.nonfinite.values()):
+        return "the graph's output is malformed or not finite"
+    if report.numeric_error > parity_threshold:
+        return (
+            f"matched candidates differ from PyTorch by {report.numeric_error:.3g} "
+            f"(> parity_threshold {parity_threshold:g})"
+        )
+    if report.unexplained > max_unexplained:
+        return (
+            f"{report.unexplained} candidate(s) differ from PyTorch's and are no top-k tie "
+            f"(> max_unexplained {max_unexplained})"
+        )
+    return ""
+
+
+def _check_arguments(
+    variant: str,
+    height: int,
+    width: int,
+    batch: int,
+    opset: int | None,
+    input_name: str,
+    parity_threshold: float,
+    max_unexplained: int,
+) -> int:
+    """Refuse bad export arguments before any work; returns the opset to use."""
+    if variant not in VARIANTS:
+        raise ExportError(f"unknown variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
+    validate_shape(height, width)
+    if not isinstance(batch, int) or batch < 1:
+        raise ExportError(f"batch {batch!r} must be an integer >= 1")
+    if not input_name or not isinstance(input_name, str):
+        raise ExportError(f"input name {input_name!r} must be a non-empty string")
+    if not isinstance(parity_threshold, int | float) or not parity_threshold > 0:
+        raise ExportError(f"parity_threshold {parity_threshold!r} must be a number > 0, e.g. 1e-3")
+    if isinstance(max_unexplained, bool) or not isinstance(max_unexplained, int) or max_unexplained < 0:
+        raise ExportError(f"max_unexplained {max_unexplained!r} must be an integer >= 0 (default 0)")
+    opset = DEFAULT_OPSET[variant] if opset is None else int(opset)
+    if not 11 <= opset <= 20:
+        raise ExportError(f"opset {opset} is outside the supported range 11..20")
+    return opset
+
+
+def _trace(
+    deploy: DeployModel, feed: np.ndarray, path: Path, input_name: str, opset: int, batch_dim: int | str
+) -> onnx.ModelProto:
+    """`torch.onnx.export` of `deploy` to `path`; `batch_dim` "batch" makes the batch axis dynamic."""
+    output_names = list(deploy.output_names)
+    dynamic = isinstance(batch_dim, str)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(
+                deploy,
+                (torch.from_numpy(feed),),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[input_name],
+                output_names=output_names,
+                dynamic_axes={n: {0: batch_dim} for n in [input_name, *output_names]} if dynamic else None,
+                do_constant_folding=True,
+                custom_opsets=None,
+            )
+    except Exception as exc:  # torch raises many types; report them as one export failure
+        raise ExportError(f"torch.onnx.export failed for variant {deploy.variant!r}: {exc}") from exc
+    graph = onnx.load(str(path))
+    if deploy.variant == "ascend":  # the custom op hides its output shapes from ONNX: state them
+        _set_dims(graph.graph.output[0], [batch_dim, MAX_PER_IMG, 5])
+        _set_dims(graph.graph.output[1], [batch_dim, MAX_PER_IMG])
+        onnx.save(graph, str(path))
+    return graph
+
+
+def _verify(
+    deploy: DeployModel,
+    graph: onnx.ModelProto,
+    feeds: list[np.ndarray],
+    tmp: Path,
+    output: Path,
+    parity_threshold: float,
+    max_unexplained: int,
+) -> ParityReport:
+    """The checker and the parity check; a refused graph is moved from `tmp` to `*.rejected.onnx`."""
+    try:
+        check_graph(graph, deploy.variant)
+    except ExportError as exc:
+        rejected = _keep_rejected(tmp, output)
+        raise ExportError(f"{exc}\nThe graph was kept at {rejected} for inspection") from exc
+    report = parity(deploy, graph, *feeds)
+    log.info("parity ONNX Runtime vs PyTorch per level:\n%s", report.describe())
+    refusal = _verdict(report, parity_threshold, max_unexplained)
+    if refusal:
+        rejected = _keep_rejected(tmp, output)
+        raise ExportError(
+            f"ONNX Runtime and PyTorch disagree for {output}: {refusal}.\n{report.describe()}\n"
+            f"The target was not written; the refused graph is kept at {rejected} for inspection. "
+            "A correct graph has 0 unexplained candidates (ties at the top-k boundary are allowed): "
+            "check the opset and the model code, or raise parity_threshold / max_unexplained "
+            "knowingly (both are recorded in the export result)"
+        )
+    if report.unexplained:
+        log.warning(
+            "parity: %d unexplained candidate(s) let through by max_unexplained=%d",
+            report.unexplained,
+            max_unexplained,
+        )
+    return report
 
 
 def export_onnx(
@@ -204,89 +355,51 @@ def export_onnx(
     input_name: str = DEFAULT_INPUT_NAME,
     normalize_in_graph: bool = False,
     parity_threshold: float = DEFAULT_PARITY_THRESHOLD,
+    max_unexplained: int = DEFAULT_MAX_UNEXPLAINED,
 ) -> ExportResult:
-    """Export `checkpoint` to `output` (.onnx) and verify it; see the module docstring."""
+    """Export `checkpoint` to `output` (.onnx) and verify it; see the module docstring.
+
+    `parity_threshold` bounds the numeric error of matched candidates (px / score); `max_unexplained`
+    (default 0) is how many candidates that are no top-k tie may still differ - only for diagnosing a
+    graph, and recorded in the result when used. A refused graph is kept as `<name>.rejected.onnx`.
+    """
     started = time.perf_counter()
-    if variant not in VARIANTS:
-        raise ExportError(f"unknown variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
-    validate_shape(height, width)
-    if not isinstance(batch, int) or batch < 1:
-        raise ExportError(f"batch {batch!r} must be an integer >= 1")
-    if not input_name or not isinstance(input_name, str):
-        raise ExportError(f"input name {input_name!r} must be a non-empty string")
-    opset = DEFAULT_OPSET[variant] if opset is None else int(opset)
-    if not 11 <= opset <= 20:
-        raise ExportError(f"opset {opset} is outside the supported range 11..20")
+    args = (variant, height, width, batch, opset, input_name, parity_threshold, max_unexplained)
+    opset = _check_arguments(*args)
     output = Path(output)
     ensure_writable_dir(output.parent, "output directory")
 
-    model = load_model(checkpoint)
-    deploy = DeployModel(model, variant, height, width, normalize_in_graph=normalize_in_graph).eval()
-    feed = np.repeat(sample_input(height, width, normalize_in_graph), batch, axis=0)
-    output_names = list(deploy.output_names)
-    dynamic_axes = {name: {0: "batch"} for name in [input_name, *output_names]} if dynamic_batch else None
+    deploy = DeployModel(load_model(checkpoint), variant, height, width, normalize_in_graph).eval()
+    feeds = [np.repeat(x, batch, axis=0) for x in sample_inputs(height, width, normalize_in_graph)]
+    batch_dim: int | str = "batch" if dynamic_batch else batch
     log.info(
-        "exporting %s graph %dx%d batch %s opset %d -> %s",
-        variant,
-        height,
-        width,
-        "dynamic" if dynamic_batch else batch,
-        opset,
-        output,
+        "exporting %s graph %dx%d batch %s opset %d -> %s", variant, height, width, batch_dim, opset, output
     )
-
     with atomic_path(output) as tmp:
-        try:
-            with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-                torch.onnx.export(
-                    deploy,
-                    (torch.from_numpy(feed),),
-                    str(tmp),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=[input_name],
-                    output_names=output_names,
-                    dynamic_axes=dynamic_axes,
-                    do_constant_folding=True,
-                    custom_opsets=None,
-                )
-        except Exception as exc:  # torch raises many types; report them as one export failure
-            raise ExportError(f"torch.onnx.export failed for variant {variant!r}: {exc}") from exc
-        graph = onnx.load(str(tmp))
-        if variant == "ascend":  # the custom op hides its output shapes from ONNX: state them
-            batch_dim: int | str = "batch" if dynamic_batch else batch
-            _set_dims(graph.graph.output[0], [batch_dim, MAX_PER_IMG, 5])
-            _set_dims(graph.graph.output[1], [batch_dim, MAX_PER_IMG])
-            onnx.save(graph, str(tmp))
-        check_graph(graph, variant)
-        errors = parity(deploy, graph, feed)
-        worst = max(errors["boxes"], errors["scores"]) if not errors["unexplained"] else float("inf")
-        log.info("parity ONNX Runtime vs PyTorch: %s", ", ".join(f"{k}={v:.3g}" for k, v in errors.items()))
-        if worst > parity_threshold:
-            raise ExportError(
-                f"ONNX Runtime output differs from PyTorch by {worst:.3g} (> threshold {parity_threshold:g}) "
-                f"for {output}: {errors}. The file was not written; check the opset or raise parity_threshold"
-            )
+        graph = _trace(deploy, feeds[0], tmp, input_name, opset, batch_dim)
+        report = _verify(deploy, graph, feeds, tmp, output, parity_threshold, max_unexplained)
         onnx_sha = sha256_file(tmp)
 
-    if normalize_in_graph:
-        input_shape: list[Any] = ["batch" if dynamic_batch else batch, height, width, 3]
-    else:
-        input_shape = ["batch" if dynamic_batch else batch, 3, height, width]
+    layout = [height, width, 3] if normalize_in_graph else [3, height, width]
     result = ExportResult(
         onnx_path=str(output),
         onnx_sha256=onnx_sha,
         checkpoint_sha256=sha256_file(checkpoint),
         variant=variant,
         input_name=input_name,
-        input_shape=input_shape,
+        input_shape=[batch_dim, *layout],
         input_dtype="uint8" if normalize_in_graph else "float32",
-        output_names=output_names,
+        output_names=list(deploy.output_names),
         opset=opset,
-        parity_max_abs_err=max(errors["boxes"], errors["scores"]),
-        parity=errors,
+        parity_max_abs_err=report.numeric_error,
+        parity=report.summary(),
+        parity_levels=report.per_level(),
+        max_unexplained=max_unexplained,
+        unexplained_allowed=report.unexplained > 0,
         candidates_per_image=candidates_per_image(height, width),
         export_seconds=round(time.perf_counter() - started, 3),
     )
+    with contextlib.suppress(FileNotFoundError):  # a graph refused earlier is superseded by this one
+        rejected_path(output).unlink()
     write_json(output.with_suffix(".export.json"), result.to_dict())
     return result

@@ -1,10 +1,8 @@
 """Regression gate: judge one run against absolute floors and the median of recent passing runs.
 
 AP tolerance is absolute (COCO AP is already a fraction), fps tolerance relative (speed scales with
-the machine). Timing is noisy, so the gate takes the median of several fps windows (e.g. one per
-shard) and, before failing on speed, may call `remeasure` once; only a regression that the fresh
-measurement confirms fails the run. The verdict is a small JSON-safe dict (fit for XCom) that the
-history stores and the alerts render.
+the machine). Timing is noisy, so the gate takes the median of several fps windows (one per shard).
+The verdict is a small JSON-safe dict (fit for XCom) that the history stores and the alerts render.
 """
 
 from __future__ import annotations
@@ -13,25 +11,27 @@ import logging
 import math
 import numbers
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from gfocal_pipeline.errors import GfocalError
+from gfocal_pipeline.errors import ConfigError, GfocalError
 from gfocal_pipeline.history import HistoryStore, RunRecord
+from gfocal_pipeline.options import OptionSpec, option, spec_of
 
 log = logging.getLogger(__name__)
 
 _EPS = 1e-12
-Remeasure = Callable[[], float | Sequence[float]]
 
 
-class GateConfigError(GfocalError):
+class GateConfigError(ConfigError):
     """Gate thresholds or timing inputs are malformed."""
 
 
 class RegressionError(GfocalError):
-    """The gate failed; `verdict` holds the full verdict dict."""
+    """The gate failed (the one "gate failed" error: CLI exit status 1, the gate task's failure)."""
+
+    exit_code = 1
 
     def __init__(self, verdict: Mapping[str, Any]) -> None:
         self.verdict = dict(verdict)
@@ -44,28 +44,68 @@ class RegressionError(GfocalError):
 
 @dataclass(frozen=True)
 class GateThresholds:
-    """min_ap / min_fps: absolute floors (None = no floor). ap_tolerance: allowed AP drop below the
-    baseline, absolute. fps_tolerance: allowed fps drop, fraction of the baseline (0.05 = 5 %).
-    baseline_runs: how many recent passing runs the median baseline uses."""
+    """The gate's run options (bounds here are also the trigger form's): floors, tolerances, baseline."""
 
-    min_ap: float | None = None
-    min_fps: float | None = None
-    ap_tolerance: float = 0.003
-    fps_tolerance: float = 0.05
-    baseline_runs: int = 5
+    min_ap: float | None = option(
+        None,
+        title="Minimum AP",
+        description="Absolute floor, e.g. 0.400. Empty = no floor.",
+        kind=float,
+        nullable=True,
+        minimum=0,
+        maximum=1,
+        hint="COCO AP is a fraction, e.g. 0.400",
+    )
+    min_fps: float | None = option(
+        None,
+        title="Minimum fps",
+        description="Absolute floor in frames per second. Empty = no floor.",
+        kind=float,
+        nullable=True,
+        minimum=0,
+        hint="frames per second, >= 0",
+    )
+    ap_tolerance: float = option(
+        0.003,
+        title="AP tolerance",
+        description="Allowed AP drop below the baseline (absolute).",
+        kind=float,
+        minimum=0,
+        exclusive_maximum=1,
+        hint="absolute AP, e.g. 0.003",
+    )
+    fps_tolerance: float = option(
+        0.05,
+        title="fps tolerance",
+        description="Allowed fps drop below the baseline (fraction: 0.05 = 5%).",
+        kind=float,
+        minimum=0,
+        exclusive_maximum=1,
+        hint="a fraction of the baseline, e.g. 0.05 or '5%'",
+    )
+    baseline_runs: int = option(
+        5,
+        title="Baseline runs",
+        description="The baseline is the median of the last N passing runs of the same configuration.",
+        kind=int,
+        minimum=1,
+        maximum=100,
+    )
 
     def __post_init__(self) -> None:
-        _check_range("min_ap", self.min_ap, 0.0, 1.0, optional=True, hint="COCO AP is a fraction, e.g. 0.400")
-        _check_range("min_fps", self.min_fps, 0.0, math.inf, optional=True, hint="frames per second, >= 0")
-        _check_range("ap_tolerance", self.ap_tolerance, 0.0, 1.0, hint="absolute AP, e.g. 0.003")
-        hint = "a fraction of the baseline, e.g. 0.05 or '5%'"
-        if isinstance(self.fps_tolerance, numbers.Real) and 1.0 <= self.fps_tolerance <= 100.0:
-            pct = self.fps_tolerance
-            hint = f"{pct} looks like a percentage: write {pct / 100:g} or '{pct:g}%'"
-        _check_range("fps_tolerance", self.fps_tolerance, 0.0, 1.0, upper_open=True, hint=hint)
-        runs = self.baseline_runs
-        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-            raise GateConfigError(f"gate threshold 'baseline_runs' must be an integer >= 1, got {runs!r}")
+        for item in fields(self):
+            spec, value = spec_of(item), getattr(self, item.name)
+            if spec.kind is int:
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= spec.maximum:
+                    raise GateConfigError(
+                        f"gate threshold {item.name!r} must be an integer >= 1 and <= {spec.maximum:g}, "
+                        f"got {value!r}"
+                    )
+                continue
+            hint = spec.hint
+            if item.name == "fps_tolerance" and isinstance(value, numbers.Real) and 1.0 <= value <= 100.0:
+                hint = f"{value} looks like a percentage: write {value / 100:g} or '{value:g}%'"
+            _check_range(item.name, value, spec, hint)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> GateThresholds:
@@ -112,22 +152,15 @@ def _parse_number(name: str, raw: Any, *, integer: bool) -> float | int:
     return value
 
 
-def _check_range(
-    name: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    hint: str,
-    optional: bool = False,
-    upper_open: bool = False,
-) -> None:
-    if value is None and optional:
+def _check_range(name: str, value: Any, spec: OptionSpec, hint: str) -> None:
+    if value is None and spec.nullable:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise GateConfigError(f"gate threshold {name!r} must be a finite number ({hint}), got {value!r}")
-    too_high = value >= high if upper_open else value > high
-    if value < low or too_high:
+    low = spec.minimum or 0.0
+    upper_open = spec.exclusive_maximum is not None
+    high = spec.exclusive_maximum if upper_open else spec.maximum if spec.maximum is not None else math.inf
+    if value < low or (value >= high if upper_open else value > high):
         bracket = ")" if upper_open else "]"
         raise GateConfigError(
             f"gate threshold {name!r}={value!r} is outside [{low:g}, {high:g}{bracket}: {hint}"
@@ -190,21 +223,37 @@ def _fps_checks(fps: float | None, baseline: float | None, t: GateThresholds, no
     return checks
 
 
+def _ap_checks(ap: float, base: Sequence[RunRecord], t: GateThresholds) -> list[dict[str, Any]]:
+    checks = []
+    if t.min_ap is not None:
+        checks.append(_check("AP floor", "AP", ap, t.min_ap))
+    if base:
+        baseline = statistics.median(r.ap for r in base)
+        limit = baseline - t.ap_tolerance
+        checks.append(_check("AP vs baseline", "AP", ap, limit, baseline=baseline, tolerance=t.ap_tolerance))
+    return checks
+
+
+def _baseline_notes(runs: int, wanted: int, any_checks: bool) -> list[str]:
+    notes = []
+    if not runs:
+        notes.append("no passing history for this configuration: judged on absolute floors only")
+    elif runs < wanted:
+        notes.append(f"baseline is the median of {runs} run(s), fewer than the {wanted} requested")
+    if not any_checks:
+        notes.append("no floors configured and no baseline: nothing to compare")
+    return notes
+
+
 def evaluate(
     record: RunRecord,
     history: Sequence[RunRecord],
     thresholds: GateThresholds | Mapping[str, Any],
     *,
     fps_windows: Sequence[float] | None = None,
-    remeasure: Remeasure | None = None,
-    history_error: str | None = None,
 ) -> dict[str, Any]:
     """Judge `record` against floors and the median of the newest `baseline_runs` of `history`
-    (passing runs of the same configuration, newest first). Pure apart from calling `remeasure`.
-
-    `history_error` says the history could not be read: the run is then judged on floors only, the
-    verdict fails and the reason is in its notes (so an alert can still be built).
-    """
+    (passing runs of the same configuration, newest first). Pure."""
     t = thresholds if isinstance(thresholds, GateThresholds) else GateThresholds.from_mapping(thresholds)
     foreign = [r.run_id for r in history if r.config != record.config]
     if foreign:
@@ -223,47 +272,14 @@ def evaluate(
     if fps is None:
         notes.append("fps was not measured: speed checks skipped" + (" (floor fails)" if t.min_fps else ""))
 
-    ap_baseline = statistics.median(r.ap for r in base) if base else None
     fps_values = [r.fps for r in base if r.fps is not None]
     fps_baseline = float(statistics.median(fps_values)) if fps_values else None
-
-    checks: list[dict[str, Any]] = []
-    if t.min_ap is not None:
-        checks.append(_check("AP floor", "AP", record.ap, t.min_ap))
-    if ap_baseline is not None:
-        limit = ap_baseline - t.ap_tolerance
-        checks.append(
-            _check("AP vs baseline", "AP", record.ap, limit, baseline=ap_baseline, tolerance=t.ap_tolerance)
-        )
-    speed = _fps_checks(fps, fps_baseline, t, fps_note)
-    if remeasure is not None and fps is not None and not all(c["passed"] for c in speed):
-        first = fps
-        try:
-            fps = _median_fps(remeasure(), "remeasure() result")
-            fps_note = f"re-measured before failing: {first:.2f} -> {fps:.2f} fps"
-        except GateConfigError:
-            raise
-        except Exception as exc:  # the first measurement stands; say why it was not confirmed
-            log.warning("fps re-measurement failed, keeping %.2f fps: %s", first, exc)
-            fps_note = f"re-measurement failed ({exc}); first measurement kept"
-        log.info("fps below limit at %.2f; %s", first, fps_note)
-        speed = _fps_checks(fps, fps_baseline, t, fps_note)
-    checks.extend(speed)
-
-    if history_error is not None:
-        notes.append(f"history unavailable ({history_error}): judged on absolute floors only, gate fails")
-    elif not base:
-        notes.append("no passing history for this configuration: judged on absolute floors only")
-    elif len(base) < t.baseline_runs:
-        notes.append(
-            f"baseline is the median of {len(base)} run(s), fewer than the {t.baseline_runs} requested"
-        )
-    if not checks:
-        notes.append("no floors configured and no baseline: nothing to compare")
+    checks = [*_ap_checks(record.ap, base, t), *_fps_checks(fps, fps_baseline, t, fps_note)]
+    notes += _baseline_notes(len(base), t.baseline_runs, bool(checks))
 
     regressed = list(dict.fromkeys(c["metric"] for c in checks if not c["passed"]))
     verdict = {
-        "passed": not regressed and history_error is None,
+        "passed": not regressed,
         "dag_id": record.dag_id,
         "run_id": record.run_id,
         "config": record.config.as_dict(),
@@ -272,7 +288,7 @@ def evaluate(
         "checks": checks,
         "regressed": regressed,
         "baseline_runs": [r.run_id for r in base],
-        "first_run": not base and history_error is None,
+        "first_run": not base,
         "notes": notes,
         "thresholds": t.as_dict(),
     }
@@ -291,18 +307,16 @@ def run_gate(
     thresholds: GateThresholds | Mapping[str, Any],
     *,
     fps_windows: Sequence[float] | None = None,
-    remeasure: Remeasure | None = None,
 ) -> dict[str, Any]:
     """Read the baseline from `store`, judge `record` (already recorded) and store the verdict on its row.
 
-    A HistoryError (database unreachable) propagates: call `evaluate(..., history_error=str(exc))`
-    to still build a floors-only verdict for the alert.
+    A HistoryError (database unreachable) propagates and fails the task (its alert names the error).
     """
     t = thresholds if isinstance(thresholds, GateThresholds) else GateThresholds.from_mapping(thresholds)
     history = store.passing_history(
         record.config, limit=t.baseline_runs, exclude=(record.dag_id, record.run_id)
     )
-    verdict = evaluate(record, history, t, fps_windows=fps_windows, remeasure=remeasure)
+    verdict = evaluate(record, history, t, fps_windows=fps_windows)
     store.set_verdict(record.dag_id, record.run_id, record.config, verdict)
     return verdict
 

@@ -421,15 +421,6 @@ class HistoryStore:
                 "record the run before gating it"
             )
 
-    def get(self, dag_id: str, run_id: str, config: ConfigKey) -> RunRecord | None:
-        with self._transaction(f"reading run {run_id!r}") as conn:
-            row = (
-                conn.execute(sa.select(results_table).where(self._key_clause(dag_id, run_id, config)))
-                .mappings()
-                .first()
-            )
-        return _record_from_row(row) if row is not None else None
-
     def runs(
         self,
         config: ConfigKey,

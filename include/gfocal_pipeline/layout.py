@@ -2,7 +2,8 @@
 
 Run directory (`<base>/<dag_id>/<run_id>/`, or any directory for the CLI):
 
-    model/                     gfocal_portable.onnx, gfocal_ascend.onnx, *.om, export.json
+    model/                     gfocal_<variant>.onnx, gfocal.om + convert.json
+    <work_dir>/cache/om/       the OM cache shared by every run of a work directory (`om_cache_dir`)
     manifest.json              see `gfocal_pipeline.dataset` (image id, file, size, scale, pad, shard)
     inputs/<shard>/<image_id:012d>.bin
     outputs/<backend>/<shard>/outputs.npz + done.json
@@ -44,9 +45,17 @@ def input_file_name(image_id: int) -> str:
     return f"{int(image_id):012d}.bin"
 
 
+OM_NAME = "gfocal"
+
+
+def om_cache_dir(work_dir: str | Path) -> Path:
+    """The OM cache of a work directory (shared by its runs, so an unchanged model converts once)."""
+    return Path(work_dir) / "cache" / "om"
+
+
 @dataclass(frozen=True)
 class RunLayout:
-    """Paths inside one run directory."""
+    """Every path inside one run directory (see the module docstring)."""
 
     root: Path
 
@@ -57,6 +66,15 @@ class RunLayout:
     @property
     def model_dir(self) -> Path:
         return self.root / "model"
+
+    def onnx(self, variant: str) -> Path:
+        """The exported graph of `variant` (portable or ascend)."""
+        return self.model_dir / f"gfocal_{variant}.onnx"
+
+    @property
+    def om(self) -> Path:
+        """The converted OM (written beside its convert.json)."""
+        return self.model_dir / f"{OM_NAME}.om"
 
     @property
     def manifest(self) -> Path:
@@ -75,8 +93,11 @@ class RunLayout:
     def outputs_dir(self, backend: str) -> Path:
         return self.root / "outputs" / backend
 
+    def timing_dir(self, backend: str) -> Path:
+        return self.root / "timing" / backend
+
     def timing_file(self, backend: str, shard: str) -> Path:
-        return self.root / "timing" / backend / f"{shard}.json"
+        return self.timing_dir(backend) / f"{shard}.json"
 
     def eval_dir(self, backend: str) -> Path:
         return self.root / "eval" / backend

@@ -22,16 +22,17 @@ from typing import Any
 
 from gfocal_pipeline.errors import DatasetError
 from gfocal_pipeline.fileio import sha256_file, write_json
+from gfocal_pipeline.options import Dtype, Policy
 
 MANIFEST_VERSION = 1
-POLICIES = ("letterbox", "mmdet")
-DTYPES = ("float32", "uint8")
+POLICIES = Policy.values()
+DTYPES = Dtype.values()
 
 
 @dataclass(frozen=True)
-class ImageEntry:
-    image_id: int
-    file_name: str
+class Geometry:
+    """How one image was placed in the model's input canvas."""
+
     width: int
     height: int
     scale_x: float
@@ -39,7 +40,31 @@ class ImageEntry:
     resized_width: int
     resized_height: int
     pad: tuple[int, int, int, int]  # left, top, right, bottom
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One preprocessed image: its COCO id and file, its shard and its `Geometry`."""
+
+    image_id: int
+    file_name: str
     shard: str
+    geometry: Geometry
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's flat image record (see the module docstring)."""
+        return {
+            "image_id": self.image_id,
+            "file_name": self.file_name,
+            **asdict(self.geometry),
+            "shard": self.shard,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageEntry:
+        values = dict(data)
+        head = {key: values.pop(key) for key in ("image_id", "file_name", "shard")}
+        return cls(**head, geometry=Geometry(**{**values, "pad": tuple(values["pad"])}))
 
 
 @dataclass
@@ -89,6 +114,7 @@ class Manifest:
         data = asdict(self)
         data.pop("path")
         data.pop("_sha256")
+        data["images"] = [entry.to_dict() for entry in self.images]
         data["layout"] = self.layout
         return data
 
@@ -111,7 +137,7 @@ def load_manifest(path: str | Path) -> Manifest:
                 "re-run preprocessing"
             )
         data.pop("layout", None)
-        images = [ImageEntry(**{**e, "pad": tuple(e["pad"])}) for e in data.pop("images")]
+        images = [ImageEntry.from_dict(e) for e in data.pop("images")]
         return Manifest(**data, images=images, path=path, _sha256=sha256_file(path))
     except (ValueError, TypeError, KeyError) as exc:
         raise DatasetError(f"manifest {str(path)!r} is malformed ({exc}); re-run preprocessing") from exc

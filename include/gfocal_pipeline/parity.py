@@ -1,63 +1,321 @@
-"""Comparing two runtimes' pre-NMS candidates, tolerant of ties at the per-level top-k boundary.
+"""Does an exported graph select and decode the same candidates as PyTorch? Tie-aware, per level.
 
-Each level keeps its `nms_pre` best anchors. When two anchors' scores differ by less than the
-runtimes' rounding, one runtime may keep one and the other the other; elementwise comparison would
-then report a huge "error" although both are right. Candidates are therefore matched per level
-(same box within `match_px` and same max score within `match_score`); the error is measured over
-matched pairs, and an unmatched candidate is accepted only as such a boundary tie: its max score
-is within `match_score` of the level's lowest kept score.
+Per FPN level the graph keeps the `nms_pre` anchors with the largest *selection key*: the max over
+all 81 classifier channels (the padding class included, as in the official code). Whenever several
+anchors share the boundary key exactly - constant letterbox padding, collapsed activations - each
+runtime's TopK may keep a different subset of them, and both are right. So the check does not
+compare arrays element by element; it works from PyTorch's decode of *every* anchor of the level:
+
+1. the boundary key is PyTorch's `nms_pre`-th largest key; an anchor is a *tie* when its key equals
+   the boundary within rounding (`tie_atol + tie_rtol * boundary`);
+2. each candidate of the graph is matched to the anchor it decodes (same box within `match_px`
+   and same class scores within `match_score`, one candidate per anchor);
+3. every anchor above the boundary must be in the graph's output (else *missing*), every candidate
+   must be an anchor at or above the boundary (else *extra*, or *unmatched* if it is no anchor at all);
+   only boundary ties may differ between the two sides;
+4. the numeric error (`boxes`, `scores`) is the largest difference over matched pairs.
+
+A wrong graph - a shifted prior, a wrong stride, a changed feature - moves boxes or scores off
+every anchor and shows up as unmatched/missing candidates or as a numeric error; a correct graph
+has 0 unexplained candidates whatever the weights. Non-finite values on either side are counted.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from gfocal_pipeline.constants import NMS_PRE
 from gfocal_pipeline.decode import level_sizes
 
+LEVEL_NAMES = ("P3", "P4", "P5", "P6", "P7")
+MATCH_PX = 1.0  # a candidate is an anchor's when its box is within this many pixels ...
+MATCH_SCORE = 1e-3  # ... and each class score within this (both far above runtime rounding)
+TIE_ATOL = 1e-5  # keys this close to the boundary (plus TIE_RTOL relative) are rounding-level ties
+TIE_RTOL = 1e-4
+_CHUNK = 64  # candidates per block when searching all anchors of a level
 
-def _blocks(height: int, width: int, nms_pre: int = NMS_PRE) -> list[tuple[int, int]]:
-    sizes = [min(h * w, nms_pre) for h, w in level_sizes(height, width)]
-    ends = np.cumsum(sizes)
-    return [(int(e - s), int(e)) for s, e in zip(sizes, ends, strict=True)]
+
+@dataclass
+class LevelParity:
+    """One image's one level: how the graph's candidates relate to PyTorch's anchors."""
+
+    level: str
+    anchors: int
+    kept: int
+    boundary_key: float | None  # None when the level keeps every anchor
+    ties: int = 0  # candidates the graph kept from a boundary tie that PyTorch did not keep
+    missing: int = 0  # anchors above the boundary the graph dropped
+    extra: int = 0  # candidates that are anchors below the boundary
+    unmatched: int = 0  # candidates that decode to no anchor of PyTorch's
+    max_gap: float = 0.0  # largest |key - boundary| among missing/extra
+    boxes: float = 0.0  # max abs box error over matched pairs (pixels)
+    scores: float = 0.0  # max abs score error over matched pairs
+
+    @property
+    def unexplained(self) -> int:
+        return self.missing + self.extra + self.unmatched
 
 
-def candidate_errors(
+@dataclass
+class ParityReport:
+    """The whole comparison; `summary()` is what the export result and its JSON record."""
+
+    levels: list[LevelParity] = field(default_factory=list)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    count_mismatch: str = ""
+
+    def merge(self, other: ParityReport) -> None:
+        """Add another input's comparison to this report."""
+        self.levels += other.levels
+        for side, count in other.nonfinite.items():
+            self.nonfinite[side] = self.nonfinite.get(side, 0) + count
+        self.count_mismatch = self.count_mismatch or other.count_mismatch
+
+    @property
+    def boxes(self) -> float:
+        return max((lv.boxes for lv in self.levels), default=0.0)
+
+    @property
+    def scores(self) -> float:
+        return max((lv.scores for lv in self.levels), default=0.0)
+
+    @property
+    def ties(self) -> int:
+        return sum(lv.ties for lv in self.levels)
+
+    @property
+    def unexplained(self) -> int:
+        return sum(lv.unexplained for lv in self.levels)
+
+    @property
+    def max_gap(self) -> float:
+        return max((lv.max_gap for lv in self.levels), default=0.0)
+
+    @property
+    def numeric_error(self) -> float:
+        """The largest matched difference (boxes in px or scores), inf when the values are not finite."""
+        if any(self.nonfinite.values()):
+            return math.inf
+        return max(self.boxes, self.scores)
+
+    def summary(self) -> dict[str, float | int]:
+        return {
+            "boxes": self.boxes,
+            "scores": self.scores,
+            "boundary_ties": self.ties,
+            "unexplained": self.unexplained,
+            "max_gap": self.max_gap,
+            **{f"nonfinite_{side}": n for side, n in self.nonfinite.items()},
+        }
+
+    def per_level(self) -> list[dict[str, object]]:
+        """Levels summed over the images of the batch (counts add, errors and gaps take the max)."""
+        merged: dict[str, LevelParity] = {}
+        for lv in self.levels:
+            into = merged.setdefault(lv.level, LevelParity(lv.level, lv.anchors, lv.kept, lv.boundary_key))
+            for name in ("ties", "missing", "extra", "unmatched"):
+                setattr(into, name, getattr(into, name) + getattr(lv, name))
+            for name in ("max_gap", "boxes", "scores"):
+                setattr(into, name, max(getattr(into, name), getattr(lv, name)))
+        return [{**asdict(lv), "unexplained": lv.unexplained} for lv in merged.values()]
+
+    def describe(self) -> str:
+        """One line per level, for the export log and its error message."""
+        lines = []
+        if self.count_mismatch:
+            lines.append(self.count_mismatch)
+        if any(self.nonfinite.values()):
+            counts = ", ".join(f"{side} {n}" for side, n in self.nonfinite.items())
+            lines.append(f"non-finite values (NaN/Inf): {counts}")
+        for lv in self.per_level():
+            boundary = "all kept" if lv["boundary_key"] is None else f"boundary key {lv['boundary_key']:.6g}"
+            lines.append(
+                f"{lv['level']}: {lv['kept']} of {lv['anchors']} anchors kept ({boundary}); "
+                f"{lv['ties']} tie(s), {lv['unexplained']} unexplained (missing {lv['missing']}, "
+                f"extra {lv['extra']}, unmatched {lv['unmatched']}), largest gap {lv['max_gap']:.3g}; "
+                f"max error boxes {lv['boxes']:.3g} px, scores {lv['scores']:.3g}"
+            )
+        return "\n".join(lines)
+
+
+def level_blocks(height: int, width: int, nms_pre: int = NMS_PRE) -> list[tuple[int, int, int]]:
+    """Per level: (number of anchors, number kept, offset of the level's first kept candidate)."""
+    blocks, offset = [], 0
+    for h, w in level_sizes(height, width):
+        kept = min(h * w, nms_pre)
+        blocks.append((h * w, kept, offset))
+        offset += kept
+    return blocks
+
+
+def _nonfinite(*arrays: np.ndarray) -> int:
+    return int(sum(np.size(a) - np.count_nonzero(np.isfinite(a)) for a in arrays))
+
+
+def _match(
+    cand_boxes: np.ndarray,
+    cand_scores: np.ndarray,
+    anchor_boxes: np.ndarray,
+    anchor_scores: np.ndarray,
+    match_px: float,
+    match_score: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each candidate its nearest anchor (index into the given anchors) and the distance in units
+    of the tolerances (<= 1 means matched); -1 / inf where no anchor's box is within `match_px`."""
+    best = np.full(len(cand_boxes), -1, dtype=np.int64)
+    dist = np.full(len(cand_boxes), np.inf)
+    for start in range(0, len(cand_boxes), _CHUNK):
+        stop = min(start + _CHUNK, len(cand_boxes))
+        box_d = np.abs(cand_boxes[start:stop, None, :] - anchor_boxes[None, :, :]).max(-1) / match_px
+        rows, cols = np.nonzero(box_d <= 1.0)
+        if rows.size == 0:
+            continue
+        score_d = np.abs(cand_scores[start + rows] - anchor_scores[cols]).max(-1) / match_score
+        pair_d = np.maximum(box_d[rows, cols], score_d)
+        # per candidate row, the pair with the smallest distance
+        order = np.lexsort((pair_d, rows))
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = rows[order][1:] != rows[order][:-1]
+        chosen = order[first]
+        best[start + rows[chosen]] = cols[chosen]
+        dist[start + rows[chosen]] = pair_d[chosen]
+    return best, dist
+
+
+def _boundary(
+    keys: np.ndarray, kept: int, tie_atol: float, tie_rtol: float
+) -> tuple[np.ndarray, float, float, np.ndarray]:
+    """PyTorch's kept mask, the boundary key, the tie tolerance and the anchors a graph may keep."""
+    order = np.argsort(-keys, kind="stable")
+    ref_kept = np.zeros(len(keys), dtype=bool)
+    ref_kept[order[:kept]] = True
+    if kept == len(keys):
+        return ref_kept, -math.inf, 0.0, np.arange(len(keys))
+    boundary = float(keys[order[kept - 1]])
+    tol = tie_atol + tie_rtol * abs(boundary)
+    return ref_kept, boundary, tol, np.nonzero(keys >= boundary - tol)[0]
+
+
+def _assign(
+    cand: tuple[np.ndarray, np.ndarray],
+    ref: tuple[np.ndarray, np.ndarray],
+    eligible: np.ndarray,
+    match_px: float,
+    match_score: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Match candidates to eligible anchors, one candidate per anchor (the nearest wins).
+
+    Returns (matched mask over candidates, anchor index of each candidate or -1)."""
+    best, dist = _match(*cand, ref[0][eligible], ref[1][eligible], match_px, match_score)
+    matched = dist <= 1.0
+    anchor_of = np.where(matched, eligible[np.maximum(best, 0)], -1)
+    taken: set[int] = set()
+    for index in np.argsort(dist, kind="stable"):
+        if not matched[index]:
+            break  # sorted by distance: the rest are unmatched too
+        if int(anchor_of[index]) in taken:  # a second candidate on one anchor is not explained by it
+            matched[index] = False
+        taken.add(int(anchor_of[index]))
+    return matched, np.where(matched, anchor_of, -1)
+
+
+def compare_level(
+    name: str,
+    cand_boxes: np.ndarray,
+    cand_scores: np.ndarray,
+    ref_boxes: np.ndarray,
+    ref_scores: np.ndarray,
+    ref_keys: np.ndarray,
+    kept: int,
+    match_px: float = MATCH_PX,
+    match_score: float = MATCH_SCORE,
+    tie_atol: float = TIE_ATOL,
+    tie_rtol: float = TIE_RTOL,
+) -> LevelParity:
+    """One level of one image: the graph's `kept` candidates against PyTorch's decode of every anchor.
+
+    `ref_scores` holds the same class columns as `cand_scores`; `ref_keys` is the selection key of each
+    anchor (max over all classifier channels).
+    """
+    anchors = len(ref_keys)
+    ref_kept, boundary, tol, eligible = _boundary(ref_keys, kept, tie_atol, tie_rtol)
+    result = LevelParity(name, anchors, kept, None if kept == anchors else boundary)
+    cand, ref = (cand_boxes, cand_scores), (ref_boxes, ref_scores)
+    matched, anchor_of = _assign(cand, ref, eligible, match_px, match_score)
+    pairs = np.nonzero(matched)[0]
+    if pairs.size:
+        result.boxes = float(np.abs(cand_boxes[pairs] - ref_boxes[anchor_of[pairs]]).max())
+        result.scores = float(np.abs(cand_scores[pairs] - ref_scores[anchor_of[pairs]]).max())
+    taken = np.zeros(anchors, dtype=bool)
+    taken[anchor_of[pairs]] = True
+    result.ties = int(np.sum(taken & ~ref_kept))
+
+    dropped = np.nonzero(ref_kept & ~taken)[0]  # PyTorch kept, the graph did not
+    above = dropped[ref_keys[dropped] > boundary + tol]
+    result.missing = int(above.size)
+    gaps = list(ref_keys[above] - boundary) if kept < anchors else []
+
+    loose = np.nonzero(~matched)[0]  # candidates that are no eligible anchor: which anchor are they?
+    if loose.size:
+        best, dist = _match(
+            cand_boxes[loose], cand_scores[loose], ref_boxes, ref_scores, match_px, match_score
+        )
+        hits = best[dist <= 1.0]
+        # an eligible anchor here is one a closer candidate already took: a duplicate, not an extra
+        below = hits[~np.isin(hits, eligible)]
+        result.extra = int(below.size)
+        result.unmatched = int(loose.size - below.size)
+        gaps += list(boundary - ref_keys[below])
+    result.max_gap = float(max(gaps, default=0.0))
+    return result
+
+
+def compare_candidates(
     got: tuple[np.ndarray, np.ndarray],
-    expected: tuple[np.ndarray, np.ndarray],
+    reference: tuple[np.ndarray, np.ndarray],
     height: int,
     width: int,
-    match_px: float = 0.5,
-    match_score: float = 1e-4,
-) -> dict[str, float]:
-    """-> {"boxes": max abs err, "scores": max abs err, "boundary_ties": n, "unexplained": n}.
-
-    `got`/`expected` are (boxes (B,K,4) or (B,K,1,4), scores (B,K,C)).
-    """
+    nms_pre: int = NMS_PRE,
+    **tolerances: float,
+) -> ParityReport:
+    """The graph's candidates `got` = (boxes (B,K,4) or (B,K,1,4), scores (B,K,C)) against PyTorch's
+    decode of every anchor `reference` = (boxes (B,A,4), scores (B,A,81)); the first C score columns
+    are compared, the key is the max over all of `reference`'s columns."""
     gb, gs = (np.asarray(a, np.float64) for a in got)
-    eb, es = (np.asarray(a, np.float64) for a in expected)
-    gb, eb = gb.reshape(gb.shape[0], gb.shape[1], 4), eb.reshape(eb.shape[0], eb.shape[1], 4)
-    box_err = score_err = 0.0
-    ties = unexplained = 0
+    rb, rs = (np.asarray(a, np.float64) for a in reference)
+    gb = gb.reshape(gb.shape[0], -1, 4)
+    classes = gs.shape[-1]
+    report = ParityReport(nonfinite={"onnxruntime": _nonfinite(gb, gs), "pytorch": _nonfinite(rb, rs)})
+    blocks = level_blocks(height, width, nms_pre)
+    expected_k = sum(kept for _, kept, _ in blocks)
+    expected_a = sum(anchors for anchors, _, _ in blocks)
+    if gb.shape[1] != expected_k or gs.shape[1] != expected_k or rb.shape[1] != expected_a:
+        report.count_mismatch = (
+            f"the graph returned {gb.shape[1]} candidates per image, expected {expected_k} "
+            f"for {height}x{width} (PyTorch decoded {rb.shape[1]} of {expected_a} anchors)"
+        )
+        return report
+    if any(report.nonfinite.values()):
+        return report
     for b in range(gb.shape[0]):
-        for start, end in _blocks(height, width):
-            g_key = np.concatenate([gb[b, start:end], gs[b, start:end].max(-1, keepdims=True)], axis=1)
-            e_key = np.concatenate([eb[b, start:end], es[b, start:end].max(-1, keepdims=True)], axis=1)
-            scale = np.array([match_px] * 4 + [match_score])
-            # pairwise distance in units of the tolerances; rows are few (<= nms_pre)
-            dist = np.abs(g_key[:, None, :] - e_key[None, :, :]) / scale
-            dist = dist.max(-1)
-            nearest = dist.argmin(1)
-            matched = dist[np.arange(len(nearest)), nearest] <= 1.0
-            pairs_g = np.nonzero(matched)[0]
-            pairs_e = nearest[matched]
-            if pairs_g.size:
-                box_err = max(box_err, float(np.abs(gb[b, start + pairs_g] - eb[b, start + pairs_e]).max()))
-                score_err = max(
-                    score_err, float(np.abs(gs[b, start + pairs_g] - es[b, start + pairs_e]).max())
+        anchor_start = 0
+        for name, (anchors, kept, offset) in zip(LEVEL_NAMES, blocks, strict=True):
+            ref = slice(anchor_start, anchor_start + anchors)
+            cand = slice(offset, offset + kept)
+            report.levels.append(
+                compare_level(
+                    name,
+                    gb[b, cand],
+                    gs[b, cand],
+                    rb[b, ref],
+                    rs[b, ref, :classes],
+                    rs[b, ref].max(-1),
+                    kept,
+                    **tolerances,
                 )
-            floor = min(g_key[:, 4].min(), e_key[:, 4].min())
-            loose = g_key[~matched, 4]
-            ties += int(np.sum(loose <= floor + match_score))
-            unexplained += int(np.sum(loose > floor + match_score))
-    return {"boxes": box_err, "scores": score_err, "boundary_ties": ties, "unexplained": unexplained}
+            )
+            anchor_start += anchors
+    return report

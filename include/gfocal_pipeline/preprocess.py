@@ -22,22 +22,25 @@ Data types:
   padded with round(mean) per channel (BGR 104, 116, 124) so the padding normalizes to ~0;
   3*H*W bytes (2,918,400 for 800x1216), a quarter of the disk and I/O.
 
-Images are processed in parallel processes (spawned; memory per worker is one image), written
-atomically, and only assigned to shards once all are done, so shards hold exactly `shard_size`
-images in id order. The manifest is written last: a run dir with a manifest is complete. A re-run
-with the same parameters rewrites the same bytes.
+Images are processed by a pool of threads in the calling process (OpenCV's decode, resize and
+normalize and numpy's copies release the GIL; memory per worker is one image): no child processes,
+so it runs inside any Celery worker pool (a prefork child is daemonic and may not have children) and
+never re-imports the host (Airflow) in a child. Each input is written atomically, and only assigned
+to shards once all are done, so shards hold exactly `shard_size` images in id order. The manifest
+is written last: a run dir with a manifest is complete. A re-run with the same parameters rewrites
+the same bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +59,7 @@ from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR, 
 from gfocal_pipeline.errors import DatasetError
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir
 from gfocal_pipeline.layout import RunLayout, input_file_name, shard_name
-from gfocal_pipeline.manifest import DTYPES, POLICIES, ImageEntry, Manifest
+from gfocal_pipeline.manifest import DTYPES, POLICIES, Geometry, ImageEntry, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -66,33 +69,6 @@ _MEAN = np.float64(np.array(MEAN_RGB, dtype=np.float32).reshape(1, -1))
 _STDINV = 1.0 / np.float64(np.array(STD_RGB, dtype=np.float32).reshape(1, -1))
 PAD_BGR_U8 = tuple(round(value) for value in reversed(MEAN_RGB))  # (104, 116, 124)
 _SHOW = 5
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How one image was placed in the canvas (the ImageEntry fields that describe geometry)."""
-
-    width: int
-    height: int
-    scale_x: float
-    scale_y: float
-    resized_width: int
-    resized_height: int
-    pad: tuple[int, int, int, int]  # left, top, right, bottom
-
-    def entry(self, image_id: int, file_name: str, shard: str) -> ImageEntry:
-        return ImageEntry(
-            image_id=image_id,
-            file_name=file_name,
-            width=self.width,
-            height=self.height,
-            scale_x=self.scale_x,
-            scale_y=self.scale_y,
-            resized_width=self.resized_width,
-            resized_height=self.resized_height,
-            pad=self.pad,
-            shard=shard,
-        )
 
 
 def letterbox_size(width: int, height: int, canvas_h: int, canvas_w: int) -> tuple[int, int, float]:
@@ -209,8 +185,16 @@ class _Job:
 _Result = tuple[int, Geometry | None, str]
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already; avoid cores x threads oversubscription
+@contextmanager
+def _single_threaded_cv2() -> Iterator[None]:
+    """OpenCV's own thread pool off while our workers run (one worker per core already; avoids
+    cores x cores oversubscription); the caller's setting is restored afterwards."""
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
 
 
 def _run_job(job: _Job) -> _Result:
@@ -235,31 +219,36 @@ def _run_job(job: _Job) -> _Result:
 
 
 def _run_jobs(jobs: Iterable[_Job], workers: int) -> Iterator[_Result]:
-    """Results in completion order; at most `4 * workers` jobs in flight; worker errors propagate."""
+    """Results in completion order from `workers` threads; at most `4 * workers` jobs in flight;
+    the first worker error propagates (jobs not started yet are cancelled)."""
     if workers == 1:
         for job in jobs:
             yield _run_job(job)
         return
     source = iter(jobs)
-    context = multiprocessing.get_context("spawn")  # fork is unsafe in threaded hosts (Airflow)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+    with (
+        _single_threaded_cv2(),
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gfocal-preprocess") as pool,
+    ):
         pending: dict[Future[_Result], _Job] = {}
-        while True:
-            while len(pending) < 4 * workers and (job := next(source, None)) is not None:
-                pending[pool.submit(_run_job, job)] = job
-            if not pending:
-                return
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = pending.pop(future)
-                try:
-                    result = future.result()
-                except BaseException as exc:
-                    for other in pending:
-                        other.cancel()
-                    exc.add_note(f"while preprocessing {job.source}")
-                    raise
-                yield result
+        try:
+            while True:
+                while len(pending) < 4 * workers and (job := next(source, None)) is not None:
+                    pending[pool.submit(_run_job, job)] = job
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = pending.pop(future)
+                    try:
+                        result = future.result()
+                    except BaseException as exc:
+                        exc.add_note(f"while preprocessing {job.source}")
+                        raise
+                    yield result
+        finally:  # on an error or an abandoned generator: drop what has not started
+            for other in pending:
+                other.cancel()
 
 
 class _Progress:
@@ -347,6 +336,79 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _fresh_inputs(layout: RunLayout, needed_bytes: int) -> Path:
+    """Check the run directory and its free space, remove the old manifest and inputs (they no longer
+    describe what is on disk) and return an empty staging folder."""
+    ensure_writable_dir(layout.root, "run directory")
+    _check_disk_space(layout.inputs_dir, needed_bytes)
+    layout.manifest.unlink(missing_ok=True)
+    _clear_inputs(layout.inputs_dir)
+    staging = layout.inputs_dir / STAGING_DIR
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def _run_all(
+    jobs: Iterator[_Job], n_workers: int, count: int, progress_interval_s: float
+) -> tuple[dict[int, Geometry], dict[int, str]]:
+    """Run every job: (geometry by image id, failure reason by image id)."""
+    geometries: dict[int, Geometry] = {}
+    bad: dict[int, str] = {}
+    progress = _Progress(count, progress_interval_s)
+    for image_id, geometry, reason in _run_jobs(jobs, n_workers):
+        progress.step()
+        if geometry is None:
+            bad[image_id] = reason
+        else:
+            geometries[image_id] = geometry
+    progress.finish()
+    return geometries, bad
+
+
+def _check_bad(images: list[CocoImage], bad: dict[int, str], image_dir: Path, skip: bool) -> list[CocoImage]:
+    """The unreadable images: an error naming them, or (with `skip`) logged and returned."""
+    bad_images = [image for image in images if image.image_id in bad]
+    if bad_images and not skip:
+        raise DatasetError(
+            f"{len(bad_images)} image(s) in {str(image_dir)!r} cannot be read: "
+            f"{', '.join(str(image.path) for image in bad_images[:_SHOW])}"
+            f"{' ...' if len(bad_images) > _SHOW else ''} ({bad[bad_images[0].image_id]}); "
+            "replace them, or pass skip_bad_images=True to leave them out of the run"
+        )
+    for image in bad_images:
+        log.warning("preprocess: skipping unreadable image %s: %s", image.path, bad[image.image_id])
+    return bad_images
+
+
+def _place(
+    kept: list[CocoImage], geometries: dict[int, Geometry], staging: Path, layout: RunLayout, shard_size: int
+) -> tuple[list[ImageEntry], dict[str, list[int]]]:
+    """Move the staged inputs into their shards; the manifest entries and the shards' image ids."""
+    entries: list[ImageEntry] = []
+    shards: dict[str, list[int]] = {}
+    for index, image in enumerate(kept):
+        shard = shard_name(index // shard_size)
+        target_dir = layout.input_shard(shard)
+        if shard not in shards:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            shards[shard] = []
+        name = input_file_name(image.image_id)
+        os.replace(staging / name, target_dir / name)
+        shards[shard].append(image.image_id)
+        geometry = geometries[image.image_id]
+        entries.append(ImageEntry(image.image_id, image.file_name, shard, geometry))
+        if (image.width, image.height) != (geometry.width, geometry.height):
+            log.warning(
+                "preprocess: %s is %dx%d but the annotation file says %dx%d; using the real size",
+                image.path,
+                geometry.width,
+                geometry.height,
+                image.width,
+                image.height,
+            )
+    return entries, shards
+
+
 def preprocess(
     coco_root: str | Path,
     run_dir: str | Path,
@@ -377,105 +439,46 @@ def preprocess(
     if policy == "mmdet":
         _check_mmdet_fits(images, height, width)
     layout = RunLayout.at(Path(run_dir))
-    ensure_writable_dir(layout.root, "run directory")
-    bytes_per_image = 3 * height * width * np.dtype(dtype).itemsize
-    _check_disk_space(layout.inputs_dir, len(images) * bytes_per_image)
-
-    # From here on the old manifest no longer describes what is on disk.
-    layout.manifest.unlink(missing_ok=True)
-    _clear_inputs(layout.inputs_dir)
-    staging = layout.inputs_dir / STAGING_DIR
-    staging.mkdir(parents=True, exist_ok=True)
+    staging = _fresh_inputs(layout, len(images) * 3 * height * width * np.dtype(dtype).itemsize)
 
     n_workers = max(1, min(workers or _default_workers(), len(images)))
+    job_options = (policy, dtype, height, width)
+    shape = f"policy={policy} dtype={dtype} {height}x{width}, shard_size={shard_size}, {n_workers} workers"
     log.info(
-        "preprocess: %d of %d images from %s -> %s (policy=%s dtype=%s %dx%d, shard_size=%d, %d workers)",
+        "preprocess: %d of %d images from %s -> %s (%s)",
         len(images),
         dataset.total_images,
         dataset.root,
         layout.inputs_dir,
+        shape,
+    )
+    jobs = (
+        _Job(image.image_id, str(image.path), str(staging / input_file_name(image.image_id)), *job_options)
+        for image in images
+    )
+    geometries, bad = _run_all(jobs, n_workers, len(images), progress_interval_s)
+    bad_images = _check_bad(images, bad, dataset.image_dir, skip_bad_images)
+    kept = [image for image in images if image.image_id in geometries]
+    if not kept:
+        raise DatasetError(f"none of the {len(images)} images in {str(dataset.image_dir)!r} can be read")
+    entries, shards = _place(kept, geometries, staging, layout, shard_size)
+    shutil.rmtree(staging, ignore_errors=True)
+
+    skipped = [
+        {"image_id": i.image_id, "file_name": i.file_name, "reason": bad[i.image_id]} for i in bad_images
+    ]
+    manifest = Manifest(
         policy,
         dtype,
         height,
         width,
         shard_size,
-        n_workers,
-    )
-    jobs = (
-        _Job(
-            image.image_id,
-            str(image.path),
-            str(staging / input_file_name(image.image_id)),
-            policy,
-            dtype,
-            height,
-            width,
-        )
-        for image in images
-    )
-    geometries: dict[int, Geometry] = {}
-    bad: dict[int, str] = {}
-    progress = _Progress(len(images), progress_interval_s)
-    for image_id, geometry, reason in _run_jobs(jobs, n_workers):
-        progress.step()
-        if geometry is None:
-            bad[image_id] = reason
-        else:
-            geometries[image_id] = geometry
-    progress.finish()
-
-    bad_images = [image for image in images if image.image_id in bad]
-    if bad_images and not skip_bad_images:
-        raise DatasetError(
-            f"{len(bad_images)} image(s) in {str(dataset.image_dir)!r} cannot be read: "
-            f"{', '.join(str(image.path) for image in bad_images[:_SHOW])}"
-            f"{' ...' if len(bad_images) > _SHOW else ''} ({bad[bad_images[0].image_id]}); "
-            "replace them, or pass skip_bad_images=True to leave them out of the run"
-        )
-    for image in bad_images:
-        log.warning("preprocess: skipping unreadable image %s: %s", image.path, bad[image.image_id])
-    kept = [image for image in images if image.image_id in geometries]
-    if not kept:
-        raise DatasetError(f"none of the {len(images)} images in {str(dataset.image_dir)!r} can be read")
-
-    entries: list[ImageEntry] = []
-    shards: dict[str, list[int]] = {}
-    for index, image in enumerate(kept):
-        shard = shard_name(index // shard_size)
-        target_dir = layout.input_shard(shard)
-        if shard not in shards:
-            target_dir.mkdir(parents=True, exist_ok=True)
-            shards[shard] = []
-        name = input_file_name(image.image_id)
-        os.replace(staging / name, target_dir / name)
-        shards[shard].append(image.image_id)
-        entries.append(geometries[image.image_id].entry(image.image_id, image.file_name, shard))
-        if (image.width, image.height) != (entries[-1].width, entries[-1].height):
-            log.warning(
-                "preprocess: %s is %dx%d but the annotation file says %dx%d; using the real size",
-                image.path,
-                entries[-1].width,
-                entries[-1].height,
-                image.width,
-                image.height,
-            )
-    shutil.rmtree(staging, ignore_errors=True)
-
-    manifest = Manifest(
-        policy=policy,
-        dtype=dtype,
-        input_height=height,
-        input_width=width,
-        shard_size=shard_size,
-        coco_root=str(dataset.root),
-        annotation_file=str(dataset.annotation_file),
-        image_dir=str(dataset.image_dir),
-        images=entries,
-        shards=shards,
-        skipped=[
-            {"image_id": image.image_id, "file_name": image.file_name, "reason": bad[image.image_id]}
-            for image in bad_images
-        ],
+        str(dataset.root),
+        str(dataset.annotation_file),
+        str(dataset.image_dir),
+        entries,
+        shards,
+        skipped,
     )
     manifest.write(layout.manifest)
     log.info(

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
 from gfocal_pipeline.errors import DatasetError, GfocalError
 from gfocal_pipeline.fileio import write_json
-from gfocal_pipeline.layout import RunLayout
+from gfocal_pipeline.layout import RunLayout, om_cache_dir
 from gfocal_pipeline.manifest import load_manifest
 from gfocal_pipeline.timing import summarize
 
@@ -36,13 +37,88 @@ def run_directory(work_dir: str | Path, dag_id: str, run_id: str) -> Path:
     return Path(work_dir) / safe_name(dag_id) / safe_name(run_id)
 
 
-def preprocess_step(coco_root: str | Path, run_dir: str | Path, **options: Any) -> dict[str, Any]:
-    """Preprocess a COCO root into `run_dir`; returns the manifest facts and the shard names."""
+def prepare_step(values: dict[str, Any], dag_id: str, run_id: str, *, ascend: bool) -> dict[str, Any]:
+    """Validate a run's options once (`RunConfig`) and create its run directory.
+
+    Returns the validated options plus `run_dir` and `om_cache_dir`: what every later task reads.
+    """
+    from gfocal_pipeline.run_config import RunConfig
+
+    config = RunConfig.from_mapping(values, ascend=ascend).to_dict()
+    run_dir = run_directory(config["work_dir"], dag_id, run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return {**config, "run_dir": str(run_dir), "om_cache_dir": str(om_cache_dir(config["work_dir"]))}
+
+
+def om_batch_sizes(batch_size: int) -> tuple[int, ...]:
+    """The dynamic batch sizes an OM is converted with to run `batch_size` (none for batch 1)."""
+    return (1, batch_size) if batch_size > 1 else ()
+
+
+def export_step(
+    run_dir: str | Path,
+    variant: str,
+    checkpoint: str | Path,
+    *,
+    dtype: str = "float32",
+    batch_size: int = 1,
+    **options: Any,
+) -> dict[str, Any]:
+    """Export `checkpoint` to the run's `model/gfocal_<variant>.onnx` (see `export.export_onnx`).
+
+    The portable graph has a dynamic batch and, for uint8 inputs, normalizes in the graph; the
+    Ascend graph stays float NCHW (AIPP normalizes on the NPU) with a dynamic batch only for
+    `batch_size` > 1 (then converted to a dynamic-batch OM)."""
+    from gfocal_pipeline.export import export_onnx
+
+    portable = variant == "portable"
+    result = export_onnx(
+        checkpoint=checkpoint,
+        output=RunLayout.at(run_dir).onnx(variant),
+        variant=variant,
+        dynamic_batch=portable or batch_size > 1,
+        normalize_in_graph=portable and dtype == "uint8",
+        **options,
+    )
+    return result.to_xcom()
+
+
+def convert_step(
+    run_dir: str | Path, onnx_path: str | Path, cache_dir: str | Path, batch_size: int = 1, **options: Any
+) -> dict[str, Any]:
+    """ONNX -> the run's `model/gfocal.om` with atc through the OM cache (see `backends.atc`).
+
+    `batch_size` > 1 converts a dynamic-batch OM with sizes (1, batch_size)."""
+    from gfocal_pipeline.backends.atc import convert_onnx
+
+    layout = RunLayout.at(run_dir)
+    return convert_onnx(
+        onnx_path,
+        cache_dir,
+        output_dir=layout.om.parent,
+        om_name=layout.om.stem,
+        dynamic_batch_sizes=om_batch_sizes(batch_size),
+        **options,
+    )
+
+
+def preprocess_step(
+    coco_root: str | Path,
+    run_dir: str | Path,
+    *,
+    images_dir: str = DEFAULT_IMAGE_DIR,
+    annotations: str = DEFAULT_ANNOTATION_FILE,
+    **options: Any,
+) -> dict[str, Any]:
+    """Preprocess a COCO-format set (`images_dir`, `annotations` inside `coco_root`) into `run_dir`;
+    returns the manifest facts and the shard names."""
     from gfocal_pipeline.preprocess import preprocess
 
     started = time.perf_counter()
     layout = RunLayout.at(run_dir)
-    manifest = preprocess(coco_root, layout.root, **options)
+    manifest = preprocess(
+        coco_root, layout.root, image_dir=images_dir, annotation_file=annotations, **options
+    )
     return {
         "manifest_path": str(manifest.path),
         "manifest_sha256": manifest.sha256,
@@ -60,10 +136,9 @@ def infer_step(run_dir: str | Path, shard: str, backend: str, **options: Any) ->
     """Run one shard through `backend` (see `backends.registry`); returns its timing summary."""
     from gfocal_pipeline.backends.registry import get_backend
 
+    runner = get_backend(backend, **options)  # bad options fail before any file is read
     layout = RunLayout.at(run_dir)
-    manifest = load_manifest(layout.manifest)
-    result = get_backend(backend, **options).infer_shard(layout, manifest, shard)
-    return result.to_dict()
+    return runner.infer_shard(layout, load_manifest(layout.manifest), shard).to_dict()
 
 
 def combined_timing(run_dir: str | Path, backend: str) -> dict[str, Any]:
@@ -73,8 +148,7 @@ def combined_timing(run_dir: str | Path, backend: str) -> dict[str, Any]:
     backend's own formula (e.g. msame's chip count), and for in-process backends this equals images /
     total batch latency. Latency percentiles pool every shard's timed latencies.
     """
-    layout = RunLayout.at(run_dir)
-    folder = layout.root / "timing" / backend
+    folder = RunLayout.at(run_dir).timing_dir(backend)
     files = sorted(folder.glob("*.json"))
     if not files:
         raise DatasetError(f"no timing files under {str(folder)!r}; run inference first")
@@ -162,6 +236,35 @@ def history_record(
         convert_info=convert_info,
         ap_delta=ap_delta,
     )
+
+
+def cli_history_record(
+    run_dir: str | Path, backend: str, *, run_id: str | None, device: str, precision: str
+) -> tuple[Any, dict[str, Any]]:
+    """(history row, evaluation) of an evaluated run directory, for `gfocal gate` (no Airflow run)."""
+    layout = RunLayout.at(run_dir)
+    stats_file = layout.eval_dir(backend) / "stats.json"
+    if not stats_file.is_file():
+        raise GfocalError(f"{str(stats_file)!r} not found; run `gfocal eval --backend {backend}` first")
+    evaluation = {**json.loads(stats_file.read_text()), "timing": combined_timing(layout.root, backend)}
+    manifest = load_manifest(layout.manifest)
+    run_config = {
+        "policy": manifest.policy,
+        "dtype": manifest.dtype,
+        "height": manifest.input_height,
+        "width": manifest.input_width,
+    }
+    record = history_record(
+        dag_id="gfocal-cli",
+        run_id=run_id or layout.root.name,
+        role={"backend": backend, "device": device, "precision": precision},
+        evaluation=evaluation,
+        run_config=run_config,
+        export_info={},
+        convert_info={},
+        ap_delta=None,
+    )
+    return record, evaluation
 
 
 def summary_step(run_dir: str | Path, evaluations: dict[str, dict[str, Any]], **facts: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -118,44 +119,88 @@ def svg_chart(
             f'<text x="{left}" y="{top + plot_h / 2:.1f}" class="empty">no {esc(metric)} data</text>'
         )
         return "".join(parts) + "</svg>"
-    numbers = [float(p[metric]) for _, p in values]
+    low, high = _padded_range([float(p[metric]) for _, p in values])
+    frame = _ChartFrame(left, top, plot_w, plot_h, low, high, len(points))
+    parts.extend(_grid_lines(frame, value_format))
+    parts.extend(_date_labels(points, frame, height))
+    parts.extend(_series(values, metric, frame, value_format))
+    return "".join(parts) + "</svg>"
+
+
+@dataclass(frozen=True)
+class _ChartFrame:
+    """Where a chart's plot area lies, the value range it shows and how many runs it spans."""
+
+    left: int
+    top: int
+    plot_w: int
+    plot_h: int
+    low: float
+    high: float
+    count: int
+
+    def x_of(self, index: int) -> float:
+        """x of the run at `index` (centred when there is one run)."""
+        return self.left + (self.plot_w / 2 if self.count == 1 else self.plot_w * index / (self.count - 1))
+
+    def y_of(self, value: float) -> float:
+        """y of `value` (higher values further up)."""
+        return self.top + self.plot_h * (self.high - value) / (self.high - self.low)
+
+
+def _padded_range(numbers: Sequence[float]) -> tuple[float, float]:
+    """(low, high) of `numbers` widened by 10% of their span (or a little, when all are equal)."""
     low, high = min(numbers), max(numbers)
     pad = (high - low) * 0.1 or max(abs(high) * 0.05, 1e-3)
-    low, high = low - pad, high + pad
-    count = len(points)
+    return low - pad, high + pad
 
-    def x_of(index: int) -> float:
-        return left + (plot_w / 2 if count == 1 else plot_w * index / (count - 1))
 
-    def y_of(value: float) -> float:
-        return top + plot_h * (high - value) / (high - low)
-
+def _grid_lines(frame: _ChartFrame, value_format: str) -> list[str]:
+    """Four horizontal grid lines with their value labels, bottom to top."""
+    esc = html.escape
+    parts = []
     for step in range(4):
-        value = low + (high - low) * step / 3
-        y = y_of(value)
+        value = frame.low + (frame.high - frame.low) * step / 3
+        y = frame.y_of(value)
         parts.append(
-            f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" class="grid"/>'
-            f'<text x="{left - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">'
+            f'<line x1="{frame.left}" y1="{y:.1f}" x2="{frame.left + frame.plot_w}" y2="{y:.1f}" '
+            'class="grid"/>'
+            f'<text x="{frame.left - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">'
             f"{esc(value_format.format(value))}</text>"
         )
+    return parts
+
+
+def _date_labels(points: Sequence[Mapping[str, Any]], frame: _ChartFrame, height: int) -> list[str]:
+    """The dates of the first and (when there are several runs) the last run under the x axis."""
+    esc = html.escape
     first, last = points[0]["finished_at"][:10], points[-1]["finished_at"][:10]
-    parts.append(f'<text x="{left}" y="{height - 8}" class="tick">{esc(first)}</text>')
-    if count > 1:
+    parts = [f'<text x="{frame.left}" y="{height - 8}" class="tick">{esc(first)}</text>']
+    if frame.count > 1:
         parts.append(
-            f'<text x="{left + plot_w}" y="{height - 8}" class="tick" text-anchor="end">{esc(last)}</text>'
+            f'<text x="{frame.left + frame.plot_w}" y="{height - 8}" class="tick" text-anchor="end">'
+            f"{esc(last)}</text>"
         )
-    coords = " ".join(f"{x_of(i):.1f},{y_of(float(p[metric])):.1f}" for i, p in values)
-    parts.append(f'<polyline class="series" data-series="{esc(metric)}" points="{coords}"/>')
+    return parts
+
+
+def _series(
+    values: Sequence[tuple[int, Mapping[str, Any]]], metric: str, frame: _ChartFrame, value_format: str
+) -> list[str]:
+    """The line through the (run index, point) `values` and one verdict-coloured circle per point."""
+    esc = html.escape
+    coords = " ".join(f"{frame.x_of(i):.1f},{frame.y_of(float(p[metric])):.1f}" for i, p in values)
+    parts = [f'<polyline class="series" data-series="{esc(metric)}" points="{coords}"/>']
     for i, p in values:
         value = float(p[metric])
         color = VERDICT_COLORS.get(p.get("verdict"), VERDICT_COLORS[None])
         tip = f"{p['run_id']} ({p['finished_at'][:16]}): {metric} {value_format.format(value)}"
         parts.append(
             f'<circle class="point" data-series="{esc(metric)}" data-run-id="{esc(p["run_id"])}" '
-            f'data-value="{value!r}" cx="{x_of(i):.1f}" cy="{y_of(value):.1f}" r="3.5" fill="{color}">'
-            f"<title>{esc(tip)}</title></circle>"
+            f'data-value="{value!r}" cx="{frame.x_of(i):.1f}" cy="{frame.y_of(value):.1f}" r="3.5" '
+            f'fill="{color}"><title>{esc(tip)}</title></circle>'
         )
-    return "".join(parts) + "</svg>"
+    return parts
 
 
 _CSS = """

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from gfocal_pipeline.layout import RunLayout, input_file_name
-from gfocal_pipeline.manifest import ImageEntry, Manifest
+from gfocal_pipeline.manifest import Geometry, ImageEntry, Manifest
 
 H = W = 16
 IDS = [139, 285, 10139]
@@ -20,7 +20,9 @@ def write_run(
     """A run directory with a manifest and one shard of random preprocessed inputs (`ids`, default IDS)."""
     ids = list(IDS if ids is None else ids)
     layout = RunLayout.at(root)
-    entries = [ImageEntry(i, f"{i:012d}.jpg", W, H, 1.0, 1.0, W, H, (0, 0, 0, 0), SHARD) for i in ids]
+    entries = [
+        ImageEntry(i, f"{i:012d}.jpg", SHARD, Geometry(W, H, 1.0, 1.0, W, H, (0, 0, 0, 0))) for i in ids
+    ]
     manifest = Manifest(
         "letterbox", dtype, H, W, 8, "/coco", "/coco/a.json", "/coco/val2017", entries, {SHARD: ids}
     )

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +42,18 @@ from gfocal_pipeline.backends.process import (
 from gfocal_pipeline.constants import DEFAULT_INPUT_NAME
 from gfocal_pipeline.errors import BackendError
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file, write_json
+from gfocal_pipeline.options import Dtype, PrecisionMode
 
 log = logging.getLogger(__name__)
 
 SUCCESS_LINE = "ATC run success, welcome to the next use."
-PRECISION_MODES = (
-    "force_fp16",
-    "allow_fp32_to_fp16",
-    "must_keep_origin_dtype",
-    "allow_mix_precision",
-    "force_fp32",
-    "cube_fp16in_fp32out",
-    "allow_mix_precision_fp16",
-    "allow_mix_precision_bf16",
-)
+PRECISION_MODES = PrecisionMode.values()
 LOG_LEVELS = ("debug", "info", "warning", "error", "null")
 INPUT_FORMATS = ("NCHW", "NHWC", "ND")
-INPUT_DTYPES = ("float32", "uint8")
+INPUT_DTYPES = Dtype.values()
 CACHE_OM = "model.om"
 CACHE_META = "convert.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: convert.json holds input_shape and dynamic_batch_sizes
 _SOC = re.compile(r"^Ascend[0-9A-Za-z]+$")
 _ERROR_CODE = re.compile(r"\b(E[0-9A-Z]\d{4})\b")
 _PATH_OPTIONS = ("--model=", "--output=", "--insert_op_conf=")
@@ -88,6 +81,24 @@ def onnx_input(onnx_path: Path, input_name: str) -> tuple[tuple[int | None, ...]
         d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim
     )
     return dims, tensor.elem_type == onnx.TensorProto.UINT8
+
+
+def _check_shape(
+    input_shape: Sequence[int], dynamic_batch_sizes: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """4 positive dims (batch -1 exactly when dynamic batch sizes are given); distinct positive sizes."""
+    shape = [int(d) for d in input_shape]
+    if len(shape) != 4 or any(d == 0 or d < -1 for d in shape[1:]) or shape[0] == 0 or shape[0] < -1:
+        raise BackendError(f"input_shape {tuple(input_shape)} must be 4 positive dims (batch may be -1)")
+    sizes = [int(b) for b in dynamic_batch_sizes]
+    if (shape[0] == -1) != bool(sizes):
+        raise BackendError(
+            "a dynamic batch needs both batch -1 in input_shape and dynamic_batch_sizes (e.g. 1,2,4,8); "
+            f"got shape {tuple(shape)} and sizes {sizes}"
+        )
+    if any(b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
+        raise BackendError(f"dynamic_batch_sizes {sizes} must be distinct positive integers")
+    return shape, sizes
 
 
 def build_atc_args(
@@ -118,17 +129,7 @@ def build_atc_args(
         raise BackendError(f"atc log level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     if precision_mode is not None and precision_mode not in PRECISION_MODES:
         raise BackendError(f"precision_mode {precision_mode!r} is not one of {', '.join(PRECISION_MODES)}")
-    shape = [int(d) for d in input_shape]
-    if len(shape) != 4 or any(d == 0 or d < -1 for d in shape[1:]) or shape[0] == 0 or shape[0] < -1:
-        raise BackendError(f"input_shape {tuple(input_shape)} must be 4 positive dims (batch may be -1)")
-    sizes = [int(b) for b in dynamic_batch_sizes]
-    if (shape[0] == -1) != bool(sizes):
-        raise BackendError(
-            "a dynamic batch needs both batch -1 in input_shape and dynamic_batch_sizes (e.g. 1,2,4,8); "
-            f"got shape {tuple(shape)} and sizes {sizes}"
-        )
-    if any(b < 1 for b in sizes) or len(set(sizes)) != len(sizes):
-        raise BackendError(f"dynamic_batch_sizes {sizes} must be distinct positive integers")
+    shape, sizes = _check_shape(input_shape, dynamic_batch_sizes)
     args = [
         "--framework=5",
         f"--model={onnx_path}",
@@ -251,21 +252,162 @@ def convert_onnx(
     `output_dir` the OM is copied there as `<om_name>.om` beside a `convert.json` describing it;
     without, `om_path` is the cache entry's file.
     """
-    onnx_path = check_safe_path(onnx_path, "ONNX model path")
-    cache_dir = check_safe_path(cache_dir, "OM cache directory")
+    onnx_path, cache_dir, output_dir = _check_paths(onnx_path, cache_dir, output_dir, input_dtype)
+    tool = _load_tool(set_env, timeout_s, handle)
+    soc_version = _soc_version(tool, soc_version)
+    plan = _plan(onnx_path, input_name, input_dtype, batch, dynamic_batch_sizes)
+    stem = om_name or plan.default_stem
+    check_safe_value(stem, "OM name", "/")
+
+    onnx_sha = sha256_file(onnx_path)
+    cache_dir = ensure_writable_dir(cache_dir, "OM cache directory")
+    options = _atc_options(
+        plan, input_name, soc_version, dynamic_batch_sizes, precision_mode, log_level, out_nodes
+    )
+    key_args = build_atc_args(onnx_path, "model", **options)  # paths are dropped from the key
+    key = cache_key(onnx_sha, key_args, tool.cann, plan.aipp_text)
+    entry = cache_dir / key
+    meta, seconds, cached = _cached_or_convert(tool, onnx_path, onnx_sha, entry, plan.aipp_text, options)
+    om = entry / CACHE_OM
+    om_path = _publish(om, output_dir, f"{stem}.om") if output_dir is not None else om
+    result = _conversion_result(om_path, meta, soc_version, tool.cann, cached, seconds, key)
     if output_dir is not None:
-        output_dir = check_safe_path(output_dir, "OM output directory")
-    if not onnx_path.is_file():
-        raise BackendError(f"ONNX model {str(onnx_path)!r} does not exist; run the export step first")
-    if input_dtype not in INPUT_DTYPES:
-        raise BackendError(f"input_dtype {input_dtype!r} is not one of {', '.join(INPUT_DTYPES)}")
+        source = {"onnx_path": str(onnx_path), "onnx_sha256": onnx_sha, "input_dtype": input_dtype}
+        _write_output_meta(output_dir, result, meta, source, plan.aipp_text)
+    return result
+
+
+@dataclass(frozen=True)
+class _AtcTool:
+    """The atc program with its CANN environment and version, and the bounds of one run of it."""
+
+    atc: str
+    env: CannEnv
+    cann: str
+    timeout_s: float
+    handle: ProcessHandle | None
+
+
+def _load_tool(
+    set_env: str | os.PathLike[str] | None, timeout_s: float, handle: ProcessHandle | None
+) -> _AtcTool:
+    """The CANN environment from `set_env`, its atc program and CANN version."""
     env = load_cann_env(set_env)
     atc = env.require_tool("atc")
-    cann = cann_version(env)
-    if soc_version is None:
-        soc_version = detect_soc_version(env, handle=handle)
-        log.info("detected soc_version %s from npu-smi", soc_version)
+    return _AtcTool(atc, env, cann_version(env), timeout_s, handle)
 
+
+def _soc_version(tool: _AtcTool, soc_version: str | None) -> str:
+    """`soc_version` as given, or detected with npu-smi when None."""
+    if soc_version is None:
+        soc_version = detect_soc_version(tool.env, handle=tool.handle)
+        log.info("detected soc_version %s from npu-smi", soc_version)
+    return soc_version
+
+
+def _atc_options(
+    plan: _Plan,
+    input_name: str,
+    soc_version: str,
+    dynamic_batch_sizes: Sequence[int],
+    precision_mode: str | None,
+    log_level: str,
+    out_nodes: Sequence[str],
+) -> dict[str, Any]:
+    """The keyword arguments of `build_atc_args` besides the paths and the AIPP config."""
+    return dict(
+        input_name=input_name,
+        input_shape=plan.input_shape,
+        input_format=plan.input_format,
+        soc_version=soc_version,
+        dynamic_batch_sizes=dynamic_batch_sizes,
+        precision_mode=precision_mode,
+        log_level=log_level,
+        out_nodes=out_nodes,
+    )
+
+
+def _cached_or_convert(
+    tool: _AtcTool,
+    onnx_path: Path,
+    onnx_sha: str,
+    entry: Path,
+    aipp_text: str | None,
+    options: dict[str, Any],
+) -> tuple[dict[str, Any], float, bool]:
+    """(metadata of cache entry `entry`, seconds atc ran, whether it was cached); converts on a miss."""
+    meta = _load_entry(entry)
+    if meta is not None:
+        log.info("OM for %s found in cache %s (key %s); atc not run", onnx_path.name, entry, entry.name[:12])
+        return meta, 0.0, True
+    meta, seconds = _convert(tool, onnx_path, onnx_sha, entry, aipp_text, options)
+    return meta, seconds, False
+
+
+def _conversion_result(
+    om_path: Path,
+    meta: dict[str, Any],
+    soc_version: str,
+    cann: str,
+    cached: bool,
+    seconds: float,
+    key: str,
+) -> dict[str, Any]:
+    """The dict `convert_onnx` returns."""
+    return {
+        "om_path": str(om_path),
+        "om_sha256": meta["om_sha256"],
+        "soc_version": soc_version,
+        "cann_version": cann,
+        "atc_args": meta["atc_args"],
+        "cached": cached,
+        "convert_seconds": round(seconds, 3),
+        "cache_key": key,
+    }
+
+
+def _write_output_meta(
+    output_dir: Path,
+    result: dict[str, Any],
+    meta: dict[str, Any],
+    source: dict[str, Any],
+    aipp_text: str | None,
+) -> None:
+    """Write `output_dir/convert.json`: the result, the ONNX source, the input shapes and AIPP config."""
+    shapes = {key: meta[key] for key in ("input_shape", "dynamic_batch_sizes")}
+    write_json(output_dir / CACHE_META, {**result, **source, **shapes, "aipp_config": aipp_text})
+
+
+def _check_paths(
+    onnx_path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str] | None,
+    input_dtype: str,
+) -> tuple[Path, Path, Path | None]:
+    """The conversion's paths checked (safe, the ONNX file exists) and the input dtype known."""
+    onnx = check_safe_path(onnx_path, "ONNX model path")
+    cache = check_safe_path(cache_dir, "OM cache directory")
+    output = None if output_dir is None else check_safe_path(output_dir, "OM output directory")
+    if not onnx.is_file():
+        raise BackendError(f"ONNX model {str(onnx)!r} does not exist; run the export step first")
+    if input_dtype not in INPUT_DTYPES:
+        raise BackendError(f"input_dtype {input_dtype!r} is not one of {', '.join(INPUT_DTYPES)}")
+    return onnx, cache, output
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How an ONNX input is described to atc: shape, format, the AIPP config (uint8 inputs) and name."""
+
+    input_shape: tuple[int, ...]
+    input_format: str
+    aipp_text: str | None
+    default_stem: str
+
+
+def _plan(
+    onnx_path: Path, input_name: str, input_dtype: str, batch: int | None, dynamic_batch_sizes: Sequence[int]
+) -> _Plan:
     dims, uint8_graph = onnx_input(onnx_path, input_name)
     if len(dims) != 4 or any(d is None for d in dims[1:]):
         raise BackendError(
@@ -289,122 +431,97 @@ def convert_onnx(
             "dynamic_batch=True or use the model's batch"
         )
     input_shape = (shape_batch, *dims[1:])
+    stem = f"gfocal_bs{shape_batch}" if shape_batch > 0 else "gfocal_dynbatch"
     if uint8_graph:  # NHWC uint8 BGR straight into the graph, which normalizes itself: no AIPP
-        input_format, aipp_text = "NHWC", None
-    else:  # float NCHW graph; uint8 inputs get static AIPP in front of it
-        _, _, height, width = input_shape
-        input_format = "NCHW"
-        aipp_text = aipp_config(width, height) if input_dtype == "uint8" else None
-    stem = om_name or (f"gfocal_bs{shape_batch}" if shape_batch > 0 else "gfocal_dynbatch")
-    check_safe_value(stem, "OM name", "/")
-
-    onnx_sha = sha256_file(onnx_path)
-    cache_dir = ensure_writable_dir(cache_dir, "OM cache directory")
-    options = dict(
-        input_name=input_name,
-        input_shape=input_shape,
-        input_format=input_format,
-        soc_version=soc_version,
-        dynamic_batch_sizes=dynamic_batch_sizes,
-        precision_mode=precision_mode,
-        log_level=log_level,
-        out_nodes=out_nodes,
-    )
-    key_args = build_atc_args(onnx_path, "model", **options)  # paths are dropped from the key
-    key = cache_key(onnx_sha, key_args, cann, aipp_text)
-    entry = cache_dir / key
-    meta = _load_entry(entry)
-    cached = meta is not None
-    seconds = 0.0
-    if meta is None:
-        meta, seconds = _convert(
-            atc, env, onnx_path, onnx_sha, entry, aipp_text, options, cann, timeout_s, handle
-        )
-    else:
-        log.info("OM for %s found in cache %s (key %s); atc not run", onnx_path.name, entry, key[:12])
-    om = entry / CACHE_OM
-    om_path = _publish(om, output_dir, f"{stem}.om") if output_dir is not None else om
-    result = {
-        "om_path": str(om_path),
-        "om_sha256": meta["om_sha256"],
-        "soc_version": soc_version,
-        "cann_version": cann,
-        "atc_args": meta["atc_args"],
-        "cached": cached,
-        "convert_seconds": round(seconds, 3),
-        "cache_key": key,
-    }
-    if output_dir is not None:
-        write_json(
-            output_dir / "convert.json",
-            {
-                **result,
-                "onnx_path": str(onnx_path),
-                "onnx_sha256": onnx_sha,
-                "input_dtype": input_dtype,
-                "aipp_config": aipp_text,
-            },
-        )
-    return result
+        return _Plan(input_shape, "NHWC", None, stem)
+    # float NCHW graph; uint8 inputs get static AIPP in front of it
+    _, _, height, width = input_shape
+    return _Plan(input_shape, "NCHW", aipp_config(width, height) if input_dtype == "uint8" else None, stem)
 
 
 def _convert(
-    atc: str,
-    env: CannEnv,
+    tool: _AtcTool,
     onnx_path: Path,
     onnx_sha: str,
     entry: Path,
     aipp_text: str | None,
     options: dict[str, Any],
-    cann: str,
-    timeout_s: float,
-    handle: ProcessHandle | None,
 ) -> tuple[dict[str, Any], float]:
+    """Run atc in a temporary directory beside `entry`, renamed to `entry` once complete.
+
+    Returns (the entry's metadata, seconds atc ran); the temporary directory never outlives the call.
+    """
     work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".tmp-{entry.name[:12]}-"))
     try:
-        conf = None
-        if aipp_text is not None:
-            conf = work / "aipp.cfg"
-            conf.write_text(aipp_text)
-        stem = "model"
-        args = build_atc_args(onnx_path.resolve(), work / stem, insert_op_conf=conf, **options)
-        start = time.monotonic()
-        result = run_tool(
-            [atc, *args], env=env.environ(), name="atc", timeout_s=timeout_s, cwd=work, handle=handle
-        )
-        seconds = time.monotonic() - start
-        if result.returncode != 0 or not any(SUCCESS_LINE in line for line in result.lines):
-            raise atc_failure(result, onnx_path)
-        produced = _find_om(work, stem)
-        if produced is None:
-            raise BackendError(
-                f"atc reported success but wrote no {stem}*.om in {str(work)!r} for {str(onnx_path)!r}; "
-                f"check free disk space and the atc log. Last output:\n{result.tail(10)}"
-            )
-        final_om = work / CACHE_OM
-        if produced != final_om:
-            produced.rename(final_om)
+        args, seconds, written_name = _run_atc(tool, onnx_path, work, aipp_text, options)
         meta = {
-            "om_sha256": sha256_file(final_om),
-            "om_file_written_by_atc": produced.name,
+            "om_sha256": sha256_file(work / CACHE_OM),
+            "om_file_written_by_atc": written_name,
             "onnx_sha256": onnx_sha,
             "onnx_path": str(onnx_path),
             "atc_args": args,
+            "input_shape": [int(d) for d in options["input_shape"]],
+            "dynamic_batch_sizes": [int(b) for b in options["dynamic_batch_sizes"]],
             "soc_version": options["soc_version"],
-            "cann_version": cann,
+            "cann_version": tool.cann,
             "convert_seconds": round(seconds, 3),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_json(work / CACHE_META, meta)
-        try:
-            work.rename(entry)
-        except OSError:
-            if _load_entry(entry) is None:  # not a concurrent twin that finished first
-                raise
-            log.info("another conversion filled cache entry %s first; using it", entry)
-            return json.loads((entry / CACHE_META).read_text()), seconds
-        return meta, seconds
+        return _commit_entry(work, entry, meta), seconds
     finally:
         with contextlib.suppress(FileNotFoundError):
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_atc(
+    tool: _AtcTool, onnx_path: Path, work: Path, aipp_text: str | None, options: dict[str, Any]
+) -> tuple[list[str], float, str]:
+    """Run atc with its output in `work`, leaving the OM as `work/model.om`.
+
+    Returns (the atc arguments, seconds atc ran, the name of the OM file atc wrote).
+    """
+    conf = None
+    if aipp_text is not None:
+        conf = work / "aipp.cfg"
+        conf.write_text(aipp_text)
+    stem = "model"
+    args = build_atc_args(onnx_path.resolve(), work / stem, insert_op_conf=conf, **options)
+    start = time.monotonic()
+    result = run_tool(
+        [tool.atc, *args],
+        env=tool.env.environ(),
+        name="atc",
+        timeout_s=tool.timeout_s,
+        cwd=work,
+        handle=tool.handle,
+    )
+    seconds = time.monotonic() - start
+    if result.returncode != 0 or not any(SUCCESS_LINE in line for line in result.lines):
+        raise atc_failure(result, onnx_path)
+    produced = _find_om(work, stem)
+    if produced is None:
+        raise BackendError(
+            f"atc reported success but wrote no {stem}*.om in {str(work)!r} for {str(onnx_path)!r}; "
+            f"check free disk space and the atc log. Last output:\n{result.tail(10)}"
+        )
+    final_om = work / CACHE_OM
+    if produced != final_om:
+        produced.rename(final_om)
+    return args, seconds, produced.name
+
+
+def _commit_entry(work: Path, entry: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Rename the finished `work` directory to cache entry `entry` and return the entry's metadata.
+
+    When a concurrent conversion of the same key filled `entry` first, its metadata is returned.
+    """
+    try:
+        work.rename(entry)
+    except OSError:
+        if _load_entry(entry) is None:  # not a concurrent twin that finished first
+            raise
+        log.info("another conversion filled cache entry %s first; using it", entry)
+        return json.loads((entry / CACHE_META).read_text())
+    return meta

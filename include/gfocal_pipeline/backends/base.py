@@ -64,6 +64,13 @@ class Backend(ABC):
 
     name: str = "backend"
     kind: str = "candidates"  # or "dets" (NMS inside the model)
+    cheap_to_build = False  # True when the constructor only validates (no file, no session)
+
+    @classmethod
+    def check_batch_size(cls, batch_size: object) -> None:
+        """Raise a BackendError when this backend cannot run `batch_size` (any integer >= 1 here)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise BackendError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
     def identity(self) -> dict[str, Any]:
         """What else the outputs depend on (e.g. the model file's hash); stored in the done marker and
@@ -93,8 +100,12 @@ class Backend(ABC):
         timing = json.loads(timing_file.read_text())
         log.info("shard %s: outputs already complete for this manifest, reusing them", shard)
         return ShardResult(
-            self.name, shard, marker["images"], str(layout.output_shard(self.name, shard)),
-            timing["summary"], reused=True,
+            self.name,
+            shard,
+            marker["images"],
+            str(layout.output_shard(self.name, shard)),
+            timing["summary"],
+            reused=True,
         )
 
     @abstractmethod
@@ -106,8 +117,7 @@ class InProcessBackend(Backend):
     """Backends that run batches in this process (onnxruntime, torch): shared batching and timing."""
 
     def __init__(self, batch_size: int = 1, warmup: int = 1) -> None:
-        if batch_size < 1:
-            raise BackendError(f"batch_size must be >= 1, got {batch_size}")
+        self.check_batch_size(batch_size)
         self.batch_size = batch_size
         self.warmup = max(0, warmup)
 
@@ -150,12 +160,19 @@ class InProcessBackend(Backend):
             ids_all += ids
             for name, array in result.items():
                 outputs.setdefault(name, []).append(array)
-            log.info("shard %s: %d/%d images, last batch %.1f ms", shard, len(ids_all),
-                     len(manifest.shards[shard]), latencies[-1])
+            log.info(
+                "shard %s: %d/%d images, last batch %.1f ms",
+                shard,
+                len(ids_all),
+                len(manifest.shards[shard]),
+                latencies[-1],
+            )
         arrays = {name: np.concatenate(parts) for name, parts in outputs.items()}
         out_dir = layout.output_shard(self.name, shard)
         summary = {**summarize(latencies, timed_images, self.batch_size), **self.timing_facts()}
-        write_json(layout.timing_file(self.name, shard),
-                   {"latencies_ms": latencies, "batch_size": self.batch_size, "summary": summary})
+        write_json(
+            layout.timing_file(self.name, shard),
+            {"latencies_ms": latencies, "batch_size": self.batch_size, "summary": summary},
+        )
         write_shard_outputs(out_dir, np.asarray(ids_all), arrays, self.kind, self.marker(manifest, shard))
         return ShardResult(self.name, shard, len(ids_all), str(out_dir), summary)

@@ -126,11 +126,6 @@ def load_cann_env(set_env: str | os.PathLike[str] | None = None, timeout_s: floa
     return env
 
 
-def clear_cache() -> None:
-    with _lock:
-        _cache.clear()
-
-
 def _capture(path: Path, timeout_s: float) -> CannEnv:
     bash = shutil.which("bash")
     if bash is None:

@@ -100,32 +100,19 @@ class OmBatch:
 
 
 def om_batch(om_path: Path, om_sha256: str) -> OmBatch | None:
-    """The OM's batch from the atc arguments in the `convert.json` beside it (the convert step's
-    output folder, or the cache entry); None when there is none or it describes another file."""
+    """The OM's batch from the `convert.json` beside it (the convert step's output folder, or the cache
+    entry): its input shape's batch and dynamic batch sizes; None when there is none or it describes
+    another file."""
     meta_path = om_path.parent / CACHE_META
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("om_sha256") != om_sha256:
             return None
-        args = [str(a) for a in meta["atc_args"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        static = int(meta["input_shape"][0])
+        dynamic = tuple(int(b) for b in meta.get("dynamic_batch_sizes") or ())
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
-    static = dynamic = None
-    for arg in args:
-        if arg.startswith("--input_shape="):
-            first = arg.split("=", 1)[1].split(";")[0]
-            try:
-                static = int(first.rsplit(":", 1)[-1].split(",")[0])
-            except ValueError:
-                return None
-        elif arg.startswith("--dynamic_batch_size="):
-            try:
-                dynamic = tuple(int(b) for b in arg.split("=", 1)[1].split(",") if b.strip())
-            except ValueError:
-                return None
-    if static is None:
-        return None
-    return OmBatch(static, dynamic or (), str(meta_path))
+    return OmBatch(static, dynamic, str(meta_path))
 
 
 def check_device(device: object) -> int:
@@ -144,6 +131,7 @@ class AscendToolBackend(Backend):
     """Common code of the process-tool backends; subclasses describe their tool's contract."""
 
     kind = "dets"
+    cheap_to_build = True
     outfmts: tuple[str, ...] = ("BIN", "TXT")
     success_marker: re.Pattern[str]
     success_hint: str  # the success line in words, for error messages
@@ -154,7 +142,7 @@ class AscendToolBackend(Backend):
 
     def __init__(
         self,
-        om_path: str | os.PathLike[str],
+        model: str | os.PathLike[str],
         *,
         device: int = 0,
         outfmt: str = "BIN",
@@ -166,7 +154,7 @@ class AscendToolBackend(Backend):
         keep_raw: bool = False,
         handle: ProcessHandle | None = None,
     ) -> None:
-        self.om_path = check_safe_path(om_path, "OM model path", ",")
+        self.om_path = check_safe_path(model, "OM model path", ",")
         if self.om_path.suffix != ".om":
             raise BackendError(
                 f"OM model path {str(self.om_path)!r} must end in .om; pass the file atc wrote"
@@ -177,13 +165,8 @@ class AscendToolBackend(Backend):
                 f"outfmt {outfmt!r} is not supported by {self.name}; use one of {', '.join(self.outfmts)}"
             )
         self.outfmt = outfmt
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise BackendError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if batch_size != 1 and not self.file_batching:
-            raise BackendError(
-                f"{self.name} batch_size must be 1 (got {batch_size}): {self.no_file_batching_reason}"
-            )
-        if chips < 1:
+        self.check_batch_size(batch_size)
+        if isinstance(chips, bool) or not isinstance(chips, int) or chips < 1:
             raise BackendError(f"chips must be >= 1, got {chips}")
         self.batch_size = batch_size
         self.chips = chips
@@ -192,6 +175,16 @@ class AscendToolBackend(Backend):
         self.timeout_s = timeout_s
         self.keep_raw = keep_raw
         self.handle = handle or ProcessHandle()
+
+    @classmethod
+    def check_batch_size(cls, batch_size: object) -> None:
+        """The tool's batch rule (the one place it is written): >= 1, and 1 without file batching."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise BackendError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if batch_size != 1 and not cls.file_batching:
+            raise BackendError(
+                f"{cls.name} batch_size must be 1 (got {batch_size}): {cls.no_file_batching_reason}"
+            )
 
     # --- tool contract (subclasses) -------------------------------------------------------------
     def command(self, env: CannEnv) -> list[str]:
@@ -240,11 +233,16 @@ class AscendToolBackend(Backend):
         """The tool's argument list; msame and ais_bench share these flags."""
         argv = [
             *self.command(env),
-            "--model", str(self.om_path),
-            "--input", str(input_dir),
-            "--output", str(output_dir),
-            "--outfmt", self.outfmt,
-            "--device", str(self.device),
+            "--model",
+            str(self.om_path),
+            "--input",
+            str(input_dir),
+            "--output",
+            str(output_dir),
+            "--outfmt",
+            self.outfmt,
+            "--device",
+            str(self.device),
         ]
         if dym_batch is not None:
             argv += ["--dymBatch", str(dym_batch)]

@@ -124,8 +124,14 @@ class OnnxRuntimeBackend(InProcessBackend):
             )
         self._model_sha256 = sha256_file(self.model_path)
         self._inspect_graph()
-        log.info("onnxruntime %s: %s on %s, batch %d (graph batch %s)", ort.__version__, self.model_path,
-                 active, self.batch_size, self.static_batch or "dynamic")
+        log.info(
+            "onnxruntime %s: %s on %s, batch %d (graph batch %s)",
+            ort.__version__,
+            self.model_path,
+            active,
+            self.batch_size,
+            self.static_batch or "dynamic",
+        )
 
     def _inspect_graph(self) -> None:
         """One rank-4 input, outputs named as one of the shared layout's kinds, static batch fits."""

@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gfocal_pipeline.errors import BackendError
 
@@ -116,6 +117,84 @@ def _pump(stream, tag: str, sink: queue.Queue) -> None:
     sink.put((tag, None))
 
 
+def _start(argv: list[str], env: Mapping[str, str], cwd: Any, name: str) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session, both streams piped (a BackendError when it cannot start)."""
+    try:
+        return subprocess.Popen(
+            argv,
+            env=dict(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise BackendError(f"could not start {name} ({argv[0]!r}): {exc.strerror or exc}") from exc
+
+
+@dataclass
+class _Output:
+    """The lines a running tool printed (both streams, arrival order) and whether it timed out."""
+
+    lines: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
+    timed_out: bool = False
+
+    def add(self, tag: str, line: str) -> None:
+        self.counts[tag] += 1
+        self.lines.append(line)
+        if len(self.lines) > MAX_KEPT_LINES:
+            del self.lines[: len(self.lines) - MAX_KEPT_LINES]
+
+
+def _collect(
+    process: subprocess.Popen[bytes], name: str, timeout_s: float, start: float, out: logging.Logger
+) -> _Output:
+    """Read both streams until they close, the timeout passes or orphaned children hold them open."""
+    sink: queue.Queue = queue.Queue()
+    readers = [
+        threading.Thread(target=_pump, args=(process.stdout, "stdout", sink), daemon=True),
+        threading.Thread(target=_pump, args=(process.stderr, "stderr", sink), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    output, open_streams, exited_at = _Output(), 2, None
+    try:
+        while open_streams:
+            now = time.monotonic()
+            if now - start >= timeout_s:
+                output.timed_out = True
+                break
+            if exited_at is None and process.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at > ORPHAN_GRACE_S:
+                # the tool exited but a child it left behind still holds the pipes open
+                out.warning("%s exited but its children keep running; stopping them", name)
+                kill_group(process)
+                break
+            try:
+                tag, line = sink.get(timeout=min(timeout_s - (now - start), 0.5))
+            except queue.Empty:
+                continue
+            if line is None:
+                open_streams -= 1
+                continue
+            output.add(tag, line)
+            out.info("[%s] %s", name, line)
+        if not output.timed_out:
+            try:
+                process.wait(timeout=max(1.0, timeout_s - (time.monotonic() - start)))
+            except subprocess.TimeoutExpired:
+                output.timed_out = True
+    finally:
+        if process.poll() is None:  # timeout, caller interrupted, or an exception above
+            kill_group(process)
+    for reader in readers:
+        reader.join(timeout=2.0)
+    return output
+
+
 def run_tool(
     argv: Sequence[str],
     *,
@@ -138,74 +217,21 @@ def run_tool(
         raise BackendError(f"{name} was not started: the task is being killed")
     out.info("running %s: %s", name, " ".join(argv))
     start = time.monotonic()
-    try:
-        process = subprocess.Popen(
-            argv,
-            env=dict(env),
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise BackendError(f"could not start {name} ({argv[0]!r}): {exc.strerror or exc}") from exc
+    process = _start(argv, env, cwd, name)
     if handle is not None:
         handle.attach(process)
         if handle.killed:  # killed between the check above and the attach
             kill_group(process)
-    sink: queue.Queue = queue.Queue()
-    readers = [
-        threading.Thread(target=_pump, args=(process.stdout, "stdout", sink), daemon=True),
-        threading.Thread(target=_pump, args=(process.stderr, "stderr", sink), daemon=True),
-    ]
-    for reader in readers:
-        reader.start()
-    lines: list[str] = []
-    counts = {"stdout": 0, "stderr": 0}
-    open_streams = 2
-    timed_out = False
-    exited_at: float | None = None
     try:
-        while open_streams:
-            now = time.monotonic()
-            if now - start >= timeout_s:
-                timed_out = True
-                break
-            if exited_at is None and process.poll() is not None:
-                exited_at = now
-            if exited_at is not None and now - exited_at > ORPHAN_GRACE_S:
-                # the tool exited but a child it left behind still holds the pipes open
-                out.warning("%s exited but its children keep running; stopping them", name)
-                kill_group(process)
-                break
-            try:
-                tag, line = sink.get(timeout=min(timeout_s - (now - start), 0.5))
-            except queue.Empty:
-                continue
-            if line is None:
-                open_streams -= 1
-                continue
-            counts[tag] += 1
-            lines.append(line)
-            if len(lines) > MAX_KEPT_LINES:
-                del lines[: len(lines) - MAX_KEPT_LINES]
-            out.info("[%s] %s", name, line)
-        if not timed_out:
-            try:
-                process.wait(timeout=max(1.0, timeout_s - (time.monotonic() - start)))
-            except subprocess.TimeoutExpired:
-                timed_out = True
+        output = _collect(process, name, timeout_s, start, out)
     finally:
-        if process.poll() is None:  # timeout, caller interrupted, or an exception above
-            kill_group(process)
         if handle is not None:
             handle.attach(None)
-    for reader in readers:
-        reader.join(timeout=2.0)
     duration = time.monotonic() - start
-    result = ProcessResult(argv, process.returncode, lines, duration, counts["stdout"], counts["stderr"])
-    if timed_out:
+    result = ProcessResult(
+        argv, process.returncode, output.lines, duration, output.counts["stdout"], output.counts["stderr"]
+    )
+    if output.timed_out:
         raise BackendError(
             f"{name} did not finish within {timeout_s:.0f} s and was stopped (its whole process group); "
             f"raise the timeout if the step is legitimately slow. Last output:\n{result.tail()}"

@@ -2,61 +2,39 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 from gfocal_pipeline.backends.base import Backend
 from gfocal_pipeline.errors import BackendError
 
-
-def build(cls: type[Backend], **options: Any) -> Backend:
-    """`cls(**options)`, with unknown or missing options reported as a BackendError."""
-    try:
-        inspect.signature(cls).bind(**options)
-    except TypeError as exc:
-        raise BackendError(
-            f"bad options for backend {cls.name!r}: {exc}; it takes {inspect.signature(cls)}"
-        ) from exc
-    return cls(**options)
-
-
-def _onnxruntime(**options: Any) -> Backend:
-    from gfocal_pipeline.backends.onnxruntime import OnnxRuntimeBackend
-
-    return build(OnnxRuntimeBackend, **options)
-
-
-def _torch(**options: Any) -> Backend:
-    from gfocal_pipeline.backends.torch_backend import TorchBackend
-
-    return build(TorchBackend, **options)
-
-
-def _msame(**options: Any) -> Backend:
-    from gfocal_pipeline.backends.msame import MsameBackend
-
-    return build(MsameBackend, **options)
-
-
-def _ais_bench(**options: Any) -> Backend:
-    from gfocal_pipeline.backends.ais_bench import AisBenchBackend
-
-    return build(AisBenchBackend, **options)
-
-
-BACKENDS: dict[str, Callable[..., Backend]] = {
-    "onnxruntime": _onnxruntime,
-    "torch": _torch,
-    "msame": _msame,
-    "ais_bench": _ais_bench,
+# name -> "module:class"; every name here is a choice of `gfocal infer --backend` and the infer operator
+BACKENDS: dict[str, str] = {
+    "onnxruntime": "gfocal_pipeline.backends.onnxruntime:OnnxRuntimeBackend",
+    "torch": "gfocal_pipeline.backends.torch_backend:TorchBackend",
+    "msame": "gfocal_pipeline.backends.msame:MsameBackend",
+    "ais_bench": "gfocal_pipeline.backends.ais_bench:AisBenchBackend",
 }
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class registered as `name` (imported on first use)."""
+    target = BACKENDS.get(name)
+    if target is None:
+        raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(BACKENDS))}")
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def get_backend(name: str, **options: Any) -> Backend:
     """A ready backend, e.g. `get_backend('onnxruntime', model=path, batch_size=4)` or
-    `get_backend('torch', checkpoint=path, device='auto')`."""
-    factory = BACKENDS.get(name)
-    if factory is None:
-        raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(BACKENDS))}")
-    return factory(**options)
+    `get_backend('msame', model=om_path, device=0)`; unknown or missing options are a BackendError."""
+    cls = backend_class(name)
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as exc:
+        raise BackendError(
+            f"bad options for backend {name!r}: {exc}; it takes {inspect.signature(cls)}"
+        ) from exc
+    return cls(**options)

@@ -66,7 +66,7 @@ class TorchBackend(InProcessBackend):
 
     def __init__(
         self,
-        checkpoint: str | os.PathLike[str],
+        model: str | os.PathLike[str],
         batch_size: int = 1,
         device: str = "auto",
         amp: bool = True,
@@ -74,7 +74,7 @@ class TorchBackend(InProcessBackend):
         warmup: int = 1,
     ) -> None:
         super().__init__(batch_size=batch_size, warmup=warmup)
-        self.checkpoint = Path(checkpoint)
+        self.checkpoint = Path(model)
         self.device = resolve_device(device)
         self.amp = bool(amp) and self.device.type == "cuda"
         if num_threads is not None:
@@ -87,8 +87,14 @@ class TorchBackend(InProcessBackend):
         self.network.to(self.device).eval()
         self._deploy: DeployModel | None = None
         self._deploy_key: tuple[int, int, str] | None = None
-        log.info("torch %s: %s on %s (fp16 autocast %s), batch %d", torch.__version__, self.checkpoint,
-                 self.device, "on" if self.amp else "off", self.batch_size)
+        log.info(
+            "torch %s: %s on %s (fp16 autocast %s), batch %d",
+            torch.__version__,
+            self.checkpoint,
+            self.device,
+            "on" if self.amp else "off",
+            self.batch_size,
+        )
 
     def timing_facts(self) -> dict[str, Any]:
         return {"device": str(self.device), "precision": "fp16" if self.amp else "fp32"}
@@ -100,10 +106,17 @@ class TorchBackend(InProcessBackend):
         """The deploy forward for the manifest's input size and dtype (built once per size/dtype)."""
         key = (manifest.input_height, manifest.input_width, manifest.dtype)
         if self._deploy is None or self._deploy_key != key:
-            self._deploy = DeployModel(
-                self.network, "portable", manifest.input_height, manifest.input_width,  # type: ignore[arg-type]
-                normalize_in_graph=manifest.dtype == "uint8",
-            ).to(self.device).eval()
+            self._deploy = (
+                DeployModel(
+                    self.network,
+                    "portable",
+                    manifest.input_height,
+                    manifest.input_width,  # type: ignore[arg-type]
+                    normalize_in_graph=manifest.dtype == "uint8",
+                )
+                .to(self.device)
+                .eval()
+            )
             self._deploy_key = key
         return self._deploy
 

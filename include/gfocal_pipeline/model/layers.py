@@ -34,9 +34,7 @@ class ConvModule(nn.Module):
         relu: bool = False,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, padding, bias=gn_groups is None
-        )
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=gn_groups is None)
         self.gn = nn.GroupNorm(gn_groups, out_channels) if gn_groups else None
         self.relu = relu
 

@@ -101,7 +101,10 @@ def groups(files: list[str], tensor_bytes: int) -> list[list[str | None]]:
     chunks[-1] += [None] * (per - len(chunks[-1]))
     logger.info(
         "get filesperbatch files0 size:%s tensor0size:%s filesperbatch:%s runcount:%s",
-        file_bytes, tensor_bytes, per, len(chunks),
+        file_bytes,
+        tensor_bytes,
+        per,
+        len(chunks),
     )
     return chunks
 

@@ -1,0 +1,265 @@
+"""Content-addressed cache entries under `<work_dir>/cache/<kind>/<key>/`, shared by runs and workers.
+
+An entry is keyed by the sha256 of the canonical JSON of everything that determines its content
+(`key_inputs`), which `cache.json` inside it records together with the size of every file and, for
+entries that ask for it (few, precious files: graphs, references), its sha256. It is built in a
+temporary directory beside it and renamed into place only when complete: readers see a whole entry
+or none. Builders of one key take a lock file (so a second one waits, then reuses the first one's
+result); where locks do not work across hosts (some network file systems) the rename still decides:
+first rename wins, the loser's copy is discarded. On reuse an entry is verified against its record;
+a damaged one is moved aside and rebuilt, never used. The record file's mtime is the entry's last
+use, which drives least-recently-used eviction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gfocal_pipeline.errors import GfocalError
+from gfocal_pipeline.fileio import sha256_file
+
+log = logging.getLogger(__name__)
+
+RECORD = "cache.json"
+STALE_TMP_S = 6 * 3600  # a build directory untouched this long belongs to a killed builder
+
+
+class CacheError(GfocalError):
+    """A cache entry could not be built or stored (the message names the entry and the fix)."""
+
+
+def cache_key(key_inputs: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of `key_inputs` (sorted keys, no whitespace)."""
+    text = json.dumps(key_inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _files(root: Path, hashed: bool) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size"[, "sha256"]}} of every file under `root`."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != RECORD):
+        info: dict[str, Any] = {"size": path.stat().st_size}
+        if hashed:
+            info["sha256"] = sha256_file(path)
+        files[str(path.relative_to(root))] = info
+    return files
+
+
+def dir_size(root: Path) -> int:
+    """Bytes of the regular files under `root` (0 when it does not exist)."""
+    if not root.exists():
+        return 0
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One entry: `<root>/<kind>/<key>/`; see the module docstring."""
+
+    root: Path
+    kind: str
+    key: str
+    key_inputs: dict[str, Any]
+    hashed: bool = True  # verify files by sha256 on reuse (else by size: for bulk data such as inputs)
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.kind / self.key
+
+    @property
+    def record_path(self) -> Path:
+        return self.path / RECORD
+
+    def record(self) -> dict[str, Any] | None:
+        """The entry's record when it is present and intact, else None (a damaged entry is set aside)."""
+        if not self.record_path.is_file():
+            if self.path.exists():
+                self._discard("has no record (a half-written entry)")
+            return None
+        try:
+            record = json.loads(self.record_path.read_text())
+            problem = self._check(record)
+        except (OSError, ValueError) as exc:
+            problem = f"has an unreadable record ({exc})"
+        if problem:
+            self._discard(problem)
+            return None
+        return record
+
+    def _check(self, record: dict[str, Any]) -> str:
+        if record.get("key") != self.key:
+            return "records another key"
+        for name, info in record.get("files", {}).items():
+            path = self.path / name
+            if not path.is_file() or path.stat().st_size != info["size"]:
+                return f"lost or truncated {name}"
+            if "sha256" in info and sha256_file(path) != info["sha256"]:
+                return f"has a changed {name}"
+        return ""
+
+    def _discard(self, why: str) -> None:
+        log.warning("cache entry %s %s: discarding it and building again", self.path, why)
+        aside = self.path.with_name(f".trash-{self.key}-{uuid.uuid4().hex[:8]}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def touch(self) -> None:
+        """Mark the entry as used now (for least-recently-used eviction)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.record_path)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        locks = self.root / self.kind / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{self.key}.lock", "a+") as handle:
+            waited = time.monotonic()
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                log.info("cache entry %s is being built by another process; waiting for it", self.path)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                log.info("waited %.1f s for cache entry %s", time.monotonic() - waited, self.path)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def get_or_build(self, build: Callable[[Path], dict[str, Any] | None]) -> tuple[dict[str, Any], bool]:
+        """The entry's record, building it with `build(tmp_dir)` when absent or damaged.
+
+        Returns (record, cached). `build` fills the directory it is given and may return extra facts
+        stored under "info" in the record. A failed build leaves nothing behind.
+        """
+        record = self.record()
+        if record is not None:
+            self.touch()
+            return record, True
+        with self._lock():
+            record = self.record()  # built by the process we waited for
+            if record is not None:
+                self.touch()
+                return record, True
+            return self._build(build), False
+
+    def _build(self, build: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:
+        reclaim_stale(self.root / self.kind)
+        tmp = self.path.with_name(f".build-{self.key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        started = time.perf_counter()
+        try:
+            tmp.mkdir(parents=True)
+            info = build(tmp) or {}
+            record = {
+                "key": self.key,
+                "kind": self.kind,
+                "key_inputs": self.key_inputs,
+                "created": time.time(),
+                "build_seconds": round(time.perf_counter() - started, 3),
+                "info": info,
+                "files": _files(tmp, self.hashed),
+            }
+            (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+            try:
+                os.rename(tmp, self.path)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or self.record() is None:
+                    raise
+                log.info("cache entry %s was completed by another builder first; using it", self.path)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return json.loads(self.record_path.read_text())
+            return record
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _storage_error(self, exc) from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _storage_error(entry: CacheEntry, exc: OSError) -> CacheError:
+    where = entry.root
+    if exc.errno == errno.ENOSPC:
+        free = shutil.disk_usage(where).free if where.exists() else 0
+        return CacheError(
+            f"disk full while building cache entry {entry.path} ({free / 2**20:.0f} MiB free): free space "
+            "on that volume, lower the cache size limit (`gfocal gc`), or point work_dir elsewhere"
+        )
+    return CacheError(
+        f"cannot build cache entry {entry.path}: {exc.strerror or exc} ({exc.filename or where}); "
+        "check that the work directory is writable by this worker"
+    )
+
+
+def reclaim_stale(kind_dir: Path, older_than_s: float = STALE_TMP_S) -> list[Path]:
+    """Remove build/trash directories that killed builders left behind; returns what was removed."""
+    removed = []
+    if not kind_dir.is_dir():
+        return removed
+    now = time.time()
+    for path in kind_dir.iterdir():
+        if not path.name.startswith((".build-", ".trash-")):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if now - path.stat().st_mtime > older_than_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+class Cache:
+    """The cache of one work directory: `<work_dir>/cache/`."""
+
+    def __init__(self, work_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(work_dir) / "cache"
+
+    def entry(self, kind: str, key_inputs: dict[str, Any], hashed: bool = True) -> CacheEntry:
+        return CacheEntry(self.root, kind, cache_key(key_inputs), dict(key_inputs), hashed)
+
+    def entries(self) -> list[CacheEntry]:
+        """Every complete entry of every kind."""
+        found = []
+        if not self.root.is_dir():
+            return found
+        for kind_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for path in sorted(kind_dir.iterdir()):
+                if path.name.startswith(".") or not (path / RECORD).is_file():
+                    continue
+                found.append(CacheEntry(self.root, kind_dir.name, path.name, {}))
+        return found
+
+    def evict(self, max_bytes: int, keep: Iterable[str] = ()) -> list[tuple[CacheEntry, int]]:
+        """Remove least-recently-used entries until the cache holds at most `max_bytes`.
+
+        Entries whose key is in `keep` (those a running DAG run uses) are never removed. Returns the
+        removed entries with the bytes each freed.
+        """
+        protected = set(keep)
+        sized = [(entry, dir_size(entry.path), entry.record_path.stat().st_mtime) for entry in self.entries()]
+        total = sum(size for _, size, _ in sized)
+        removed = []
+        for entry, size, _ in sorted(sized, key=lambda item: item[2]):
+            if total <= max_bytes:
+                break
+            if entry.key in protected:
+                continue
+            aside = entry.path.with_name(f".trash-{entry.key}-{uuid.uuid4().hex[:8]}")
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(entry.path, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+                total -= size
+                removed.append((entry, size))
+        return removed

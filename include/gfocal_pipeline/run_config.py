@@ -1,0 +1,321 @@
+"""`RunConfig`: every option of a run, typed, bounded and described in one place.
+
+The groups below are frozen dataclasses whose fields carry an `OptionSpec` (see `options`). From
+them come the DAGs' trigger forms (`form_options`), the `gfocal` CLI's options, and the one
+validation of a run (`RunConfig.from_mapping`, called by the prepare task). What the later tasks
+receive is `RunConfig.to_dict()`: plain JSON values (Enum members as their strings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gfocal_pipeline.config import default_work_dir, demo_paths, ensure_demo_data
+from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_WIDTH, SIZE_DIVISOR
+from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
+from gfocal_pipeline.errors import BackendError, ConfigError
+from gfocal_pipeline.gate import GateThresholds
+from gfocal_pipeline.options import (
+    SOC_PATTERN,
+    Dtype,
+    Engine,
+    OptionSpec,
+    OutputFormat,
+    Policy,
+    PrecisionMode,
+    Tool,
+    check_option,
+    default_of,
+    option,
+    plain,
+    spec_of,
+)
+
+_SIZE = {"kind": int, "minimum": 64, "maximum": 4096, "multiple_of": SIZE_DIVISOR}
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What goes in: the checkpoint, the COCO-format set and how images become model inputs."""
+
+    checkpoint: str = option(
+        default_factory=lambda: str(demo_paths()["checkpoint"]),
+        title="Checkpoint (.pth)",
+        description="mmcv-style GFocalV2 R50-FPN checkpoint. Default: generated RANDOM weights.",
+        kind=str,
+        path=True,
+    )
+    coco_root: str = option(
+        default_factory=lambda: str(demo_paths()["coco_root"]),
+        title="COCO root",
+        description="Folder of a COCO-format set (images folder + annotation file). Default: the demo set.",
+        kind=str,
+        path=True,
+    )
+    images_dir: str = option(
+        DEFAULT_IMAGE_DIR,
+        title="Images folder",
+        description="Images folder inside the COCO root (e.g. val2017, val2014).",
+        kind=str,
+        subpath=True,
+    )
+    annotations: str = option(
+        DEFAULT_ANNOTATION_FILE,
+        title="Annotation file",
+        description="COCO instances file inside the COCO root.",
+        kind=str,
+        subpath=True,
+    )
+    work_dir: str = option(
+        default_factory=lambda: str(default_work_dir()),
+        title="Work directory",
+        description="Runs are written to <work_dir>/<dag_id>/<run_id>/; the OM cache lives here too.",
+        kind=str,
+        path=True,
+    )
+    policy: Policy = option(
+        Policy.LETTERBOX,
+        title="Resize policy",
+        description="letterbox: the ModelZoo recipe (into 1216x800, pad bottom-right); "
+        "mmdet: the official test pipeline (1333x800 keep-ratio, pad to /32).",
+        kind=Policy,
+    )
+    dtype: Dtype = option(
+        Dtype.FLOAT32,
+        title="Input dtype",
+        description="float32: normalized on the host (the recipe's .bin); uint8: 4x smaller, normalized "
+        "in the model (AIPP on Ascend).",
+        kind=Dtype,
+    )
+    height: int = option(
+        DEFAULT_HEIGHT,
+        title="Input height",
+        description="Model input height in pixels (multiple of 32).",
+        **_SIZE,
+    )
+    width: int = option(
+        DEFAULT_WIDTH,
+        title="Input width",
+        description="Model input width in pixels (multiple of 32).",
+        **_SIZE,
+    )
+    shard_size: int = option(
+        8,
+        title="Images per shard",
+        description="Inference is mapped over shards; each shard is one task.",
+        kind=int,
+        minimum=1,
+        maximum=100_000,
+    )
+    max_images: int | None = option(
+        None,
+        title="Max images",
+        description="Use only the first N images by id (empty = all).",
+        kind=int,
+        nullable=True,
+        minimum=1,
+        maximum=10**7,
+    )
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How the model is exported, run and scored."""
+
+    batch_size: int = option(
+        1, title="Batch size", description="Images per inference call.", kind=int, minimum=1, maximum=256
+    )
+    parity_threshold: float = option(
+        1e-3,
+        title="Parity threshold",
+        description="Largest allowed |ONNX Runtime - PyTorch| difference of boxes (px) and scores "
+        "over the export's matched candidates.",
+        kind=float,
+        exclusive_minimum=0,
+    )
+    max_unexplained: int = option(
+        0,
+        title="Unexplained parity candidates",
+        description="How many candidates that match no PyTorch anchor and are no top-k boundary tie "
+        "the export lets through (diagnosis only; recorded in its result). 0 refuses any.",
+        kind=int,
+        minimum=0,
+    )
+    engine: Engine = option(
+        Engine.FASTER_COCO_EVAL,
+        title="COCO evaluator",
+        description="faster-coco-eval (default) or pycocotools; they give the same numbers.",
+        kind=Engine,
+    )
+
+
+@dataclass(frozen=True)
+class AscendOptions:
+    """The Ascend DAG's options: tool, device, atc conversion and the CANN environment."""
+
+    tool: Tool = option(
+        Tool.MSAME, title="Inference tool", description="msame (the recipe) or ais_bench.", kind=Tool
+    )
+    device: int = option(
+        0,
+        title="NPU device id",
+        description="The --device of msame/ais_bench.",
+        kind=int,
+        minimum=0,
+        maximum=255,
+    )
+    chips: int = option(
+        1,
+        title="Chips per card",
+        description="fps = chips x 1000 x batch / mean ms (4 for an Atlas 300I / Ascend 310).",
+        kind=int,
+        minimum=1,
+        maximum=16,
+    )
+    outfmt: OutputFormat = option(
+        OutputFormat.BIN,
+        title="Tool output format",
+        description="BIN (exact) or TXT (6 significant digits).",
+        kind=OutputFormat,
+    )
+    soc_version: str | None = option(
+        None,
+        title="SoC version",
+        description="e.g. Ascend310P3; empty = detect with npu-smi info.",
+        kind=str,
+        nullable=True,
+        pattern=SOC_PATTERN,
+        hint="like Ascend310P3, or empty to detect it",
+    )
+    precision_mode: PrecisionMode = option(
+        PrecisionMode.FORCE_FP16,
+        title="atc precision mode",
+        description="Passed to atc --precision_mode.",
+        kind=PrecisionMode,
+    )
+    cann_set_env: str | None = option(
+        None,
+        title="CANN set_env.sh",
+        description="Sourced once for the tools' environment. Empty = $GFOCAL_CANN_SET_ENV on the worker, "
+        "else /usr/local/Ascend/ascend-toolkit/set_env.sh.",
+        kind=str,
+        nullable=True,
+        path=True,
+    )
+
+
+# the options the preprocess step takes (form, CLI and operator share this list)
+PREPROCESS_OPTIONS = (
+    "coco_root",
+    "images_dir",
+    "annotations",
+    "policy",
+    "dtype",
+    "height",
+    "width",
+    "shard_size",
+    "max_images",
+)
+GROUPS: dict[str, type] = {
+    "data": DataOptions,
+    "model": ModelOptions,
+    "gate": GateThresholds,
+    "ascend": AscendOptions,
+}
+
+
+def _group_fields(ascend: bool) -> Iterator[tuple[str, Any]]:
+    for group, cls in GROUPS.items():
+        if group != "ascend" or ascend:
+            yield from ((group, item) for item in fields(cls))
+
+
+def form_options(ascend: bool = False) -> dict[str, tuple[Any, OptionSpec]]:
+    """{name: (default, spec)} of a DAG's trigger form, in form order."""
+    return {item.name: (plain(default_of(item)), spec_of(item)) for _, item in _group_fields(ascend)}
+
+
+def option_spec(name: str) -> OptionSpec:
+    """The spec of one run option by name (for the CLI)."""
+    for _, item in _group_fields(True):
+        if item.name == name:
+            return spec_of(item)
+    raise KeyError(name)
+
+
+def _check_batch(ascend: AscendOptions | None, batch_size: int) -> None:
+    """The tool's own batch rule (msame runs batch 1), from the backend class that owns it."""
+    if ascend is None:
+        return
+    from gfocal_pipeline.backends.registry import backend_class
+
+    try:
+        backend_class(ascend.tool.value).check_batch_size(batch_size)
+    except BackendError as exc:
+        raise ConfigError(f"parameter 'batch_size' = {batch_size}: {exc}") from None
+
+
+def _demo_in_work_dir(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A run without a checkpoint / COCO root uses the demo data of its own work directory."""
+    values = dict(values)
+    work_dir = values.get("work_dir") or str(default_work_dir())
+    for key in ("checkpoint", "coco_root"):
+        if values.get(key) in (None, ""):
+            values[key] = str(demo_paths(work_dir)[key])
+    return values
+
+
+def _demo_defaults(values: dict[str, Any]) -> bool:
+    """Generate the demo data when a run uses it (first use); True when the weights are RANDOM."""
+    bases = {Path(values["work_dir"]), default_work_dir()}
+    for base in bases:
+        if any(Path(values[key]) == demo_paths(base)[key] for key in ("checkpoint", "coco_root")):
+            ensure_demo_data(base)
+    for key in ("checkpoint", "coco_root"):
+        if not Path(values[key]).exists():
+            raise ConfigError(f"parameter {key!r}: {values[key]!r} does not exist; pass an existing path")
+    return any(Path(values["checkpoint"]) == demo_paths(base)["checkpoint"] for base in bases)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated run: one instance per group (`ascend` only on the Ascend DAG)."""
+
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    gate: GateThresholds = field(default_factory=GateThresholds)
+    ascend: AscendOptions | None = None
+    weights_random: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, ascend: bool = False) -> RunConfig:
+        """Validate a form's (or CLI's) values; missing or None ones take their defaults."""
+        names = {item.name for _, item in _group_fields(ascend)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown run parameter(s) {unknown}; known: {sorted(names)}")
+        values = _demo_in_work_dir(values)
+        checked: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
+        for group, item in _group_fields(ascend):
+            spec, raw = spec_of(item), values.get(item.name)
+            value = default_of(item) if raw is None and not spec.nullable else raw
+            checked[group][item.name] = check_option(item.name, value, spec)
+        weights_random = _demo_defaults(checked["data"])
+        ascend_options = AscendOptions(**checked["ascend"]) if ascend else None
+        _check_batch(ascend_options, checked["model"]["batch_size"])
+        return cls(
+            data=DataOptions(**checked["data"]),
+            model=ModelOptions(**checked["model"]),
+            gate=GateThresholds(**checked["gate"]),
+            ascend=ascend_options,
+            weights_random=weights_random,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat plain values by option name, plus `thresholds` (the gate's) and `weights_random`."""
+        groups = [self.data, self.model, self.gate, *([self.ascend] if self.ascend else [])]
+        flat = {item.name: plain(getattr(group, item.name)) for group in groups for item in fields(group)}
+        return {**flat, "thresholds": self.gate.as_dict(), "weights_random": self.weights_random}

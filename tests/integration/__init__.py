@@ -1,0 +1,1 @@
+"""Multi-process integration tests: a real Celery deployment (see cluster.py)."""

@@ -1,0 +1,126 @@
+"""Fixtures of the multi-process integration tests: one Celery deployment (`cluster.Cluster`) for this
+package (up while its tests run, stopped right after them), shared by the REST API tests and the browser
+tests; its logs go to test-artifacts/integration/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from emulators.toolkit import Toolkit, make_toolkit
+
+from integration.cluster import (
+    CPU_HOST,
+    DEADLINE_S,
+    PG_ADMIN_URL,
+    REDIS_HOST,
+    Cluster,
+    Inbox,
+    free_port,
+    running_cluster,
+)
+
+ROOT = Path(os.environ.get("GFOCAL_IT_ROOT") or Path(__file__).resolve().parents[2]).resolve()
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "integration"
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.fixture(scope="package")
+def toolkit(tmp_path_factory: pytest.TempPathFactory) -> Toolkit:
+    """The emulated CANN toolkit; only the ascend worker's environment names its set_env.sh."""
+    return make_toolkit(tmp_path_factory.mktemp("cann"))
+
+
+@pytest.fixture(scope="package")
+def inbox() -> Iterator[Inbox]:
+    from aiosmtpd.controller import Controller
+
+    box = Inbox()
+    controller = Controller(box, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    box.port = controller.port
+    try:
+        yield box
+    finally:
+        controller.stop()
+
+
+@pytest.fixture(scope="package")
+def cluster(tmp_path_factory: pytest.TempPathFactory, inbox: Inbox) -> Iterator[Cluster]:
+    """Postgres + Redis DB + api-server, scheduler, dag-processor, triggerer and the CPU worker (default
+    queue). The ascend worker is started by the tests (they first show a device task waits for it)."""
+    for url, port, what in ((PG_ADMIN_URL, 5432, "PostgreSQL"), (REDIS_HOST, 6379, "Redis")):
+        if not _reachable(url, port):
+            pytest.fail(f"the integration tests need {what} at {url} (see .ci/run / scripts/test.sh)")
+    tmp = tmp_path_factory.mktemp("celery-cluster")
+    # `timeout` / CI cancellation send SIGTERM: unwind through the finalizers instead of dying with the
+    # processes still running (they also get SIGTERM from the kernel if this process is SIGKILLed)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        alerts = {
+            "AIRFLOW_CONN_SMTP_DEFAULT": f"smtp://127.0.0.1:{inbox.port}?disable_tls=true&disable_ssl=true",
+            "AIRFLOW__GFOCAL__ALERT_TO": "oncall@example.test",
+            "AIRFLOW__GFOCAL__NIGHTLY_DEADLINE_HOURS": str(DEADLINE_S / 3600),
+        }
+        with running_cluster(ROOT, tmp, alerts) as deployment:
+            deployment.start_worker("worker-cpu", "default", CPU_HOST, concurrency=2)
+            yield deployment
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        for log in (tmp / "logs").glob("*.log"):
+            shutil.copyfile(log, ARTIFACTS / log.name)
+
+
+@pytest.fixture(scope="package")
+def api(cluster: Cluster) -> Any:
+    """An authenticated `apache-airflow-client` ApiClient (simple auth manager token)."""
+    import airflow_client.client as client
+
+    configuration = client.Configuration(host=cluster.base_url, access_token=cluster.token())
+    with client.ApiClient(configuration) as api_client:
+        yield api_client
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How many integration tests ran (CI must show they were not skipped)."""
+    counts = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        reports = terminalreporter.stats.get(outcome, [])
+        counts[outcome] = sum(
+            1
+            for r in reports
+            if getattr(r, "when", "call") in ("call", "setup") and "integration" in r.keywords
+        )
+    line = ", ".join(f"{n} {k}" for k, n in counts.items())
+    terminalreporter.write_line(f"gfocal integration (Celery, multi-process) tests: {line}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """In this package, the tests that need no cluster run first (its processes would only slow them
+    down); the order of everything else in the session is left alone."""
+    here = Path(__file__).resolve().parent
+    standalone = ("test_ui_script.py", "test_preprocess_in_worker.py")
+    slots = [i for i, item in enumerate(items) if item.path.resolve().parent == here]
+    ours = sorted((items[i] for i in slots), key=lambda item: item.path.name not in standalone)
+    for slot, item in zip(slots, ours, strict=True):
+        items[slot] = item

@@ -1,0 +1,91 @@
+"""`scripts/ui.sh` as a user runs it: it prints the URL and the admin password of `airflow standalone`
+(SQLite, LocalExecutor) serving the project's DAGs and plugin, and Ctrl-C stops every process it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from integration.cluster import free_port, stop_tree
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 300
+LINE = re.compile(r"Airflow UI: (http://\S+)\s+user: admin\s+password: (\S+)")
+
+
+def _read_until(
+    process: subprocess.Popen, pattern: re.Pattern, timeout: float
+) -> tuple[re.Match | None, str]:
+    """Read the output line by line until `pattern` matches (or the timeout / exit)."""
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    out, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if selector.select(timeout=1):
+            line = process.stdout.readline()
+            out += line
+            if match := pattern.search(line):
+                return match, out
+    return None, out
+
+
+def _get(url: str, token: str) -> dict:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def test_ui_script_prints_url_and_password_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "GFOCAL_"))}
+    home, work = tmp_path / "home", tmp_path / "work"
+    env.update(AIRFLOW_HOME=str(home), GFOCAL_WORK_DIR=str(work), GFOCAL_UI_PORT=str(free_port()))
+    process = subprocess.Popen(
+        [str(ROOT / "scripts" / "ui.sh")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # like a terminal: the script leads its group, Ctrl-C goes to the group
+    )
+    tree = [psutil.Process(process.pid)]
+    try:
+        match, out = _read_until(process, LINE, START_TIMEOUT_S)
+        assert match, f"no URL/password line:\n{out[-3000:]}"
+        url, password = match.groups()
+        body = json.dumps({"username": "admin", "password": password}).encode()
+        request = urllib.request.Request(
+            f"{url}/auth/token", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            token = json.load(response)["access_token"]
+        deadline, dags = time.monotonic() + 120, set()
+        while time.monotonic() < deadline and len(dags) < 2:
+            dags = {d["dag_id"] for d in _get(f"{url}/api/v2/dags", token)["dags"]}
+            time.sleep(2)
+        assert dags == {"gfocal_onnxruntime", "gfocal_ascend_nightly"}
+        assert "configurations" in _get(f"{url}/gfocal/api/trends", token)  # the plugin is served
+        tree += psutil.Process(process.pid).children(recursive=True)
+        names = [" ".join(p.cmdline()) for p in tree]
+        assert any("airflow standalone" in n for n in names) and any("LocalExecutor" in n for n in names)
+        assert (home / "airflow.db").is_file()  # SQLite metadata
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        process.wait(timeout=90)
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, [(p.pid, p.cmdline()) for p in alive]
+        assert "stopped" in (process.stdout.read() if process.stdout else "")
+    finally:  # whatever happened: nothing it started survives the test
+        for proc in tree:
+            if proc.is_running():
+                stop_tree(proc.pid)

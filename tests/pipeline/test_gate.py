@@ -1,0 +1,190 @@
+"""Regression gate: floors, median baselines, tolerances, noisy fps, malformed thresholds."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gfocal_pipeline.gate import (
+    GateConfigError,
+    GateThresholds,
+    RegressionError,
+    evaluate,
+    format_verdict_table,
+    raise_for_verdict,
+    run_gate,
+)
+from gfocal_pipeline.history import ConfigKey, HistoryStore, RunRecord
+
+CONFIG = ConfigKey("gfocal_r50_fpn_1x", "onnxruntime", "cpu", "fp32", 1, "mmdet")
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+LOOSE = GateThresholds(min_ap=0.30, min_fps=10.0, ap_tolerance=0.003, fps_tolerance=0.05, baseline_runs=3)
+
+
+def rec(
+    run_id: str, ap: float, fps: float | None = 100.0, day: int = 0, verdict: str | None = "pass"
+) -> RunRecord:
+    return RunRecord(
+        dag_id="gfocal_onnxruntime",
+        run_id=run_id,
+        config=CONFIG,
+        stats={"AP": ap},
+        fps=fps,
+        finished_at=T0 + timedelta(days=day),
+        verdict=verdict,
+    )
+
+
+def history(aps_newest_first, fps=100.0):
+    return [rec(f"h{i}", ap, fps, day=-i) for i, ap in enumerate(aps_newest_first)]
+
+
+def check(verdict, name):
+    return next(c for c in verdict["checks"] if c["name"] == name)
+
+
+def test_first_run_is_judged_on_floors_only_and_says_so():
+    verdict = evaluate(rec("now", 0.41, 50.0), [], LOOSE)
+    assert verdict["passed"] and verdict["first_run"]
+    assert [c["name"] for c in verdict["checks"]] == ["AP floor", "fps floor"]
+    assert any("floors only" in note for note in verdict["notes"])
+    failing = evaluate(rec("now", 0.29, 50.0), [], LOOSE)
+    assert not failing["passed"] and failing["regressed"] == ["AP"]
+
+
+def test_no_history_and_no_floors_passes_with_a_note():
+    verdict = evaluate(rec("now", 0.1, 1.0), [], GateThresholds())
+    assert verdict["passed"] and verdict["checks"] == []
+    assert any("nothing to compare" in note for note in verdict["notes"])
+
+
+def test_baseline_is_the_median_of_the_newest_n_runs():
+    # newest three: 0.400, 0.410, 0.390 -> median 0.400; the old 0.500 is outside N=3
+    verdict = evaluate(rec("now", 0.398), history([0.400, 0.410, 0.390, 0.500]), LOOSE)
+    ap = check(verdict, "AP vs baseline")
+    assert ap["baseline"] == pytest.approx(0.400)
+    assert ap["limit"] == pytest.approx(0.397)
+    assert ap["passed"] and verdict["passed"]
+    assert verdict["baseline_runs"] == ["h0", "h1", "h2"]
+
+
+def test_ap_below_tolerance_fails_and_names_ap():
+    verdict = evaluate(rec("now", 0.396), history([0.400, 0.400, 0.400]), LOOSE)
+    assert not verdict["passed"]
+    assert verdict["regressed"] == ["AP"]
+    assert not check(verdict, "AP vs baseline")["passed"]
+    assert check(verdict, "fps vs baseline")["passed"]
+
+
+def test_fps_tolerance_is_relative():
+    base = history([0.4, 0.4, 0.4], fps=200.0)
+    assert evaluate(rec("now", 0.4, 191.0), base, LOOSE)["passed"]  # limit 190
+    verdict = evaluate(rec("now", 0.4, 189.0), base, LOOSE)
+    assert verdict["regressed"] == ["fps"]
+    assert check(verdict, "fps vs baseline")["limit"] == pytest.approx(190.0)
+
+
+def test_fps_windows_use_their_median():
+    base = history([0.4, 0.4, 0.4], fps=100.0)
+    # one slow window (a noisy shard) does not fail the run: median(100, 20, 98) = 98 >= 95
+    verdict = evaluate(rec("now", 0.4, fps=20.0), base, LOOSE, fps_windows=[100.0, 20.0, 98.0])
+    assert verdict["passed"] and verdict["metrics"]["fps"] == 98.0
+
+
+def test_unmeasured_fps_fails_a_configured_floor_and_skips_the_baseline():
+    verdict = evaluate(rec("now", 0.4, fps=None), history([0.4]), LOOSE)
+    assert check(verdict, "fps floor")["passed"] is False
+    assert all(c["name"] != "fps vs baseline" for c in verdict["checks"])
+    assert not verdict["passed"]
+
+
+def test_history_of_another_configuration_is_refused():
+    other = RunRecord("d", "x", ConfigKey("m", "torch", "cpu", "fp32", 1, "p"), {"AP": 0.4}, verdict="pass")
+    with pytest.raises(GateConfigError, match="another configuration"):
+        evaluate(rec("now", 0.4), [other], LOOSE)
+
+
+def test_verdict_is_small_json_and_has_a_readable_table():
+    verdict = evaluate(rec("now", 0.39, 80.0), history([0.40, 0.40]), LOOSE)
+    assert json.loads(json.dumps(verdict)) == verdict
+    assert len(json.dumps(verdict)) < 4000
+    table = format_verdict_table(verdict)
+    lines = table.splitlines()
+    assert lines[0].startswith("FAIL")
+    assert lines[1].split() == ["check", "value", "baseline", "tolerance", "limit", "result"]
+    ap_row = next(line for line in lines if line.startswith("AP vs baseline"))
+    assert ap_row.split()[3:] == ["0.3900", "0.4000", "0.003", ">=", "0.3970", "FAIL"]
+    fps_row = next(line for line in lines if line.startswith("fps vs baseline"))
+    assert "5%" in fps_row and fps_row.endswith("FAIL")
+    assert any("median of 2 run(s)" in line for line in lines)
+    with pytest.raises(RegressionError, match="AP, fps"):
+        raise_for_verdict(verdict)
+
+
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        (
+            {"min_ap": "0.4", "fps_tolerance": "5%", "baseline_runs": "7"},
+            GateThresholds(min_ap=0.4, fps_tolerance=0.05, baseline_runs=7),
+        ),
+        ({"min_ap": None, "min_fps": "", "ap_tolerance": 0}, GateThresholds(ap_tolerance=0.0)),
+    ],
+)
+def test_thresholds_parse_from_params(mapping, expected):
+    assert GateThresholds.from_mapping(mapping) == expected
+
+
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        ({"min_AP": 0.4}, r"unknown gate threshold\(s\) \['min_AP'\]"),
+        ({"min_ap": "forty"}, "'min_ap' must be a number"),
+        ({"min_ap": 40}, r"'min_ap'=40.0 is outside \[0, 1\]"),
+        ({"fps_tolerance": 5}, "looks like a percentage: write 0.05 or '5%'"),
+        ({"fps_tolerance": -0.1}, "outside"),
+        ({"ap_tolerance": float("inf")}, "finite number"),
+        ({"baseline_runs": 0}, "'baseline_runs' must be an integer >= 1"),
+        ({"baseline_runs": 2.5}, "whole number"),
+        ({"min_fps": True}, "boolean"),
+        ({"min_fps": [1]}, "must be a number"),
+    ],
+)
+def test_malformed_thresholds_are_clear_errors(mapping, expected):
+    with pytest.raises(GateConfigError, match=expected):
+        GateThresholds.from_mapping(mapping)
+
+
+def test_thresholds_must_be_a_mapping():
+    with pytest.raises(GateConfigError, match="must be a mapping"):
+        GateThresholds.from_mapping("min_ap=0.4")
+
+
+@pytest.mark.parametrize("windows", [[], [100.0, float("nan")], [-1.0]])
+def test_malformed_fps_windows_are_errors(windows):
+    with pytest.raises(GateConfigError, match="fps_windows"):
+        evaluate(rec("now", 0.4), [], LOOSE, fps_windows=windows)
+
+
+def test_run_gate_reads_baseline_and_stores_verdicts_without_losing_rows(tmp_path):
+    with HistoryStore(f"sqlite:///{tmp_path / 'h.sqlite'}") as store:
+        for day, ap in enumerate([0.401, 0.400, 0.402]):
+            run = rec(f"good{day}", ap, day=day, verdict=None)
+            store.record(run)
+            assert run_gate(store, run, LOOSE)["passed"]
+        bad = rec("bad", 0.390, fps=80.0, day=5, verdict=None)
+        store.record(bad)
+        verdict = run_gate(store, bad, {"min_ap": 0.3, "baseline_runs": 3})
+        assert verdict["regressed"] == ["AP", "fps"]
+        assert verdict["baseline_runs"] == ["good2", "good1", "good0"]
+        (stored,) = [
+            r for r in store.runs(CONFIG, limit=10, dag_id="gfocal_onnxruntime") if r.run_id == "bad"
+        ]
+        assert stored.verdict == "fail" and stored.ap == pytest.approx(0.390) and stored.fps == 80.0
+        assert store.count() == 4
+        # the failed run is not part of the next run's baseline
+        nxt = rec("next", 0.401, day=6, verdict=None)
+        store.record(nxt)
+        assert run_gate(store, nxt, LOOSE)["baseline_runs"] == ["good2", "good1", "good0"]

@@ -1,0 +1,226 @@
+"""Trend page: data shaping, inline SVG charts, the FastAPI app (TestClient) and the Airflow plugin
+mounted in Airflow's own API app (subprocess with its own AIRFLOW_HOME and migrated SQLite DB)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gfocal_pipeline.history import ConfigKey, HistoryStore, RunRecord
+from gfocal_pipeline.trend import create_app, svg_chart
+
+ROOT = Path(__file__).resolve().parents[2]
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+ORT = ConfigKey("gfocal_r50_fpn_1x", "onnxruntime", "cpu", "fp32", 1, "mmdet")
+MSAME = ConfigKey("gfocal_r50_fpn_1x", "msame", "Ascend310P3", "fp16", 1, "modelzoo")
+T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
+ORT_RUNS = [  # (run_id, AP, fps, verdict), oldest first
+    ("scheduled__2026-03-01T02:00:00+00:00", 0.401, 100.0, "pass"),
+    ("scheduled__2026-03-02T02:00:00+00:00", 0.399, 104.0, "pass"),
+    ("scheduled__2026-03-03T02:00:00+00:00", 0.390, 80.0, "fail"),
+    ("scheduled__2026-03-04T02:00:00+00:00", 0.402, 99.0, "pass"),
+    ("scheduled__2026-03-05T02:00:00+00:00", 0.400, 101.0, "pass"),
+    ("manual__2026-03-05T09:00:00+00:00", 0.403, 97.5, None),
+]
+
+
+class SvgCollector(HTMLParser):
+    """Collects, per section id, the attributes of every chart point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.section: str | None = None
+        self.points: dict[str, list[dict[str, str]]] = {}
+        self.links: list[dict[str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        if tag == "section":
+            self.section = attributes.get("id")
+        elif tag == "circle" and self.section:
+            self.points.setdefault(self.section, []).append(attributes)
+        elif tag == "a":
+            self.links.append(attributes)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with HistoryStore(f"sqlite:///{tmp_path / 'history.sqlite'}") as s:
+        for day, (run_id, ap, fps, verdict) in enumerate(ORT_RUNS):
+            s.record(
+                RunRecord(
+                    "gfocal_onnxruntime",
+                    run_id,
+                    ORT,
+                    {"AP": ap},
+                    T0 + timedelta(hours=12 * day),
+                    fps=fps,
+                    latency_ms={"p50": 1000 / fps, "p99": 1200 / fps},
+                )
+            )
+            if verdict:
+                detail = {
+                    "passed": verdict == "pass",
+                    "regressed": [] if verdict == "pass" else ["AP", "fps"],
+                }
+                s.set_verdict("gfocal_onnxruntime", run_id, ORT, detail)
+        for day in range(2):
+            s.record(
+                RunRecord(
+                    "gfocal_ascend_nightly",
+                    f"nightly-{day}",
+                    MSAME,
+                    {"AP": 0.398 + day / 1000},
+                    T0 - timedelta(days=3 - day),
+                    fps=250.0 + day,
+                )
+            )
+        yield s
+
+
+def test_json_has_both_series_per_configuration(store):
+    data = TestClient(create_app(store)).get("/api/trends").json()
+    ort = next(c for c in data["configurations"] if c["key"] == ORT.as_dict())
+    assert [r["run_id"] for r in ort["runs"]] == [run[0] for run in ORT_RUNS]
+    assert [r["AP"] for r in ort["runs"]] == pytest.approx([run[1] for run in ORT_RUNS])
+    assert [r["fps"] for r in ort["runs"]] == pytest.approx([run[2] for run in ORT_RUNS])
+    assert [r["verdict"] for r in ort["runs"]] == [run[3] for run in ORT_RUNS]
+    assert ort["latest"]["run_id"] == ORT_RUNS[-1][0] and ort["latest"]["verdict"] is None
+    assert [c["label"] for c in data["configurations"]] == [ORT.label, MSAME.label]  # most recent first
+    assert (
+        data["recent_runs"][0]["run_path"]
+        == "dags/gfocal_onnxruntime/runs/manual__2026-03-05T09%3A00%3A00%2B00%3A00"
+    )
+    assert (
+        len(TestClient(create_app(store)).get("/api/trends?limit=2").json()["configurations"][0]["runs"]) == 2
+    )
+    assert TestClient(create_app(store)).get("/api/trends?limit=0").status_code == 422
+
+
+def test_html_plots_ap_and_fps_for_every_run_and_links_relatively(store):
+    response = TestClient(create_app(store)).get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert "<script" not in page and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    parser = SvgCollector()
+    parser.feed(page)
+    points = parser.points[ORT.slug]
+    for series, column in (("AP", 1), ("fps", 2)):
+        mine = [p for p in points if p["data-series"] == series]
+        assert [p["data-run-id"] for p in mine] == [run[0] for run in ORT_RUNS]
+        assert [float(p["data-value"]) for p in mine] == pytest.approx([run[column] for run in ORT_RUNS])
+        # higher values are drawn higher (smaller y), x grows with time
+        by_value = sorted(mine, key=lambda p: float(p["data-value"]))
+        assert [float(p["cy"]) for p in by_value] == sorted((float(p["cy"]) for p in mine), reverse=True)
+        assert [float(p["cx"]) for p in mine] == sorted(float(p["cx"]) for p in mine)
+    failed = next(p for p in points if p["data-run-id"] == ORT_RUNS[2][0])
+    assert failed["fill"] != points[0]["fill"]
+    assert len(parser.points[MSAME.slug]) == 4
+    run_links = [a for a in parser.links if "/runs/" in a["href"]]
+    assert {a["target"] for a in run_links} == {"_top"}
+    assert "../dags/gfocal_ascend_nightly/runs/nightly-1" in {a["href"] for a in run_links}
+    assert "regressed" not in page.split(ORT.label)[1].split("</p>")[0]  # latest ORT run is not gated yet
+    assert any(a["href"] == "api/trends" for a in parser.links)
+
+
+def test_empty_and_unreachable_databases(tmp_path):
+    empty = TestClient(create_app(HistoryStore(f"sqlite:///{tmp_path / 'empty.sqlite'}")))
+    assert "No runs recorded yet." in empty.get("/").text
+    assert empty.get("/api/trends").json()["configurations"] == []
+    down = TestClient(create_app(lambda: HistoryStore("postgresql+psycopg://postgres@127.0.0.1:1/test")))
+    response = down.get("/")
+    assert response.status_code == 503 and "127.0.0.1:1" in response.text
+    assert down.get("/api/trends").status_code == 503
+
+
+def test_svg_chart_handles_single_and_missing_points():
+    one = svg_chart(
+        [{"run_id": "r", "finished_at": "2026-01-01T00:00:00", "fps": 5.0, "verdict": "pass"}],
+        "fps",
+        title="fps",
+    )
+    assert one.count("<circle") == 1 and 'cx="253.0"' in one  # centred: 58 + (460 - 70) / 2
+    none = svg_chart([{"run_id": "r", "finished_at": "2026-01-01T00:00:00", "fps": None}], "fps", title="fps")
+    assert "<circle" not in none and "no fps data" in none
+
+
+@pytest.mark.slow
+@pytest.mark.airflow
+def test_plugin_is_mounted_by_airflow_behind_a_base_url_prefix(tmp_path):
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow' / 'airflow.db'}",
+        "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "tester:viewer",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp_path / "passwords.json"),
+        "AIRFLOW__API__BASE_URL": "http://localhost:8080/prefix",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "gfocal-test-secret",
+        "AIRFLOW__GFOCAL__HISTORY_URL": f"sqlite:///{tmp_path / 'history.sqlite'}",
+    }
+    with HistoryStore(env["AIRFLOW__GFOCAL__HISTORY_URL"]) as s:
+        for i in range(5):
+            s.record(
+                RunRecord(
+                    "gfocal_onnxruntime",
+                    f"r{i}",
+                    ORT,
+                    {"AP": 0.40 + i / 1000},
+                    T0 + timedelta(days=i),
+                    fps=100.0 + i,
+                )
+            )
+    (tmp_path / "airflow").mkdir()
+    (tmp_path / "passwords.json").write_text(json.dumps({"tester": "pw"}))
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    script = textwrap.dedent(
+        """
+        import json
+        from airflow.api_fastapi.app import create_app
+        from fastapi.testclient import TestClient
+        client = TestClient(create_app(), base_url="http://localhost:8080")
+        result = {"unauthenticated": client.get("/prefix/gfocal/api/trends").status_code}
+        login = client.post("/prefix/auth/token", json={"username": "tester", "password": "pw"})
+        token = login.json()["access_token"]
+        client.cookies.set("_token", token)
+        page = client.get("/prefix/gfocal/")
+        result["page"] = [page.status_code, page.text]
+        result["json"] = client.get("/prefix/gfocal/api/trends").json()
+        plugins = client.get("/prefix/api/v2/plugins").json()["plugins"]
+        result["plugin"] = next(p for p in plugins if p["name"] == "gfocal")
+        print("RESULT" + json.dumps(result))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
+    assert line, done.stdout[-2000:] + done.stderr[-4000:]
+    result = json.loads(line[len("RESULT") :])
+    assert result["unauthenticated"] == 401
+    status, page = result["page"]
+    assert status == 200 and page.count('data-series="AP" data-run-id') == 5
+    assert [r["fps"] for r in result["json"]["configurations"][0]["runs"]] == [
+        100.0,
+        101.0,
+        102.0,
+        103.0,
+        104.0,
+    ]
+    plugin = result["plugin"]
+    assert plugin["fastapi_apps"][0]["url_prefix"] == "/gfocal"
+    view = plugin["external_views"][0]
+    assert (view["href"], view["url_route"], view["destination"]) == ("gfocal/", "gfocal-trends", "nav")

@@ -1,0 +1,372 @@
+"""Acceptance test of the trend page in a real browser: a real `airflow api-server` (own AIRFLOW_HOME,
+migrated SQLite, `[api] base_url` with a path prefix, simple auth manager) serves the plugin on a free
+loopback port; headless Debian Chromium, driven by Selenium through /usr/bin/chromedriver, logs in
+through Airflow's login page, opens the page directly and through the Airflow UI's Browse menu,
+checks both plots against the recorded history (DOM and screenshot pixels) and saves screenshots
+under test-artifacts/.
+
+Chromium comes from the system packages (`apt-get install chromium chromium-driver`), never from a
+download: the driver path is passed explicitly, so Selenium Manager is not used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import cv2
+import pytest
+from browser import headless_chromium, log_in
+from selenium import webdriver  # the dev extra; a missing install must fail, not skip
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from gfocal_pipeline.history import ConfigKey, HistoryStore, RunRecord
+
+pytestmark = [pytest.mark.slow, pytest.mark.airflow]
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+PREFIX = "/prefix"
+SERVER_START_TIMEOUT_S = 150
+WAIT_S = 30
+
+DAG_ID = "gfocal_ascend_nightly"
+CONFIG = ConfigKey("gfocal_r50_fpn_1x", "msame", "Ascend310P3", "fp16", 1, "modelzoo")
+T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
+# Ten nightly runs, oldest first: (AP, fps, passed). Night 8 regresses on both metrics.
+RUNS = [
+    (0.4049, 34.12, True),
+    (0.4052, 33.95, True),
+    (0.4050, 34.31, True),
+    (0.4047, 34.08, True),
+    (0.4053, 33.87, True),
+    (0.4051, 34.22, True),
+    (0.4048, 34.05, True),
+    (0.3912, 28.40, False),
+    (0.4050, 34.18, True),
+    (0.4054, 34.26, True),
+]
+RUN_IDS = [f"scheduled__{(T0 + timedelta(days=i)).isoformat()}" for i in range(len(RUNS))]
+FAILED_RUN = RUN_IDS[7]
+
+
+@dataclass(frozen=True)
+class Server:
+    base: str  # e.g. http://127.0.0.1:PORT/prefix
+    username: str
+    password: str
+    log: Path
+
+
+def record_history(url: str) -> None:
+    """The recorded runs the page must show (plain data, independent of the page code)."""
+    with HistoryStore(url) as store:
+        for i, (run_id, (ap, fps, passed)) in enumerate(zip(RUN_IDS, RUNS, strict=True)):
+            store.record(
+                RunRecord(
+                    DAG_ID,
+                    run_id,
+                    CONFIG,
+                    {"AP": ap, "AP50": ap + 0.178, "AP75": ap + 0.031},
+                    T0 + timedelta(days=i, minutes=47),
+                    fps=fps,
+                    latency_ms={"p50": 1000 / fps, "p99": 1150 / fps},
+                    images=5000,
+                    ap_delta=round(ap - 0.4050, 4),
+                )
+            )
+            detail = {"passed": passed, "regressed": [] if passed else ["AP", "fps"], "notes": []}
+            store.set_verdict(DAG_ID, run_id, CONFIG, detail)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(process: subprocess.Popen, timeout: float = 20) -> None:
+    """Terminate the process group started with start_new_session=True; kill it if it lingers."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+
+
+def wait_healthy(process: subprocess.Popen, url: str, log: Path) -> bool:
+    """True once `url` answers 200 with a healthy metadatabase; False if the server exited first."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if json.load(response)["metadatabase"]["status"] == "healthy":
+                    return True
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"api-server not healthy at {url} after {SERVER_START_TIMEOUT_S}s:\n{tail(log)}")
+
+
+def tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`airflow api-server` with the project's plugins, behind base_url prefix /prefix."""
+    tmp = tmp_path_factory.mktemp("airflow-browser")
+    home, dags = tmp / "airflow", tmp / "dags"
+    home.mkdir()
+    dags.mkdir()
+    history_url = f"sqlite:///{tmp / 'history.sqlite'}"
+    record_history(history_url)
+    password = secrets.token_urlsafe(12)
+    (tmp / "passwords.json").write_text(json.dumps({"admin": password}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "GFOCAL_"))}
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp / "passwords.json"),
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(24),
+            "GFOCAL_HISTORY_URL": history_url,
+        }
+    )
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    log = tmp / "api-server.log"
+    for _attempt in range(3):  # the free port may be taken between probing and binding
+        port = free_port()
+        base = f"http://127.0.0.1:{port}{PREFIX}"
+        env["AIRFLOW__API__BASE_URL"] = base
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                [airflow, "api-server", "--port", str(port), "--host", "127.0.0.1", "--workers", "1"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            if wait_healthy(process, f"{base}/api/v2/monitor/health", log):
+                yield Server(base, "admin", password, log)
+                return
+            if "address already in use" not in tail(log).lower():
+                raise AssertionError(f"api-server exited with {process.returncode}:\n{tail(log)}")
+        finally:
+            stop(process)
+            ARTIFACTS.mkdir(exist_ok=True)
+            shutil.copyfile(log, ARTIFACTS / "trend_api_server.log")  # for CI debugging
+    raise AssertionError(f"api-server could not bind a free port:\n{tail(log)}")
+
+
+@pytest.fixture(scope="module")
+def browser(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    """Headless system Chromium, logged in through the simple auth manager's login page."""
+    profile, logs = tmp_path_factory.mktemp("chromium-profile"), tmp_path_factory.mktemp("chromedriver")
+    driver = headless_chromium(profile, logs / "log", "1280,800", WAIT_S)
+    try:
+        login(driver, server)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def login(driver: webdriver.Chrome, server: Server) -> None:
+    try:
+        log_in(driver, server.base, f"{server.base}/gfocal/", server.username, server.password, WAIT_S)
+        WebDriverWait(driver, WAIT_S).until(lambda d: d.current_url == f"{server.base}/gfocal/")
+    except TimeoutException:
+        raise AssertionError(f"login did not reach the trend page: {driver.current_url}") from None
+
+
+# Per chart: its box and, per point, run id, value, screen box and computed fill.
+CHART_SCRIPT = """
+return Array.from(document.querySelectorAll('svg.chart')).map(svg => ({
+  series: svg.dataset.series,
+  box: svg.getBoundingClientRect().toJSON(),
+  polyline: (svg.querySelector('polyline.series') || {getAttribute: () => ''}).getAttribute('points'),
+  points: Array.from(svg.querySelectorAll('circle')).map(c => ({
+    run: c.dataset.runId, value: parseFloat(c.dataset.value),
+    title: c.querySelector('title').textContent,
+    box: c.getBoundingClientRect().toJSON(), fill: getComputedStyle(c).fill})),
+}));
+"""
+
+
+def check_charts(driver: webdriver.Chrome) -> list[dict]:
+    """Both series are drawn, one visible point per recorded run, in time order, at heights that
+    follow the recorded values; returns the chart data for pixel checks."""
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg.chart circle"))
+    charts = driver.execute_script(CHART_SCRIPT)
+    assert sorted(c["series"] for c in charts) == ["AP", "fps"]
+    for chart in charts:
+        column = 0 if chart["series"] == "AP" else 1
+        points = chart["points"]
+        assert [p["run"] for p in points] == RUN_IDS
+        assert [p["value"] for p in points] == pytest.approx([run[column] for run in RUNS])
+        assert len(chart["polyline"].split()) == len(RUNS)
+        box = chart["box"]
+        assert box["width"] > 300 and box["height"] > 100
+        for p in points:
+            assert p["run"] in p["title"]
+            b = p["box"]
+            assert b["width"] > 0 and b["height"] > 0
+            assert box["left"] <= b["left"] and b["right"] <= box["right"]
+            assert box["top"] <= b["top"] and b["bottom"] <= box["bottom"]
+        xs = [p["box"]["x"] for p in points]
+        assert xs == sorted(xs) and len(set(xs)) == len(xs)
+        by_value = sorted(points, key=lambda p: p["value"])
+        ys = [p["box"]["y"] for p in by_value]  # larger value -> higher on screen (smaller y)
+        assert ys == sorted(ys, reverse=True)
+        assert by_value[0]["run"] == FAILED_RUN  # the regression is the lowest point of both series
+    return charts
+
+
+def rgb_at(image, box: dict) -> tuple[int, int, int]:
+    blue, green, red = (
+        int(v) for v in image[round(box["y"] + box["height"] / 2), round(box["x"] + box["width"] / 2)]
+    )
+    return red, green, blue
+
+
+def check_screenshot(path: Path, charts: list[dict]) -> None:
+    """The PNG is a real, non-blank rendering: every point's centre pixel has the verdict colour
+    (red for the failed run, green for passing runs) and the series line is drawn between them."""
+    assert path.stat().st_size > 10_000
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape[1] >= 1000 and image.shape[0] >= 600
+    assert float(image.std()) > 10  # not a blank page
+    for chart in charts:
+        for point in chart["points"]:
+            red, green, blue = rgb_at(image, point["box"])
+            if point["run"] == FAILED_RUN:
+                assert red > green + 80 and red > blue + 80, (point["run"], (red, green, blue))
+            else:
+                assert green > red + 40 and green > blue + 30, (point["run"], (red, green, blue))
+        box = chart["box"]
+        crop = image[int(box["top"]) : int(box["bottom"]), int(box["left"]) : int(box["right"])]
+        line = (crop[:, :, 0].astype(int) > crop[:, :, 2].astype(int) + 100).sum()  # blue-dominant pixels
+        assert line > 200, f"{chart['series']} line not drawn ({line} blue pixels)"
+
+
+def set_viewport(driver: webdriver.Chrome, height: int | None = None) -> None:
+    """Viewport 1280 x `height` CSS px at scale 1; default: as tall as the page (bounded), so one
+    screenshot holds all of it. Screenshots are taken at this size, independent of the window."""
+    if height is None:
+        height = min(int(driver.execute_script("return document.documentElement.scrollHeight")), 4000)
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False},
+    )
+
+
+def save_screenshot(driver: webdriver.Chrome, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    assert driver.save_screenshot(str(path)), f"screenshot {path} failed"
+    return path
+
+
+def test_login_is_required(server: Server):
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{server.base}/gfocal/", timeout=10)
+    assert info.value.code == 401
+
+
+def test_trend_page_in_chromium_shows_ap_and_fps_of_every_run(browser: webdriver.Chrome, server: Server):
+    browser.get(f"{server.base}/gfocal/")
+    assert browser.title == "GFocal trends"
+    check_charts(browser)
+    text = browser.find_element(By.TAG_NAME, "body").text
+    assert CONFIG.label in text
+    for ap, fps, _ in RUNS:
+        assert f"{ap:.4f}" in text and f"{fps:.2f}" in text
+    passed = sum(run[2] for run in RUNS)
+    assert text.count("FAIL") == 1 and text.count("PASS") == passed + 1  # table rows + latest badge
+    # Run links are relative and land on the Airflow run page under the prefix.
+    hrefs = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "table a")]
+    assert f"{server.base}/dags/{DAG_ID}/runs/{FAILED_RUN.replace(':', '%3A').replace('+', '%2B')}" in hrefs
+    set_viewport(browser)
+    try:
+        charts = check_charts(browser)  # positions in the screenshot's layout
+        path = save_screenshot(browser, "trend_page.png")
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    check_screenshot(path, charts)
+
+
+def test_trend_page_through_the_airflow_browse_menu(browser: webdriver.Chrome, server: Server):
+    set_viewport(browser, 860)
+    try:
+        open_through_menu(browser, server)
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def open_through_menu(browser: webdriver.Chrome, server: Server) -> None:
+    browser.get(f"{server.base}/")
+    wait = WebDriverWait(browser, WAIT_S)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "button[aria-label=Browse]"))
+    browser.find_element(By.CSS_SELECTOR, "button[aria-label=Browse]").click()
+    item = wait.until(
+        lambda d: next(
+            (e for e in d.find_elements(By.CSS_SELECTOR, "[role=menuitem]") if e.text == "GFocal trends"),
+            None,
+        )
+    )
+    assert item.get_attribute("href") == f"{server.base}/plugin/gfocal-trends"
+    item.click()
+    frame = wait.until(lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "iframe")), None))
+    assert frame.get_attribute("src") == f"{server.base}/gfocal/"
+    assert browser.current_url.startswith(f"{server.base}/plugin/gfocal-trends")
+    browser.switch_to.frame(frame)
+    try:
+        charts = check_charts(browser)
+    finally:
+        browser.switch_to.default_content()
+    dx, dy = browser.execute_script(
+        "const f = arguments[0], r = f.getBoundingClientRect();"
+        "return [r.left + f.clientLeft, r.top + f.clientTop];",
+        frame,
+    )
+    for chart in charts:  # frame-relative boxes -> page coordinates for the pixel checks
+        for box in [chart["box"], *(p["box"] for p in chart["points"])]:
+            for key in ("x", "left", "right"):
+                box[key] += dx
+            for key in ("y", "top", "bottom"):
+                box[key] += dy
+    path = save_screenshot(browser, "trend_page_airflow.png")
+    check_screenshot(path, charts)
+    if os.environ.get("GFOCAL_DOCS_SCREENSHOT"):  # regenerate the README image: =docs/trend-page.png
+        shutil.copyfile(path, ROOT / os.environ["GFOCAL_DOCS_SCREENSHOT"])
