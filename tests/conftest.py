@@ -54,11 +54,7 @@ def dags_dir() -> Path:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Counts per suite that CI must show ran (the mmdet reference tests are never to be skipped)."""
-    groups = {
-        "reference": "mmdet reference",
-        "airflow": "real Airflow DAG/server",
-        "integration": "Celery + Postgres + Redis integration",
-    }
+    groups = {"reference": "mmdet reference", "airflow": "real Airflow DAG/server"}
     for marker, title in groups.items():
         counts = {}
         for outcome in ("passed", "failed", "skipped", "error"):

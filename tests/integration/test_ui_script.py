@@ -41,6 +41,10 @@ def _read_until(
     return None, out
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _get(url: str, token: str) -> dict:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -58,6 +62,9 @@ def test_ui_script_prints_url_and_password_and_stops_everything_on_ctrl_c(tmp_pa
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # like a terminal: the script leads its group, Ctrl-C goes to the group
+        # a terminal's foreground job gets Ctrl-C; a runner started in the background (CI) may hand its
+        # children SIGINT ignored, which a shell then cannot trap
+        preexec_fn=_default_sigint,
     )
     tree = [psutil.Process(process.pid)]
     try:
