@@ -32,8 +32,9 @@ def documented_precision_modes(text: str) -> list[str]:
     return names
 
 
-@pytest.mark.skipif(not DOC.is_file(), reason=f"reference document {DOC} is not in this checkout")
 def test_pipeline_and_emulator_precision_modes_equal_the_reference() -> None:
+    if not DOC.is_file():  # CI has shared/ beside the clone: a missing document must fail, not skip
+        pytest.fail(f"reference document {DOC} not found; set GFOCAL_REFERENCE_DOCS to its folder")
     documented = documented_precision_modes(DOC.read_text())
     assert len(documented) == 8 and documented[0] == "force_fp16"
     assert list(PrecisionMode.values()) == documented
