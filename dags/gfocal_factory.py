@@ -3,9 +3,9 @@
 A `PipelineSpec` names a backend family (`FAMILIES`), where the device tasks run (queue, pool),
 whether a PyTorch reference runs beside it, and the schedule. Each family's builder adds its model
 tasks and returns a `Branch` (its evaluate task and history role); the shared part (prepare,
-preprocess, reference, summary, record, gate) is the same for all. Everything a run needs comes from
-`params`, validated once by the prepare task, so a run triggered from the form and a scheduled one
-take the same path; later tasks read prepare's values with `prepared(...)`.
+preprocess, reference, summary, record, gate, retention) is the same for all. Everything a run needs
+comes from `params`, validated once by the prepare task, so a run triggered from the form and a
+scheduled one take the same path; later tasks read prepare's values with `prepared(...)`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from operators import (
     PrepareRunOperator,
     RecordResultsOperator,
     RegressionGateOperator,
+    RetentionOperator,
     RunSummaryOperator,
 )
 from operators import wiring as ids
@@ -87,9 +88,8 @@ def form_params(ascend: bool, overrides: Mapping[str, Any] | None = None) -> dic
 
 def _export(task_id: str, variant: str) -> OnnxExportOperator:
     options = ("run_dir", "checkpoint", "height", "width", "dtype", "batch_size")
-    return OnnxExportOperator(
-        task_id=task_id, variant=variant, **from_prepare(*options, "parity_threshold", "max_unexplained")
-    )
+    options = (*options, "parity_threshold", "max_unexplained", "work_dir", "cache_onnx")
+    return OnnxExportOperator(task_id=task_id, variant=variant, **from_prepare(*options))
 
 
 def _evaluate(task_id: str, backend: str) -> CocoEvalOperator:
@@ -109,6 +109,7 @@ def onnxruntime_family(spec: PipelineSpec, shards: XComArg, preprocess: BaseOper
         task_id=ids.INFER,
         backend="onnxruntime",
         model=pulled(ids.EXPORT, "onnx_path"),
+        options=from_prepare("keep_candidates"),
         **from_prepare("run_dir", "batch_size"),
     ).expand(shard=shards)
     evaluate = _evaluate(ids.EVALUATE, "onnxruntime")
@@ -162,6 +163,7 @@ def reference_branch(shards: XComArg, preprocess: BaseOperator) -> Branch:
         run_dir=prepared("run_dir"),
         model=prepared("checkpoint"),
         batch_size=1,
+        options=from_prepare("work_dir", "cache_reference"),
     ).expand(shard=shards)
     evaluate = _evaluate(ids.EVALUATE_REFERENCE, "torch")
     preprocess >> infer >> evaluate
@@ -190,9 +192,16 @@ def _finish(spec: PipelineSpec, branches: dict[str, Branch]) -> None:
         evaluate_task=branches["device"].role["eval_task"],
         thresholds=prepared("thresholds"),
     )
+    retention = RetentionOperator(
+        task_id=ids.RETENTION,
+        trigger_rule="all_done",  # also after a failed task: the disk must stay bounded
+        work_dir="{{ params.work_dir }}",
+        run_dir="{{ (ti.xcom_pull(task_ids='" + ids.PREPARE + "') or {}).get('run_dir') }}",
+    )
     for branch in branches.values():
         [branch.evaluate, *branch.also_before_summary] >> summary
-    summary >> record >> gate
+    # the gate stays a leaf, so a failed gate (or task) fails the run even though retention succeeds
+    summary >> record >> [gate, retention]
 
 
 def _deadline(spec: PipelineSpec) -> Any:
@@ -239,7 +248,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
             ascend=family.ascend_options,
         )
         preprocess = CocoPreprocessOperator(
-            task_id=ids.PREPROCESS, **from_prepare("run_dir", *PREPROCESS_OPTIONS)
+            task_id=ids.PREPROCESS, **from_prepare("run_dir", "work_dir", "cache_inputs", *PREPROCESS_OPTIONS)
         )
         shards = XComArg(preprocess)
         branches = {"device": family.build(spec, shards, preprocess)}

@@ -10,6 +10,7 @@ from operators.pipeline import (
     RunSummaryOperator,
 )
 from operators.quality import RecordResultsOperator, RegressionGateOperator
+from operators.retention import RetentionOperator
 
 __all__ = [
     "AtcConvertOperator",
@@ -21,5 +22,6 @@ __all__ = [
     "PrepareRunOperator",
     "RecordResultsOperator",
     "RegressionGateOperator",
+    "RetentionOperator",
     "RunSummaryOperator",
 ]

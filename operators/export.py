@@ -14,15 +14,16 @@ from operators.base import attributes
 
 
 class OnnxExportOperator(BaseOperator):
-    """Export a GFocalV2 checkpoint to the run's `model/gfocal_<variant>.onnx` and check its parity.
+    """Export a GFocalV2 checkpoint to ONNX (through the ONNX cache) and check its parity.
 
     For: the first model step of every DAG (`portable` for ONNX Runtime, `ascend` for atc); `dtype`
     and `batch_size` decide the graph's input and batch axis (see `steps.export_step`). XCom:
     `onnx_path`, `onnx_sha256`, `checkpoint_sha256`, `variant`, `input_name`, `input_shape`,
     `output_names`, `opset`, `parity_max_abs_err`, `parity_ties`, `parity_unexplained`,
     `unexplained_allowed` (True when `max_unexplained` let unexplained candidates through),
-    `export_seconds`, `torch_version`. A refused graph fails the task and is kept as
-    `<name>.rejected.onnx` beside the target.
+    `export_seconds`, `torch_version`, `cached` (reused from the ONNX cache of `work_dir`) and
+    `cache_key`. A refused graph fails the task and is kept as `<name>.rejected.onnx` in the run's
+    model folder.
     """
 
     template_fields: Sequence[str] = (
@@ -34,6 +35,8 @@ class OnnxExportOperator(BaseOperator):
         "batch_size",
         "parity_threshold",
         "max_unexplained",
+        "work_dir",
+        "cache_onnx",
     )
     ui_color = "#e8d5f5"
 
@@ -51,6 +54,8 @@ class OnnxExportOperator(BaseOperator):
         max_unexplained: int = DEFAULT_MAX_UNEXPLAINED,
         opset: int | None = None,
         input_name: str = DEFAULT_INPUT_NAME,
+        work_dir: str | None = None,
+        cache_onnx: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -58,14 +63,15 @@ class OnnxExportOperator(BaseOperator):
         self.height, self.width, self.opset = height, width, opset
         self.dtype, self.batch_size = dtype, batch_size
         self.parity_threshold, self.max_unexplained = parity_threshold, max_unexplained
-        self.input_name = input_name
+        self.input_name, self.work_dir, self.cache_onnx = input_name, work_dir, cache_onnx
 
     def execute(self, context: Any) -> dict[str, Any]:
         names = ("dtype", "batch_size", "height", "width", "opset", "input_name", "parity_threshold")
-        options = attributes(self, (*names, "max_unexplained"))
+        options = attributes(self, (*names, "max_unexplained", "work_dir", "cache_onnx"))
         result = steps.export_step(self.run_dir, self.variant, self.checkpoint, **options)
         self.log.info(
-            "exported %s (sha256 %s), parity max abs err %.3g",
+            "%s %s (sha256 %s), parity max abs err %.3g",
+            "reused cached" if result.get("cached") else "exported",
             result["onnx_path"],
             result["onnx_sha256"][:12],
             result["parity_max_abs_err"],

@@ -44,11 +44,13 @@ class CocoPreprocessOperator(BaseOperator):
     """COCO-format set -> manifest + sharded `.bin` inputs.
 
     Returns the list of shard names (what inference tasks are mapped over); the manifest facts
-    (path, sha256, images, dtype, ...) are pushed under the XCom key `manifest`. `workers` (threads)
+    (path, sha256, images, dtype, dataset_id, `cached` + `cache_key` of the inputs cache entry of
+    `work_dir`, ...) are pushed under the XCom key `manifest`. With `cache_inputs` off the inputs
+    are built by each inference task for its shard and deleted after it. `workers` (threads)
     defaults to the worker's `[gfocal] preprocess_workers`, else its usable CPU cores.
     """
 
-    template_fields: Sequence[str] = ("run_dir", *PREPROCESS_OPTIONS)
+    template_fields: Sequence[str] = ("run_dir", "work_dir", "cache_inputs", *PREPROCESS_OPTIONS)
 
     def __init__(
         self,
@@ -65,6 +67,8 @@ class CocoPreprocessOperator(BaseOperator):
         max_images: int | None = None,
         skip_bad_images: bool = False,
         workers: int | None = None,
+        work_dir: str | None = None,
+        cache_inputs: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -72,19 +76,22 @@ class CocoPreprocessOperator(BaseOperator):
         self.images_dir, self.annotations = images_dir, annotations
         self.height, self.width, self.shard_size = height, width, shard_size
         self.max_images, self.skip_bad_images, self.workers = max_images, skip_bad_images, workers
+        self.work_dir, self.cache_inputs = work_dir, cache_inputs
 
     def execute(self, context: Any) -> list[str]:
         names = tuple(name for name in PREPROCESS_OPTIONS if name != "coco_root")
-        options = attributes(self, (*names, "skip_bad_images", "workers"))
+        options = attributes(self, (*names, "skip_bad_images", "workers", "work_dir", "cache_inputs"))
         if options["workers"] is None:  # this worker's own [gfocal] preprocess_workers (its cores)
             options["workers"] = load_settings().preprocess_workers
         result = steps.preprocess_step(self.coco_root, self.run_dir, **options)
         self.log.info(
-            "preprocessed %d images into %d shards (%s, %s)",
+            "%s %d images in %d shards (%s, %s), inputs: %s",
+            "reused the preprocessed" if result["cached"] else "preprocessed",
             result["images"],
             len(result["shards"]),
             result["policy"],
             result["dtype"],
+            result["inputs"],
         )
         context["ti"].xcom_push(key=MANIFEST_KEY, value=result)
         return result["shards"]

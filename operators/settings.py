@@ -17,14 +17,28 @@ checkpoint, coco_root, images_dir, annotations, work_dir
                         run can still override them in the form (default: unset -> the demo data)
 preprocess_workers      threads of the preprocess task, read on the worker that runs it (default:
                         empty = its usable CPU cores)
+keep_runs               retention (the DAGs' last task, `gfocal gc`): the newest run directories of
+                        each DAG kept whole; older ones are pruned to their small results (summary,
+                        eval, timing, final detections) (default 14; an integer >= 1)
+cache_max_gb            retention: the size (GB, 10^9 bytes) the work directory's cache is evicted
+                        down to, least recently used first; entries of runs in progress stay
+                        (default 100; 0 empties the cache except those)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 
+from gfocal_pipeline.errors import ConfigError
 from gfocal_pipeline.history import default_history_url
+from gfocal_pipeline.retention import (
+    DEFAULT_CACHE_MAX_GB,
+    DEFAULT_KEEP_RUNS,
+    check_cache_max_gb,
+    check_keep_runs,
+)
 
 
 def _items(text: str) -> tuple[str, ...]:
@@ -47,6 +61,8 @@ class GfocalSettings:
     nightly_cron: str = "0 2 * * *"
     nightly_deadline_hours: float = 6.0
     preprocess_workers: int | None = None
+    keep_runs: int = DEFAULT_KEEP_RUNS
+    cache_max_gb: float = DEFAULT_CACHE_MAX_GB
     run_defaults: tuple[tuple[str, str], ...] = ()  # (option, value) of the data keys that are set
 
     @property
@@ -65,6 +81,31 @@ def _positive_int_or_none(key: str, text: str) -> int | None:
     if value < 1:
         raise ValueError(f"[gfocal] {key} = {text!r}: expected a positive integer, or empty for the default")
     return value
+
+
+def _keep_runs(text: str) -> int:
+    source = f"[gfocal] keep_runs = {text!r}"
+    if not text.strip():
+        return DEFAULT_KEEP_RUNS
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{source}: expected an integer >= 1 (the newest run directories of each DAG kept whole); "
+            f"set it to e.g. {DEFAULT_KEEP_RUNS}, or leave it empty for the default"
+        ) from None
+    return check_keep_runs(value, source)
+
+
+def _cache_max_gb(text: str) -> float:
+    source = f"[gfocal] cache_max_gb = {text!r}"
+    if not text.strip():
+        return DEFAULT_CACHE_MAX_GB
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan  # reported below, with the accepted values
+    return check_cache_max_gb(value, source)
 
 
 DATA_KEYS = ("checkpoint", "coco_root", "images_dir", "annotations", "work_dir")
@@ -91,5 +132,7 @@ def load_settings() -> GfocalSettings:
         nightly_cron=get("nightly_cron", defaults.nightly_cron),
         nightly_deadline_hours=float(get("nightly_deadline_hours", str(defaults.nightly_deadline_hours))),
         preprocess_workers=_positive_int_or_none("preprocess_workers", get("preprocess_workers", "")),
+        keep_runs=_keep_runs(get("keep_runs", str(defaults.keep_runs))),
+        cache_max_gb=_cache_max_gb(get("cache_max_gb", str(defaults.cache_max_gb))),
         run_defaults=tuple((key, get(key, "").strip()) for key in DATA_KEYS if get(key, "").strip()),
     )

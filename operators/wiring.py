@@ -17,6 +17,7 @@ EVALUATE_REFERENCE = "evaluate_reference"
 SUMMARY = "summary"
 RECORD = "record"
 GATE = "gate"
+RETENTION = "retention"
 VERDICT_KEY = "verdict"  # XCom key of the gate's verdict (read by the failure notifier)
 MANIFEST_KEY = "manifest"  # XCom key of the preprocess task's manifest facts
 

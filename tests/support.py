@@ -26,15 +26,15 @@ def load_dag_file(source: Path, name: str | None = None) -> Any:
     return module
 
 
-def xcoms(dag_id: str, run_id: str) -> dict[str, Any]:
-    """{task_id or task_id[map_index]: return_value} of one DAG run."""
+def xcoms(dag_id: str, run_id: str, key: str = "return_value") -> dict[str, Any]:
+    """{task_id or task_id[map_index]: value} of one DAG run's XComs under `key`."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         rows = (
             session.query(XComModel)
-            .filter(XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key == "return_value")
+            .filter(XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key == key)
             .all()
         )
         return {(r.task_id if r.map_index < 0 else f"{r.task_id}[{r.map_index}]"): r.value for r in rows}

@@ -8,7 +8,7 @@ or none. Builders of one key take a lock file (so a second one waits, then reuse
 result); where locks do not work across hosts (some network file systems) the rename still decides:
 first rename wins, the loser's copy is discarded. On reuse an entry is verified against its record;
 a damaged one is moved aside and rebuilt, never used. The record file's mtime is the entry's last
-use, which drives least-recently-used eviction.
+use, which drives least-recently-used eviction (`gfocal gc`, `gfocal_pipeline.retention`).
 """
 
 from __future__ import annotations
@@ -204,20 +204,31 @@ def _storage_error(entry: CacheEntry, exc: OSError) -> CacheError:
     )
 
 
-def reclaim_stale(kind_dir: Path, older_than_s: float = STALE_TMP_S) -> list[Path]:
-    """Remove build/trash directories that killed builders left behind; returns what was removed."""
-    removed = []
+def reclaim_stale(kind_dir: Path, older_than_s: float = STALE_TMP_S, *, dry_run: bool = False) -> list[Path]:
+    """Remove build/trash directories that killed builders left behind; returns what was (with
+    `dry_run`: would be) removed."""
+    removed: list[Path] = []
     if not kind_dir.is_dir():
         return removed
     now = time.time()
-    for path in kind_dir.iterdir():
+    for path in sorted(kind_dir.iterdir()):
         if not path.name.startswith((".build-", ".trash-")):
             continue
         with contextlib.suppress(FileNotFoundError):
             if now - path.stat().st_mtime > older_than_s:
-                shutil.rmtree(path, ignore_errors=True)
+                if not dry_run:
+                    shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
+
+
+@dataclass(frozen=True)
+class EntryUsage:
+    """An entry's size on disk and its last use (its record's mtime)."""
+
+    entry: CacheEntry
+    bytes: int
+    last_used: float
 
 
 class Cache:
@@ -232,34 +243,60 @@ class Cache:
     def entries(self) -> list[CacheEntry]:
         """Every complete entry of every kind."""
         found = []
-        if not self.root.is_dir():
-            return found
-        for kind_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        for kind_dir in self.kind_dirs():
             for path in sorted(kind_dir.iterdir()):
                 if path.name.startswith(".") or not (path / RECORD).is_file():
                     continue
                 found.append(CacheEntry(self.root, kind_dir.name, path.name, {}))
         return found
 
-    def evict(self, max_bytes: int, keep: Iterable[str] = ()) -> list[tuple[CacheEntry, int]]:
+    def kind_dirs(self) -> list[Path]:
+        """`<root>/<kind>/` of every kind present."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def usage(self) -> list[EntryUsage]:
+        """Size and last use of every complete entry, least recently used first."""
+        found = []
+        for entry in self.entries():
+            with contextlib.suppress(FileNotFoundError):  # evicted or discarded meanwhile
+                last_used = entry.record_path.stat().st_mtime
+                found.append(EntryUsage(entry, dir_size(entry.path), last_used))
+        return sorted(found, key=lambda use: (use.last_used, use.entry.kind, use.entry.key))
+
+    def evict(
+        self,
+        max_bytes: int,
+        keep: Iterable[str] = (),
+        *,
+        min_idle_s: float = 0.0,
+        dry_run: bool = False,
+    ) -> list[tuple[CacheEntry, int]]:
         """Remove least-recently-used entries until the cache holds at most `max_bytes`.
 
-        Entries whose key is in `keep` (those a running DAG run uses) are never removed. Returns the
-        removed entries with the bytes each freed.
+        Entries whose key is in `keep` (those a running DAG run uses) and entries used less than
+        `min_idle_s` ago are never removed. Returns the removed (with `dry_run`: the entries that
+        would be removed, nothing is touched) entries with the bytes each freed.
         """
         protected = set(keep)
-        sized = [(entry, dir_size(entry.path), entry.record_path.stat().st_mtime) for entry in self.entries()]
-        total = sum(size for _, size, _ in sized)
+        usage = self.usage()
+        total = sum(use.bytes for use in usage)
+        now = time.time()
         removed = []
-        for entry, size, _ in sorted(sized, key=lambda item: item[2]):
+        for use in usage:
             if total <= max_bytes:
                 break
-            if entry.key in protected:
+            entry = use.entry
+            if entry.key in protected or now - use.last_used < min_idle_s:
                 continue
-            aside = entry.path.with_name(f".trash-{entry.key}-{uuid.uuid4().hex[:8]}")
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(entry.path, aside)
+            if not dry_run:
+                aside = entry.path.with_name(f".trash-{entry.key}-{uuid.uuid4().hex[:8]}")
+                try:
+                    os.replace(entry.path, aside)
+                except FileNotFoundError:
+                    continue
                 shutil.rmtree(aside, ignore_errors=True)
-                total -= size
-                removed.append((entry, size))
+            total -= use.bytes
+            removed.append((entry, use.bytes))
         return removed

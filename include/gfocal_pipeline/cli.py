@@ -151,14 +151,15 @@ def _default_model(backend: str, run_dir: str) -> str:
 
 def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of `--backend`'s own constructor taken from the command line."""
+    extra = {"keep_candidates": True} if args.keep_candidates else {}
     if args.backend == "onnxruntime":
-        return {"providers": args.providers}
+        return {"providers": args.providers, **extra}
     if args.backend == "torch":
-        return {"device": args.device or "auto"}
+        return {"device": args.device or "auto", **extra}
     args.device = 0 if args.device is None else args.device
     values = run_values(args, "device", "outfmt", "chips", "cann_set_env")
     values["set_env"] = values.pop("cann_set_env")
-    return values
+    return {**values, **extra}
 
 
 def cmd_infer(args: argparse.Namespace) -> Any:
@@ -240,6 +241,47 @@ def cmd_demo_data(args: argparse.Namespace) -> Any:
     return {k: str(v) for k, v in ensure_demo_data(args.work_dir).items()}
 
 
+def cmd_gc(args: argparse.Namespace) -> Any:
+    from gfocal_pipeline.config import default_work_dir
+    from gfocal_pipeline.retention import GB, check_cache_max_gb, check_keep_runs, format_summary, gc
+
+    keep_runs = check_keep_runs(args.keep_runs, f"--keep-runs {args.keep_runs}")
+    max_gb = check_cache_max_gb(args.cache_max_gb, f"--cache-max-gb {args.cache_max_gb:g}")
+    work_dir = os.path.abspath(args.work_dir or default_work_dir())
+    report = gc(work_dir, keep_runs, round(max_gb * GB), dry_run=args.dry_run)
+    print(f"gfocal gc: {format_summary(report)}", file=sys.stderr)
+    return report
+
+
+def add_gc(sub: argparse._SubParsersAction) -> None:
+    from gfocal_pipeline.retention import DEFAULT_CACHE_MAX_GB, DEFAULT_KEEP_RUNS
+
+    p = sub.add_parser(
+        "gc",
+        help="retention: prune old run directories to their small results and evict the cache",
+        description="Keep the newest --keep-runs run directories of each DAG whole, prune older ones "
+        "to summary/eval/timing/final detections, then evict least-recently-used cache entries down "
+        "to --cache-max-gb. Runs in progress (no summary.json, changed within 24 h) and the cache "
+        "entries they use are never touched. Prints the JSON report (stdout) and a summary (stderr).",
+    )
+    p.add_argument("--work-dir", default=None, help="default: $GFOCAL_WORK_DIR, else $AIRFLOW_HOME/gfocal")
+    p.add_argument(
+        "--keep-runs",
+        type=int,
+        default=DEFAULT_KEEP_RUNS,
+        help=f"newest run directories of each DAG kept whole (default: {DEFAULT_KEEP_RUNS})",
+    )
+    p.add_argument(
+        "--cache-max-gb",
+        type=float,
+        default=DEFAULT_CACHE_MAX_GB,
+        help=f"evict the cache down to this many GB (default: {DEFAULT_CACHE_MAX_GB:g}; 0: all but "
+        "the entries of runs in progress)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="report what would be removed; remove nothing")
+    p.set_defaults(func=cmd_gc)
+
+
 def add_preprocess_and_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess", help="COCO-format set -> manifest + sharded .bin inputs")
     p.add_argument("--run-dir", required=True)
@@ -274,6 +316,11 @@ def add_infer_and_eval(sub: argparse._SubParsersAction) -> None:
         "--device",
         default=None,
         help="torch: auto (default), cpu, cuda; msame/ais_bench: the NPU device id (default 0)",
+    )
+    p.add_argument(
+        "--keep-candidates",
+        action="store_true",
+        help="also keep each shard's raw candidates (candidates.npz, large; for debugging)",
     )
     p.set_defaults(func=cmd_infer)
 
@@ -317,6 +364,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_preprocess_and_convert,
     add_infer_and_eval,
     add_results,
+    add_gc,
 ]
 
 

@@ -1,7 +1,9 @@
 """Backend outputs -> COCO detections -> COCO bbox metrics, for one backend of one run.
 
-Steps: read every shard of `outputs/<backend>/` (checking its done marker against the manifest), turn each
-image's rows into detections (host NMS for kind "candidates", padding removal for kind "dets"), map boxes
+Steps: read every shard of `outputs/<backend>/` (checking its done marker against that shard of the manifest:
+`shard_digest`, policy, dtype, input size), turn each image's rows into detections (padding removal for kind
+"dets", the normal case: the in-process backends run the host NMS per batch and the Ascend graph has NMS
+inside; host NMS here for kind "candidates", from older outputs or a backend without NMS), map boxes
 from input pixels back to the original image with the manifest geometry, map labels 0..79 to the
 annotation file's category ids (sorted by id, as mmdet's `cat_ids`), write `detections.json`, and score it
 with faster-coco-eval (default) or pycocotools; both give the same numbers.
@@ -12,6 +14,8 @@ original image, as the ModelZoo postprocess does: clipping would change the numb
 Only the manifest's images are evaluated (`params.imgIds`), so a run over a subset of val2017 is scored on
 that subset; ground truth of other images in the annotation file does not count as missed.
 Stats follow COCO's convention: -1.0 where a metric is undefined (e.g. no ground truth of that area).
+stats.json records under "postprocess" which NMS produced the detections, per group of shards: the
+backend's (from the done markers) or this module's host NMS with its thresholds (kind "candidates").
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ _MARKER_FIELDS = (
     ("dtype", "dtype"),
     ("input_height", "input height"),
     ("input_width", "input width"),
-    ("manifest_sha256", "sha256"),
+    ("shard_digest", "shard digest"),
 )
 _LIST_LIMIT = 10
 
@@ -103,19 +107,25 @@ def to_coco_results(dets: ImageDetections, cat_ids: list[int]) -> list[dict[str,
     ]
 
 
-def _expected_marker(manifest: Manifest) -> dict[str, Any]:
+def _expected_marker(manifest: Manifest, shard: str) -> dict[str, Any]:
+    """What the done marker of `shard` must say for its outputs to belong to the manifest's inputs."""
     return {
         "policy": manifest.policy,
         "dtype": manifest.dtype,
         "input_height": manifest.input_height,
         "input_width": manifest.input_width,
-        "manifest_sha256": manifest.sha256,
+        "shard_digest": manifest.shard_digest(shard),
     }
 
 
 def _check_marker(
     marker: dict[str, Any], expected: dict[str, Any], manifest: Manifest, out_dir: Path
 ) -> None:
+    if "shard_digest" not in marker:
+        raise EvaluationError(
+            f"outputs in {str(out_dir)!r} have no shard_digest in their done marker (written by an older "
+            f"version), so they cannot be matched to the manifest {str(manifest.path)!r}; re-run inference"
+        )
     for key, words in _MARKER_FIELDS:
         if marker.get(key) != expected[key]:
             raise EvaluationError(
@@ -177,20 +187,68 @@ def collect_detections(
 
     Returns the detections and the ids of manifest images without an output row (only when
     `allow_missing`; otherwise they raise). Score/IoU/max thresholds apply to kind "candidates" only;
-    kind "dets" was already reduced by the NMS inside the model.
+    kind "dets" was already reduced by the backend's NMS (host NMS in the inference task, or in-graph).
     """
+    collected = read_detections(layout, manifest, backend, score_thr, iou_thr, max_per_img, allow_missing)
+    return collected.detections, collected.missing
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What `read_detections` found: the detections, images without outputs, and how each group of
+    shards was reduced (`postprocess`: [{"shards": [...], "nms": "host"|"graph"|..., thresholds}])."""
+
+    detections: ImageDetections
+    missing: list[int]
+    postprocess: list[dict[str, Any]]
+
+
+def _shard_postprocess(marker: dict[str, Any], here: dict[str, Any]) -> dict[str, Any]:
+    """How one shard's detections were made: NMS here (kind "candidates") or as its marker records."""
+    if marker["kind"] == "candidates":
+        return {"where": "evaluate", **here}
+    recorded = marker.get("postprocess")
+    if isinstance(recorded, dict):
+        return {"where": "inference", **recorded}
+    return {"where": "inference", "nms": "unrecorded"}  # dets written before markers recorded it
+
+
+def _group_postprocess(per_shard: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """[(shard, postprocess)] -> one entry per distinct postprocess with its shards, in shard order."""
+    groups: list[dict[str, Any]] = []
+    for shard, how in per_shard:
+        group = next((g for g in groups if {k: v for k, v in g.items() if k != "shards"} == how), None)
+        if group is None:
+            groups.append({**how, "shards": [shard]})
+        else:
+            group["shards"].append(shard)
+    return groups
+
+
+def read_detections(
+    layout: RunLayout,
+    manifest: Manifest,
+    backend: str,
+    score_thr: float = SCORE_THR,
+    iou_thr: float = NMS_IOU,
+    max_per_img: int = MAX_PER_IMG,
+    allow_missing: bool = False,
+) -> Collected:
+    """`collect_detections` plus the record of which NMS produced the detections of each shard."""
     by_id = manifest.by_id()
     if not layout.outputs_dir(backend).is_dir():
         raise EvaluationError(
             f"no outputs for backend {backend!r}: {str(layout.outputs_dir(backend))!r} does not exist; "
             f"run inference with backend {backend!r} first"
         )
-    expected = _expected_marker(manifest)
+    here = {"nms": "host", "score_thr": score_thr, "iou_thr": iou_thr, "max_per_img": max_per_img}
     seen: set[int] = set()
     parts: list[tuple[int, Detections]] = []
+    per_shard: list[tuple[str, dict[str, Any]]] = []
     for shard in manifest.shards:
         out_dir = layout.output_shard(backend, shard)
-        kind, image_ids, first, second = _read_shard(out_dir, backend, shard, manifest, expected)
+        marker, image_ids, first, second = _read_shard(out_dir, backend, shard, manifest)
+        per_shard.append((shard, _shard_postprocess(marker, here)))
         for row, image_id in enumerate(image_ids.tolist()):
             if image_id in seen:
                 raise EvaluationError(
@@ -199,7 +257,7 @@ def collect_detections(
                     "re-run inference"
                 )
             seen.add(image_id)
-            if kind == "candidates":
+            if marker["kind"] == "candidates":
                 found = multiclass_nms(first[row], second[row], score_thr, iou_thr, max_per_img)
             else:
                 found = from_dets(first[row], second[row])
@@ -208,7 +266,7 @@ def collect_detections(
 
     missing = [entry.image_id for entry in manifest.images if entry.image_id not in seen]
     _check_missing(missing, backend, by_id, allow_missing)
-    return _concatenate(parts, by_id), missing
+    return Collected(_concatenate(parts, by_id), missing, _group_postprocess(per_shard))
 
 
 def _check_missing(
@@ -231,9 +289,10 @@ def _check_missing(
 
 
 def _read_shard(
-    out_dir: Path, backend: str, shard: str, manifest: Manifest, expected: dict[str, Any]
-) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """(kind, image ids, first, second output) of one finished shard, checked against the manifest."""
+    out_dir: Path, backend: str, shard: str, manifest: Manifest
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    """(done marker, image ids, first, second output) of one finished shard, checked against that
+    shard of the manifest."""
     if not out_dir.is_dir():
         raise EvaluationError(
             f"outputs of shard {shard} for backend {backend!r} are missing: {str(out_dir)!r} does not "
@@ -243,7 +302,7 @@ def _read_shard(
         marker, arrays = read_shard_outputs(out_dir)
     except DatasetError as exc:
         raise EvaluationError(str(exc)) from exc
-    _check_marker(marker, expected, manifest, out_dir)
+    _check_marker(marker, _expected_marker(manifest, shard), manifest, out_dir)
     image_ids, first, second = _shard_rows(arrays, marker["kind"], out_dir)
     by_id = manifest.by_id()
     unknown = sorted({int(i) for i in image_ids} - by_id.keys())
@@ -253,7 +312,7 @@ def _read_shard(
             f"not in the manifest {str(manifest.path)!r}; they come from another dataset, "
             "re-run inference"
         )
-    return marker["kind"], image_ids, first, second
+    return marker, image_ids, first, second
 
 
 def _concatenate(parts: list[tuple[int, Detections]], by_id: dict[int, ImageEntry]) -> ImageDetections:
@@ -385,9 +444,8 @@ def evaluate_outputs(
     names = {int(cat["id"]): str(cat.get("name", "")) for cat in gt.loadCats(cat_ids)}
     image_ids = _annotated_image_ids(manifest, gt, annotation_file)
 
-    dets, missing = collect_detections(
-        layout, manifest, backend, score_thr, iou_thr, max_per_img, allow_missing
-    )
+    collected = read_detections(layout, manifest, backend, score_thr, iou_thr, max_per_img, allow_missing)
+    dets, missing = collected.detections, collected.missing
     eval_dir = layout.eval_dir(backend)
     detections_path = _write_detections(eval_dir / DETECTIONS_FILE, to_coco_results(dets, cat_ids))
     dt = coco.load_results(gt, detections_path, len(dets))
@@ -408,8 +466,17 @@ def evaluate_outputs(
         "stats_path": str(eval_dir / STATS_FILE),
     }
     facts = {"annotation_file": str(annotation_file), "manifest_sha256": manifest.sha256}
+    # score_thr/iou_thr/max_per_img: this step's host NMS (kind "candidates" only); "postprocess" says
+    # which NMS and thresholds produced the detections of each group of shards
     thresholds = {"score_thr": score_thr, "iou_thr": iou_thr, "max_per_img": max_per_img}
-    write_json(eval_dir / STATS_FILE, {**result, **facts, **thresholds, "per_class": per_class})
+    stats_file = {
+        **result,
+        **facts,
+        **thresholds,
+        "postprocess": collected.postprocess,
+        "per_class": per_class,
+    }
+    write_json(eval_dir / STATS_FILE, stats_file)
     _log_result(result)
     return result
 

@@ -1,5 +1,7 @@
 """Regression gate: judge one run against absolute floors and the median of recent passing runs.
 
+The baseline only mixes runs of the same configuration, dataset included (`ConfigKey.dataset`): a run
+on another dataset of the same size has no baseline rather than one from foreign data.
 AP tolerance is absolute (COCO AP is already a fraction), fps tolerance relative (speed scales with
 the machine). Timing is noisy, so the gate takes the median of several fps windows (one per shard).
 The verdict is a small JSON-safe dict (fit for XCom) that the history stores and the alerts render.
@@ -86,7 +88,8 @@ class GateThresholds:
     baseline_runs: int = option(
         5,
         title="Baseline runs",
-        description="The baseline is the median of the last N passing runs of the same configuration.",
+        description="The baseline is the median of the last N passing runs of the same configuration "
+        "and dataset.",
         kind=int,
         minimum=1,
         maximum=100,
@@ -237,7 +240,7 @@ def _ap_checks(ap: float, base: Sequence[RunRecord], t: GateThresholds) -> list[
 def _baseline_notes(runs: int, wanted: int, any_checks: bool) -> list[str]:
     notes = []
     if not runs:
-        notes.append("no passing history for this configuration: judged on absolute floors only")
+        notes.append("no passing history for this configuration and dataset: judged on absolute floors only")
     elif runs < wanted:
         notes.append(f"baseline is the median of {runs} run(s), fewer than the {wanted} requested")
     if not any_checks:
@@ -253,16 +256,19 @@ def evaluate(
     fps_windows: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Judge `record` against floors and the median of the newest `baseline_runs` of `history`
-    (passing runs of the same configuration, newest first). Pure."""
+    (passing runs of the same configuration and dataset, newest first). Pure."""
     t = thresholds if isinstance(thresholds, GateThresholds) else GateThresholds.from_mapping(thresholds)
     foreign = [r.run_id for r in history if r.config != record.config]
     if foreign:
         raise GateConfigError(
-            f"history runs {foreign} belong to another configuration than {record.config.label}"
+            f"history runs {foreign} belong to another configuration or dataset than "
+            f"{record.config.label}: pass only the store's passing_history of the run's config"
         )
     base = [r for r in history if not (r.dag_id == record.dag_id and r.run_id == record.run_id)]
     base = base[: t.baseline_runs]
     notes: list[str] = []
+    if record.config.legacy:
+        notes.append("run recorded before dataset keys: compared with other runs of that time only")
 
     fps = record.fps
     fps_note = None

@@ -2,9 +2,15 @@
 
 The store is plain SQLAlchemy Core (no Airflow import), so the gate, the alerts, the CLI and the
 plugin's trend page all read the same table. Any SQLAlchemy URL works; the default is a SQLite file
-beside the Airflow home. Recording is an upsert keyed by (dag_id, run_id, configuration): a retried
-task replaces its own row instead of adding a second one, and the gate only ever updates the verdict
-columns of a row that already exists, so a failing gate never loses the measurement.
+beside the Airflow home. Recording is an upsert keyed by (dag_id, run_id, configuration without the
+dataset): a retried task replaces its own row instead of adding a second one (also when the retry
+scored a changed dataset), and the gate only ever updates the verdict columns of a row that already
+exists, so a failing gate never loses the measurement.
+
+The configuration includes the dataset identity (`Manifest.dataset_id`), so runs on two datasets of
+the same size never share a baseline. A table created before that column existed is migrated when a
+store first opens it: its rows get LEGACY_DATASET, which no new run can carry, so they stay in the
+trend page and the history but never become the baseline of a new run.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import logging
 import math
 import numbers
 import os
+import re
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -49,7 +57,14 @@ STAT_COLUMNS: dict[str, str] = {
 }
 LATENCY_KEYS = ("mean", "p50", "p90", "p99", "min", "max")
 VERDICTS = ("pass", "fail")
-CONFIG_FIELDS = ("model", "backend", "device", "precision", "batch_size", "policy")
+# What a row is recorded under (with dag_id and run_id); the gate's key adds the dataset.
+ROW_CONFIG_FIELDS = ("model", "backend", "device", "precision", "batch_size", "policy")
+CONFIG_FIELDS = (*ROW_CONFIG_FIELDS, "dataset")
+# The dataset of rows recorded before the history knew datasets. New identities look like
+# `ann:<16 hex>+img:<16 hex>`, and RunRecord.from_pipeline refuses this label, so it never matches.
+LEGACY_DATASET = "legacy (before dataset keys)"
+DATASET_MAX_LENGTH = 100
+_DATASET_ID = re.compile(r"ann:([^+]+)\+img:(.+)")
 
 
 class HistoryError(GfocalError):
@@ -66,12 +81,18 @@ class ConfigKey:
     precision: str
     batch_size: int
     policy: str
+    dataset: str  # Manifest.dataset_id ("ann:<16 hex>+img:<16 hex>") or LEGACY_DATASET
 
     def __post_init__(self) -> None:
-        for name in ("model", "backend", "device", "precision", "policy"):
+        for name in ("model", "backend", "device", "precision", "policy", "dataset"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise HistoryError(f"configuration field {name!r} must be a non-empty string, got {value!r}")
+        if len(self.dataset) > DATASET_MAX_LENGTH:
+            raise HistoryError(
+                f"configuration field 'dataset' is {len(self.dataset)} characters, more than "
+                f"{DATASET_MAX_LENGTH}: pass Manifest.dataset_id, not a path or a file listing"
+            )
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise HistoryError(
                 f"configuration field 'batch_size' must be an integer >= 1, got {self.batch_size!r}"
@@ -81,15 +102,32 @@ class ConfigKey:
     def from_mapping(cls, data: Mapping[str, Any]) -> ConfigKey:
         missing = [name for name in CONFIG_FIELDS if name not in data]
         if missing:
-            raise HistoryError(f"configuration is missing {missing}; it needs all of {list(CONFIG_FIELDS)}")
+            hint = " ('dataset' is the run's Manifest.dataset_id)" if "dataset" in missing else ""
+            raise HistoryError(
+                f"configuration is missing {missing}; it needs all of {list(CONFIG_FIELDS)}{hint}"
+            )
         return cls(**{name: data[name] for name in CONFIG_FIELDS})
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
+    def legacy(self) -> bool:
+        """True for rows recorded before the history keyed runs by dataset."""
+        return self.dataset == LEGACY_DATASET
+
+    @property
+    def dataset_label(self) -> str:
+        """The dataset shortly: `ann:<8 hex>+img:<8 hex>` of an identity, any other value whole."""
+        match = _DATASET_ID.fullmatch(self.dataset)
+        return f"ann:{match[1][:8]}+img:{match[2][:8]}" if match else self.dataset
+
+    @property
     def label(self) -> str:
-        return f"{self.model} {self.backend}/{self.device} {self.precision} b{self.batch_size} {self.policy}"
+        return (
+            f"{self.model} {self.backend}/{self.device} {self.precision} b{self.batch_size} {self.policy}"
+            f" data {self.dataset_label}"
+        )
 
     @property
     def slug(self) -> str:
@@ -188,7 +226,13 @@ class RunRecord:
     ) -> RunRecord:
         """Build a record from the dicts the pipeline steps return (evaluation stats, timing summary,
         export.json, convert.json). Keys of the export/convert dicts ending in `_version` become
-        `tool_versions`."""
+        `tool_versions`. `config` must name the dataset (`Manifest.dataset_id`) under "dataset"."""
+        config_key = config if isinstance(config, ConfigKey) else ConfigKey.from_mapping(config)
+        if config_key.legacy:
+            raise HistoryError(
+                f"configuration dataset {LEGACY_DATASET!r} marks rows recorded before dataset keys; "
+                "a new run must pass its Manifest.dataset_id as 'dataset'"
+            )
         timing = timing or {}
         export_info = export_info or {}
         convert_info = convert_info or {}
@@ -201,7 +245,7 @@ class RunRecord:
         return cls(
             dag_id=dag_id,
             run_id=run_id,
-            config=config if isinstance(config, ConfigKey) else ConfigKey.from_mapping(config),
+            config=config_key,
             stats={key: value for key, value in stats.items() if key in STAT_COLUMNS},
             finished_at=finished_at or datetime.now(UTC),
             fps=timing.get("fps"),
@@ -223,15 +267,17 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
+        """Inverse of to_dict; a dict written before dataset keys (no config "dataset") gets
+        LEGACY_DATASET, like the rows of its time."""
         values = dict(data)
-        values["config"] = ConfigKey.from_mapping(values["config"])
+        values["config"] = ConfigKey.from_mapping({"dataset": LEGACY_DATASET, **values["config"]})
         if isinstance(values.get("finished_at"), str):
             values["finished_at"] = datetime.fromisoformat(values["finished_at"])
         return cls(**values)
 
 
 _metadata = sa.MetaData()
-_KEY_COLUMNS = ("dag_id", "run_id", *CONFIG_FIELDS)
+_ROW_KEY_COLUMNS = ("dag_id", "run_id", *ROW_CONFIG_FIELDS)  # the unique key of a row
 results_table = sa.Table(
     TABLE_NAME,
     _metadata,
@@ -244,6 +290,8 @@ results_table = sa.Table(
     sa.Column("precision", sa.String(20), nullable=False),
     sa.Column("batch_size", sa.Integer, nullable=False),
     sa.Column("policy", sa.String(50), nullable=False),
+    # Added by _add_dataset_column to tables of before; the default labels rows that old code writes.
+    sa.Column("dataset", sa.String(DATASET_MAX_LENGTH), nullable=False, server_default=LEGACY_DATASET),
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("checkpoint_sha256", sa.String(64)),
@@ -257,8 +305,10 @@ results_table = sa.Table(
     sa.Column("images", sa.Integer),
     sa.Column("verdict", sa.String(10)),
     sa.Column("verdict_detail", sa.JSON),
-    sa.UniqueConstraint(*_KEY_COLUMNS, name=f"uq_{TABLE_NAME}_run_config"),
-    sa.Index(f"ix_{TABLE_NAME}_config_time", *CONFIG_FIELDS, "finished_at"),
+    # Constraint and index are those of tables of before (without the dataset): a migration only
+    # adds the column, and old and new tables stay alike.
+    sa.UniqueConstraint(*_ROW_KEY_COLUMNS, name=f"uq_{TABLE_NAME}_run_config"),
+    sa.Index(f"ix_{TABLE_NAME}_config_time", *ROW_CONFIG_FIELDS, "finished_at"),
 )
 
 
@@ -306,6 +356,41 @@ def _record_from_row(row: Mapping[str, Any]) -> RunRecord:
     )
 
 
+def _qualified_table(conn: Connection, schema: str | None) -> str:
+    quote = conn.dialect.identifier_preparer.quote
+    return f"{quote(schema)}.{quote(TABLE_NAME)}" if schema else quote(TABLE_NAME)
+
+
+def _lock_schema(conn: Connection, schema: str | None) -> None:
+    """Serialise creating and migrating the table among processes that open the store at once
+    (until the transaction ends): a Postgres advisory lock, SQLite's write lock."""
+    if conn.dialect.name == "postgresql":
+        key = zlib.crc32(f"gfocal-history:{schema or ''}.{TABLE_NAME}".encode())
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _add_dataset_column(conn: Connection, schema: str | None) -> int | None:
+    """Give a table created before dataset keys its `dataset` column; None if it has one already,
+    else how many existing rows got LEGACY_DATASET.
+
+    Rows of before carry no dataset identity anywhere (their JSON columns are `tool_versions`, only
+    `*_version` keys, and `verdict_detail`, whose config has no dataset), so every one of them gets
+    LEGACY_DATASET: kept and shown, never a new run's baseline.
+    """
+    columns = {column["name"] for column in sa.inspect(conn).get_columns(TABLE_NAME, schema=schema)}
+    if "dataset" in columns:
+        return None
+    column_type = results_table.c.dataset.type.compile(dialect=conn.dialect)
+    if_not_exists = "IF NOT EXISTS " if conn.dialect.name == "postgresql" else ""
+    conn.exec_driver_sql(
+        f"ALTER TABLE {_qualified_table(conn, schema)} ADD COLUMN {if_not_exists}dataset {column_type} "
+        f"NOT NULL DEFAULT '{LEGACY_DATASET}'"
+    )
+    return int(conn.execute(sa.select(sa.func.count()).select_from(results_table)).scalar_one())
+
+
 def default_history_url() -> str:
     """$GFOCAL_HISTORY_URL, else a SQLite file in $AIRFLOW_HOME (default ~/airflow)."""
     url = os.environ.get(HISTORY_URL_ENV, "").strip()
@@ -318,7 +403,8 @@ def default_history_url() -> str:
 class HistoryStore:
     """Reads and writes run results. Every database failure surfaces as HistoryError naming the URL.
 
-    `schema` places the table in a database schema (Postgres); the table is created on first use.
+    `schema` places the table in a database schema (Postgres); the table is created on first use,
+    and a table of before dataset keys is migrated then (see _add_dataset_column).
     """
 
     def __init__(self, url: str | URL, *, schema: str | None = None) -> None:
@@ -365,14 +451,30 @@ class HistoryStore:
             engine = engine.execution_options(schema_translate_map={None: self.schema})
         return engine
 
+    def _prepare(self) -> None:
+        """Create the table, or migrate one of before, once per store; safe in concurrent processes."""
+        with self._engine.begin() as conn:
+            _lock_schema(conn, self.schema)
+            _metadata.create_all(conn, checkfirst=True)
+            migrated = _add_dataset_column(conn, self.schema)
+        if migrated is not None:
+            log.warning(
+                "history database %s: added column 'dataset' to table %s; %d existing row(s) got the "
+                "dataset %r (kept in the trend page and the history, never a new run's baseline)",
+                self.url,
+                TABLE_NAME,
+                migrated,
+                LEGACY_DATASET,
+            )
+        self._ready = True
+
     @contextmanager
     def _transaction(self, action: str) -> Iterator[Connection]:
         try:
+            if not self._ready:
+                self._prepare()
             with self._engine.begin() as conn:
-                if not self._ready:
-                    _metadata.create_all(conn, checkfirst=True)
                 yield conn
-            self._ready = True
         except HistoryError:
             raise
         except SQLAlchemyError as exc:
@@ -384,14 +486,18 @@ class HistoryStore:
             ) from exc
 
     @staticmethod
-    def _key_clause(dag_id: str, run_id: str, config: ConfigKey) -> sa.ColumnElement[bool]:
+    def _key_clause(
+        dag_id: str, run_id: str, config: ConfigKey, *, with_dataset: bool = True
+    ) -> sa.ColumnElement[bool]:
         values = {"dag_id": dag_id, "run_id": run_id, **config.as_dict()}
-        return sa.and_(*(results_table.c[name] == values[name] for name in _KEY_COLUMNS))
+        names = (*_ROW_KEY_COLUMNS, "dataset") if with_dataset else _ROW_KEY_COLUMNS
+        return sa.and_(*(results_table.c[name] == values[name] for name in names))
 
     def record(self, record: RunRecord) -> None:
-        """Insert the record, or replace the row of the same (dag_id, run_id, configuration)."""
+        """Insert the record, or replace the row of the same (dag_id, run_id, configuration without
+        the dataset): a retry that scored a changed dataset replaces its row, dataset included."""
         values = _row_values(record)
-        where = self._key_clause(record.dag_id, record.run_id, record.config)
+        where = self._key_clause(record.dag_id, record.run_id, record.config, with_dataset=False)
         action = f"recording run {record.run_id!r}"
         try:
             with self._transaction(action) as conn:
@@ -407,7 +513,7 @@ class HistoryStore:
         log.info("recorded %s run %s (%s) in %s", record.dag_id, record.run_id, record.config.label, self.url)
 
     def set_verdict(self, dag_id: str, run_id: str, config: ConfigKey, verdict: Mapping[str, Any]) -> None:
-        """Store the gate's verdict dict on an already recorded row."""
+        """Store the gate's verdict dict on an already recorded row of `config` (dataset included)."""
         label = "pass" if verdict.get("passed") else "fail"
         with self._transaction(f"storing the verdict of run {run_id!r}") as conn:
             updated = conn.execute(

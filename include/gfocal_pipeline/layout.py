@@ -2,22 +2,32 @@
 
 Run directory (`<base>/<dag_id>/<run_id>/`, or any directory for the CLI):
 
-    model/                     gfocal_<variant>.onnx, gfocal.om + convert.json
-    <work_dir>/cache/om/       the OM cache shared by every run of a work directory (`om_cache_dir`)
-    manifest.json              see `gfocal_pipeline.dataset` (image id, file, size, scale, pad, shard)
-    inputs/<shard>/<image_id:012d>.bin
-    outputs/<backend>/<shard>/outputs.npz + done.json
+    run.json                   dag/run ids, creation time, the validated options
+    uses/<kind>-<key>          the cache entries (`<work_dir>/cache/<kind>/<key>/`) the run used
+    model/                     gfocal.om + convert.json; gfocal_<variant>.onnx only when the ONNX
+                               cache is off (else the graph stays in the cache)
+    manifest.json              see `gfocal_pipeline.manifest`; its `inputs_root` points into the
+                               inputs cache (no copy here)
+    inputs/<shard>/<image_id:012d>.bin   only for `gfocal preprocess` without a cache; with the
+                               DAGs' inputs cache off each inference task builds its shard in
+                               `inputs/<backend>/<shard>/` and deletes it when done
+    outputs/<backend>/<shard>/outputs.npz + done.json (+ candidates.npz with keep_candidates)
     timing/<backend>/<shard>.json
     eval/<backend>/detections.json, stats.json, per_class.csv
-    summary.json
+    summary.json               (+ pruned.json once retention pruned the run to its small results)
 
 Shared output layout (`outputs/<backend>/<shard>/`):
-    outputs.npz  `image_ids` int64 (N,) plus one array per model output, first axis = image:
-                 kind "candidates": `boxes` float32 (N,K,4) input pixels, `scores` float32 (N,K,80)
-                 kind "dets":       `dets` float32 (N,100,5) x1,y1,x2,y2,score, `labels` int64 (N,100)
+    outputs.npz  `image_ids` int64 (N,) plus one array per output, first axis = image. Every
+                 backend writes kind "dets": `dets` float32 (N,max_per_img,5) x1,y1,x2,y2,score in
+                 input pixels, `labels` int64 (N,max_per_img), padding rows score 0 / label -1 (the
+                 in-process backends run the host NMS per batch; the Ascend graph has it inside).
+                 Kind "candidates" (`boxes` (N,K,4), `scores` (N,K,80)) is still read by evaluation
+                 (older outputs); `candidates.npz` holds them when `keep_candidates` is on.
     done.json    written last: {"backend", "shard", "kind", "output_names", "images", "policy",
-                 "dtype", "input_height", "input_width", "manifest_sha256"}; a shard without it is
-                 not finished and is recomputed on retry.
+                 "dtype", "input_height", "input_width", "shard_digest", "manifest_sha256",
+                 "postprocess", "model_kind", model identity}; a shard without it is not finished
+                 and is recomputed on retry; one whose shard_digest differs from the manifest's is
+                 stale (an image changed) and is recomputed, the others are reused.
 """
 
 from __future__ import annotations
@@ -105,6 +115,17 @@ class RunLayout:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def run_json(self) -> Path:
+        """Written by the run's first task: ids, creation time, options (what retention orders by)."""
+        return self.root / "run.json"
+
+    @property
+    def uses_dir(self) -> Path:
+        """One file `<kind>-<key>` per cache entry the run uses (retention never evicts those of a
+        run in progress; the summary lists which were reused)."""
+        return self.root / "uses"
 
 
 def write_shard_outputs(

@@ -82,7 +82,7 @@ class OptionSpec:
 
     title: str
     description: str
-    kind: type  # int, float, str or a Choice subclass
+    kind: type  # bool, int, float, str or a Choice subclass
     nullable: bool = False
     path: bool = False  # an absolute path
     subpath: bool = False  # a path relative to another option's folder (no `..`)
@@ -96,7 +96,7 @@ class OptionSpec:
 
     def schema(self) -> dict[str, Any]:
         """JSON-schema keywords of the option (what Airflow's `Param` validates with)."""
-        names = {int: "integer", float: "number", str: "string"}
+        names = {bool: "boolean", int: "integer", float: "number", str: "string"}
         base = "string" if issubclass(self.kind, Choice) else names[self.kind]
         out: dict[str, Any] = {"type": ["null", base] if self.nullable else base}
         if issubclass(self.kind, Choice):
@@ -193,6 +193,10 @@ def check_option(name: str, value: Any, spec: OptionSpec) -> Any:
         except ValueError:
             choices = ", ".join(spec.kind.values())
             raise ConfigError(f"parameter {name!r} = {value!r} must be one of: {choices}") from None
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"parameter {name!r} must be true or false, got {value!r}")
+        return value
     if spec.kind in (int, float):
         number = _number(name, value, spec)
         _bounds(name, number, spec)

@@ -1,4 +1,8 @@
-"""Host-side NMS of portable candidates and reading NMS-in-graph outputs; vectorised, no per-box loops."""
+"""Host-side NMS of portable candidates and the fixed-size "dets" rows that carry its result.
+
+`multiclass_nms` reduces one image's candidates to final detections; `pad_dets` stores them as the
+rows of kind "dets" (what NMS-in-graph models output too) and `from_dets` reads such rows back.
+Vectorised, no per-box loops."""
 
 from __future__ import annotations
 
@@ -65,3 +69,21 @@ def from_dets(dets: np.ndarray, labels: np.ndarray) -> Detections:
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     valid = (labels >= 0) & (labels < NUM_CLASSES) & (dets[:, 4] > 0)
     return Detections(dets[valid, :4], dets[valid, 4], labels[valid])
+
+
+def pad_dets(found: Detections, max_per_img: int = MAX_PER_IMG) -> tuple[np.ndarray, np.ndarray]:
+    """Detections -> `dets` float32 (max_per_img, 5) x1,y1,x2,y2,score and `labels` int64 (max_per_img,).
+
+    Rows past the detections are padding (score 0, label -1), which `from_dets` drops, so the pair
+    round-trips exactly. More than `max_per_img` detections is an error (nothing is cut silently).
+    """
+    if len(found) > max_per_img:
+        raise ValueError(
+            f"{len(found)} detections do not fit in {max_per_img} rows; pass max_per_img >= {len(found)}"
+        )
+    dets = np.zeros((max_per_img, 5), np.float32)
+    labels = np.full(max_per_img, -1, np.int64)
+    dets[: len(found), :4] = found.boxes
+    dets[: len(found), 4] = found.scores
+    labels[: len(found)] = found.labels
+    return dets, labels

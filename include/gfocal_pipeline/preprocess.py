@@ -33,6 +33,7 @@ the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -40,7 +41,6 @@ import shutil
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +57,7 @@ from gfocal_pipeline.constants import (
 )
 from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR, CocoImage, load_coco
 from gfocal_pipeline.errors import DatasetError
-from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir
+from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file
 from gfocal_pipeline.layout import RunLayout, input_file_name, shard_name
 from gfocal_pipeline.manifest import DTYPES, POLICIES, Geometry, ImageEntry, Manifest
 
@@ -111,6 +111,32 @@ def _check_options(policy: str, dtype: str, height: int, width: int) -> None:
             raise DatasetError(f"model input {name}={value!r} must be an integer >= {SIZE_DIVISOR}")
 
 
+def image_geometry(w: int, h: int, policy: str, height: int, width: int) -> Geometry:
+    """Where a w x h image lands in the height x width canvas under `policy` (see the module docstring)."""
+    if policy == "letterbox":
+        new_w, new_h, scale = letterbox_size(w, h, height, width)
+        scale_x = scale_y = scale
+    else:
+        need_h, need_w = mmdet_canvas(w, h)
+        if need_h > height or need_w > width:
+            raise DatasetError(
+                f"policy 'mmdet' needs a canvas of height {need_h} and width {need_w} for a {w}x{h} (w x h) "
+                f"image but the model input is {height}x{width} (h x w); preprocess with height>={need_h} "
+                f"and width>={need_w}"
+            )
+        new_w, new_h = mmdet_size(w, h)
+        scale_x, scale_y = new_w / w, new_h / h
+    return Geometry(
+        width=w,
+        height=h,
+        scale_x=float(scale_x),
+        scale_y=float(scale_y),
+        resized_width=new_w,
+        resized_height=new_h,
+        pad=(0, 0, width - new_w, height - new_h),
+    )
+
+
 def preprocess_image(
     img_bgr: np.ndarray,
     policy: str = "letterbox",
@@ -133,19 +159,8 @@ def preprocess_image(
         kind = getattr(img_bgr, "dtype", type(img_bgr).__name__)
         raise DatasetError(f"expected a uint8 BGR image of shape (h, w, 3), got {kind} {shape}")
     h, w = img_bgr.shape[:2]
-    if policy == "letterbox":
-        new_w, new_h, scale = letterbox_size(w, h, height, width)
-        scale_x = scale_y = scale
-    else:
-        need_h, need_w = mmdet_canvas(w, h)
-        if need_h > height or need_w > width:
-            raise DatasetError(
-                f"policy 'mmdet' needs a canvas of height {need_h} and width {need_w} for a {w}x{h} (w x h) "
-                f"image but the model input is {height}x{width} (h x w); preprocess with height>={need_h} "
-                f"and width>={need_w}"
-            )
-        new_w, new_h = mmdet_size(w, h)
-        scale_x, scale_y = new_w / w, new_h / h
+    geometry = image_geometry(w, h, policy, height, width)
+    new_w, new_h = geometry.resized_width, geometry.resized_height
     resized = cv2.resize(img_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     if dtype == "float32":
         canvas = np.zeros((height, width, 3), dtype=np.float32)
@@ -155,15 +170,6 @@ def preprocess_image(
         array = np.empty((height, width, 3), dtype=np.uint8)
         array[...] = PAD_BGR_U8
         array[:new_h, :new_w] = resized
-    geometry = Geometry(
-        width=w,
-        height=h,
-        scale_x=float(scale_x),
-        scale_y=float(scale_y),
-        resized_width=new_w,
-        resized_height=new_h,
-        pad=(0, 0, width - new_w, height - new_h),
-    )
     return array, geometry
 
 
@@ -175,7 +181,7 @@ def preprocess_image(
 class _Job:
     image_id: int
     source: str
-    target: str
+    target: str  # "" plans only: decode and place the image, write nothing
     policy: str
     dtype: str
     height: int
@@ -185,7 +191,7 @@ class _Job:
 _Result = tuple[int, Geometry | None, str]
 
 
-@contextmanager
+@contextlib.contextmanager
 def _single_threaded_cv2() -> Iterator[None]:
     """OpenCV's own thread pool off while our workers run (one worker per core already; avoids
     cores x cores oversubscription); the caller's setting is restored afterwards."""
@@ -203,6 +209,9 @@ def _run_job(job: _Job) -> _Result:
     if img is None:
         return job.image_id, None, "OpenCV cannot decode it (corrupt, truncated or not an image)"
     try:
+        if not job.target:
+            h, w = img.shape[:2]
+            return job.image_id, image_geometry(w, h, job.policy, job.height, job.width), ""
         array, geometry = preprocess_image(img, job.policy, job.dtype, job.height, job.width)
     except DatasetError as exc:
         raise DatasetError(f"image {job.source!r}: {exc}") from None
@@ -380,23 +389,79 @@ def _check_bad(images: list[CocoImage], bad: dict[int, str], image_dir: Path, sk
     return bad_images
 
 
+def hash_images(images: list[CocoImage], workers: int) -> dict[int, str]:
+    """sha256 of every image file by image id (threads: hashlib releases the GIL); an unreadable
+    file maps to "" and is reported by the decoder later."""
+
+    def one(image: CocoImage) -> tuple[int, str]:
+        try:
+            return image.image_id, sha256_file(image.path)
+        except OSError:
+            return image.image_id, ""
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="gfocal-hash") as pool:
+        return dict(pool.map(one, images))
+
+
+def _link(source: Path, target: Path) -> None:
+    """Hard-link `source` to `target` (same volume), else copy it."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _reuse_from(
+    donor: Manifest | None, images: list[CocoImage], hashes: dict[int, str], staging: Path
+) -> dict[int, Geometry]:
+    """Inputs of `donor` (same policy, dtype and size) whose source image has the same sha256 are
+    linked into `staging` instead of being computed again: a changed image is the only one redone."""
+    if donor is None:
+        return {}
+    by_sha = {entry.sha256: entry for entry in donor.images if entry.sha256}
+    reused: dict[int, Geometry] = {}
+    for image in images:
+        entry = by_sha.get(hashes.get(image.image_id, ""))
+        if entry is None:
+            continue
+        source = donor.input_dir(entry.shard) / input_file_name(entry.image_id)
+        try:
+            if source.stat().st_size != donor.bytes_per_image:
+                continue
+            _link(source, staging / input_file_name(image.image_id))
+        except OSError:
+            continue
+        reused[image.image_id] = entry.geometry
+    if reused:
+        log.info("preprocess: %d of %d inputs reused from %s", len(reused), len(images), donor.path)
+    return reused
+
+
 def _place(
-    kept: list[CocoImage], geometries: dict[int, Geometry], staging: Path, layout: RunLayout, shard_size: int
+    kept: list[CocoImage],
+    geometries: dict[int, Geometry],
+    staging: Path | None,
+    layout: RunLayout,
+    shard_size: int,
+    hashes: dict[int, str],
 ) -> tuple[list[ImageEntry], dict[str, list[int]]]:
-    """Move the staged inputs into their shards; the manifest entries and the shards' image ids."""
+    """Move the staged inputs into their shards (none when `staging` is None: a plan only); the
+    manifest entries and the shards' image ids."""
     entries: list[ImageEntry] = []
     shards: dict[str, list[int]] = {}
     for index, image in enumerate(kept):
         shard = shard_name(index // shard_size)
         target_dir = layout.input_shard(shard)
         if shard not in shards:
-            target_dir.mkdir(parents=True, exist_ok=True)
+            if staging is not None:
+                target_dir.mkdir(parents=True, exist_ok=True)
             shards[shard] = []
         name = input_file_name(image.image_id)
-        os.replace(staging / name, target_dir / name)
+        if staging is not None:
+            os.replace(staging / name, target_dir / name)
         shards[shard].append(image.image_id)
         geometry = geometries[image.image_id]
-        entries.append(ImageEntry(image.image_id, image.file_name, shard, geometry))
+        entries.append(ImageEntry(image.image_id, image.file_name, shard, geometry, hashes[image.image_id]))
         if (image.width, image.height) != (geometry.width, geometry.height):
             log.warning(
                 "preprocess: %s is %dx%d but the annotation file says %dx%d; using the real size",
@@ -407,6 +472,16 @@ def _place(
                 image.height,
             )
     return entries, shards
+
+
+def _check_arguments(
+    policy: str, dtype: str, height: int, width: int, shard_size: object, workers: object
+) -> None:
+    _check_options(policy, dtype, height, width)
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise DatasetError(f"shard_size={shard_size!r} must be a positive integer (images per shard)")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise DatasetError(f"workers={workers!r} must be a positive integer or None (all CPU cores)")
 
 
 def preprocess(
@@ -423,69 +498,124 @@ def preprocess(
     image_dir: str = DEFAULT_IMAGE_DIR,
     annotation_file: str = DEFAULT_ANNOTATION_FILE,
     progress_interval_s: float = 10.0,
+    *,
+    write_inputs: bool = True,
+    image_hashes: dict[int, str] | None = None,
+    donor: Manifest | None = None,
 ) -> Manifest:
     """Preprocess a COCO set into `run_dir` (manifest.json + inputs/<shard>/<id:012d>.bin).
 
     Undecodable images raise `DatasetError` naming them, or with `skip_bad_images` are listed in
-    `manifest.skipped` and left out. `workers` defaults to the usable CPU cores.
+    `manifest.skipped` and left out. `workers` defaults to the usable CPU cores. The manifest records
+    each image file's sha256 (`image_hashes` when the caller already has them) and the annotation
+    file's. `write_inputs=False` writes only the manifest (every image decoded and placed, no
+    inputs: each inference task then builds its own shard, see `materialize_shard`). Inputs of
+    `donor` whose image is unchanged are linked instead of recomputed.
     """
-    _check_options(policy, dtype, height, width)
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise DatasetError(f"shard_size={shard_size!r} must be a positive integer (images per shard)")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise DatasetError(f"workers={workers!r} must be a positive integer or None (all CPU cores)")
+    _check_arguments(policy, dtype, height, width, shard_size, workers)
     dataset = load_coco(coco_root, image_dir, annotation_file, max_images)
     images = dataset.images
     if policy == "mmdet":
         _check_mmdet_fits(images, height, width)
     layout = RunLayout.at(Path(run_dir))
-    staging = _fresh_inputs(layout, len(images) * 3 * height * width * np.dtype(dtype).itemsize)
-
+    per_image = 3 * height * width * np.dtype(dtype).itemsize
+    staging = _fresh_inputs(layout, len(images) * per_image if write_inputs else 0)
     n_workers = max(1, min(workers or _default_workers(), len(images)))
-    job_options = (policy, dtype, height, width)
+    hashes = {**hash_images(images, n_workers), **(image_hashes or {})}
+    reused = _reuse_from(donor, images, hashes, staging) if write_inputs else {}
     shape = f"policy={policy} dtype={dtype} {height}x{width}, shard_size={shard_size}, {n_workers} workers"
     log.info(
-        "preprocess: %d of %d images from %s -> %s (%s)",
+        "preprocess: %d of %d images from %s -> %s (%s%s)",
         len(images),
         dataset.total_images,
         dataset.root,
-        layout.inputs_dir,
+        layout.inputs_dir if write_inputs else "a manifest only",
         shape,
+        f", {len(reused)} reused" if reused else "",
     )
+    job_options = (policy, dtype, height, width)
     jobs = (
-        _Job(image.image_id, str(image.path), str(staging / input_file_name(image.image_id)), *job_options)
+        _Job(
+            image.image_id,
+            str(image.path),
+            str(staging / input_file_name(image.image_id)) if write_inputs else "",
+            *job_options,
+        )
         for image in images
+        if image.image_id not in reused
     )
-    geometries, bad = _run_all(jobs, n_workers, len(images), progress_interval_s)
+    geometries, bad = _run_all(jobs, n_workers, len(images) - len(reused), progress_interval_s)
+    geometries.update(reused)
     bad_images = _check_bad(images, bad, dataset.image_dir, skip_bad_images)
     kept = [image for image in images if image.image_id in geometries]
     if not kept:
         raise DatasetError(f"none of the {len(images)} images in {str(dataset.image_dir)!r} can be read")
-    entries, shards = _place(kept, geometries, staging, layout, shard_size)
+    entries, shards = _place(kept, geometries, staging if write_inputs else None, layout, shard_size, hashes)
     shutil.rmtree(staging, ignore_errors=True)
-
+    with contextlib.suppress(OSError):  # nothing written (a plan): no empty inputs/ folder either
+        layout.inputs_dir.rmdir()
     skipped = [
         {"image_id": i.image_id, "file_name": i.file_name, "reason": bad[i.image_id]} for i in bad_images
     ]
+    paths = (str(dataset.root), str(dataset.annotation_file), str(dataset.image_dir))
     manifest = Manifest(
         policy,
         dtype,
         height,
         width,
         shard_size,
-        str(dataset.root),
-        str(dataset.annotation_file),
-        str(dataset.image_dir),
+        *paths,
         entries,
         shards,
         skipped,
+        annotation_sha256=sha256_file(dataset.annotation_file),
     )
     manifest.write(layout.manifest)
     log.info(
-        "preprocess: wrote %d inputs in %d shards and %s (%d skipped)",
+        "preprocess: wrote %s with %d images in %d shards (%d skipped)",
+        layout.manifest,
         len(entries),
         len(shards),
-        layout.manifest,
         len(bad_images),
     )
     return manifest
+
+
+def materialize_shard(manifest: Manifest, shard: str, target: Path, workers: int | None = None) -> Path:
+    """Build `shard`'s inputs into `target` from the source images (for a manifest written with
+    `write_inputs=False`): the same bytes preprocessing would have written. An image that changed
+    since the manifest was written (sha256 or size) is an error, never silently used."""
+    entries = [entry for entry in manifest.images if entry.shard == shard]
+    if not entries:
+        raise DatasetError(f"shard {shard!r} is not in manifest {str(manifest.path)!r}")
+    image_dir = Path(manifest.image_dir)
+    staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for entry in entries:
+            source = image_dir / entry.file_name
+            if entry.sha256 and sha256_file(source) != entry.sha256:
+                raise DatasetError(
+                    f"image {str(source)!r} changed since preprocessing wrote {str(manifest.path)!r}; "
+                    "re-run preprocessing (trigger a new run)"
+                )
+        opts = (manifest.policy, manifest.dtype, manifest.input_height, manifest.input_width)
+        jobs = (
+            _Job(e.image_id, str(image_dir / e.file_name), str(staging / input_file_name(e.image_id)), *opts)
+            for e in entries
+        )
+        by_id = manifest.by_id()
+        for image_id, geometry, reason in _run_jobs(
+            jobs, max(1, min(workers or _default_workers(), len(entries)))
+        ):
+            if geometry != by_id[image_id].geometry:
+                raise DatasetError(
+                    f"image {by_id[image_id].file_name!r} of shard {shard} cannot be rebuilt as "
+                    f"preprocessing placed it ({reason or 'its size changed'}); re-run preprocessing"
+                )
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

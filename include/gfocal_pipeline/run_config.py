@@ -103,9 +103,9 @@ class DataOptions:
         **_SIZE,
     )
     shard_size: int = option(
-        8,
+        256,
         title="Images per shard",
-        description="Inference is mapped over shards; each shard is one task.",
+        description="Inference is mapped over shards; each shard is one task (val2017: 20 tasks).",
         kind=int,
         minimum=1,
         maximum=100_000,
@@ -149,6 +149,37 @@ class ModelOptions:
         title="COCO evaluator",
         description="faster-coco-eval (default) or pycocotools; they give the same numbers.",
         kind=Engine,
+    )
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """What a run may reuse from `<work_dir>/cache/` and what it keeps for debugging."""
+
+    cache_inputs: bool = option(
+        True,
+        title="Reuse preprocessed inputs",
+        description="Keep the inputs in the cache, keyed by the images' and annotations' content. Off: "
+        "each inference task builds its shard and deletes it after (disk bounded by the shards in flight).",
+        kind=bool,
+    )
+    cache_onnx: bool = option(
+        True,
+        title="Reuse the exported ONNX",
+        description="Export once per checkpoint, size and export settings.",
+        kind=bool,
+    )
+    cache_reference: bool = option(
+        True,
+        title="Reuse the PyTorch reference",
+        description="Run the PyTorch reference once per checkpoint and inputs (per shard).",
+        kind=bool,
+    )
+    keep_candidates: bool = option(
+        False,
+        title="Keep raw candidates",
+        description="Also keep the pre-NMS candidates of every shard (about 1 MB per image; debugging).",
+        kind=bool,
     )
 
 
@@ -223,6 +254,7 @@ GROUPS: dict[str, type] = {
     "data": DataOptions,
     "model": ModelOptions,
     "gate": GateThresholds,
+    "cache": CacheOptions,
     "ascend": AscendOptions,
 }
 
@@ -287,6 +319,7 @@ class RunConfig:
     data: DataOptions = field(default_factory=DataOptions)
     model: ModelOptions = field(default_factory=ModelOptions)
     gate: GateThresholds = field(default_factory=GateThresholds)
+    cache: CacheOptions = field(default_factory=CacheOptions)
     ascend: AscendOptions | None = None
     weights_random: bool = False
 
@@ -310,12 +343,13 @@ class RunConfig:
             data=DataOptions(**checked["data"]),
             model=ModelOptions(**checked["model"]),
             gate=GateThresholds(**checked["gate"]),
+            cache=CacheOptions(**checked["cache"]),
             ascend=ascend_options,
             weights_random=weights_random,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Flat plain values by option name, plus `thresholds` (the gate's) and `weights_random`."""
-        groups = [self.data, self.model, self.gate, *([self.ascend] if self.ascend else [])]
+        groups = [self.data, self.model, self.gate, self.cache, *([self.ascend] if self.ascend else [])]
         flat = {item.name: plain(getattr(group, item.name)) for group in groups for item in fields(group)}
         return {**flat, "thresholds": self.gate.as_dict(), "weights_random": self.weights_random}

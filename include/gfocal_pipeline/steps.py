@@ -5,10 +5,14 @@ The Airflow operators and the `gfocal` CLI both call these, so a step behaves th
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import re
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
 from gfocal_pipeline.errors import DatasetError, GfocalError
 from gfocal_pipeline.fileio import write_json
 from gfocal_pipeline.layout import RunLayout, om_cache_dir
-from gfocal_pipeline.manifest import load_manifest
+from gfocal_pipeline.manifest import Manifest, load_manifest
 from gfocal_pipeline.timing import summarize
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,11 @@ def prepare_step(values: dict[str, Any], dag_id: str, run_id: str, *, ascend: bo
     config = RunConfig.from_mapping(values, ascend=ascend).to_dict()
     run_dir = run_directory(config["work_dir"], dag_id, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout.at(run_dir)
+    if not layout.run_json.is_file():  # a retried prepare keeps the run's creation time
+        write_json(
+            layout.run_json, {"dag_id": dag_id, "run_id": run_id, "created": time.time(), "config": config}
+        )
     return {**config, "run_dir": str(run_dir), "om_cache_dir": str(om_cache_dir(config["work_dir"]))}
 
 
@@ -62,9 +71,12 @@ def export_step(
     *,
     dtype: str = "float32",
     batch_size: int = 1,
+    work_dir: str | Path | None = None,
+    cache_onnx: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
-    """Export `checkpoint` to the run's `model/gfocal_<variant>.onnx` (see `export.export_onnx`).
+    """Export `checkpoint` (see `export.export_onnx`): into the ONNX cache of `work_dir` (the graph
+    stays there; `cached` says whether it was reused), else to the run's `model/gfocal_<variant>.onnx`.
 
     The portable graph has a dynamic batch and, for uint8 inputs, normalizes in the graph; the
     Ascend graph stays float NCHW (AIPP normalizes on the NPU) with a dynamic batch only for
@@ -72,15 +84,19 @@ def export_step(
     from gfocal_pipeline.export import export_onnx
 
     portable = variant == "portable"
-    result = export_onnx(
-        checkpoint=checkpoint,
-        output=RunLayout.at(run_dir).onnx(variant),
-        variant=variant,
-        dynamic_batch=portable or batch_size > 1,
-        normalize_in_graph=portable and dtype == "uint8",
+    options = {
         **options,
+        "dynamic_batch": portable or batch_size > 1,
+        "normalize_in_graph": portable and dtype == "uint8",
+    }
+    if work_dir is not None and cache_onnx:
+        from gfocal_pipeline.caching import cached_export
+
+        return cached_export(run_dir, work_dir, variant, checkpoint, **options)
+    result = export_onnx(
+        checkpoint=checkpoint, output=RunLayout.at(run_dir).onnx(variant), variant=variant, **options
     )
-    return result.to_xcom()
+    return {**result.to_xcom(), "cached": False}
 
 
 def convert_step(
@@ -108,18 +124,37 @@ def preprocess_step(
     *,
     images_dir: str = DEFAULT_IMAGE_DIR,
     annotations: str = DEFAULT_ANNOTATION_FILE,
+    work_dir: str | Path | None = None,
+    cache_inputs: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
-    """Preprocess a COCO-format set (`images_dir`, `annotations` inside `coco_root`) into `run_dir`;
-    returns the manifest facts and the shard names."""
+    """Preprocess a COCO-format set (`images_dir`, `annotations` inside `coco_root`) for `run_dir`;
+    returns the manifest facts and the shard names.
+
+    With a `work_dir` (the DAGs) the inputs go to its inputs cache (`cache_inputs`), or, with the
+    cache off, nowhere: the manifest is written and each inference task builds and then deletes
+    its own shard, so the disk holds only the shards in flight. Without one (`gfocal preprocess`)
+    they are written into `run_dir/inputs/`."""
     from gfocal_pipeline.preprocess import preprocess
 
     started = time.perf_counter()
     layout = RunLayout.at(run_dir)
-    manifest = preprocess(
-        coco_root, layout.root, image_dir=images_dir, annotation_file=annotations, **options
-    )
+    where = {"image_dir": images_dir, "annotation_file": annotations}
+    reuse: dict[str, Any] = {"cached": False}
+    if work_dir is not None and cache_inputs:
+        from gfocal_pipeline.caching import cached_inputs
+
+        manifest, reuse = cached_inputs(preprocess, coco_root, layout.root, work_dir, **where, **options)
+    elif work_dir is not None:
+        manifest = preprocess(coco_root, layout.root, **where, **options, write_inputs=False)
+        manifest.per_task_inputs = True
+        manifest.write(layout.manifest)
+    else:
+        manifest = preprocess(coco_root, layout.root, **where, **options)
     return {
+        **reuse,
+        "dataset_id": manifest.dataset_id,
+        "inputs": "per-task" if manifest.per_task_inputs else str(manifest.inputs_folder),
         "manifest_path": str(manifest.path),
         "manifest_sha256": manifest.sha256,
         "policy": manifest.policy,
@@ -132,13 +167,61 @@ def preprocess_step(
     }
 
 
-def infer_step(run_dir: str | Path, shard: str, backend: str, **options: Any) -> dict[str, Any]:
-    """Run one shard through `backend` (see `backends.registry`); returns its timing summary."""
-    from gfocal_pipeline.backends.registry import get_backend
+@contextlib.contextmanager
+def shard_inputs(layout: RunLayout, manifest: Manifest, shard: str, backend: str) -> Iterator[Manifest]:
+    """The manifest to run `shard` with: as it is when its inputs exist, else (per-task inputs, or
+    inputs evicted from the cache / pruned since) pointing at a private copy of the shard built now
+    from the source images (checked against their recorded sha256) and deleted when the task is done."""
+    if not manifest.per_task_inputs:
+        if manifest.input_dir(shard).is_dir():
+            yield manifest
+            return
+        log.warning(
+            "inputs of shard %s are gone from %s (cache eviction or retention); rebuilding them",
+            shard,
+            manifest.inputs_folder,
+        )
+    from gfocal_pipeline.preprocess import materialize_shard
 
-    runner = get_backend(backend, **options)  # bad options fail before any file is read
+    root = layout.inputs_dir / safe_name(backend)
+    try:
+        materialize_shard(manifest, shard, root / shard)
+        yield dataclasses.replace(manifest, inputs_root=str(root))
+    finally:
+        shutil.rmtree(root / shard, ignore_errors=True)
+
+
+def infer_step(
+    run_dir: str | Path,
+    shard: str,
+    backend: str,
+    *,
+    work_dir: str | Path | None = None,
+    cache_reference: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run one shard through `backend` (see `backends.registry`); returns its timing summary.
+
+    The PyTorch reference (`torch`) goes through the reference cache of `work_dir` when
+    `cache_reference`: an unchanged checkpoint on unchanged inputs is not run again."""
+    from gfocal_pipeline.backends.registry import backend_class, get_backend
+    from gfocal_pipeline.retention import check_not_pruned
+
+    backend_class(backend)  # an unknown backend or bad options fail before any file is read
+    cached = backend == "torch" and work_dir is not None and cache_reference
+    runner = None if cached else get_backend(backend, **options)
+    check_not_pruned(run_dir, "model copies and inputs")
     layout = RunLayout.at(run_dir)
-    return runner.infer_shard(layout, load_manifest(layout.manifest), shard).to_dict()
+    manifest = load_manifest(layout.manifest)
+    with shard_inputs(layout, manifest, shard, backend) as usable:
+        if runner is not None:
+            return {**runner.infer_shard(layout, usable, shard).to_dict(), "cached": False}
+        from gfocal_pipeline.caching import cached_reference
+
+        def run(target: RunLayout) -> dict[str, Any]:
+            return get_backend(backend, **options).infer_shard(target, usable, shard).to_dict()
+
+        return cached_reference(layout.root, work_dir, usable, shard, run, options["model"], options)
 
 
 def combined_timing(run_dir: str | Path, backend: str) -> dict[str, Any]:
@@ -182,9 +265,12 @@ def combined_timing(run_dir: str | Path, backend: str) -> dict[str, Any]:
 def evaluate_step(run_dir: str | Path, backend: str, **options: Any) -> dict[str, Any]:
     """COCO evaluation of a backend's outputs plus its combined timing."""
     from gfocal_pipeline.evaluate import evaluate_outputs
+    from gfocal_pipeline.retention import check_not_pruned
 
+    check_not_pruned(run_dir, "raw outputs")
     result = evaluate_outputs(run_dir, backend, **options)
     result["timing"] = combined_timing(run_dir, backend)
+    result["dataset_id"] = load_manifest(RunLayout.at(run_dir).manifest).dataset_id
     return result
 
 
@@ -229,6 +315,8 @@ def history_record(
             "precision": timing.get("precision") or role.get("precision", "fp32"),
             "batch_size": timing.get("batch_size") or run_config.get("batch_size", 1),
             "policy": policy,
+            # no fallback: a run without its dataset's identity must not share one with others
+            **({"dataset": evaluation["dataset_id"]} if evaluation.get("dataset_id") else {}),
         },
         stats=evaluation["stats"],
         timing={**timing, "images": evaluation["images"]},
@@ -246,8 +334,12 @@ def cli_history_record(
     stats_file = layout.eval_dir(backend) / "stats.json"
     if not stats_file.is_file():
         raise GfocalError(f"{str(stats_file)!r} not found; run `gfocal eval --backend {backend}` first")
-    evaluation = {**json.loads(stats_file.read_text()), "timing": combined_timing(layout.root, backend)}
     manifest = load_manifest(layout.manifest)
+    evaluation = {
+        **json.loads(stats_file.read_text()),
+        "timing": combined_timing(layout.root, backend),
+        "dataset_id": manifest.dataset_id,
+    }
     run_config = {
         "policy": manifest.policy,
         "dtype": manifest.dtype,
@@ -273,8 +365,11 @@ def summary_step(run_dir: str | Path, evaluations: dict[str, dict[str, Any]], **
     With a `reference` evaluation (PyTorch) and a `device` one, AP_pytorch, AP_npu and AP_delta are
     reported like the seed's 0.410 vs 0.406 table.
     """
+    from gfocal_pipeline.caching import reuse_summary
+
     layout = RunLayout.at(run_dir)
-    summary: dict[str, Any] = {"run_dir": str(layout.root), **facts, "backends": {}}
+    summary: dict[str, Any] = {"run_dir": str(layout.root), **facts, "cache": reuse_summary(layout.root)}
+    summary["backends"] = {}
     for role, result in evaluations.items():
         timing = result.get("timing", {})
         summary["backends"][role] = {
@@ -323,6 +418,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  fps={info['fps']:.2f} (batch {info['batch_size']})  latency ms: {pct}")
         lines.append(f"  detections: {info['detections_path']}")
         lines.append(f"  per-class AP: {info['per_class_path']}")
+    if summary.get("cache"):
+        reused = ", ".join(
+            f"{kind} {n['reused']} reused / {n['built']} built" for kind, n in summary["cache"].items()
+        )
+        lines.append(f"\ncache: {reused}")
     if "AP_delta" in summary:
         lines.append(
             f"\nAP_pytorch={summary['AP_pytorch']:.4f}  AP_npu={summary['AP_npu']:.4f}  "

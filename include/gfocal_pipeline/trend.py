@@ -1,5 +1,8 @@
 """Trend page: AP and fps over time per configuration, latest verdicts, recent runs, as HTML and JSON.
 
+A configuration includes the dataset (`ConfigKey.dataset`): runs on two datasets are two sections;
+rows recorded before dataset keys form their own section, marked as such.
+
 Everything is rendered server-side (inline SVG, inline CSS, no script, no CDN) so the page works on
 offline machines and inside the Airflow UI's iframe. Links are relative: the page is served at
 `<airflow>/gfocal/`, so `../dags/<dag_id>/runs/<run_id>` reaches the Airflow run whatever
@@ -16,11 +19,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from gfocal_pipeline.history import ConfigKey, HistoryError, HistoryStore, RunRecord
+from gfocal_pipeline.history import LEGACY_DATASET, ConfigKey, HistoryError, HistoryStore, RunRecord
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+LEGACY_NOTE = (
+    f"dataset {LEGACY_DATASET!r}: these runs were recorded before the history keyed runs by dataset; "
+    "they are shown here but are never the baseline of a new run"
+)
 SERIES = (("AP", "AP", "{:.4f}"), ("fps", "fps", "{:.2f}"))
 VERDICT_COLORS = {"pass": "#1a7f37", "fail": "#cf222e", None: "#6e7781"}
 
@@ -63,6 +70,8 @@ def trend_data(histories: Mapping[ConfigKey, Sequence[RunRecord]], recent: Seque
                 "key": config.as_dict(),
                 "label": config.label,
                 "slug": config.slug,
+                "dataset": config.dataset,
+                "legacy": config.legacy,
                 "latest": {
                     "run_id": latest.run_id,
                     "dag_id": latest.dag_id,
@@ -240,7 +249,7 @@ def render_page(data: Mapping[str, Any], *, airflow_root: str = "../", title: st
     out = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
         f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>",
-        '<p class="notes">Per configuration (model, backend/device, precision, batch, policy); '
+        '<p class="notes">Per configuration (model, backend/device, precision, batch, policy, dataset); '
         'points coloured by gate verdict. Data as <a href="api/trends">JSON</a>.</p>',
     ]
     if not data["configurations"]:
@@ -255,6 +264,10 @@ def render_page(data: Mapping[str, Any], *, airflow_root: str = "../", title: st
             + (f" — regressed: <b>{esc(regressed)}</b>" if regressed else "")
             + "</p>"
         )
+        if config["legacy"]:
+            out.append(f'<p class="notes legacy">{esc(LEGACY_NOTE)}</p>')
+        else:
+            out.append(f'<p class="notes">Dataset <code>{esc(config["dataset"])}</code></p>')
         if latest["notes"]:
             out.append('<p class="notes">' + "; ".join(esc(n) for n in latest["notes"]) + "</p>")
         out.append('<div class="charts">')

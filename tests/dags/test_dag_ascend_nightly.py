@@ -52,6 +52,7 @@ def nightly(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "dag": dag,
         "first": xcoms(dag.dag_id, first.run_id),
         "second": xcoms(dag.dag_id, second.run_id),
+        "manifests": [xcoms(dag.dag_id, run.run_id, "manifest")["preprocess"] for run in (first, second)],
         "atc_calls": (calls_after_first, toolkit.call_log.read_text().count('"tool": "atc"')),
     }
 
@@ -84,6 +85,7 @@ def test_nightly_reports_pytorch_and_npu_ap(nightly: dict) -> None:
         "summary",
         "record",
         "gate",
+        "retention",
     }
     assert set(values) == expected
     convert = values["convert"]
@@ -112,6 +114,31 @@ def test_second_night_reuses_the_cached_om(nightly: dict) -> None:
     assert first_calls == 1 and second_calls == 1  # atc was not called again
     assert nightly["second"]["gate"]["first_run"] is False  # the first night is now the baseline
     assert os.path.isfile(nightly["second"]["convert"]["om_path"])
+
+
+def test_second_night_reuses_inputs_onnx_and_reference(nightly: dict) -> None:
+    first, second = nightly["first"], nightly["second"]
+    built, reused = nightly["manifests"]
+    assert built["cached"] is False and reused["cached"] is True
+    assert built["cache_key"] == reused["cache_key"] and built["dataset_id"] == reused["dataset_id"]
+    for task in ("export", "export_portable", "infer_reference[0]", "infer_reference[1]"):
+        assert first[task]["cached"] is False, task
+        assert second[task]["cached"] is True, task
+        assert first[task]["cache_key"] == second[task]["cache_key"], task
+    assert second["export"]["onnx_sha256"] == first["export"]["onnx_sha256"]
+    # the reference's detections are the first night's, so AP_pytorch is the same number
+    assert second["summary"]["AP_pytorch"] == first["summary"]["AP_pytorch"]
+    assert second["summary"]["cache"]["reference"] == {"reused": 2, "built": 0}
+    assert second["summary"]["cache"]["inputs"] == {"reused": 1, "built": 0}
+
+
+def test_run_directory_holds_only_small_results(nightly: dict) -> None:
+    run_dir = Path(nightly["second"]["prepare"]["run_dir"])
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert not (run_dir / "inputs").exists()
+    assert not [path for path in files if path.suffix in (".onnx", ".bin") or path.name == "candidates.npz"]
+    detections = [path for path in files if path.name == "outputs.npz"]
+    assert detections and all(path.stat().st_size < 20_000 * 3 for path in detections)  # <= 3 images each
 
 
 def test_deadline_is_configured(airflow_db: Path, dags_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

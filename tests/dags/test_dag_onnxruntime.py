@@ -57,6 +57,7 @@ def test_every_task_pushed_its_xcom(run: tuple[str, dict]) -> None:
         "summary",
         "record",
         "gate",
+        "retention",
     }
     prepared = values["prepare"]
     assert prepared["weights_random"] is True and Path(prepared["run_dir"]).is_dir()
@@ -76,6 +77,8 @@ def test_every_task_pushed_its_xcom(run: tuple[str, dict]) -> None:
         "parity_unexplained",
         "export_seconds",
         "torch_version",
+        "cached",
+        "cache_key",
     }
     assert export["input_name"] == "input.1" and export["output_names"] == ["boxes", "scores"]
     assert export["opset"] == 17 and export["torch_version"].startswith("2.13")
@@ -106,6 +109,18 @@ def test_every_task_pushed_its_xcom(run: tuple[str, dict]) -> None:
     assert verdict["passed"] is True and verdict["first_run"] is True  # no history yet: floors only
     # bulk data stays on disk: every XCom value is small
     assert all(len(json.dumps(v)) < 8000 for v in values.values())
+
+
+def test_the_run_directory_holds_no_inputs_graphs_or_candidates(run: tuple[str, dict]) -> None:
+    _, values = run
+    run_dir = Path(values["prepare"]["run_dir"])
+    names = [path.relative_to(run_dir).as_posix() for path in run_dir.rglob("*") if path.is_file()]
+    assert not (run_dir / "inputs").exists() and not (run_dir / "model").exists()
+    assert not [n for n in names if n.endswith((".onnx", ".bin")) or n.endswith("candidates.npz")]
+    assert {"manifest.json", "run.json", "summary.json"} <= set(names)
+    images = values["evaluate"]["images"]
+    outside_caches = sum((run_dir / n).stat().st_size for n in names)
+    assert outside_caches / images < 20_000  # the budget per image (detections.json included)
 
 
 def test_invalid_form_values_are_rejected_before_a_run_exists(airflow_db: Path) -> None:

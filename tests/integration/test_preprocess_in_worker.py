@@ -76,7 +76,14 @@ def test_preprocess_workers_come_from_the_workers_own_setting(
 
     def fake_step(coco_root: str, run_dir: str, **options: object) -> dict:
         seen.update(options)
-        return {"images": 1, "shards": ["00000"], "policy": "letterbox", "dtype": "float32"}
+        return {
+            "images": 1,
+            "shards": ["00000"],
+            "policy": "letterbox",
+            "dtype": "float32",
+            "cached": False,
+            "inputs": "/x",
+        }
 
     class Ti:
         def xcom_push(self, key: str, value: object) -> None:

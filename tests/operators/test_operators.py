@@ -116,8 +116,11 @@ def test_infer_operator_msame_and_ais_bench(kit: Toolkit, tmp_path: Path) -> Non
             "device",
             "batch_size",
             "reused",
+            "cached",
+            "kind",
+            "output_bytes",
         }
-        assert xcom["batch_size"] == 1
+        assert xcom["batch_size"] == 1 and xcom["cached"] is False and xcom["kind"] == "dets"
         assert (xcom["backend"], xcom["shard"], xcom["images"], xcom["device"]) == (tool, SHARD, len(IDS), 2)
         assert xcom["fps"] == pytest.approx(1000.0 / xcom["latency_ms"]["mean"])
         _, arrays = read_shard_outputs(Path(xcom["output_dir"]))

@@ -38,3 +38,36 @@ def test_values_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.history_url == "postgresql+psycopg://u@db/h" and settings.url_prefix == "/trends"
     assert settings.alert_channels == ("smtp", "slack") and settings.alert_to == ("a@x", "b@x")
     assert settings.nightly_cron == "30 1 * * *" and settings.nightly_deadline is None
+
+
+def test_retention_defaults_and_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert settings.keep_runs == 14 and settings.cache_max_gb == 100.0
+    monkeypatch.setenv("AIRFLOW__GFOCAL__KEEP_RUNS", "3")
+    monkeypatch.setenv("AIRFLOW__GFOCAL__CACHE_MAX_GB", "0")
+    settings = load_settings()
+    assert settings.keep_runs == 3 and settings.cache_max_gb == 0.0
+    monkeypatch.setenv("AIRFLOW__GFOCAL__CACHE_MAX_GB", "2.5")
+    assert load_settings().cache_max_gb == 2.5
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("KEEP_RUNS", "0", r"\[gfocal\] keep_runs = '0': expected an integer >= 1"),
+        ("KEEP_RUNS", "-2", r"\[gfocal\] keep_runs = '-2': expected an integer >= 1"),
+        ("KEEP_RUNS", "two", r"\[gfocal\] keep_runs = 'two': expected an integer >= 1.* e\.g\. 14"),
+        ("KEEP_RUNS", "1.5", r"\[gfocal\] keep_runs = '1\.5'"),
+        ("CACHE_MAX_GB", "-1", r"\[gfocal\] cache_max_gb = '-1': expected a size in GB >= 0"),
+        ("CACHE_MAX_GB", "lots", r"\[gfocal\] cache_max_gb = 'lots': expected a size in GB >= 0"),
+        ("CACHE_MAX_GB", "inf", r"\[gfocal\] cache_max_gb = 'inf'"),
+    ],
+)
+def test_bad_retention_values_name_the_key(
+    monkeypatch: pytest.MonkeyPatch, key: str, value: str, expected: str
+) -> None:
+    from gfocal_pipeline.errors import ConfigError
+
+    monkeypatch.setenv(f"AIRFLOW__GFOCAL__{key}", value)
+    with pytest.raises(ConfigError, match=expected):
+        load_settings()

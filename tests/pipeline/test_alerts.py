@@ -30,7 +30,9 @@ from gfocal_pipeline.alerts import (
 from gfocal_pipeline.gate import GateThresholds, evaluate, run_gate
 from gfocal_pipeline.history import ConfigKey, HistoryError, HistoryStore, RunRecord
 
-CONFIG = ConfigKey("gfocal_r50_fpn_1x", "onnxruntime", "cpu", "fp32", 1, "mmdet")
+CONFIG = ConfigKey(
+    "gfocal_r50_fpn_1x", "onnxruntime", "cpu", "fp32", 1, "mmdet", "ann:0123456789abcdef+img:fedcba9876543210"
+)
 T0 = datetime(2026, 1, 1, 2, 0, tzinfo=UTC)
 THRESHOLDS = GateThresholds(
     min_ap=0.30, min_fps=10.0, ap_tolerance=0.003, fps_tolerance=0.05, baseline_runs=5

@@ -164,3 +164,39 @@ def test_reclaim_stale_build_directories(tmp_path: Path) -> None:
     os.utime(old, (time.time() - 7 * 3600,) * 2)
     assert reclaim_stale(kind) == [old]
     assert not old.exists() and fresh.exists()
+
+
+def test_usage_lists_least_recently_used_first(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    entries = [cache.entry("onnx", {**KEY, "n": n}) for n in range(3)]
+    for n, entry in enumerate(entries):
+        entry.get_or_build(_writer(b"y" * (100 * (n + 1)))[0])
+        os.utime(entry.record_path, (2000 - n, 2000 - n))
+    usage = cache.usage()
+    assert [use.entry.key for use in usage] == [e.key for e in reversed(entries)]
+    assert [use.bytes for use in usage] == [dir_size(e.path) for e in reversed(entries)]
+    assert [use.last_used for use in usage] == [1998, 1999, 2000]
+
+
+def test_evict_dry_run_touches_nothing_and_recent_entries_stay(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    old, recent = cache.entry("inputs", {**KEY, "n": 0}), cache.entry("inputs", {**KEY, "n": 1})
+    for entry in (old, recent):
+        entry.get_or_build(_writer(b"z" * 500)[0])
+    os.utime(old.record_path, (time.time() - 3600,) * 2)
+    listing = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    would = cache.evict(0, min_idle_s=600, dry_run=True)
+    assert [(e.key, size) for e, size in would] == [(old.key, dir_size(old.path))]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing
+    removed = cache.evict(0, min_idle_s=600)
+    assert [e.key for e, _ in removed] == [old.key]
+    assert not old.path.exists() and recent.path.is_dir()
+
+
+def test_reclaim_stale_dry_run_only_reports(tmp_path: Path) -> None:
+    kind = tmp_path / "cache" / "onnx"
+    old = kind / ".trash-aa-1"
+    old.mkdir(parents=True)
+    os.utime(old, (time.time() - 7 * 3600,) * 2)
+    assert reclaim_stale(kind, dry_run=True) == [old] and old.exists()
+    assert Cache(tmp_path).kind_dirs() == [kind]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from aiosmtpd.controller import Controller
 
 from gfocal_pipeline.config import ensure_demo_data
@@ -169,3 +172,91 @@ def test_cli_whole_ascend_path_against_the_emulators(tmp_path: Path) -> None:
     assert len(kit.calls("msame")) == 2
     evaluation = _run_json("eval", "--run-dir", str(run), "--backend", "msame")
     assert evaluation["images"] == 3 and set(evaluation["stats"]) >= {"AP", "AP50"}
+
+
+def _old_run(work: Path, run_id: str, days_ago: float) -> Path:
+    """A finished run directory of `days_ago` with 30 kB of bulk inputs and a small summary."""
+    run = work / "gfocal_onnxruntime" / run_id
+    (run / "inputs" / "00000").mkdir(parents=True)
+    (run / "inputs" / "00000" / "000000000001.bin").write_bytes(b"\0" * 30_000)
+    (run / "eval" / "onnxruntime").mkdir(parents=True)
+    (run / "eval" / "onnxruntime" / "stats.json").write_text('{"AP": 0.4}')
+    created = time.time() - days_ago * 86400
+    (run / "run.json").write_text(
+        json.dumps({"dag_id": "gfocal_onnxruntime", "run_id": run_id, "created": created})
+    )
+    (run / "summary.json").write_text("{}")
+    for path in [run, *run.rglob("*")]:
+        os.utime(path, (created, created))
+    return run
+
+
+def test_cli_gc_dry_run_then_for_real_through_the_console_script(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gfocal_pipeline import cli
+    from gfocal_pipeline.cache import Cache
+
+    work = tmp_path / "work"
+    runs = [_old_run(work, f"scheduled__{n}", 10 - n) for n in range(3)]
+    entry = Cache(work).entry("inputs", {"n": 1}, hashed=False)
+
+    def build(tmp: Path) -> None:
+        (tmp / "x.bin").write_bytes(b"\1" * 20_000)
+
+    entry.get_or_build(build)
+    os.utime(entry.record_path, (1000, 1000))
+    monkeypatch.setenv("GFOCAL_WORK_DIR", str(work))  # the default of --work-dir
+
+    assert cli.main(["gc", "--keep-runs", "1", "--cache-max-gb", "0", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    dry = json.loads(out.out)
+    assert dry["work_dir"] == str(work) and dry["dry_run"] is True
+    assert dry["totals"]["runs_pruned"] == 2 and dry["totals"]["entries_evicted"] == 1
+    assert out.err.startswith("gfocal gc: would free ") and "2 run directories pruned" in out.err
+    assert all((run / "inputs").is_dir() for run in runs) and entry.path.is_dir()
+
+    gfocal = Path(sys.executable).parent / "gfocal"  # the installed console script
+    args = ["gc", "--work-dir", str(work), "--keep-runs", "1", "--cache-max-gb", "0"]
+    result = subprocess.run([str(gfocal), *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["dry_run"] is False and report["totals"] == dry["totals"]
+    assert report["totals"]["bytes_freed"] >= 2 * 30_000 + 20_000
+    assert "gfocal gc: freed " in result.stderr
+    assert [(run / "inputs").exists() for run in runs] == [False, False, True]
+    assert all((run / "pruned.json").is_file() for run in runs[:2]) and not entry.path.exists()
+    assert (runs[0] / "eval" / "onnxruntime" / "stats.json").is_file()
+
+
+def test_cli_gc_refuses_a_bad_keep_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gfocal_pipeline import cli
+
+    runs = [_old_run(tmp_path, f"r{n}", 10 - n) for n in range(2)]
+    assert cli.main(["gc", "--work-dir", str(tmp_path), "--keep-runs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "gfocal gc: error: --keep-runs 0: expected an integer >= 1" in err and "default 14" in err
+    assert cli.main(["gc", "--work-dir", str(tmp_path), "--cache-max-gb", "-3"]) == 2
+    assert "--cache-max-gb -3: expected a size in GB >= 0" in capsys.readouterr().err
+    assert all((run / "inputs").is_dir() for run in runs)
+
+
+def test_cli_infer_keep_candidates_reaches_the_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import gfocal_pipeline.steps as steps
+    from gfocal_pipeline import cli
+
+    calls: list[dict] = []
+    monkeypatch.setattr(steps, "infer_step", lambda run_dir, shard, backend, **options: calls.append(options))
+    monkeypatch.setattr(steps, "combined_timing", lambda run_dir, backend: {})
+    base = ["infer", "--run-dir", str(tmp_path), "--model", str(tmp_path / "m.onnx"), "--shard", "00000"]
+    assert cli.main([*base, "--keep-candidates"]) == 0
+    assert cli.main(base) == 0
+    capsys.readouterr()
+    assert calls[0]["keep_candidates"] is True and "keep_candidates" not in calls[1]
+    for backend in ("torch", "msame"):
+        args = cli.build_parser().parse_args(
+            ["infer", "--run-dir", "/r", "--backend", backend, "--keep-candidates"]
+        )
+        assert cli._backend_options(args)["keep_candidates"] is True

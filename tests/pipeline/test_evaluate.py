@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -99,6 +100,7 @@ def write_dets(
         "dtype": manifest.dtype,
         "input_height": manifest.input_height,
         "input_width": manifest.input_width,
+        "shard_digest": manifest.shard_digest(shard),
         "manifest_sha256": manifest.sha256,
         **marker_changes,
     }
@@ -233,13 +235,51 @@ def test_outputs_of_another_policy_are_refused(run: tuple) -> None:
     assert "policy 'mmdet'" in message and "'letterbox'" in message and "re-run inference" in message
 
 
-def test_outputs_of_an_older_manifest_are_refused(run: tuple) -> None:
+def test_outputs_of_a_shard_whose_images_changed_are_refused(run: tuple) -> None:
     layout, manifest = run
     write_perfect(layout, manifest)
     manifest.skipped = [{"file_name": "broken.jpg", "image_id": 3, "reason": "unreadable"}]
-    manifest.write(layout.manifest)  # same images, different content: a new preprocessing run
-    with pytest.raises(EvaluationError, match="sha256"):
+    manifest.write(layout.manifest)  # another manifest file, the same shards: outputs still belong to it
+    assert evaluate_outputs(layout, "npu")["stats"]["AP"] == pytest.approx(1.0)
+
+    old_digest = manifest.shard_digest("00001")
+    manifest.images = [
+        dataclasses.replace(e, sha256="a" * 64) if e.image_id == 9 else e for e in manifest.images
+    ]
+    manifest.write(layout.manifest)  # image 9 (shard 00001) is another file now
+    with pytest.raises(EvaluationError) as info:
         evaluate_outputs(layout, "npu")
+    message = str(info.value)
+    assert "outputs/npu/00001" in message and f"shard digest {old_digest!r}" in message
+    assert repr(manifest.shard_digest("00001")) in message and "re-run inference" in message
+    write_dets(layout, manifest, "00001", {9: perfect(9)})  # only that shard is re-run
+    assert evaluate_outputs(layout, "npu")["stats"]["AP"] == pytest.approx(1.0)
+
+
+def test_a_marker_without_shard_digest_asks_to_rerun_inference(run: tuple) -> None:
+    layout, manifest = run
+    write_perfect(layout, manifest)
+    marker_file = layout.output_shard("npu", "00000") / "done.json"
+    marker = json.loads(marker_file.read_text())
+    del marker["shard_digest"]  # as written before shard digests (manifest_sha256 only)
+    marker_file.write_text(json.dumps(marker))
+    with pytest.raises(EvaluationError, match=r"outputs/npu/00000.*no shard_digest.*re-run inference"):
+        evaluate_outputs(layout, "npu")
+
+
+def test_stats_record_which_nms_made_the_detections(run: tuple) -> None:
+    layout, manifest = run
+    host = {"nms": "host", "score_thr": 0.1, "iou_thr": 0.5, "max_per_img": 100}
+    write_dets(layout, manifest, "00000", {7: perfect(7), 8: perfect(8)}, postprocess=host)
+    write_dets(layout, manifest, "00001", {9: perfect(9)})  # an older marker: nothing recorded
+    result = evaluate_outputs(layout, "npu", score_thr=0.3)
+    saved = json.loads(Path(result["stats_path"]).read_text())
+    assert saved["postprocess"] == [
+        {**host, "where": "inference", "shards": ["00000"]},
+        {"nms": "unrecorded", "where": "inference", "shards": ["00001"]},
+    ]
+    assert saved["score_thr"] == 0.3  # the evaluation's own NMS setting (kind "candidates" only)
+    assert result["stats"]["AP"] == pytest.approx(1.0)  # dets are not filtered again at 0.3
 
 
 def test_image_without_output_row_is_named_unless_allowed(run: tuple) -> None:

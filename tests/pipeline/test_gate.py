@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,20 +17,30 @@ from gfocal_pipeline.gate import (
     raise_for_verdict,
     run_gate,
 )
-from gfocal_pipeline.history import ConfigKey, HistoryStore, RunRecord
+from gfocal_pipeline.history import LEGACY_DATASET, ConfigKey, HistoryStore, RunRecord
 
-CONFIG = ConfigKey("gfocal_r50_fpn_1x", "onnxruntime", "cpu", "fp32", 1, "mmdet")
+# Two datasets of the same size and image count (the policy names the image count), other images.
+POLICY = "mmdet 800x1216 float32 5000img"
+DATASET_A = "ann:0123456789abcdef+img:fedcba9876543210"
+DATASET_B = "ann:0123456789abcdef+img:00112233aabbccdd"
+CONFIG = ConfigKey("gfocal_r50_fpn_1x", "onnxruntime", "cpu", "fp32", 1, POLICY, DATASET_A)
+CONFIG_B = replace(CONFIG, dataset=DATASET_B)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 LOOSE = GateThresholds(min_ap=0.30, min_fps=10.0, ap_tolerance=0.003, fps_tolerance=0.05, baseline_runs=3)
 
 
 def rec(
-    run_id: str, ap: float, fps: float | None = 100.0, day: int = 0, verdict: str | None = "pass"
+    run_id: str,
+    ap: float,
+    fps: float | None = 100.0,
+    day: int = 0,
+    verdict: str | None = "pass",
+    config: ConfigKey = CONFIG,
 ) -> RunRecord:
     return RunRecord(
         dag_id="gfocal_onnxruntime",
         run_id=run_id,
-        config=CONFIG,
+        config=config,
         stats={"AP": ap},
         fps=fps,
         finished_at=T0 + timedelta(days=day),
@@ -101,9 +112,24 @@ def test_unmeasured_fps_fails_a_configured_floor_and_skips_the_baseline():
 
 
 def test_history_of_another_configuration_is_refused():
-    other = RunRecord("d", "x", ConfigKey("m", "torch", "cpu", "fp32", 1, "p"), {"AP": 0.4}, verdict="pass")
+    other = RunRecord(
+        "d", "x", ConfigKey("m", "torch", "cpu", "fp32", 1, "p", DATASET_A), {"AP": 0.4}, verdict="pass"
+    )
     with pytest.raises(GateConfigError, match="another configuration"):
         evaluate(rec("now", 0.4), [other], LOOSE)
+
+
+def test_history_of_another_dataset_of_the_same_size_is_refused():
+    with pytest.raises(GateConfigError, match=r"\['h0'\] belong to another configuration or dataset"):
+        evaluate(rec("now", 0.4, config=CONFIG_B), history([0.4]), LOOSE)
+
+
+def test_a_legacy_run_says_what_it_is_compared_with():
+    legacy = replace(CONFIG, dataset=LEGACY_DATASET)
+    verdict = evaluate(rec("now", 0.4, config=legacy), [rec("h0", 0.4, config=legacy)], LOOSE)
+    assert verdict["passed"] and verdict["baseline_runs"] == ["h0"]
+    assert any("before dataset keys" in note for note in verdict["notes"])
+    assert verdict["config"]["dataset"] == LEGACY_DATASET
 
 
 def test_verdict_is_small_json_and_has_a_readable_table():
@@ -188,3 +214,29 @@ def test_run_gate_reads_baseline_and_stores_verdicts_without_losing_rows(tmp_pat
         nxt = rec("next", 0.401, day=6, verdict=None)
         store.record(nxt)
         assert run_gate(store, nxt, LOOSE)["baseline_runs"] == ["good2", "good1", "good0"]
+
+
+def test_a_run_on_dataset_b_has_no_baseline_in_the_history_of_dataset_a(tmp_path):
+    no_floors = {"baseline_runs": 3}
+    with HistoryStore(f"sqlite:///{tmp_path / 'h.sqlite'}") as store:
+        for day, ap in enumerate([0.401, 0.400, 0.402]):
+            run = rec(f"a{day}", ap, day=day, verdict=None)
+            store.record(run)
+            assert run_gate(store, run, no_floors)["passed"]
+        # Far below dataset A's baseline (0.401): against A it would fail; on B it is a first run.
+        b_run = rec("b0", 0.300, fps=50.0, day=3, verdict=None, config=CONFIG_B)
+        store.record(b_run)
+        verdict = run_gate(store, b_run, no_floors)
+        assert verdict["passed"] and verdict["first_run"] and verdict["baseline_runs"] == []
+        assert [c["name"] for c in verdict["checks"]] == []
+        assert any("no passing history for this configuration and dataset" in n for n in verdict["notes"])
+        assert verdict["config"]["dataset"] == DATASET_B and "img:00112233" in verdict["label"]
+        # B's passing run does not leak into A's baseline either: A is still judged against A only.
+        a_run = rec("a3", 0.300, fps=50.0, day=4, verdict=None)
+        store.record(a_run)
+        verdict = run_gate(store, a_run, no_floors)
+        assert not verdict["passed"] and verdict["regressed"] == ["AP", "fps"]
+        assert verdict["baseline_runs"] == ["a2", "a1", "a0"]
+        b_next = rec("b1", 0.301, fps=50.0, day=5, verdict=None, config=CONFIG_B)
+        store.record(b_next)
+        assert run_gate(store, b_next, no_floors)["baseline_runs"] == ["b0"]

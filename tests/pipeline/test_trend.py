@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,13 +16,14 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from gfocal_pipeline.history import ConfigKey, HistoryStore, RunRecord
+from gfocal_pipeline.history import LEGACY_DATASET, ConfigKey, HistoryStore, RunRecord
 from gfocal_pipeline.trend import create_app, svg_chart
 
 ROOT = Path(__file__).resolve().parents[2]
 SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
-ORT = ConfigKey("gfocal_r50_fpn_1x", "onnxruntime", "cpu", "fp32", 1, "mmdet")
-MSAME = ConfigKey("gfocal_r50_fpn_1x", "msame", "Ascend310P3", "fp16", 1, "modelzoo")
+DATASET = "ann:0123456789abcdef+img:fedcba9876543210"
+ORT = ConfigKey("gfocal_r50_fpn_1x", "onnxruntime", "cpu", "fp32", 1, "mmdet", DATASET)
+MSAME = ConfigKey("gfocal_r50_fpn_1x", "msame", "Ascend310P3", "fp16", 1, "modelzoo", DATASET)
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 ORT_RUNS = [  # (run_id, AP, fps, verdict), oldest first
     ("scheduled__2026-03-01T02:00:00+00:00", 0.401, 100.0, "pass"),
@@ -130,6 +132,36 @@ def test_html_plots_ap_and_fps_for_every_run_and_links_relatively(store):
     assert "../dags/gfocal_ascend_nightly/runs/nightly-1" in {a["href"] for a in run_links}
     assert "regressed" not in page.split(ORT.label)[1].split("</p>")[0]  # latest ORT run is not gated yet
     assert any(a["href"] == "api/trends" for a in parser.links)
+
+
+def test_each_dataset_is_its_own_section_and_legacy_rows_are_marked(store):
+    other = replace(ORT, dataset="ann:0123456789abcdef+img:00112233aabbccdd")
+    legacy = replace(ORT, dataset=LEGACY_DATASET)
+    for config, run_id, hours in ((other, "other-data", 100), (legacy, "before-keys", -100)):
+        store.record(
+            RunRecord(
+                "gfocal_onnxruntime", run_id, config, {"AP": 0.2}, T0 + timedelta(hours=hours), fps=50.0
+            )
+        )
+    client = TestClient(create_app(store))
+    data = client.get("/api/trends").json()
+    by_key = {c["slug"]: c for c in data["configurations"]}
+    assert set(by_key) == {ORT.slug, MSAME.slug, other.slug, legacy.slug}
+    assert [r["run_id"] for r in by_key[other.slug]["runs"]] == ["other-data"]
+    assert [r["run_id"] for r in by_key[legacy.slug]["runs"]] == ["before-keys"]
+    assert len(by_key[ORT.slug]["runs"]) == len(ORT_RUNS)
+    assert (by_key[other.slug]["dataset"], by_key[other.slug]["legacy"]) == (other.dataset, False)
+    assert by_key[legacy.slug]["legacy"] is True
+    assert "data ann:01234567+img:00112233" in by_key[other.slug]["label"]
+
+    parser = SvgCollector()
+    page = client.get("/").text
+    parser.feed(page)
+    assert len(parser.points[other.slug]) == 2 and len(parser.points[ORT.slug]) == 2 * len(ORT_RUNS)
+    sections = {part.split('"', 1)[0]: part for part in page.split('<section class="config" id="')[1:]}
+    assert "never the baseline of a new run" in sections[legacy.slug]
+    assert "never the baseline" not in sections[other.slug]
+    assert f"<code>{other.dataset}</code>" in sections[other.slug]
 
 
 def test_empty_and_unreachable_databases(tmp_path):

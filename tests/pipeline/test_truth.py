@@ -175,6 +175,7 @@ def write_outputs(layout: RunLayout, manifest: Manifest, backend: str, candidate
             "input_height": manifest.input_height,
             "input_width": manifest.input_width,
             "manifest_sha256": manifest.sha256,
+            "shard_digest": manifest.shard_digest(shard),
         }
         write_shard_outputs(
             layout.output_shard(backend, shard),

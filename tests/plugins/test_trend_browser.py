@@ -47,7 +47,8 @@ SERVER_START_TIMEOUT_S = 150
 WAIT_S = 30
 
 DAG_ID = "gfocal_ascend_nightly"
-CONFIG = ConfigKey("gfocal_r50_fpn_1x", "msame", "Ascend310P3", "fp16", 1, "modelzoo")
+DATASET = "ann:0123456789abcdef+img:fedcba9876543210"
+CONFIG = ConfigKey("gfocal_r50_fpn_1x", "msame", "Ascend310P3", "fp16", 1, "modelzoo", DATASET)
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 # Ten nightly runs, oldest first: (AP, fps, passed). Night 8 regresses on both metrics.
 RUNS = [
@@ -309,7 +310,7 @@ def test_trend_page_in_chromium_shows_ap_and_fps_of_every_run(browser: webdriver
     assert browser.title == "GFocal trends"
     check_charts(browser)
     text = browser.find_element(By.TAG_NAME, "body").text
-    assert CONFIG.label in text
+    assert CONFIG.label in text and f"Dataset {DATASET}" in text  # short in the label, whole below
     for ap, fps, _ in RUNS:
         assert f"{ap:.4f}" in text and f"{fps:.2f}" in text
     passed = sum(run[2] for run in RUNS)

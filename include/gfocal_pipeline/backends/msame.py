@@ -1,6 +1,7 @@
 """NPU inference of one shard with `msame` (and, sharing this code path, `ais_bench`).
 
-The tool is given the shard's input directory (`inputs/<shard>/<image_id:012d>.bin`) and a fresh
+The tool is given the shard's input directory (`Manifest.input_dir(shard)`, holding
+`<image_id:012d>.bin`; in the inputs cache or `inputs/<shard>/` beside the manifest) and a fresh
 per-attempt output directory. Its result is trusted only when all of these hold:
   - the tool's success marker was printed (msame exits 0 even on bad arguments, so the exit code
     alone proves nothing);
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from gfocal_pipeline.backends.atc import CACHE_META
-from gfocal_pipeline.backends.base import Backend, ShardResult
+from gfocal_pipeline.backends.base import Backend, ShardResult, shard_result
 from gfocal_pipeline.backends.cann_env import CannEnv, load_cann_env
 from gfocal_pipeline.backends.process import (
     ProcessHandle,
@@ -371,7 +372,7 @@ class AscendToolBackend(Backend):
             raise DatasetError(f"shard {shard!r} is not in manifest {str(manifest.path)!r}")
         if not ids:
             raise DatasetError(f"shard {shard!r} of manifest {str(manifest.path)!r} has no images")
-        source = layout.input_shard(shard)
+        source = manifest.input_dir(shard)
         names = [input_file_name(i) for i in ids]
         for name in names:
             path = source / name
@@ -398,7 +399,12 @@ class AscendToolBackend(Backend):
         return sha256_file(self.om_path)
 
     def marker(self, manifest: Manifest, shard: str) -> dict[str, Any]:
-        return {**super().marker(manifest, shard), "model_sha256": self.model_sha256}
+        # the NMS runs inside the OM (BatchMultiClassNMS with the thresholds of the export)
+        return {
+            **super().marker(manifest, shard),
+            "model_sha256": self.model_sha256,
+            "postprocess": {"nms": "graph"},
+        }
 
     def reuse(self, layout: RunLayout, manifest: Manifest, shard: str) -> ShardResult | None:
         """Finished outputs count only if they came from this very OM (a re-converted model reruns)."""
@@ -440,7 +446,7 @@ class AscendToolBackend(Backend):
         log.info(
             "shard %s: %d images, %.2f ms mean, %.2f fps", shard, len(ids), run.timing.mean_ms, summary["fps"]
         )
-        return ShardResult(self.name, shard, len(ids), str(out_dir), summary)
+        return shard_result(self.name, shard, len(ids), out_dir, summary, self.kind, reused=False)
 
     def summary(self, run: ToolRun, images: int) -> dict[str, Any]:
         timing = run.timing

@@ -1,5 +1,8 @@
 """ONNX Runtime backend: runs the portable graph (or a graph ending in dets/labels) in this process.
 
+The portable graph's candidates go through the host NMS after each batch (see `backends.base`), so
+the shard is written as kind "dets"; a graph that already ends in dets/labels passes through as is.
+
 The graph is checked when it is loaded (one input of rank 4, known output names, static batch versus
 `batch_size`) and again against the manifest before a shard runs (dtype, layout, height x width), so a
 mismatch fails with a message instead of producing garbage. A graph with a static batch larger than
@@ -19,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gfocal_pipeline.backends.base import InProcessBackend, ShardResult
-from gfocal_pipeline.constants import NUM_CLASSES
+from gfocal_pipeline.constants import MAX_PER_IMG, NMS_IOU, NUM_CLASSES, SCORE_THR
 from gfocal_pipeline.errors import BackendError
 from gfocal_pipeline.fileio import sha256_file
 from gfocal_pipeline.layout import KINDS, RunLayout
@@ -92,8 +95,19 @@ class OnnxRuntimeBackend(InProcessBackend):
         providers: str | Sequence[ProviderSpec] | None = None,
         intra_op_num_threads: int | None = None,
         warmup: int = 1,
+        keep_candidates: bool = False,
+        score_thr: float = SCORE_THR,
+        iou_thr: float = NMS_IOU,
+        max_per_img: int = MAX_PER_IMG,
     ) -> None:
-        super().__init__(batch_size=batch_size, warmup=warmup)
+        super().__init__(
+            batch_size=batch_size,
+            warmup=warmup,
+            keep_candidates=keep_candidates,
+            score_thr=score_thr,
+            iou_thr=iou_thr,
+            max_per_img=max_per_img,
+        )
         self.model_path = Path(model)
         if not self.model_path.is_file():
             raise BackendError(
@@ -124,6 +138,7 @@ class OnnxRuntimeBackend(InProcessBackend):
             )
         self._model_sha256 = sha256_file(self.model_path)
         self._inspect_graph()
+        self.check_keep_candidates(f"ONNX model {str(self.model_path)!r}")
         log.info(
             "onnxruntime %s: %s on %s, batch %d (graph batch %s)",
             ort.__version__,
@@ -156,8 +171,8 @@ class OnnxRuntimeBackend(InProcessBackend):
                 f"ONNX model {str(self.model_path)!r} has outputs {names}; expected exactly {expected}. "
                 "Export the portable variant (outputs boxes, scores)"
             )
-        self.kind = kinds[0]
-        if self.kind == "candidates":
+        self.model_kind = kinds[0]
+        if self.model_kind == "candidates":
             scores = next(o for o in self.session.get_outputs() if o.name == "scores")
             classes = scores.shape[-1] if scores.shape else None
             if isinstance(classes, int) and classes != NUM_CLASSES:
@@ -174,7 +189,7 @@ class OnnxRuntimeBackend(InProcessBackend):
             )
 
     def identity(self) -> dict[str, Any]:
-        return {"model_sha256": self._model_sha256, "kind": self.kind}
+        return {**super().identity(), "model_sha256": self._model_sha256}
 
     def check_manifest(self, manifest: Manifest) -> None:
         """The graph's input must take what preprocessing wrote: dtype, layout and height x width."""
@@ -223,7 +238,7 @@ class OnnxRuntimeBackend(InProcessBackend):
                     f"batch of {len(batch)}; the graph must keep the batch as its first output axis"
                 )
             outputs[name] = np.asarray(value[:count], dtype=OUTPUT_DTYPES[name])
-        if self.kind == "candidates" and (
+        if self.model_kind == "candidates" and (
             outputs["boxes"].shape[-1] != 4 or outputs["scores"].shape[-1] != NUM_CLASSES
         ):
             raise BackendError(

@@ -27,9 +27,16 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
+# options of the in-process backends (onnxruntime, torch) for the host NMS run after each batch
+POSTPROCESS_OPTIONS = ("keep_candidates", "score_thr", "iou_thr", "max_per_img")
+
+
 def get_backend(name: str, **options: Any) -> Backend:
     """A ready backend, e.g. `get_backend('onnxruntime', model=path, batch_size=4)` or
-    `get_backend('msame', model=om_path, device=0)`; unknown or missing options are a BackendError."""
+    `get_backend('msame', model=om_path, device=0)`; unknown or missing options are a BackendError.
+
+    onnxruntime and torch also take `POSTPROCESS_OPTIONS`: `score_thr`, `iou_thr`, `max_per_img` of the
+    host NMS (defaults: the official test_cfg) and `keep_candidates` (also write the raw candidates)."""
     cls = backend_class(name)
     try:
         inspect.signature(cls).bind(**options)

@@ -2,7 +2,8 @@
 
 On CPU it runs in float32 and is the reference the ONNX graph is compared with. On CUDA the backbone,
 neck and head run under fp16 autocast while the decode (softmax integral, top-k, box clamp) stays in
-float32, so the candidates keep full precision where the ranking is decided.
+float32, so the candidates keep full precision where the ranking is decided. The candidates go through the
+host NMS after each batch (see `backends.base`) and the shard is written as kind "dets".
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from gfocal_pipeline.backends.base import InProcessBackend, ShardResult
 from gfocal_pipeline.checkpoint import load_model
+from gfocal_pipeline.constants import MAX_PER_IMG, NMS_IOU, SCORE_THR
 from gfocal_pipeline.errors import BackendError
 from gfocal_pipeline.fileio import sha256_file
 from gfocal_pipeline.layout import RunLayout
@@ -62,7 +64,7 @@ class TorchBackend(InProcessBackend):
     """GFocalV2 + decode in PyTorch, in `torch.inference_mode`, outputs numpy boxes/scores float32."""
 
     name = "torch"
-    kind = "candidates"
+    model_kind = "candidates"
 
     def __init__(
         self,
@@ -72,8 +74,19 @@ class TorchBackend(InProcessBackend):
         amp: bool = True,
         num_threads: int | None = None,
         warmup: int = 1,
+        keep_candidates: bool = False,
+        score_thr: float = SCORE_THR,
+        iou_thr: float = NMS_IOU,
+        max_per_img: int = MAX_PER_IMG,
     ) -> None:
-        super().__init__(batch_size=batch_size, warmup=warmup)
+        super().__init__(
+            batch_size=batch_size,
+            warmup=warmup,
+            keep_candidates=keep_candidates,
+            score_thr=score_thr,
+            iou_thr=iou_thr,
+            max_per_img=max_per_img,
+        )
         self.checkpoint = Path(model)
         self.device = resolve_device(device)
         self.amp = bool(amp) and self.device.type == "cuda"
@@ -100,7 +113,12 @@ class TorchBackend(InProcessBackend):
         return {"device": str(self.device), "precision": "fp16" if self.amp else "fp32"}
 
     def identity(self) -> dict[str, Any]:
-        return {"model_sha256": self._checkpoint_sha256, "device": self.device.type, "amp": self.amp}
+        return {
+            **super().identity(),
+            "model_sha256": self._checkpoint_sha256,
+            "device": self.device.type,
+            "amp": self.amp,
+        }
 
     def prepare(self, manifest: Manifest) -> DeployModel:
         """The deploy forward for the manifest's input size and dtype (built once per size/dtype)."""

@@ -17,6 +17,7 @@ import pytest
 import torch
 from onnx import helper
 
+from gfocal_pipeline.backends.base import CANDIDATES_FILE
 from gfocal_pipeline.backends.onnxruntime import OnnxRuntimeBackend, resolve_providers
 from gfocal_pipeline.backends.registry import get_backend
 from gfocal_pipeline.backends.torch_backend import HalfPrecisionNetwork, TorchBackend
@@ -131,12 +132,17 @@ def make_run(
 
 
 def run_all(backend, layout: RunLayout, manifest: Manifest) -> dict[str, np.ndarray]:
-    """Infer every shard, then read them back through the shared layout, concatenated."""
+    """Infer every shard, then read back the raw candidates it kept (`keep_candidates=True`) beside
+    the final detections of the shared layout, concatenated over shards."""
     parts: dict[str, list[np.ndarray]] = {}
     for shard in manifest.shards:
         backend.infer_shard(layout, manifest, shard)
-        marker, arrays = read_shard_outputs(layout.output_shard(backend.name, shard))
-        assert marker["kind"] == "candidates" and marker["images"] == len(manifest.shards[shard])
+        out_dir = layout.output_shard(backend.name, shard)
+        marker, arrays = read_shard_outputs(out_dir)
+        assert marker["kind"] == "dets" and marker["images"] == len(manifest.shards[shard])
+        with np.load(out_dir / CANDIDATES_FILE) as kept:
+            assert kept["image_ids"].tolist() == arrays["image_ids"].tolist() == manifest.shards[shard]
+            arrays.update({name: kept[name] for name in ("boxes", "scores")})
         for name, array in arrays.items():
             parts.setdefault(name, []).append(array)
     return {name: np.concatenate(arrays) for name, arrays in parts.items()}
@@ -155,11 +161,14 @@ def ort_backend(model: Path, **options) -> OnnxRuntimeBackend:
 
 def test_onnxruntime_matches_torch_through_the_shared_layout(tmp_path: Path, models: dict[str, Path]) -> None:
     layout, manifest = make_run(tmp_path, SHARDS)
-    onnx_backend = get_backend("onnxruntime", model=models["dynamic"], batch_size=2, intra_op_num_threads=1)
-    ort_out = run_all(onnx_backend, layout, manifest)
-    torch_out = run_all(
-        get_backend("torch", model=models["checkpoint"], device="cpu", num_threads=1), layout, manifest
+    onnx_backend = get_backend(
+        "onnxruntime", model=models["dynamic"], batch_size=2, intra_op_num_threads=1, keep_candidates=True
     )
+    ort_out = run_all(onnx_backend, layout, manifest)
+    torch_backend = get_backend(
+        "torch", model=models["checkpoint"], device="cpu", num_threads=1, keep_candidates=True
+    )
+    torch_out = run_all(torch_backend, layout, manifest)
     expected_ids = [i for ids in SHARDS.values() for i in ids]
     for out in (ort_out, torch_out):
         assert out["image_ids"].tolist() == expected_ids
@@ -176,8 +185,11 @@ def test_uint8_nhwc_graph_matches_torch_with_normalization_in_graph(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
     layout, manifest = make_run(tmp_path, {"00000": [1, 2]}, dtype="uint8")
-    ort_out = run_all(ort_backend(models["uint8_static1"], batch_size=1), layout, manifest)
-    torch_out = run_all(TorchBackend(models["checkpoint"], device="cpu", num_threads=1), layout, manifest)
+    ort_out = run_all(
+        ort_backend(models["uint8_static1"], batch_size=1, keep_candidates=True), layout, manifest
+    )
+    torch = TorchBackend(models["checkpoint"], device="cpu", num_threads=1, keep_candidates=True)
+    torch_out = run_all(torch, layout, manifest)
     np.testing.assert_allclose(ort_out["boxes"], torch_out["boxes"], atol=1e-3, rtol=0)
     np.testing.assert_allclose(ort_out["scores"], torch_out["scores"], atol=1e-3, rtol=0)
 
@@ -187,7 +199,8 @@ def test_batch_two_and_a_padded_static_batch_equal_batch_one(tmp_path: Path, mod
     results = {}
     for label, model, batch in (("one", "dynamic", 1), ("two", "dynamic", 2), ("static", "static2", 2)):
         layout, manifest = make_run(tmp_path / label, SHARDS)
-        results[label] = run_all(ort_backend(models[model], batch_size=batch), layout, manifest)
+        backend = ort_backend(models[model], batch_size=batch, keep_candidates=True)
+        results[label] = run_all(backend, layout, manifest)
     one = results["one"]
     for other in (results["two"], results["static"]):
         assert other["image_ids"].tolist() == one["image_ids"].tolist()
@@ -202,6 +215,8 @@ def test_timing_file_and_summary_are_consistent(tmp_path: Path, models: dict[str
     layout, manifest = make_run(tmp_path, SHARDS)
     result = ort_backend(models["dynamic"], batch_size=2, warmup=1).infer_shard(layout, manifest, "00000")
     assert (result.backend, result.shard, result.images, result.reused) == ("onnxruntime", "00000", 3, False)
+    outputs = layout.output_shard("onnxruntime", "00000") / "outputs.npz"
+    assert (result.kind, result.output_bytes) == ("dets", outputs.stat().st_size)
     assert Path(result.output_dir) == layout.output_shard("onnxruntime", "00000")
     timing = json.loads(layout.timing_file("onnxruntime", "00000").read_text())
     latencies = timing["latencies_ms"]
@@ -214,12 +229,13 @@ def test_timing_file_and_summary_are_consistent(tmp_path: Path, models: dict[str
     assert stats["min"] == min(latencies) and stats["max"] == max(latencies)
     assert stats["min"] <= stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
     assert stats["mean"] == pytest.approx(sum(latencies) / 2)
+    assert summary["host_nms_ms_per_image"] >= 0  # the NMS is timed apart from the model
 
 
 # ---------------------------------------------------------------------------------------------- reuse
 
 
-def test_retry_reuses_outputs_and_a_changed_manifest_or_model_recomputes(
+def test_retry_reuses_outputs_and_changed_inputs_or_model_recompute(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
     layout, manifest = make_run(tmp_path, SHARDS)
@@ -231,17 +247,22 @@ def test_retry_reuses_outputs_and_a_changed_manifest_or_model_recomputes(
     retry = backend.infer_shard(layout, manifest, "00001")
     assert first.reused is False and retry.reused is True
     assert retry.images == 2 and retry.timing == first.timing and outputs.stat().st_mtime_ns == stamp
+    assert (
+        (retry.kind, retry.output_bytes)
+        == (first.kind, first.output_bytes)
+        == ("dets", outputs.stat().st_size)
+    )
 
-    # same inputs, another manifest
-    changed_layout, changed = make_run(tmp_path, SHARDS, coco_root="/data/other-coco")
-    assert changed.sha256 != first_sha
-    assert backend.infer_shard(changed_layout, changed, "00001").reused is False
-    assert backend.infer_shard(changed_layout, changed, "00001").reused is True
+    # another manifest with the same shard (same images, geometry, preprocessing): still reused
+    same_layout, same = make_run(tmp_path, SHARDS, coco_root="/data/other-coco")
+    assert same.sha256 != first_sha and same.shard_digest("00001") == manifest.shard_digest("00001")
+    assert backend.infer_shard(same_layout, same, "00001").reused is True
+    # (a changed image of the shard recomputes it: see test_compact_outputs.py)
     # another model file (same graph, static batch) must not pick up outputs made by the first one
     other_model = ort_backend(models["static2"], batch_size=2)
-    assert other_model.infer_shard(changed_layout, changed, "00001").reused is False
+    assert other_model.infer_shard(same_layout, same, "00001").reused is False
     (layout.output_shard("onnxruntime", "00001") / "done.json").unlink()  # e.g. killed before the marker
-    assert other_model.infer_shard(changed_layout, changed, "00001").reused is False
+    assert other_model.infer_shard(same_layout, same, "00001").reused is False
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -330,11 +351,12 @@ def test_dets_graph_writes_the_dets_kind(tmp_path: Path) -> None:
         {"dets": (onnx.TensorProto.FLOAT, [100, 5]), "labels": (onnx.TensorProto.INT64, [100])},
     )
     backend = ort_backend(graph, batch_size=2)
-    assert backend.kind == "dets"
+    assert backend.kind == "dets" == backend.model_kind
     layout, manifest = make_run(tmp_path / "run", {"00000": [5, 6, 7]})
-    backend.infer_shard(layout, manifest, "00000")
+    assert backend.infer_shard(layout, manifest, "00000").kind == "dets"
     marker, arrays = read_shard_outputs(layout.output_shard("onnxruntime", "00000"))
     assert marker["kind"] == "dets" and marker["output_names"] == ["dets", "labels"]
+    assert marker["postprocess"] == {"nms": "graph"}  # passed through: no host NMS, no thresholds
     assert arrays["dets"].shape == (3, 100, 5) and arrays["labels"].dtype == np.int64
     # the graph outputs the mean of each input image: check rows line up with the image ids
     for row, image_id in enumerate([5, 6, 7]):
@@ -379,8 +401,8 @@ def test_torch_cuda_request_without_cuda_is_refused(models: dict[str, Path]) -> 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_torch_cuda_fp16_agrees_with_cpu_reference(tmp_path: Path, models: dict[str, Path]) -> None:
     layout, manifest = make_run(tmp_path, {"00000": [1, 2, 3]})
-    cpu = run_all(TorchBackend(models["checkpoint"], device="cpu"), layout, manifest)
-    cuda_backend = TorchBackend(models["checkpoint"], device="auto", batch_size=2)
+    cpu = run_all(TorchBackend(models["checkpoint"], device="cpu", keep_candidates=True), layout, manifest)
+    cuda_backend = TorchBackend(models["checkpoint"], device="auto", batch_size=2, keep_candidates=True)
     assert cuda_backend.device.type == "cuda" and cuda_backend.amp
     cuda = run_all(cuda_backend, layout, manifest)
     assert cuda["boxes"].dtype == np.float32 == cuda["scores"].dtype

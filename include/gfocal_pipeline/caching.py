@@ -1,0 +1,283 @@
+"""What a nightly reuses from `<work_dir>/cache/`: preprocessed inputs, exported graphs, the reference.
+
+Each function below computes the entry's key from the content it depends on (never from paths or
+times), builds it through `cache.CacheEntry.get_or_build` when absent, and notes the use in the
+run directory (`uses/<kind>-<key>`, a small JSON saying whether it was reused). Keys:
+
+- `inputs`:    every image file's sha256 (with its id and name), the annotation file's sha256,
+               policy, dtype, input size, shard size, skip_bad_images, the preprocessing version.
+- `onnx`:      checkpoint sha256, variant, input size, dtype/normalization, batch mode, opset,
+               torch + onnx versions, the parity limits, the export version.
+- `reference`: one entry per shard: checkpoint sha256, the shard's digest (its images' hashes and
+               geometry + the input format), torch version, device type, batch size and the NMS
+               thresholds. A changed image re-runs the reference of its shard only.
+
+Bump a `*_VERSION` when a change of code changes what an entry would hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gfocal_pipeline.cache import Cache, CacheEntry
+from gfocal_pipeline.errors import CheckpointError, GfocalError
+from gfocal_pipeline.fileio import atomic_path, sha256_file, write_json
+from gfocal_pipeline.layout import DONE_FILE, RunLayout
+from gfocal_pipeline.manifest import MANIFEST_VERSION, Manifest, load_manifest
+
+log = logging.getLogger(__name__)
+
+PREPROCESS_VERSION = 1
+EXPORT_VERSION = 1
+REFERENCE_VERSION = 1
+KINDS = ("inputs", "onnx", "reference")
+
+
+def note_use(run_dir: str | Path, entry: CacheEntry, cached: bool, **facts: Any) -> None:
+    """Record in the run directory that it uses `entry` (and whether it was reused)."""
+    uses = RunLayout.at(run_dir).uses_dir
+    uses.mkdir(parents=True, exist_ok=True)
+    write_json(
+        uses / f"{entry.kind}-{entry.key}", {"kind": entry.kind, "key": entry.key, "cached": cached, **facts}
+    )
+    log.info("%s cache entry %s: %s", entry.kind, entry.key[:16], "reused" if cached else "built")
+
+
+def uses(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The cache uses noted in a run directory (see `note_use`)."""
+    folder = RunLayout.at(run_dir).uses_dir
+    found = []
+    for path in sorted(folder.glob("*-*")) if folder.is_dir() else []:
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def reuse_summary(run_dir: str | Path) -> dict[str, dict[str, int]]:
+    """{kind: {"reused": n, "built": m}} over a run's cache uses (the summary's "cache" block)."""
+    counts: dict[str, dict[str, int]] = {}
+    for use in uses(run_dir):
+        slot = counts.setdefault(str(use.get("kind")), {"reused": 0, "built": 0})
+        slot["reused" if use.get("cached") else "built"] += 1
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _images_digest(images: list[tuple[int, str, str]]) -> str:
+    text = json.dumps(sorted(images), separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _donor(cache: Cache, shape: dict[str, Any]) -> Manifest | None:
+    """The most recently used inputs entry of the same input format: unchanged images link from it."""
+    best: tuple[float, Path] | None = None
+    for entry in cache.entries():
+        if entry.kind != "inputs":
+            continue
+        try:
+            record = json.loads(entry.record_path.read_text())
+            used = entry.record_path.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if record.get("info", {}).get("shape") == shape and (best is None or used > best[0]):
+            best = (used, entry.path)
+    if best is None:
+        return None
+    try:
+        return load_manifest(best[1] / "manifest.json")
+    except GfocalError:
+        return None
+
+
+def cached_inputs(
+    preprocess: Callable[..., Manifest],
+    coco_root: str | Path,
+    run_dir: str | Path,
+    work_dir: str | Path,
+    *,
+    image_dir: str,
+    annotation_file: str,
+    max_images: int | None = None,
+    workers: int | None = None,
+    **options: Any,
+) -> tuple[Manifest, dict[str, Any]]:
+    """Preprocess through the inputs cache; the run directory gets a manifest that points into it.
+
+    `preprocess` is `preprocess.preprocess`; `options` are its policy, dtype, height, width,
+    shard_size, skip_bad_images. Returns the run's manifest and {"cached", "cache_key"}.
+    """
+    from gfocal_pipeline.dataset import load_coco
+    from gfocal_pipeline.preprocess import hash_images
+
+    dataset = load_coco(coco_root, image_dir, annotation_file, max_images)
+    hashes = hash_images(dataset.images, workers or 2)
+    images = [(image.image_id, image.file_name, hashes[image.image_id]) for image in dataset.images]
+    shape = {
+        "version": PREPROCESS_VERSION,
+        "manifest": MANIFEST_VERSION,
+        **{name: options[name] for name in ("policy", "dtype", "height", "width")},
+    }
+    key_inputs = {
+        **shape,
+        "images": len(images),
+        "images_sha256": _images_digest(images),
+        "annotation_sha256": sha256_file(dataset.annotation_file),
+        "shard_size": options["shard_size"],
+        "skip_bad_images": bool(options.get("skip_bad_images", False)),
+        "coco_root": str(dataset.root),  # the manifest names the source files, so the root is content
+    }
+    cache = Cache(work_dir)
+    entry = cache.entry("inputs", key_inputs, hashed=False)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        manifest = preprocess(
+            coco_root,
+            tmp,
+            image_dir=image_dir,
+            annotation_file=annotation_file,
+            max_images=max_images,
+            workers=workers,
+            image_hashes=hashes,
+            donor=_donor(cache, shape),
+            **options,
+        )
+        return {"shape": shape, "images": len(manifest.images), "skipped": len(manifest.skipped)}
+
+    record, cached = entry.get_or_build(build)
+    source = load_manifest(entry.path / "manifest.json")
+    manifest = dataclasses.replace(source, inputs_root=str(entry.path / "inputs"), path=None, _sha256=None)
+    manifest.write(RunLayout.at(run_dir).manifest)
+    note_use(run_dir, entry, cached, images=len(manifest.images))
+    return manifest, {"cached": cached, "cache_key": entry.key, "build_seconds": record.get("build_seconds")}
+
+
+# --------------------------------------------------------------------------------------------------
+# onnx
+
+
+def cached_export(
+    run_dir: str | Path, work_dir: str | Path, variant: str, checkpoint: str | Path, **options: Any
+) -> dict[str, Any]:
+    """`export.export_onnx` through the ONNX cache: the graph stays in the cache entry.
+
+    `options` are export_onnx's (height, width, dynamic_batch, normalize_in_graph, opset,
+    parity_threshold, max_unexplained). A refused graph is kept in the run's model folder as
+    `<name>.rejected.onnx`, as without the cache. Returns the export's XCom dict + cached, cache_key.
+    """
+    import onnx
+    import torch
+
+    from gfocal_pipeline.export import DEFAULT_OPSET, ExportResult, export_onnx, rejected_path
+
+    checkpoint = Path(checkpoint)
+    layout = RunLayout.at(run_dir)
+    name = layout.onnx(variant).name
+    key_inputs = {
+        "version": EXPORT_VERSION,
+        "checkpoint_sha256": _checkpoint_sha256(checkpoint),
+        "variant": variant,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        **{key: value for key, value in options.items() if value is not None},
+    }
+    key_inputs.setdefault("opset", DEFAULT_OPSET.get(variant))
+    entry = Cache(work_dir).entry("onnx", key_inputs, hashed=True)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        try:
+            return export_onnx(checkpoint=checkpoint, output=tmp / name, variant=variant, **options).to_dict()
+        except GfocalError as exc:
+            refused = rejected_path(tmp / name)
+            if not refused.is_file():
+                raise
+            layout.model_dir.mkdir(parents=True, exist_ok=True)
+            kept = shutil.move(refused, layout.model_dir / refused.name)
+            raise type(exc)(str(exc).replace(str(refused), str(kept))) from exc
+
+    record, cached = entry.get_or_build(build)
+    info = dict(record["info"])
+    info["onnx_path"] = str(entry.path / name)
+    with_known = {f.name for f in dataclasses.fields(ExportResult)}
+    result = ExportResult(**{k: v for k, v in info.items() if k in with_known})
+    note_use(run_dir, entry, cached, variant=variant)
+    return {**result.to_xcom(), "cached": cached, "cache_key": entry.key}
+
+
+def _checkpoint_sha256(checkpoint: Path) -> str:
+    try:
+        return sha256_file(checkpoint)
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} cannot be read ({exc.strerror or exc}); "
+            "pass the path of a .pth file"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# reference
+
+
+def reference_entry(
+    work_dir: str | Path, manifest: Manifest, shard: str, checkpoint: str | Path, options: dict[str, Any]
+) -> CacheEntry:
+    """The reference cache entry of one shard (see the module docstring for its key)."""
+    import torch
+
+    from gfocal_pipeline.backends.torch_backend import resolve_device
+
+    device = resolve_device(str(options.get("device", "auto"))).type
+    key_inputs = {
+        "version": REFERENCE_VERSION,
+        "checkpoint_sha256": _checkpoint_sha256(Path(checkpoint)),
+        "shard_digest": manifest.shard_digest(shard),
+        "torch": torch.__version__,
+        "device_type": device,
+        **{k: v for k, v in sorted(options.items()) if k not in ("device", "model", "num_threads", "warmup")},
+    }
+    return Cache(work_dir).entry("reference", key_inputs, hashed=True)
+
+
+def cached_reference(
+    run_dir: str | Path,
+    work_dir: str | Path,
+    manifest: Manifest,
+    shard: str,
+    run: Callable[[RunLayout], dict[str, Any]],
+    checkpoint: str | Path,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The PyTorch reference of one shard through the reference cache.
+
+    `run(layout)` runs the backend into `layout` (a temporary one while the entry is built); the
+    entry's outputs and timing are then copied into the run directory (a few KB per image).
+    """
+    entry = reference_entry(work_dir, manifest, shard, checkpoint, options)
+    record, cached = entry.get_or_build(lambda tmp: {"result": run(RunLayout.at(tmp))})
+    layout = RunLayout.at(run_dir)
+    # done markers last, each file atomically: a copy killed halfway is recomputed, never half-read
+    for relative in sorted(record["files"], key=lambda name: (Path(name).name == DONE_FILE, name)):
+        target = layout.root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(entry.path / relative, tmp)
+    note_use(run_dir, entry, cached, shard=shard)
+    result = dict(record["info"]["result"])
+    result["output_dir"] = str(layout.output_shard(str(result["backend"]), shard))
+    return {
+        **result,
+        "reused": cached or result.get("reused", False),
+        "cached": cached,
+        "cache_key": entry.key,
+    }
