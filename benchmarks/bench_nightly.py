@@ -415,6 +415,8 @@ def summarize_night(facts: dict[str, Any], work: Path, args: argparse.Namespace)
         "reference": timing_totals(run_dir, REFERENCE),
         "cache_summary": summary.get("cache", {}),
         "cached": cached_flags(facts["run_id"]),
+        "gate": gate_verdict(facts["run_id"]),
+        "failed_tasks": sorted({r["task_id"] for r in rows if r["state"] != "success"}),
         "images": (summary.get("backends", {}).get("device") or {}).get("images"),
     }
 
@@ -429,6 +431,20 @@ def cached_flags(run_id: str) -> dict[str, Any]:
         "export": (values.get("export") or {}).get("cached"),
         "infer_reference": f"{sum(bool(c) for c in reference)}/{len(reference)}",
         "infer_reference_all": bool(reference) and all(reference),
+    }
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, int | float) else str(value)
+
+
+def gate_verdict(run_id: str) -> dict[str, Any]:
+    """The gate's verdict: passed, and value vs baseline of each check that failed."""
+    verdict = xcom_values(run_id, "verdict").get("gate") or {}
+    failed = [c for c in verdict.get("checks", []) if not c.get("passed")]
+    return {
+        "passed": verdict.get("passed"),
+        "failed": [f"{c.get('name')}: {_num(c.get('value'))} (limit {_num(c.get('limit'))})" for c in failed],
     }
 
 
@@ -471,7 +487,7 @@ def breakdown(night: dict[str, Any], probe: dict[str, float]) -> dict[str, float
         "device host NMS": device["host_nms_s"],
         f"ORT session load x{count} (probe)": session,
         f"warm-up batch x{count} (probe)": warmup,
-        "infer: other (read inputs, write outputs, task start/end)": other_infer,
+        "infer: other (build/read inputs, write outputs, task start/end)": other_infer,
         **{f"task {k}": v for k, v in rest.items()},
         "Airflow between tasks (wall - sum of tasks)": night["wall_s"] - night["task_seconds"],
     }
@@ -613,6 +629,9 @@ def print_measures(night: dict[str, Any], args: argparse.Namespace) -> None:
     line("summary cache block", ", ".join(reused) or "-")
     flags = {k: v for k, v in night["cached"].items() if k != "infer_reference_all"}
     line("XCom cached", json.dumps(flags))
+    gate = night["gate"]
+    verdict = {True: "passed", None: "not run"}.get(gate["passed"], f"FAILED: {'; '.join(gate['failed'])}")
+    line("regression gate", verdict)
 
 
 def machine() -> dict[str, Any]:
@@ -685,8 +704,9 @@ def main() -> None:
     results["benchmark_s"] = time.perf_counter() - started
     (out / "bench_nightly.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"benchmark {results['benchmark_s']:.0f} s; wrote {out / 'bench_nightly.json'}")
-    if any(n["state"] != "success" for n in nights):
-        sys.exit(f"a night failed: see {out}/night-*.log")
+    broken = [t for n in nights for t in n["failed_tasks"] if t != "gate"]  # a gate verdict is a result
+    if broken:
+        sys.exit(f"task(s) {sorted(set(broken))} failed: see {out}/night-*.log")
 
 
 def onnx_of(night: dict[str, Any]) -> Path | None:
