@@ -521,7 +521,10 @@ def preprocess(
     per_image = 3 * height * width * np.dtype(dtype).itemsize
     staging = _fresh_inputs(layout, len(images) * per_image if write_inputs else 0)
     n_workers = max(1, min(workers or _default_workers(), len(images)))
-    hashes = {**hash_images(images, n_workers), **(image_hashes or {})}
+    hashes = dict(image_hashes or {})  # the inputs cache hashed them for its key already
+    missing = [image for image in images if image.image_id not in hashes]
+    if missing:
+        hashes.update(hash_images(missing, n_workers))
     reused = _reuse_from(donor, images, hashes, staging) if write_inputs else {}
     shape = f"policy={policy} dtype={dtype} {height}x{width}, shard_size={shard_size}, {n_workers} workers"
     log.info(
