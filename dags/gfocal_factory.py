@@ -6,6 +6,12 @@ tasks and returns a `Branch` (its evaluate task and history role); the shared pa
 preprocess, reference, summary, record, gate, retention) is the same for all. Everything a run needs
 comes from `params`, validated once by the prepare task, so a run triggered from the form and a
 scheduled one take the same path; later tasks read prepare's values with `prepared(...)`.
+
+Crash safety: every task but `record` and `gate` is idempotent and resumes from what is complete
+(cache entries, finished shards), so it retries with exponential backoff (`[gfocal] task_retries`,
+`retry_delay_seconds`, `max_retry_delay_minutes`); `record` and `gate` run once (retries=0: no
+duplicate history row, verdict or alert). Every task has an `execution_timeout` sized for the images
+it handles (`operators.timeouts`; `[gfocal] task_timeout_scale`, `task_timeout_minutes`).
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ from operators import (
 from operators import wiring as ids
 from operators.alerting import GfocalAlertNotifier
 from operators.base import require_shared_paths
-from operators.settings import load_settings
+from operators.settings import GfocalSettings, load_settings
 from operators.wiring import from_prepare, prepared, pulled
+
+NO_RETRIES = {"retries": 0}  # record, gate: a retry would add a history row, a verdict, an alert
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,26 @@ class PipelineSpec:
     tags: tuple[str, ...] = ()
     device: str = "cpu"  # the history's `device` column for the device backend
     deadline: timedelta | None = None  # alert when a run has not finished this long after queueing
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """The `execution_timeout` of each kind of task of a DAG, sized for the form's default images."""
+
+    settings: GfocalSettings
+    images: int | None  # the default max_images (None: the whole set)
+    shard_images: int  # images of one inference shard
+
+    @classmethod
+    def of(cls, settings: GfocalSettings, params: Mapping[str, Param]) -> Budgets:
+        images = params["max_images"].value
+        shard = int(params["shard_size"].value)
+        return cls(settings, images, min(shard, images) if images else shard)
+
+    def __call__(self, kind: str) -> dict[str, Any]:
+        """`execution_timeout=` of a task of `kind` (an infer kind handles one shard)."""
+        images = self.shard_images if kind.startswith("infer") else self.images
+        return {"execution_timeout": self.settings.task_timeout(kind, images)}
 
 
 @dataclass(frozen=True)
@@ -86,15 +114,19 @@ def form_params(ascend: bool, overrides: Mapping[str, Any] | None = None) -> dic
     }
 
 
-def _export(task_id: str, variant: str) -> OnnxExportOperator:
+def _export(task_id: str, variant: str, budgets: Budgets) -> OnnxExportOperator:
     options = ("run_dir", "checkpoint", "height", "width", "dtype", "batch_size")
     options = (*options, "parity_threshold", "max_unexplained", "work_dir", "cache_onnx")
-    return OnnxExportOperator(task_id=task_id, variant=variant, **from_prepare(*options))
+    return OnnxExportOperator(task_id=task_id, variant=variant, **from_prepare(*options), **budgets("export"))
 
 
-def _evaluate(task_id: str, backend: str) -> CocoEvalOperator:
+def _evaluate(task_id: str, backend: str, budgets: Budgets) -> CocoEvalOperator:
     return CocoEvalOperator(
-        task_id=task_id, run_dir=prepared("run_dir"), backend=backend, engine=prepared("engine")
+        task_id=task_id,
+        run_dir=prepared("run_dir"),
+        backend=backend,
+        engine=prepared("engine"),
+        **budgets("evaluate"),
     )
 
 
@@ -102,32 +134,37 @@ def _role(backend: str, device: str, precision: str, eval_task: str = ids.EVALUA
     return {"eval_task": eval_task, "backend": backend, "device": device, "precision": precision}
 
 
-def onnxruntime_family(spec: PipelineSpec, shards: XComArg, preprocess: BaseOperator) -> Branch:
+def onnxruntime_family(
+    spec: PipelineSpec, shards: XComArg, preprocess: BaseOperator, budgets: Budgets
+) -> Branch:
     """Portable ONNX -> ONNX Runtime per shard -> evaluate."""
-    export = _export(ids.EXPORT, "portable")
+    export = _export(ids.EXPORT, "portable", budgets)
     infer = InferOperator.partial(
         task_id=ids.INFER,
         backend="onnxruntime",
         model=pulled(ids.EXPORT, "onnx_path"),
         options=from_prepare("keep_candidates"),
         **from_prepare("run_dir", "batch_size"),
+        **budgets("infer"),
     ).expand(shard=shards)
-    evaluate = _evaluate(ids.EVALUATE, "onnxruntime")
+    evaluate = _evaluate(ids.EVALUATE, "onnxruntime", budgets)
     [export, preprocess] >> infer >> evaluate
     return Branch(evaluate, _role("onnxruntime", spec.device, "fp32"))
 
 
-def ascend_family(spec: PipelineSpec, shards: XComArg, preprocess: BaseOperator) -> Branch:
+def ascend_family(spec: PipelineSpec, shards: XComArg, preprocess: BaseOperator, budgets: Budgets) -> Branch:
     """Ascend ONNX -> atc -> msame / ais_bench per shard on the NPU queue -> evaluate; plus the portable
     graph, whose parity report is part of the run."""
     device_tasks = {"queue": spec.queue, "pool": spec.pool} if spec.queue else {}
-    export, portable = _export(ids.EXPORT, "ascend"), _export(ids.EXPORT_PORTABLE, "portable")
+    export = _export(ids.EXPORT, "ascend", budgets)
+    portable = _export(ids.EXPORT_PORTABLE, "portable", budgets)
     convert = AtcConvertOperator(
         task_id=ids.CONVERT,
         onnx_path=pulled(ids.EXPORT, "onnx_path"),
         **from_prepare("run_dir", "batch_size", "soc_version", "precision_mode"),
         **from_prepare(cache_dir="om_cache_dir", input_dtype="dtype", set_env="cann_set_env"),
         **device_tasks,
+        **budgets("convert"),
     )
     infer = MsameInferOperator.partial(
         task_id=ids.INFER,
@@ -135,8 +172,9 @@ def ascend_family(spec: PipelineSpec, shards: XComArg, preprocess: BaseOperator)
         options=from_prepare("device", "outfmt", "chips", set_env="cann_set_env"),
         **from_prepare("run_dir", "batch_size", backend="tool"),
         **device_tasks,
+        **budgets("infer"),
     ).expand(shard=shards)
-    evaluate = _evaluate(ids.EVALUATE, prepared("tool"))
+    evaluate = _evaluate(ids.EVALUATE, prepared("tool"), budgets)
     export >> convert
     [convert, preprocess] >> infer >> evaluate
     role = _role(prepared("tool"), spec.device, prepared("precision_mode"))
@@ -145,7 +183,7 @@ def ascend_family(spec: PipelineSpec, shards: XComArg, preprocess: BaseOperator)
 
 @dataclass(frozen=True)
 class Family:
-    build: Callable[[PipelineSpec, XComArg, BaseOperator], Branch]
+    build: Callable[[PipelineSpec, XComArg, BaseOperator, Budgets], Branch]
     ascend_options: bool  # the form has the Ascend options
 
 
@@ -155,7 +193,7 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def reference_branch(shards: XComArg, preprocess: BaseOperator) -> Branch:
+def reference_branch(shards: XComArg, preprocess: BaseOperator, budgets: Budgets) -> Branch:
     """The PyTorch checkpoint itself on the same inputs (CUDA when present, else CPU)."""
     infer = InferOperator.partial(
         task_id=ids.INFER_REFERENCE,
@@ -164,19 +202,21 @@ def reference_branch(shards: XComArg, preprocess: BaseOperator) -> Branch:
         model=prepared("checkpoint"),
         batch_size=1,
         options=from_prepare("work_dir", "cache_reference"),
+        **budgets("infer_reference"),
     ).expand(shard=shards)
-    evaluate = _evaluate(ids.EVALUATE_REFERENCE, "torch")
+    evaluate = _evaluate(ids.EVALUATE_REFERENCE, "torch", budgets)
     preprocess >> infer >> evaluate
     return Branch(evaluate, _role("torch", "auto", "fp32", ids.EVALUATE_REFERENCE))
 
 
-def _finish(spec: PipelineSpec, branches: dict[str, Branch]) -> None:
+def _finish(spec: PipelineSpec, branches: dict[str, Branch], budgets: Budgets) -> None:
     """summary -> record -> gate after every branch's evaluation."""
     summary = RunSummaryOperator(
         task_id=ids.SUMMARY,
         run_dir=prepared("run_dir"),
         evaluations={role: branch.role["eval_task"] for role, branch in branches.items()},
         facts={"weights_random": prepared("weights_random"), "dag_id": spec.dag_id},
+        **budgets("summary"),
     )
     record = RecordResultsOperator(
         task_id=ids.RECORD,
@@ -185,18 +225,23 @@ def _finish(spec: PipelineSpec, branches: dict[str, Branch]) -> None:
         export_task=ids.EXPORT,
         summary_task=ids.SUMMARY,
         convert_task=branches["device"].convert_task,
+        **NO_RETRIES,
+        **budgets("record"),
     )
     gate = RegressionGateOperator(
         task_id=ids.GATE,
         record_task=ids.RECORD,
         evaluate_task=branches["device"].role["eval_task"],
         thresholds=prepared("thresholds"),
+        **NO_RETRIES,
+        **budgets("gate"),
     )
     retention = RetentionOperator(
         task_id=ids.RETENTION,
         trigger_rule="all_done",  # also after a failed task: the disk must stay bounded
         work_dir="{{ params.work_dir }}",
         run_dir="{{ (ti.xcom_pull(task_ids='" + ids.PREPARE + "') or {}).get('run_dir') }}",
+        **budgets("retention"),
     )
     for branch in branches.values():
         [branch.evaluate, *branch.also_before_summary] >> summary
@@ -222,7 +267,9 @@ def _deadline(spec: PipelineSpec) -> Any:
 def build_dag(spec: PipelineSpec) -> DAG:
     """Build the DAG described by `spec` (see module docstring)."""
     family = FAMILIES[spec.family]
-    params = form_params(family.ascend_options, dict(load_settings().run_defaults))
+    settings = load_settings()
+    params = form_params(family.ascend_options, dict(settings.run_defaults))
+    budgets = Budgets.of(settings, params)
     with DAG(
         dag_id=spec.dag_id,
         description=spec.description,
@@ -233,8 +280,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
         params=params,
         tags=["gfocal", *spec.tags],
         default_args={
-            "retries": 0,
-            "retry_delay": timedelta(minutes=2),
+            **settings.retry_args(),  # record and gate override it with NO_RETRIES
             "on_failure_callback": GfocalAlertNotifier(),
             "pre_execute": require_shared_paths,  # the shared work_dir is mounted on this worker
         },
@@ -246,14 +292,17 @@ def build_dag(spec: PipelineSpec) -> DAG:
             task_id=ids.PREPARE,
             config={name: "{{ params." + name + " }}" for name in params},
             ascend=family.ascend_options,
+            **budgets("prepare"),
         )
         preprocess = CocoPreprocessOperator(
-            task_id=ids.PREPROCESS, **from_prepare("run_dir", "work_dir", "cache_inputs", *PREPROCESS_OPTIONS)
+            task_id=ids.PREPROCESS,
+            **from_prepare("run_dir", "work_dir", "cache_inputs", *PREPROCESS_OPTIONS),
+            **budgets("preprocess"),
         )
         shards = XComArg(preprocess)
-        branches = {"device": family.build(spec, shards, preprocess)}
+        branches = {"device": family.build(spec, shards, preprocess, budgets)}
         if spec.reference:
-            branches["reference"] = reference_branch(shards, preprocess)
+            branches["reference"] = reference_branch(shards, preprocess, budgets)
         prepare >> [task for task in dag.tasks if task is not prepare and not task.upstream_list]
-        _finish(spec, branches)
+        _finish(spec, branches, budgets)
     return dag

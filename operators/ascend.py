@@ -9,7 +9,7 @@ from airflow.sdk import BaseOperator
 
 from gfocal_pipeline import steps
 from gfocal_pipeline.constants import DEFAULT_INPUT_NAME
-from operators.base import KillableMixin, attributes
+from operators.base import KillableMixin, attributes, project_errors
 
 
 class AtcConvertOperator(KillableMixin, BaseOperator):
@@ -65,6 +65,7 @@ class AtcConvertOperator(KillableMixin, BaseOperator):
             timeout_s,
         )
 
+    @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
         names = ("batch_size", "soc_version", "input_name", "input_dtype", "precision_mode", "log_level")
         options = attributes(self, (*names, "set_env", "timeout_s"))

@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 from gfocal_pipeline import steps
 from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_INPUT_NAME, DEFAULT_WIDTH
 from gfocal_pipeline.export import DEFAULT_MAX_UNEXPLAINED, DEFAULT_PARITY_THRESHOLD
-from operators.base import attributes
+from operators.base import attributes, project_errors
 
 
 class OnnxExportOperator(BaseOperator):
@@ -65,6 +65,7 @@ class OnnxExportOperator(BaseOperator):
         self.parity_threshold, self.max_unexplained = parity_threshold, max_unexplained
         self.input_name, self.work_dir, self.cache_onnx = input_name, work_dir, cache_onnx
 
+    @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
         names = ("dtype", "batch_size", "height", "width", "opset", "input_name", "parity_threshold")
         options = attributes(self, (*names, "max_unexplained", "work_dir", "cache_onnx"))

@@ -10,7 +10,8 @@ from airflow.sdk import BaseOperator
 
 from gfocal_pipeline import steps
 from gfocal_pipeline.backends.registry import backend_class, get_backend
-from operators.base import KillableMixin
+from operators.base import KillableMixin, fail_without_retry, manifest_images, project_errors
+from operators.timeouts import SizedTimeoutMixin
 
 
 def _literal(value: Any) -> bool:
@@ -20,15 +21,16 @@ def _literal(value: Any) -> bool:
     return not (isinstance(value, str) and "{{" in value)
 
 
-class InferOperator(KillableMixin, BaseOperator):
+class InferOperator(KillableMixin, SizedTimeoutMixin, BaseOperator):
     """Run one shard of a run through `backend` into the shared output layout; mapped over shards.
 
     For: every inference task. `model` is what the backend loads (ONNX file, checkpoint or OM);
     `options` are the backend's own (e.g. `providers`, `device`, `outfmt`, `set_env`, `chips`). The
     backend's constructor is where its options are checked: at DAG-parse time when every value is
     final and the backend is cheap to build (the Ascend tools), else when the task runs. Killing the
-    task stops a running tool. XCom: `backend`, `shard`, `images`, `output_dir`, `timing`, `reused`,
-    and from the timing `fps`, `latency_ms`, `batch_size`, `device`.
+    task stops a running tool; its timeout is sized for the shard's images (`infer_reference`
+    budget for the PyTorch reference, `infer` else). XCom: `backend`, `shard`, `images`,
+    `output_dir`, `timing`, `reused`, and from the timing `fps`, `latency_ms`, `batch_size`, `device`.
     """
 
     template_fields: Sequence[str] = ("backend", "run_dir", "shard", "model", "batch_size", "options")
@@ -56,14 +58,23 @@ class InferOperator(KillableMixin, BaseOperator):
             if cls.cheap_to_build and final:  # building it is the validation
                 get_backend(self.backend, **self._backend_options())
 
+    @property
+    def timeout_kind(self) -> str:  # type: ignore[override]
+        return "infer_reference" if self.backend == "torch" else "infer"
+
+    def timeout_images(self) -> int | None:
+        return manifest_images(self.run_dir, self.shard)
+
     def _backend_options(self) -> dict[str, Any]:
         options = {"model": self.model, "batch_size": self.batch_size, **self.options}
         if "handle" in inspect.signature(backend_class(self.backend)).parameters:
             options["handle"] = self._new_handle()
         return options
 
+    @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
-        result = steps.infer_step(self.run_dir, self.shard, self.backend, **self._backend_options())
+        with fail_without_retry():  # e.g. an OM converted for another input
+            result = steps.infer_step(self.run_dir, self.shard, self.backend, **self._backend_options())
         timing = result["timing"]
         self.log.info(
             "shard %s with %s: %d images, %.2f fps",

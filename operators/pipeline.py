@@ -14,8 +14,9 @@ from airflow.sdk import BaseOperator
 from gfocal_pipeline import steps
 from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
 from gfocal_pipeline.run_config import PREPROCESS_OPTIONS
-from operators.base import attributes
+from operators.base import attributes, fail_without_retry, manifest_images, project_errors
 from operators.settings import load_settings
+from operators.timeouts import SizedTimeoutMixin
 from operators.wiring import MANIFEST_KEY
 
 
@@ -32,25 +33,29 @@ class PrepareRunOperator(BaseOperator):
         super().__init__(**kwargs)
         self.config, self.ascend = config, ascend
 
+    @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
-        prepared = steps.prepare_step(
-            dict(self.config), context["dag"].dag_id, context["run_id"], ascend=self.ascend
-        )
+        with fail_without_retry():  # invalid options stay invalid: no retry
+            prepared = steps.prepare_step(
+                dict(self.config), context["dag"].dag_id, context["run_id"], ascend=self.ascend
+            )
         self.log.info("run directory: %s", prepared["run_dir"])
         return prepared
 
 
-class CocoPreprocessOperator(BaseOperator):
+class CocoPreprocessOperator(SizedTimeoutMixin, BaseOperator):
     """COCO-format set -> manifest + sharded `.bin` inputs.
 
     Returns the list of shard names (what inference tasks are mapped over); the manifest facts
     (path, sha256, images, dtype, dataset_id, `cached` + `cache_key` of the inputs cache entry of
     `work_dir`, ...) are pushed under the XCom key `manifest`. With `cache_inputs` off the inputs
     are built by each inference task for its shard and deleted after it. `workers` (threads)
-    defaults to the worker's `[gfocal] preprocess_workers`, else its usable CPU cores.
+    defaults to the worker's `[gfocal] preprocess_workers`, else its usable CPU cores. The timeout is
+    sized for the run's `max_images` when it is set.
     """
 
     template_fields: Sequence[str] = ("run_dir", "work_dir", "cache_inputs", *PREPROCESS_OPTIONS)
+    timeout_kind = "preprocess"
 
     def __init__(
         self,
@@ -78,6 +83,10 @@ class CocoPreprocessOperator(BaseOperator):
         self.max_images, self.skip_bad_images, self.workers = max_images, skip_bad_images, workers
         self.work_dir, self.cache_inputs = work_dir, cache_inputs
 
+    def timeout_images(self) -> int | None:
+        return self.max_images if isinstance(self.max_images, int) and self.max_images > 0 else None
+
+    @project_errors
     def execute(self, context: Any) -> list[str]:
         names = tuple(name for name in PREPROCESS_OPTIONS if name != "coco_root")
         options = attributes(self, (*names, "skip_bad_images", "workers", "work_dir", "cache_inputs"))
@@ -97,14 +106,15 @@ class CocoPreprocessOperator(BaseOperator):
         return result["shards"]
 
 
-class CocoEvalOperator(BaseOperator):
+class CocoEvalOperator(SizedTimeoutMixin, BaseOperator):
     """Postprocess one backend's outputs of a run and score them with COCO.
 
     For: the evaluate tasks (device and reference). Pushes the 12 stats by name, the detections and
-    per-class files and the backend's combined timing.
+    per-class files and the backend's combined timing. The timeout is sized for the manifest's images.
     """
 
     template_fields: Sequence[str] = ("run_dir", "backend", "engine")
+    timeout_kind = "evaluate"
 
     def __init__(
         self,
@@ -118,6 +128,10 @@ class CocoEvalOperator(BaseOperator):
         super().__init__(**kwargs)
         self.run_dir, self.backend, self.engine, self.allow_missing = run_dir, backend, engine, allow_missing
 
+    def timeout_images(self) -> int | None:
+        return manifest_images(self.run_dir)
+
+    @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
         result = steps.evaluate_step(
             self.run_dir, self.backend, engine=self.engine, allow_missing=self.allow_missing
@@ -138,6 +152,7 @@ class RunSummaryOperator(BaseOperator):
         super().__init__(**kwargs)
         self.run_dir, self.evaluations, self.facts = run_dir, evaluations, facts or {}
 
+    @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
         results = {role: ti.xcom_pull(task_ids=task_id) for role, task_id in self.evaluations.items()}

@@ -11,6 +11,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from gfocal_pipeline import steps
 from gfocal_pipeline.gate import RegressionError, format_verdict_table, run_gate
 from gfocal_pipeline.history import HistoryStore, RunRecord
+from operators.base import project_errors
 from operators.settings import load_settings
 from operators.wiring import VERDICT_KEY
 
@@ -39,6 +40,7 @@ class RecordResultsOperator(BaseOperator):
         self.config, self.roles, self.model = config, roles, model
         self.export_task, self.convert_task, self.summary_task = export_task, convert_task, summary_task
 
+    @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
         export_info = ti.xcom_pull(task_ids=self.export_task) or {}
@@ -90,6 +92,7 @@ class RegressionGateOperator(BaseOperator):
             role,
         )
 
+    @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
         record = RunRecord.from_dict(ti.xcom_pull(task_ids=self.record_task)[self.role])

@@ -12,6 +12,7 @@ from airflow.sdk import BaseOperator
 from gfocal_pipeline import retention
 from gfocal_pipeline.config import default_work_dir
 from gfocal_pipeline.errors import ConfigError
+from operators.base import project_errors
 from operators.settings import GfocalSettings, load_settings
 
 XCOM_LIST_CAP = 20
@@ -71,6 +72,7 @@ class RetentionOperator(BaseOperator):
 
         return [str(run_directory(work_dir, dag.dag_id, run_id))]
 
+    @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
         keep_runs, max_gb = self._limits()
         work_dir = self._work_dir()

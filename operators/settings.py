@@ -23,13 +23,36 @@ keep_runs               retention (the DAGs' last task, `gfocal gc`): the newest
 cache_max_gb            retention: the size (GB, 10^9 bytes) the work directory's cache is evicted
                         down to, least recently used first; entries of runs in progress stay
                         (default 100; 0 empties the cache except those)
+
+Retries and timeouts (read when a DAG is parsed; the timeouts again by the worker running a task):
+task_retries            retries of the idempotent tasks (prepare, export, convert, preprocess, infer,
+                        evaluate, summary, retention), which resume from what is complete (finished
+                        shards, cache entries); `record` and `gate` never retry (no duplicate
+                        history row, verdict or alert) (default 2; an integer >= 0)
+retry_delay_seconds     the first retry's delay, doubled at each further retry (exponential backoff,
+                        with Airflow's jitter) (default 60; a number > 0)
+max_retry_delay_minutes the longest delay between retries (default 30; >= the first delay)
+task_timeout_scale      multiplies every task's sized timeout (default 1; a number > 0), e.g. 3 on a
+                        slow host. Each task's `execution_timeout` is scale * (minutes + seconds per
+                        image * the images it handles) of its kind (`operators.timeouts.BUDGETS`):
+                        prepare/summary/record/gate 10 min, export 60, convert 120, retention 60,
+                        preprocess and evaluate 15 min + 0.5 s/image, infer 15 min + 15 s/image of
+                        its shard, infer_reference (PyTorch) 15 min + 30 s/image. The images are the
+                        form's defaults when the DAG is parsed (max_images, else 5000 = val2017;
+                        shard_size for an infer task) and the real count when the task starts
+                        (the shard's, the manifest's, the run's max_images)
+task_timeout_minutes    fixed timeouts in minutes for some kinds, replacing their sized default
+                        (never scaled nor resized): "<kind>=<minutes>, ...", e.g. "convert=240,
+                        infer=30" (default: empty)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from gfocal_pipeline.errors import ConfigError
 from gfocal_pipeline.history import default_history_url
@@ -39,6 +62,7 @@ from gfocal_pipeline.retention import (
     check_cache_max_gb,
     check_keep_runs,
 )
+from operators.timeouts import parse_timeout_minutes, sized_timeout
 
 
 def _items(text: str) -> tuple[str, ...]:
@@ -64,11 +88,30 @@ class GfocalSettings:
     keep_runs: int = DEFAULT_KEEP_RUNS
     cache_max_gb: float = DEFAULT_CACHE_MAX_GB
     run_defaults: tuple[tuple[str, str], ...] = ()  # (option, value) of the data keys that are set
+    task_retries: int = 2
+    retry_delay_seconds: float = 60.0
+    max_retry_delay_minutes: float = 30.0
+    task_timeout_scale: float = 1.0
+    task_timeout_minutes: tuple[tuple[str, float], ...] = ()  # (kind, minutes) fixed by the deployment
 
     @property
     def nightly_deadline(self) -> timedelta | None:
         hours = self.nightly_deadline_hours
         return timedelta(hours=hours) if hours > 0 else None
+
+    def retry_args(self) -> dict[str, object]:
+        """The retry arguments of an idempotent task: `task_retries` with exponential backoff."""
+        return {
+            "retries": self.task_retries,
+            "retry_delay": timedelta(seconds=self.retry_delay_seconds),
+            # a multiplier: 2.0 doubles the delay per retry (True would be 1.0, a constant delay)
+            "retry_exponential_backoff": 2.0,
+            "max_retry_delay": timedelta(minutes=self.max_retry_delay_minutes),
+        }
+
+    def task_timeout(self, kind: str, images: int | None) -> timedelta:
+        """The `execution_timeout` of a task of `kind` handling `images` (see the module docstring)."""
+        return sized_timeout(kind, images, scale=self.task_timeout_scale, fixed=self.task_timeout_minutes)
 
 
 def _positive_int_or_none(key: str, text: str) -> int | None:
@@ -108,6 +151,62 @@ def _cache_max_gb(text: str) -> float:
     return check_cache_max_gb(value, source)
 
 
+def _setting_error(key: str, text: str, expected: str, default: float) -> ConfigError:
+    return ConfigError(
+        f"[gfocal] {key} = {text!r}: expected {expected}; set it to e.g. {default:g}, or leave it empty "
+        "for the default"
+    )
+
+
+def _positive(key: str, text: str, default: float) -> float:
+    """`text` as a finite number > 0 (empty: `default`), else a ConfigError naming `key`."""
+    if not text.strip():
+        return default
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise _setting_error(key, text, "a number > 0", default)
+    return value
+
+
+def _count(key: str, text: str, default: int) -> int:
+    """`text` as an integer >= 0 (empty: `default`), else a ConfigError naming `key`."""
+    if not text.strip():
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise _setting_error(key, text, "an integer >= 0", default)
+    return value
+
+
+def _retry_settings(get: Callable[[str, str], str]) -> dict[str, Any]:
+    """The retry and timeout keys, validated (a ConfigError names the bad key)."""
+    defaults = GfocalSettings(history_url="")
+    delay = _positive("retry_delay_seconds", get("retry_delay_seconds", ""), defaults.retry_delay_seconds)
+    longest = _positive(
+        "max_retry_delay_minutes", get("max_retry_delay_minutes", ""), defaults.max_retry_delay_minutes
+    )
+    if longest * 60 < delay:
+        raise ConfigError(
+            f"[gfocal] max_retry_delay_minutes = {longest:g} is shorter than retry_delay_seconds = "
+            f"{delay:g}; raise max_retry_delay_minutes or lower retry_delay_seconds"
+        )
+    return {
+        "task_retries": _count("task_retries", get("task_retries", ""), defaults.task_retries),
+        "retry_delay_seconds": delay,
+        "max_retry_delay_minutes": longest,
+        "task_timeout_scale": _positive(
+            "task_timeout_scale", get("task_timeout_scale", ""), defaults.task_timeout_scale
+        ),
+        "task_timeout_minutes": parse_timeout_minutes(get("task_timeout_minutes", "")),
+    }
+
+
 DATA_KEYS = ("checkpoint", "coco_root", "images_dir", "annotations", "work_dir")
 
 
@@ -135,4 +234,5 @@ def load_settings() -> GfocalSettings:
         keep_runs=_keep_runs(get("keep_runs", str(defaults.keep_runs))),
         cache_max_gb=_cache_max_gb(get("cache_max_gb", str(defaults.cache_max_gb))),
         run_defaults=tuple((key, get(key, "").strip()) for key in DATA_KEYS if get(key, "").strip()),
+        **_retry_settings(get),
     )

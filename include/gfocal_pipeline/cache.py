@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gfocal_pipeline.errors import GfocalError
-from gfocal_pipeline.fileio import sha256_file
+from gfocal_pipeline.fileio import owner_is_dead, owner_tag, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class CacheEntry:
 
     def _build(self, build: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:
         reclaim_stale(self.root / self.kind)
-        tmp = self.path.with_name(f".build-{self.key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = self.path.with_name(f".build-{self.key}-{owner_tag()}-{uuid.uuid4().hex[:8]}")
         started = time.perf_counter()
         try:
             tmp.mkdir(parents=True)
@@ -205,8 +205,9 @@ def _storage_error(entry: CacheEntry, exc: OSError) -> CacheError:
 
 
 def reclaim_stale(kind_dir: Path, older_than_s: float = STALE_TMP_S, *, dry_run: bool = False) -> list[Path]:
-    """Remove build/trash directories that killed builders left behind; returns what was (with
-    `dry_run`: would be) removed."""
+    """Remove build/trash directories that killed builders left behind: at once when the builder
+    was a process of this host that no longer runs (its `owner_tag` in the name), else once
+    untouched for `older_than_s`. Returns what was (with `dry_run`: would be) removed."""
     removed: list[Path] = []
     if not kind_dir.is_dir():
         return removed
@@ -215,7 +216,7 @@ def reclaim_stale(kind_dir: Path, older_than_s: float = STALE_TMP_S, *, dry_run:
         if not path.name.startswith((".build-", ".trash-")):
             continue
         with contextlib.suppress(FileNotFoundError):
-            if now - path.stat().st_mtime > older_than_s:
+            if owner_is_dead(path) or now - path.stat().st_mtime > older_than_s:
                 if not dry_run:
                     shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)

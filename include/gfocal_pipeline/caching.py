@@ -34,7 +34,7 @@ from gfocal_pipeline.manifest import MANIFEST_VERSION, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: truncated images are refused (or skipped), not preprocessed
 EXPORT_VERSION = 1
 REFERENCE_VERSION = 1
 KINDS = ("inputs", "onnx", "reference")

@@ -12,6 +12,7 @@ import io
 import math
 import os
 import pickle
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -49,25 +50,14 @@ def _torch_load(path: Path) -> object:
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> tuple[OrderedDict[str, torch.Tensor], dict]:
-    """Read a checkpoint file -> (state dict without `module.` prefixes, meta dict)."""
+    """Read a checkpoint file -> (state dict without `module.` prefixes, meta dict).
+
+    Refuses (CheckpointError naming the file) a missing, unreadable, empty, truncated or unsafe file,
+    one holding no state dict of tensors, and one whose floating tensors hold NaN or Inf.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass the path of a .pth file")
-    if not os.access(path, os.R_OK):
-        raise CheckpointError(f"checkpoint {str(path)!r} is not readable; check its permissions")
-    try:
-        obj = _torch_load(path)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} contains objects that are unsafe to unpickle ({_first_line(exc)}). "
-            "Only tensors, plain containers and numpy values are accepted; re-save the file with "
-            "`torch.save({'state_dict': model.state_dict()}, path)` from a trusted environment"
-        ) from exc
-    except Exception as exc:  # torch.load raises many types (KeyError, RuntimeError...) for non-checkpoints
-        raise CheckpointError(
-            f"{str(path)!r} is not a PyTorch checkpoint ({_first_line(exc)}); "
-            "pass a .pth written by torch.save"
-        ) from exc
+    _check_file(path)
+    obj = _load_object(path)
     meta: dict = {}
     if isinstance(obj, dict) and "state_dict" in obj:
         meta = obj.get("meta") or {}
@@ -78,12 +68,82 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[OrderedDict[str, torc
             "or a bare state dict)"
         )
     state = OrderedDict((k.removeprefix("module."), v) for k, v in obj.items())
+    _check_finite(path, state)
     return state, meta if isinstance(meta, dict) else {}
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a directory, not a file; pass the path of the .pth file in it"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass the path of a .pth file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not readable; check its permissions")
+    if path.stat().st_size == 0:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is empty (0 bytes): its copy or download was cut short; copy it again"
+        )
+
+
+def _load_object(path: Path) -> object:
+    """`torch.load` with safe unpickling; any failure is a CheckpointError naming the file."""
+    try:
+        return _torch_load(path)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} contains objects that are unsafe to unpickle "
+            f"({_unpickler_reason(exc)}); it was refused, nothing in it was run. Only tensors, plain "
+            "containers and numpy values are accepted; re-save the file with "
+            "`torch.save({'state_dict': model.state_dict()}, path)` from a trusted environment"
+        ) from exc
+    except Exception as exc:  # torch.load raises many types (KeyError, RuntimeError...) for non-checkpoints
+        raise CheckpointError(
+            f"{str(path)!r} is not a PyTorch checkpoint, or it is truncated or damaged ({_first_line(exc)}); "
+            "pass a .pth written by torch.save, or copy the file again if its download was cut short"
+        ) from exc
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The part of torch's weights-only refusal that says what was refused (not its advice to trust it)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", str(exc), re.DOTALL)
+    return found.group(1).strip() if found else _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+NONFINITE_SHOWN = 5  # non-finite tensors named in the error; the rest are counted
+
+
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Each floating (or complex) tensor holding NaN or Inf -> (its NaN count, its Inf count)."""
+    bad = {}
+    for key, tensor in state.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()) or bool(torch.isfinite(tensor).all()):
+            continue
+        bad[key] = (int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum()))
+    return bad
+
+
+def _nan_inf(nans: int, infs: int) -> str:
+    return ", ".join(f"{n} {kind}" for n, kind in ((nans, "NaN"), (infs, "Inf")) if n)
+
+
+def _check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
+    bad = nonfinite_tensors(state)
+    if not bad:
+        return
+    shown = [f"{key} ({_nan_inf(*counts)})" for key, counts in list(bad.items())[:NONFINITE_SHOWN]]
+    more = f" ... and {len(bad) - NONFINITE_SHOWN} more" if len(bad) > NONFINITE_SHOWN else ""
+    raise CheckpointError(
+        f"checkpoint {str(path)!r} has non-finite values (NaN/Inf) in {len(bad)} floating tensor(s): "
+        f"{', '.join(shown)}{more}. The file is damaged (or its training diverged) and would only produce "
+        "NaN outputs: re-export it from a good training checkpoint, or re-train"
+    )
 
 
 def layout_mismatch(model: GFocalV2, state: dict[str, torch.Tensor]) -> list[str]:
@@ -101,21 +161,33 @@ def layout_mismatch(model: GFocalV2, state: dict[str, torch.Tensor]) -> list[str
     return lines
 
 
+LAYOUT_SHOWN = 8  # problem lines shown per kind (missing / wrong shape / unexpected)
+
+
+def _layout_error(path: str | os.PathLike[str], problems: list[str], foreign: bool) -> CheckpointError:
+    """The strict-load error: counts per kind and the first lines of each; `foreign` when no key fits."""
+    by_kind: dict[str, list[str]] = {}
+    for line in problems:
+        by_kind.setdefault(line.split(":", 1)[0], []).append(line)
+    counts = ", ".join(f"{len(lines)} {kind}" for kind, lines in by_kind.items())
+    shown = [line for lines in by_kind.values() for line in lines[:LAYOUT_SHOWN]]
+    more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    other = "It has no key of GFocalV2 at all: this is the state dict of another model. " if foreign else ""
+    return CheckpointError(
+        f"checkpoint {str(path)!r} does not match the GFocalV2 R50-FPN layout "
+        f"({len(problems)} problem(s): {counts}):\n  " + "\n  ".join(shown) + f"{more}\n{other}"
+        "Pass the official gfocal_r50_fpn_1x.pth (or one in its layout), or strict=False to load what fits"
+    )
+
+
 def load_model(path: str | os.PathLike[str], strict: bool = True) -> GFocalV2:
     """Build GFocalV2 and load `path` into it; strict by default, mismatches listed by key and shape."""
     state, _ = read_state_dict(path)
     model = build_model()
     problems = layout_mismatch(model, state)
-    if problems and strict:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match the GFocalV2 R50-FPN layout "
-            f"({len(problems)} problem(s)):\n  {shown}{more}\n"
-            "Pass the official gfocal_r50_fpn_1x.pth (or one in its layout), "
-            "or strict=False to load what fits"
-        )
     own = model.state_dict()
+    if problems and strict:
+        raise _layout_error(path, problems, foreign=not any(k in own for k in state))
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(usable, strict=False)
     return model.eval()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gfocal_pipeline.constants import DEFAULT_INPUT_NAME
-from gfocal_pipeline.errors import GfocalError
+from gfocal_pipeline.errors import GfocalError, describe_os_error
 from gfocal_pipeline.options import Choice, check_option, plain
 from gfocal_pipeline.run_config import PREPROCESS_OPTIONS, form_options, option_spec
 
@@ -149,13 +149,26 @@ def _default_model(backend: str, run_dir: str) -> str:
     return str(defaults[backend])
 
 
+TORCH_FLAGS = ("precision", "channels_last", "compile", "cuda_graphs")  # `gfocal infer`, torch only
+
+
+def _torch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The torch-only flags given on the command line (absent ones keep the backend's defaults)."""
+    given = {name: getattr(args, name) for name in TORCH_FLAGS if getattr(args, name) is not None}
+    if given and args.backend != "torch":
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise GfocalError(f"{flags} only apply to --backend torch, not {args.backend!r}; drop them")
+    return given
+
+
 def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of `--backend`'s own constructor taken from the command line."""
     extra = {"keep_candidates": True} if args.keep_candidates else {}
+    torch_options = _torch_options(args)
     if args.backend == "onnxruntime":
         return {"providers": args.providers, **extra}
     if args.backend == "torch":
-        return {"device": args.device or "auto", **extra}
+        return {"device": args.device or "auto", **torch_options, **extra}
     args.device = 0 if args.device is None else args.device
     values = run_values(args, "device", "outfmt", "chips", "cann_set_env")
     values["set_env"] = values.pop("cann_set_env")
@@ -322,6 +335,30 @@ def add_infer_and_eval(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also keep each shard's raw candidates (candidates.npz, large; for debugging)",
     )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default=None,
+        help="torch: network precision (default fp16 on CUDA, fp32 on CPU; the decode is always fp32)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch: NHWC memory format for the network (default: on for CUDA, off for CPU)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=["off", "default", "max-autotune"],
+        default=None,
+        help="torch: torch.compile mode (default off; compiling takes minutes)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        default=None,
+        help="torch on CUDA: capture the forward as a CUDA graph (the last partial batch is padded)",
+    )
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("eval", help="postprocess + COCO evaluation of a backend's outputs")
@@ -391,6 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GfocalError as exc:
         print(f"gfocal {args.command}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
+    except OSError as exc:  # disk full, read-only folder, a directory given for a file, ...
+        print(f"gfocal {args.command}: error: {describe_os_error(exc, args.command)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gfocal {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,12 +1,23 @@
 """Backend outputs -> COCO detections -> COCO bbox metrics, for one backend of one run.
 
 Steps: read every shard of `outputs/<backend>/` (checking its done marker against that shard of the manifest:
-`shard_digest`, policy, dtype, input size), turn each image's rows into detections (padding removal for kind
+`shard_digest`, policy, dtype, input size), turn its rows into detections (padding removal for kind
 "dets", the normal case: the in-process backends run the host NMS per batch and the Ascend graph has NMS
 inside; host NMS here for kind "candidates", from older outputs or a backend without NMS), map boxes
 from input pixels back to the original image with the manifest geometry, map labels 0..79 to the
-annotation file's category ids (sorted by id, as mmdet's `cat_ids`), write `detections.json`, and score it
-with faster-coco-eval (default) or pycocotools; both give the same numbers.
+annotation file's category ids (sorted by id, as mmdet's `cat_ids`), and score them with
+faster-coco-eval (default) or pycocotools; both give the same numbers. Padding removal, rescaling,
+the category mapping and xyxy -> xywh run on a whole shard's arrays at once (no per-image loop).
+
+The detections go to the evaluator in memory: the result records are built once, with the fields
+`loadRes` would add (`area` = w * h, `id` 1.., `iscrowd` 0), and indexed as its result object, so
+nothing is written and parsed back before scoring. Outputs with NaN or infinity (or boxes that become
+non-finite through the geometry) are an error naming the backend, shard and images.
+
+Results are written only once everything is read and scored: `detections.json` (every record,
+numbers to 10 significant digits: 1e-6 pixel at 1000 px, each float32 score exactly), then
+`per_class.csv`, then `stats.json` last (stale `stats.json` and `per_class.csv` are removed first, so
+a failed re-evaluation never leaves old stats beside new detections).
 
 Rescaling is x = (x_in - pad_left) / scale_x, y = (y_in - pad_top) / scale_y without clipping to the
 original image, as the ModelZoo postprocess does: clipping would change the numbers against the reference.
@@ -21,9 +32,10 @@ backend's (from the done markers) or this module's host NMS with its thresholds 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
+import gc
 import io
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -38,7 +50,7 @@ from gfocal_pipeline.errors import DatasetError, EvaluationError
 from gfocal_pipeline.fileio import atomic_path, write_json
 from gfocal_pipeline.layout import KINDS, RunLayout, read_shard_outputs
 from gfocal_pipeline.manifest import ImageEntry, Manifest, load_manifest
-from gfocal_pipeline.postprocess import Detections, from_dets, multiclass_nms
+from gfocal_pipeline.postprocess import Detections, from_dets_rows, multiclass_nms
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +68,14 @@ _MARKER_FIELDS = (
     ("shard_digest", "shard digest"),
 )
 _LIST_LIMIT = 10
+# one detections.json record; %.10g: 1e-6 pixel at 1000 px, and every float32 score exactly
+_RECORD = '{"image_id":%d,"category_id":%d,"bbox":[%.10g,%.10g,%.10g,%.10g],"score":%.10g}'
 
 
 @dataclass(frozen=True)
 class ImageDetections:
-    """All detections of a run, one row per box: original-image xyxy boxes, scores, labels 0..79."""
+    """All detections of a run, one row per box: original-image xyxy boxes (float64), scores
+    (float32), labels 0..79, in manifest shard order, image by image, in each image's row order."""
 
     image_ids: np.ndarray
     boxes: np.ndarray
@@ -71,12 +86,17 @@ class ImageDetections:
         return len(self.scores)
 
 
-def rescale_boxes(boxes: np.ndarray, entry: ImageEntry) -> np.ndarray:
-    """(k,4) xyxy boxes in input pixels -> original-image pixels (float64), undoing pad then scale."""
-    geometry = entry.geometry
-    left, top = geometry.pad[0], geometry.pad[1]
-    offset = np.array([left, top, left, top], dtype=np.float64)
-    scale = np.array([geometry.scale_x, geometry.scale_y] * 2, dtype=np.float64)
+def geometry_arrays(entries: list[ImageEntry]) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, scale) of each image, each (n,4) float64 in x1,y1,x2,y2 order: an input-pixel box
+    maps back to the original image as (box - offset) / scale (see `rescale_boxes`)."""
+    offset = [(e.geometry.pad[0], e.geometry.pad[1]) * 2 for e in entries]
+    scale = [(e.geometry.scale_x, e.geometry.scale_y) * 2 for e in entries]
+    return np.array(offset, np.float64).reshape(-1, 4), np.array(scale, np.float64).reshape(-1, 4)
+
+
+def rescale_boxes(boxes: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(k,4) xyxy boxes in input pixels -> original-image pixels (float64), undoing pad then scale;
+    `offset`/`scale` hold each box's image row of `geometry_arrays` (or one row for all)."""
     return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - offset) / scale
 
 
@@ -91,19 +111,36 @@ def category_ids(categories: list[dict[str, Any]], annotation_file: str | Path) 
     return ids
 
 
-def to_coco_results(dets: ImageDetections, cat_ids: list[int]) -> list[dict[str, Any]]:
-    """COCO result records {image_id, category_id, bbox [x, y, w, h], score}; arrays converted at once."""
+def result_columns(dets: ImageDetections, cat_ids: list[int]) -> tuple[list[Any], ...]:
+    """The COCO result fields as Python lists, converted on the whole arrays at once:
+    (image_id, category_id, x, y, w, h, score), bbox xywh = [x1, y1, x2 - x1, y2 - y1]."""
     cats = np.asarray(cat_ids, dtype=np.int64)[dets.labels]
-    xywh = np.concatenate([dets.boxes[:, :2], dets.boxes[:, 2:] - dets.boxes[:, :2]], axis=1)
+    wh = dets.boxes[:, 2:] - dets.boxes[:, :2]
+    return (
+        dets.image_ids.tolist(),
+        cats.tolist(),
+        dets.boxes[:, 0].tolist(),
+        dets.boxes[:, 1].tolist(),
+        wh[:, 0].tolist(),
+        wh[:, 1].tolist(),
+        dets.scores.astype(np.float64).tolist(),
+    )
+
+
+def to_coco_results(columns: tuple[list[Any], ...]) -> list[dict[str, Any]]:
+    """COCO result records {image_id, category_id, bbox [x, y, w, h], score} of `result_columns`,
+    with the fields `loadRes` adds for bbox results: area w * h, id 1.., iscrowd 0."""
     return [
-        {"image_id": image_id, "category_id": cat, "bbox": bbox, "score": score}
-        for image_id, cat, bbox, score in zip(
-            dets.image_ids.tolist(),
-            cats.tolist(),
-            xywh.tolist(),
-            dets.scores.astype(np.float64).tolist(),
-            strict=True,
-        )
+        {
+            "image_id": i,
+            "category_id": c,
+            "bbox": [x, y, w, h],
+            "score": s,
+            "area": w * h,
+            "id": n,
+            "iscrowd": 0,
+        }
+        for n, (i, c, x, y, w, h, s) in enumerate(zip(*columns, strict=True), 1)
     ]
 
 
@@ -242,31 +279,100 @@ def read_detections(
             f"run inference with backend {backend!r} first"
         )
     here = {"nms": "host", "score_thr": score_thr, "iou_thr": iou_thr, "max_per_img": max_per_img}
+    index = {entry.image_id: n for n, entry in enumerate(manifest.images)}
+    offset, scale = geometry_arrays(manifest.images)
     seen: set[int] = set()
-    parts: list[tuple[int, Detections]] = []
+    chunks: list[ImageDetections] = []
     per_shard: list[tuple[str, dict[str, Any]]] = []
     for shard in manifest.shards:
         out_dir = layout.output_shard(backend, shard)
-        marker, image_ids, first, second = _read_shard(out_dir, backend, shard, manifest)
+        marker, image_ids, first, second = _read_shard(out_dir, backend, shard, manifest, by_id)
         per_shard.append((shard, _shard_postprocess(marker, here)))
-        for row, image_id in enumerate(image_ids.tolist()):
-            if image_id in seen:
-                raise EvaluationError(
-                    f"image id {image_id} ({by_id[image_id].file_name}) has more than one output row "
-                    f"(again in {str(out_dir)!r}); delete {str(layout.outputs_dir(backend))!r} and "
-                    "re-run inference"
-                )
-            seen.add(image_id)
-            if marker["kind"] == "candidates":
-                found = multiclass_nms(first[row], second[row], score_thr, iou_thr, max_per_img)
-            else:
-                found = from_dets(first[row], second[row])
-            parts.append((image_id, found))
+        _check_unique(image_ids.tolist(), seen, by_id, out_dir, layout.outputs_dir(backend))
+        where = _Where(backend, shard, out_dir, by_id)
+        _check_finite(_non_finite_rows(first, second), image_ids, where, geometry=False)
+        rows, found = _shard_detections(first, second, marker["kind"], (score_thr, iou_thr, max_per_img))
+        geometry = np.array([index[i] for i in image_ids.tolist()], np.int64)[rows]
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero scale is named just below
+            boxes = rescale_boxes(found.boxes, offset[geometry], scale[geometry])
+        _check_finite(~np.isfinite(boxes).all(axis=1), image_ids[rows], where, geometry=True)
+        chunks.append(ImageDetections(image_ids[rows], boxes, found.scores, found.labels))
         log.info("evaluate %s: shard %s read, %d images", backend, shard, len(image_ids))
 
     missing = [entry.image_id for entry in manifest.images if entry.image_id not in seen]
     _check_missing(missing, backend, by_id, allow_missing)
-    return Collected(_concatenate(parts, by_id), missing, _group_postprocess(per_shard))
+    return Collected(_concatenate(chunks), missing, _group_postprocess(per_shard))
+
+
+def _shard_detections(
+    first: np.ndarray, second: np.ndarray, kind: str, nms: tuple[float, float, int]
+) -> tuple[np.ndarray, Detections]:
+    """(row in the shard of each detection, the detections in input pixels) of one shard's arrays:
+    padding removal on the whole shard for kind "dets", host NMS image by image for "candidates"."""
+    if kind == "dets":
+        return from_dets_rows(first, second)
+    parts = [multiclass_nms(first[row], second[row], *nms) for row in range(len(first))]
+    rows = np.repeat(np.arange(len(parts), dtype=np.int64), [len(found) for found in parts])
+    if not parts:
+        return rows, Detections.empty()
+    return rows, Detections(
+        np.concatenate([found.boxes for found in parts]).reshape(-1, 4),
+        np.concatenate([found.scores for found in parts]),
+        np.concatenate([found.labels for found in parts]),
+    )
+
+
+def _check_unique(
+    image_ids: list[int], seen: set[int], by_id: dict[int, ImageEntry], out_dir: Path, outputs: Path
+) -> None:
+    """Add one shard's image ids to `seen`; an image with a second output row is an error."""
+    for image_id in image_ids:
+        if image_id in seen:
+            raise EvaluationError(
+                f"image id {image_id} ({by_id[image_id].file_name}) has more than one output row "
+                f"(again in {str(out_dir)!r}); delete {str(outputs)!r} and re-run inference"
+            )
+        seen.add(image_id)
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Which shard of which backend is being read (for error messages)."""
+
+    backend: str
+    shard: str
+    out_dir: Path
+    by_id: dict[int, ImageEntry]
+
+
+def _non_finite_rows(*arrays: np.ndarray) -> np.ndarray:
+    """Per image (first axis): True where any floating array has NaN or infinity in that image."""
+    bad = np.zeros(len(arrays[0]), dtype=bool)
+    for array in arrays:
+        if np.issubdtype(array.dtype, np.floating):
+            bad |= ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    return bad
+
+
+def _check_finite(bad: np.ndarray, image_ids: np.ndarray, where: _Where, geometry: bool) -> None:
+    """Raise naming the backend, shard and images where `bad` (one flag per row of `image_ids`) is set:
+    NaN or infinity in the outputs, or (`geometry`) in the boxes mapped back to the original image."""
+    if not bad.any():
+        return
+    ids = np.unique(image_ids[bad]).tolist()
+    named = _describe(ids, where.by_id)
+    if geometry:
+        raise EvaluationError(
+            f"detections of backend {where.backend!r}, shard {where.shard} become NaN or infinite when "
+            f"mapped back to the original image for {len(ids)} image(s): {named}; their geometry "
+            "(scale_x/scale_y) in the manifest is invalid: re-run preprocessing"
+        )
+    raise EvaluationError(
+        f"outputs of backend {where.backend!r}, shard {where.shard} have NaN or infinite values for "
+        f"{len(ids)} image(s): {named} (in {str(where.out_dir)!r}); the model produced invalid numbers "
+        f"(e.g. a float16 overflow on the device): re-run inference of shard {where.shard}, with a "
+        "higher precision if it happens again"
+    )
 
 
 def _check_missing(
@@ -289,7 +395,7 @@ def _check_missing(
 
 
 def _read_shard(
-    out_dir: Path, backend: str, shard: str, manifest: Manifest
+    out_dir: Path, backend: str, shard: str, manifest: Manifest, by_id: dict[int, ImageEntry]
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
     """(done marker, image ids, first, second output) of one finished shard, checked against that
     shard of the manifest."""
@@ -304,7 +410,6 @@ def _read_shard(
         raise EvaluationError(str(exc)) from exc
     _check_marker(marker, _expected_marker(manifest, shard), manifest, out_dir)
     image_ids, first, second = _shard_rows(arrays, marker["kind"], out_dir)
-    by_id = manifest.by_id()
     unknown = sorted({int(i) for i in image_ids} - by_id.keys())
     if unknown:
         raise EvaluationError(
@@ -315,22 +420,21 @@ def _read_shard(
     return marker, image_ids, first, second
 
 
-def _concatenate(parts: list[tuple[int, Detections]], by_id: dict[int, ImageEntry]) -> ImageDetections:
-    parts = [(image_id, found) for image_id, found in parts if len(found)]
-    if not parts:
+def _concatenate(chunks: list[ImageDetections]) -> ImageDetections:
+    if not chunks:
         return ImageDetections(
             np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64)
         )
     return ImageDetections(
-        image_ids=np.concatenate([np.full(len(found), image_id, np.int64) for image_id, found in parts]),
-        boxes=np.concatenate([rescale_boxes(found.boxes, by_id[image_id]) for image_id, found in parts]),
-        scores=np.concatenate([found.scores for _, found in parts]).astype(np.float32),
-        labels=np.concatenate([found.labels for _, found in parts]).astype(np.int64),
+        image_ids=np.concatenate([chunk.image_ids for chunk in chunks]).astype(np.int64, copy=False),
+        boxes=np.concatenate([chunk.boxes for chunk in chunks]),
+        scores=np.concatenate([chunk.scores for chunk in chunks]).astype(np.float32, copy=False),
+        labels=np.concatenate([chunk.labels for chunk in chunks]).astype(np.int64, copy=False),
     )
 
 
 class _CocoEngine:
-    """One evaluation library behind the same three calls: load ground truth, load results, evaluate."""
+    """One evaluation library behind the same three calls: load ground truth, index results, evaluate."""
 
     def __init__(self, engine: str) -> None:
         if engine not in ENGINES:
@@ -361,23 +465,27 @@ class _CocoEngine:
                 "pass the instances_*.json the manifest was built from"
             ) from exc
 
-    def load_results(self, gt: Any, detections_path: Path, count: int) -> Any:
-        with self._quiet():
-            if count:
-                return gt.loadRes(str(detections_path))
-            if self.engine == "faster-coco-eval":
-                return gt.loadRes([])
-            # pycocotools' loadRes indexes the first record, so an empty result is built by hand
+    def results(self, gt: Any, records: list[dict[str, Any]]) -> Any:
+        """The result object `gt.loadRes(records)` builds, from records that already carry the
+        fields loadRes adds (`to_coco_results`): the images and categories of `gt`, indexed once.
+        No per-record pass, no JSON round trip, and no result is too small (pycocotools' loadRes
+        fails on an empty list)."""
+        if self.engine == "faster-coco-eval":
+            from faster_coco_eval import COCO
+
+            dt = COCO(print_function=log.debug)
+        else:
             from pycocotools.coco import COCO
 
-            empty = COCO()
-            empty.dataset = {
-                "images": list(gt.dataset["images"]),
-                "categories": list(gt.dataset["categories"]),
-                "annotations": [],
-            }
-            empty.createIndex()
-            return empty
+            dt = COCO()
+        dt.dataset = {
+            "images": list(gt.dataset["images"]),
+            "categories": copy.deepcopy(gt.dataset["categories"]),
+            "annotations": records,
+        }
+        with self._quiet():
+            dt.createIndex()
+        return dt
 
     def evaluate(self, gt: Any, dt: Any, image_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(12 summary stats, per-category AP over IoU .50:.95, area all, maxDets 100 (nan without GT))."""
@@ -404,10 +512,28 @@ class _CocoEngine:
         return np.asarray(coco_eval.stats[: len(STAT_NAMES)], dtype=np.float64), per_class
 
 
-def _write_detections(path: Path, records: list[dict[str, Any]]) -> Path:
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while the records are built and scored: a full run is
+    ~500k dicts, and the collector's passes over them cost several times building them (they hold
+    no reference cycles; everything is freed by reference counting when evaluation returns)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _write_detections(path: Path, columns: tuple[list[Any], ...]) -> Path:
+    """`detections.json`: one {image_id, category_id, bbox, score} record per detection, formatted
+    from `result_columns` (numbers to 10 significant digits) in one pass, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w") as handle:
-        json.dump(records, handle, separators=(",", ":"))
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="ascii") as handle:
+        handle.write("[")
+        handle.write(",".join(map(_RECORD.__mod__, zip(*columns, strict=True))))
+        handle.write("]")
     return path
 
 
@@ -446,11 +572,17 @@ def evaluate_outputs(
 
     collected = read_detections(layout, manifest, backend, score_thr, iou_thr, max_per_img, allow_missing)
     dets, missing = collected.detections, collected.missing
-    eval_dir = layout.eval_dir(backend)
-    detections_path = _write_detections(eval_dir / DETECTIONS_FILE, to_coco_results(dets, cat_ids))
-    dt = coco.load_results(gt, detections_path, len(dets))
-    stats_array, per_class_ap = coco.evaluate(gt, dt, image_ids)
+    columns = result_columns(dets, cat_ids)
+    with _gc_paused():
+        stats_array, per_class_ap = coco.evaluate(gt, coco.results(gt, to_coco_results(columns)), image_ids)
 
+    # everything is read and scored: write the results, stats.json last; the old summaries go first,
+    # so an interrupted write never leaves stale stats beside new detections
+    eval_dir = layout.eval_dir(backend)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (STATS_FILE, PER_CLASS_FILE):
+        (eval_dir / stale).unlink(missing_ok=True)
+    detections_path = _write_detections(eval_dir / DETECTIONS_FILE, columns)
     stats = {name: float(value) for name, value in zip(STAT_NAMES, stats_array, strict=True)}
     per_class = _per_class_rows(cat_ids, names, per_class_ap)
     per_class_path = _write_per_class(eval_dir / PER_CLASS_FILE, per_class)

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ from gfocal_pipeline.constants import (
     SIZE_DIVISOR,
 )
 from gfocal_pipeline.decode import candidates_per_image
-from gfocal_pipeline.errors import ExportError
+from gfocal_pipeline.errors import ExportError, os_error_fix
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file, write_json
 from gfocal_pipeline.model.deploy import NMS_OP, VARIANTS, DeployModel
 from gfocal_pipeline.parity import ParityReport, compare_candidates
@@ -232,21 +233,47 @@ def rejected_path(output: str | os.PathLike[str]) -> Path:
     return Path(output).with_suffix(".rejected.onnx")
 
 
-def _verdict(report: ParityReport, parity_threshold: float, max_unexplained: int) -> str:
-    """Why the parity report refuses the graph, or "" when it passes."""
-    if report.count_mismatch or any(report.nonfinite.values()):
-        return "the graph's output is malformed or not finite"
-    if report.numeric_error > parity_threshold:
+GRAPH_FIX = (
+    "A correct graph has 0 unexplained candidates (ties at the top-k boundary are allowed): "
+    "check the opset and the model code, or raise parity_threshold / max_unexplained "
+    "knowingly (both are recorded in the export result)"
+)
+NONFINITE_FIX = (
+    "No threshold lets NaN/Inf through. Non-finite PyTorch outputs mean the checkpoint's weights "
+    "overflow on real images (the file is damaged or its training diverged: re-export it from a good "
+    "training checkpoint, or re-train); non-finite ONNX Runtime outputs alone mean the graph is wrong "
+    "(check the opset and the model code)"
+)
+
+
+def _verdict(report: ParityReport, parity_threshold: float, max_unexplained: int) -> tuple[str, str]:
+    """Why the parity report refuses the graph and the fix, or ("", "") when it passes.
+
+    Non-finite values are refused before any comparison: NaN compares false with every bound.
+    """
+    if not report.finite:
+        return f"{sum(report.nonfinite.values())} output value(s) are NaN or Inf", NONFINITE_FIX
+    if report.count_mismatch:
+        return "the graph's output is malformed", GRAPH_FIX
+    if not report.numeric_error <= parity_threshold:  # `not <=`: a NaN error is refused too
         return (
             f"matched candidates differ from PyTorch by {report.numeric_error:.3g} "
-            f"(> parity_threshold {parity_threshold:g})"
+            f"(> parity_threshold {parity_threshold:g})",
+            GRAPH_FIX,
         )
     if report.unexplained > max_unexplained:
         return (
             f"{report.unexplained} candidate(s) differ from PyTorch's and are no top-k tie "
-            f"(> max_unexplained {max_unexplained})"
+            f"(> max_unexplained {max_unexplained})",
+            GRAPH_FIX,
         )
-    return ""
+    return "", ""
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 def _check_arguments(
@@ -267,14 +294,26 @@ def _check_arguments(
         raise ExportError(f"batch {batch!r} must be an integer >= 1")
     if not input_name or not isinstance(input_name, str):
         raise ExportError(f"input name {input_name!r} must be a non-empty string")
-    if not isinstance(parity_threshold, int | float) or not parity_threshold > 0:
-        raise ExportError(f"parity_threshold {parity_threshold!r} must be a number > 0, e.g. 1e-3")
+    if not _positive_number(parity_threshold):  # inf would let every numeric error through
+        raise ExportError(f"parity_threshold {parity_threshold!r} must be a finite number > 0, e.g. 1e-3")
     if isinstance(max_unexplained, bool) or not isinstance(max_unexplained, int) or max_unexplained < 0:
         raise ExportError(f"max_unexplained {max_unexplained!r} must be an integer >= 0 (default 0)")
     opset = DEFAULT_OPSET[variant] if opset is None else int(opset)
     if not 11 <= opset <= 20:
         raise ExportError(f"opset {opset} is outside the supported range 11..20")
     return opset
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The `OSError` (with an errno) that `exc` is or was raised from, if any."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if isinstance(seen, OSError) and seen.errno:
+            return seen
+        if seen is None:
+            return None
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _trace(
@@ -298,6 +337,13 @@ def _trace(
                 custom_opsets=None,
             )
     except Exception as exc:  # torch raises many types; report them as one export failure
+        written = _os_error_in(exc)
+        if written is not None:  # disk full, file size limit, ...: name the folder and the fix
+            error = OSError(written.errno, written.strerror, str(path.parent))
+            raise ExportError(
+                f"cannot write the ONNX into {str(path.parent)!r}: {written.strerror or written}; "
+                f"{os_error_fix(error)}"
+            ) from exc
         raise ExportError(f"torch.onnx.export failed for variant {deploy.variant!r}: {exc}") from exc
     graph = onnx.load(str(path))
     if deploy.variant == "ascend":  # the custom op hides its output shapes from ONNX: state them
@@ -324,15 +370,12 @@ def _verify(
         raise ExportError(f"{exc}\nThe graph was kept at {rejected} for inspection") from exc
     report = parity(deploy, graph, *feeds)
     log.info("parity ONNX Runtime vs PyTorch per level:\n%s", report.describe())
-    refusal = _verdict(report, parity_threshold, max_unexplained)
+    refusal, fix = _verdict(report, parity_threshold, max_unexplained)
     if refusal:
         rejected = _keep_rejected(tmp, output)
         raise ExportError(
             f"ONNX Runtime and PyTorch disagree for {output}: {refusal}.\n{report.describe()}\n"
-            f"The target was not written; the refused graph is kept at {rejected} for inspection. "
-            "A correct graph has 0 unexplained candidates (ties at the top-k boundary are allowed): "
-            "check the opset and the model code, or raise parity_threshold / max_unexplained "
-            "knowingly (both are recorded in the export result)"
+            f"The target was not written; the refused graph is kept at {rejected} for inspection. {fix}"
         )
     if report.unexplained:
         log.warning(
@@ -367,6 +410,8 @@ def export_onnx(
     args = (variant, height, width, batch, opset, input_name, parity_threshold, max_unexplained)
     opset = _check_arguments(*args)
     output = Path(output)
+    if output.is_dir():
+        raise ExportError(f"output {str(output)!r} is a directory; give the path of the .onnx file to write")
     ensure_writable_dir(output.parent, "output directory")
 
     deploy = DeployModel(load_model(checkpoint), variant, height, width, normalize_in_graph).eval()

@@ -1,17 +1,29 @@
-"""Atomic writes and content hashes: artifacts appear whole or not at all, retries are idempotent."""
+"""Atomic writes, content hashes and crash-safe state: artifacts appear whole or not at all, a
+damaged state file means "not done", one writer per step and run directory; retries are idempotent."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import hashlib
 import json
+import logging
 import os
+import re
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gfocal_pipeline.errors import GfocalError
+import numpy as np
+
+from gfocal_pipeline.errors import GfocalError, StepBusyError
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 
@@ -39,11 +51,53 @@ def ensure_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
     return directory
 
 
+# --- who wrote a temp: `<host>-<pid>` in its name, so a dead writer's leftovers are recognised ------
+_OWNER = re.compile(r"[-.](?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)[-.][A-Za-z0-9_]+(?:\.tmp)?$")
+
+
+def owner_tag() -> str:
+    """`<host>-<pid>` of this process, for the names of its temporary files and build folders."""
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def owner_is_dead(path: str | os.PathLike[str]) -> bool:
+    """True when `path` was named by `owner_tag` of a process of this host that no longer runs.
+
+    False when unsure (another host, no tag, the pid runs): then only age may reclaim it."""
+    match = _OWNER.search(Path(path).name)
+    if match is None or match["host"] != owner_tag().rsplit("-", 1)[0]:
+        return False
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+def _reclaim_dead_temps(target: Path) -> None:
+    """Remove temps of `target` whose writer died (SIGKILL, OOM, a lost host's restart)."""
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        if owner_is_dead(tmp):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                log.info("removed %s, left by a writer that was killed", tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds."""
+    """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds.
+
+    The temp's name carries its writer (`owner_tag`): the next writer of the same target removes
+    what a killed one left."""
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    _reclaim_dead_temps(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{owner_tag()}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -65,3 +119,94 @@ def write_json(target: str | os.PathLike[str], data: Any) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     return target
+
+
+# --- crash-safe state -------------------------------------------------------------------------
+# Markers, timing files and saved arrays are state a retry decides on. A file a killed writer or a
+# full disk left damaged means "not done": it is logged and the work is redone, never a crash.
+
+_STATE_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+
+
+def read_state_json(path: str | os.PathLike[str], what: str) -> Any | None:
+    """The JSON in `path`, or None when it is missing or unreadable (logged: the step redoes it)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("%s %s is unreadable (%s); treating it as not done", what, path, exc)
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        log.warning("%s %s is corrupt (%s); treating it as not done", what, path, exc)
+        return None
+
+
+def read_state_npz(path: str | os.PathLike[str], what: str) -> dict[str, np.ndarray] | None:
+    """Every array of the .npz at `path`, or None when it is missing or damaged (logged)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except _STATE_ERRORS as exc:
+        log.warning("%s %s is damaged (%s); treating it as not done", what, path, exc)
+        return None
+
+
+def reclaim_temps(directory: str | os.PathLike[str], names: Iterable[str] | None = None) -> list[Path]:
+    """Remove temp files `atomic_path` writers left in `directory` when they were killed.
+
+    `names` limits it to the temps of those targets (other writers share the folder); call it only
+    while holding the lock of the step that writes them, so no live writer's temp is removed."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    patterns = [f".{name}.*.tmp" for name in names] if names is not None else [".*.tmp"]
+    removed = []
+    for pattern in patterns:
+        for tmp in folder.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                size = tmp.stat().st_size
+                tmp.unlink()
+                removed.append(tmp)
+                log.info("removed %s (%d bytes) left by an interrupted writer", tmp, size)
+    return removed
+
+
+@contextlib.contextmanager
+def step_lock(run_dir: str | os.PathLike[str], step: str) -> Iterator[None]:
+    """Hold `<run_dir>/.locks/<step>.lock` for the block, or fail fast naming the holder.
+
+    The lock is an flock: the kernel drops it when its holder dies, so a killed task never blocks
+    its retry. The file records who holds it (host, pid, since) for the message of a second writer."""
+    locks = Path(run_dir) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / f"{step}.lock"
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise StepBusyError(
+                f"step {step!r} of run directory {str(run_dir)!r} is already running ({holder}); "
+                "wait for it to finish, or give this run its own run directory (another run id)"
+            ) from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(
+                f"held by pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC"
+            )
+            handle.flush()
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -15,11 +15,13 @@ import numbers
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gfocal_pipeline.errors import ConfigError, GfocalError
-from gfocal_pipeline.history import HistoryStore, RunRecord
 from gfocal_pipeline.options import OptionSpec, option, spec_of
+
+if TYPE_CHECKING:  # sqlalchemy costs 0.15 s to import: not for `gfocal infer` (cli -> run_config -> gate)
+    from gfocal_pipeline.history import HistoryStore, RunRecord
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,10 @@
 The store is plain SQLAlchemy Core (no Airflow import), so the gate, the alerts, the CLI and the
 plugin's trend page all read the same table. Any SQLAlchemy URL works; the default is a SQLite file
 beside the Airflow home. Recording is an upsert keyed by (dag_id, run_id, configuration without the
-dataset): a retried task replaces its own row instead of adding a second one (also when the retry
-scored a changed dataset), and the gate only ever updates the verdict columns of a row that already
-exists, so a failing gate never loses the measurement.
+dataset), and a run holds one row per backend: a retried task replaces its own row instead of adding
+a second one (also when the retry scored a changed dataset or ran on another device), and the gate
+only ever updates the verdict columns of a row that already exists, so a failing gate never loses
+the measurement.
 
 The configuration includes the dataset identity (`Manifest.dataset_id`), so runs on two datasets of
 the same size never share a baseline. A table created before that column existed is migrated when a
@@ -495,12 +496,30 @@ class HistoryStore:
 
     def record(self, record: RunRecord) -> None:
         """Insert the record, or replace the row of the same (dag_id, run_id, configuration without
-        the dataset): a retry that scored a changed dataset replaces its row, dataset included."""
+        the dataset): a retry that scored a changed dataset replaces its row, dataset included.
+
+        One row per (dag_id, run_id, backend): a second record of a run's backend under another
+        configuration (a cleared run whose reference fell back from CUDA to the CPU, another
+        precision) replaces the first one instead of adding a row beside it."""
         values = _row_values(record)
         where = self._key_clause(record.dag_id, record.run_id, record.config, with_dataset=False)
+        same_backend = sa.and_(
+            results_table.c.dag_id == record.dag_id,
+            results_table.c.run_id == record.run_id,
+            results_table.c.backend == record.config.backend,
+            sa.not_(where),
+        )
         action = f"recording run {record.run_id!r}"
         try:
             with self._transaction(action) as conn:
+                replaced = conn.execute(sa.delete(results_table).where(same_backend)).rowcount
+                if replaced:
+                    log.warning(
+                        "run %s: replaced %d row(s) of backend %s recorded under another configuration",
+                        record.run_id,
+                        replaced,
+                        record.config.backend,
+                    )
                 updated = conn.execute(sa.update(results_table).where(where).values(**values)).rowcount
                 if not updated:
                     conn.execute(sa.insert(results_table).values(**values))

@@ -13,6 +13,7 @@ Run directory (`<base>/<dag_id>/<run_id>/`, or any directory for the CLI):
                                `inputs/<backend>/<shard>/` and deletes it when done
     outputs/<backend>/<shard>/outputs.npz + done.json (+ candidates.npz with keep_candidates)
     timing/<backend>/<shard>.json
+    .locks/<step>.lock         held while a step writes (a second writer fails fast naming the holder)
     eval/<backend>/detections.json, stats.json, per_class.csv
     summary.json               (+ pruned.json once retention pruned the run to its small results)
 
@@ -32,7 +33,8 @@ Shared output layout (`outputs/<backend>/<shard>/`):
 
 from __future__ import annotations
 
-import json
+import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,9 @@ from typing import Any
 import numpy as np
 
 from gfocal_pipeline.errors import DatasetError
-from gfocal_pipeline.fileio import atomic_path, write_json
+from gfocal_pipeline.fileio import atomic_path, read_state_json, read_state_npz, write_json
+
+log = logging.getLogger(__name__)
 
 OUTPUTS_FILE = "outputs.npz"
 DONE_FILE = "done.json"
@@ -157,20 +161,31 @@ def write_shard_outputs(
 
 
 def shard_done(out_dir: Path) -> dict[str, Any] | None:
-    """The done marker of a finished shard, or None when the shard must be (re)computed."""
-    done = out_dir / DONE_FILE
-    if not done.is_file() or not (out_dir / OUTPUTS_FILE).is_file():
+    """The done marker of a finished shard, or None when the shard must be (re)computed: no marker,
+    or a marker or outputs file that a killed writer or a full disk left damaged (logged)."""
+    if not (out_dir / OUTPUTS_FILE).is_file():
         return None
-    return json.loads(done.read_text())
+    marker = read_state_json(out_dir / DONE_FILE, "done marker")
+    if not isinstance(marker, dict) or not isinstance(marker.get("images"), int):
+        if marker is not None:
+            log.warning("done marker %s is not a marker; recomputing the shard", out_dir / DONE_FILE)
+        return None
+    try:  # the zip directory is at the end: a truncated or overwritten file fails here
+        with np.load(out_dir / OUTPUTS_FILE, allow_pickle=False) as data:
+            complete = "image_ids" in data.files
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("outputs %s are damaged (%s); recomputing the shard", out_dir / OUTPUTS_FILE, exc)
+        return None
+    return marker if complete else None
 
 
 def read_shard_outputs(out_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(done marker, arrays) of a finished shard; a clear error if it is not finished."""
+    """(done marker, arrays) of a finished shard; a clear error if it is not finished or damaged."""
     marker = shard_done(out_dir)
-    if marker is None:
+    arrays = read_state_npz(out_dir / OUTPUTS_FILE, "outputs") if marker is not None else None
+    if marker is None or arrays is None:
         raise DatasetError(
-            f"shard outputs {str(out_dir)!r} are missing or unfinished (no {DONE_FILE}); run inference first"
+            f"shard outputs {str(out_dir)!r} are missing, unfinished or damaged; run inference of that "
+            "shard again (a retried infer task redoes exactly the shards not complete)"
         )
-    with np.load(out_dir / OUTPUTS_FILE) as data:
-        arrays = {name: data[name] for name in data.files}
     return marker, arrays

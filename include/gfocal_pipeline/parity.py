@@ -17,7 +17,11 @@ compare arrays element by element; it works from PyTorch's decode of *every* anc
 
 A wrong graph - a shifted prior, a wrong stride, a changed feature - moves boxes or scores off
 every anchor and shows up as unmatched/missing candidates or as a numeric error; a correct graph
-has 0 unexplained candidates whatever the weights. Non-finite values on either side are counted.
+has 0 unexplained candidates whatever the weights.
+
+Non-finite values are never compared (NaN compares false with everything, so a max-difference over
+them reads as 0): each output of each side is checked with `np.isfinite` first and its NaN/Inf count
+reported (`nonfinite`); a report with any of them, or with nothing compared, has an infinite error.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class ParityReport:
     """The whole comparison; `summary()` is what the export result and its JSON record."""
 
     levels: list[LevelParity] = field(default_factory=list)
-    nonfinite: dict[str, int] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=dict)  # "<side> <output>" -> NaN/Inf count
     count_mismatch: str = ""
 
     def merge(self, other: ParityReport) -> None:
@@ -75,12 +79,24 @@ class ParityReport:
         self.count_mismatch = self.count_mismatch or other.count_mismatch
 
     @property
+    def finite(self) -> bool:
+        """True when no output of either side held NaN or Inf."""
+        return not any(self.nonfinite.values())
+
+    @property
     def boxes(self) -> float:
-        return max((lv.boxes for lv in self.levels), default=0.0)
+        return self._worst("boxes")
 
     @property
     def scores(self) -> float:
-        return max((lv.scores for lv in self.levels), default=0.0)
+        return self._worst("scores")
+
+    def _worst(self, name: str) -> float:
+        """Largest level error `name`; inf when values were not finite (or an error is NaN)."""
+        values = [getattr(lv, name) for lv in self.levels]
+        if not self.finite or not all(math.isfinite(v) for v in values):
+            return math.inf
+        return max(values, default=0.0)
 
     @property
     def ties(self) -> int:
@@ -96,10 +112,15 @@ class ParityReport:
 
     @property
     def numeric_error(self) -> float:
-        """The largest matched difference (boxes in px or scores), inf when the values are not finite."""
-        if any(self.nonfinite.values()):
+        """The largest matched difference (boxes in px or scores); inf when the values are not finite
+        or the candidates could not be compared at all (a count mismatch)."""
+        if self.count_mismatch:
             return math.inf
         return max(self.boxes, self.scores)
+
+    def nonfinite_counts(self) -> str:
+        """'onnxruntime boxes 0, onnxruntime scores 3, ...': the NaN/Inf count of every output."""
+        return ", ".join(f"{output} {n}" for output, n in self.nonfinite.items())
 
     def summary(self) -> dict[str, float | int]:
         return {
@@ -108,7 +129,7 @@ class ParityReport:
             "boundary_ties": self.ties,
             "unexplained": self.unexplained,
             "max_gap": self.max_gap,
-            **{f"nonfinite_{side}": n for side, n in self.nonfinite.items()},
+            **{f"nonfinite_{output.replace(' ', '_')}": n for output, n in self.nonfinite.items()},
         }
 
     def per_level(self) -> list[dict[str, object]]:
@@ -127,9 +148,8 @@ class ParityReport:
         lines = []
         if self.count_mismatch:
             lines.append(self.count_mismatch)
-        if any(self.nonfinite.values()):
-            counts = ", ".join(f"{side} {n}" for side, n in self.nonfinite.items())
-            lines.append(f"non-finite values (NaN/Inf): {counts}")
+        if not self.finite:
+            lines.append(f"non-finite values (NaN/Inf) per output: {self.nonfinite_counts()}")
         for lv in self.per_level():
             boundary = "all kept" if lv["boundary_key"] is None else f"boundary key {lv['boundary_key']:.6g}"
             lines.append(
@@ -151,8 +171,22 @@ def level_blocks(height: int, width: int, nms_pre: int = NMS_PRE) -> list[tuple[
     return blocks
 
 
-def _nonfinite(*arrays: np.ndarray) -> int:
-    return int(sum(np.size(a) - np.count_nonzero(np.isfinite(a)) for a in arrays))
+OUTPUT_NAMES = ("boxes", "scores")
+
+
+def _nonfinite(array: np.ndarray) -> int:
+    """How many values of `array` are NaN or +-Inf."""
+    return int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+
+
+def nonfinite_outputs(side: str, *arrays: np.ndarray) -> dict[str, int]:
+    """`{"<side> boxes": n, "<side> scores": n}`: the NaN/Inf count of each output of one side."""
+    return {f"{side} {name}": _nonfinite(a) for name, a in zip(OUTPUT_NAMES, arrays, strict=True)}
+
+
+def _error(value: float) -> float:
+    """A measured difference; NaN (from a non-finite value) becomes inf so it can never pass a bound."""
+    return value if math.isfinite(value) else math.inf
 
 
 def _match(
@@ -247,8 +281,8 @@ def compare_level(
     matched, anchor_of = _assign(cand, ref, eligible, match_px, match_score)
     pairs = np.nonzero(matched)[0]
     if pairs.size:
-        result.boxes = float(np.abs(cand_boxes[pairs] - ref_boxes[anchor_of[pairs]]).max())
-        result.scores = float(np.abs(cand_scores[pairs] - ref_scores[anchor_of[pairs]]).max())
+        result.boxes = _error(float(np.abs(cand_boxes[pairs] - ref_boxes[anchor_of[pairs]]).max()))
+        result.scores = _error(float(np.abs(cand_scores[pairs] - ref_scores[anchor_of[pairs]]).max()))
     taken = np.zeros(anchors, dtype=bool)
     taken[anchor_of[pairs]] = True
     result.ties = int(np.sum(taken & ~ref_kept))
@@ -283,12 +317,15 @@ def compare_candidates(
 ) -> ParityReport:
     """The graph's candidates `got` = (boxes (B,K,4) or (B,K,1,4), scores (B,K,C)) against PyTorch's
     decode of every anchor `reference` = (boxes (B,A,4), scores (B,A,81)); the first C score columns
-    are compared, the key is the max over all of `reference`'s columns."""
+    are compared, the key is the max over all of `reference`'s columns. Nothing is compared when any
+    value of either side is NaN/Inf: the report then only counts them per output."""
     gb, gs = (np.asarray(a, np.float64) for a in got)
     rb, rs = (np.asarray(a, np.float64) for a in reference)
     gb = gb.reshape(gb.shape[0], -1, 4)
     classes = gs.shape[-1]
-    report = ParityReport(nonfinite={"onnxruntime": _nonfinite(gb, gs), "pytorch": _nonfinite(rb, rs)})
+    report = ParityReport(
+        nonfinite={**nonfinite_outputs("onnxruntime", gb, gs), **nonfinite_outputs("pytorch", rb, rs)}
+    )
     blocks = level_blocks(height, width, nms_pre)
     expected_k = sum(kept for _, kept, _ in blocks)
     expected_a = sum(anchors for anchors, _, _ in blocks)
@@ -298,7 +335,7 @@ def compare_candidates(
             f"for {height}x{width} (PyTorch decoded {rb.shape[1]} of {expected_a} anchors)"
         )
         return report
-    if any(report.nonfinite.values()):
+    if not report.finite:
         return report
     for b in range(gb.shape[0]):
         anchor_start = 0

@@ -1,7 +1,8 @@
 """Host-side NMS of portable candidates and the fixed-size "dets" rows that carry its result.
 
 `multiclass_nms` reduces one image's candidates to final detections; `pad_dets` stores them as the
-rows of kind "dets" (what NMS-in-graph models output too) and `from_dets` reads such rows back.
+rows of kind "dets" (what NMS-in-graph models output too) and `from_dets` reads such rows back
+(`from_dets_rows`: a whole shard at once).
 Vectorised, no per-box loops."""
 
 from __future__ import annotations
@@ -65,10 +66,19 @@ def multiclass_nms(
 
 def from_dets(dets: np.ndarray, labels: np.ndarray) -> Detections:
     """NMS-in-graph outputs (100,5) + (100,) -> Detections, dropping padding rows and the 81st class."""
-    dets = np.asarray(dets, np.float32).reshape(-1, 5)
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    valid = (labels >= 0) & (labels < NUM_CLASSES) & (dets[:, 4] > 0)
-    return Detections(dets[valid, :4], dets[valid, 4], labels[valid])
+    _, found = from_dets_rows(np.asarray(dets).reshape(1, -1, 5), np.asarray(labels).reshape(1, -1))
+    return found
+
+
+def from_dets_rows(dets: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, Detections]:
+    """`from_dets` of many images at once: (N,R,5) dets + (N,R) labels -> (image row 0..N-1 of each
+    kept detection, the kept detections), in image order then row order, as image by image."""
+    dets = np.asarray(dets, np.float32)
+    labels = np.asarray(labels).reshape(dets.shape[:2]).astype(np.int64, copy=False)
+    valid = (labels >= 0) & (labels < NUM_CLASSES) & (dets[..., 4] > 0)
+    rows = np.nonzero(valid)[0]
+    kept = dets[valid]
+    return rows, Detections(kept[:, :4], kept[:, 4], labels[valid])
 
 
 def pad_dets(found: Detections, max_per_img: int = MAX_PER_IMG) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import re
 import shutil
@@ -18,7 +17,7 @@ from typing import Any
 
 from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
 from gfocal_pipeline.errors import DatasetError, GfocalError
-from gfocal_pipeline.fileio import write_json
+from gfocal_pipeline.fileio import read_state_json, reclaim_temps, step_lock, write_json
 from gfocal_pipeline.layout import RunLayout, om_cache_dir
 from gfocal_pipeline.manifest import Manifest, load_manifest
 from gfocal_pipeline.timing import summarize
@@ -89,13 +88,14 @@ def export_step(
         "dynamic_batch": portable or batch_size > 1,
         "normalize_in_graph": portable and dtype == "uint8",
     }
-    if work_dir is not None and cache_onnx:
-        from gfocal_pipeline.caching import cached_export
+    target = RunLayout.at(run_dir).onnx(variant)
+    with step_lock(run_dir, f"export-{variant}"):
+        reclaim_temps(target.parent, [target.name])
+        if work_dir is not None and cache_onnx:
+            from gfocal_pipeline.caching import cached_export
 
-        return cached_export(run_dir, work_dir, variant, checkpoint, **options)
-    result = export_onnx(
-        checkpoint=checkpoint, output=RunLayout.at(run_dir).onnx(variant), variant=variant, **options
-    )
+            return cached_export(run_dir, work_dir, variant, checkpoint, **options)
+        result = export_onnx(checkpoint=checkpoint, output=target, variant=variant, **options)
     return {**result.to_xcom(), "cached": False}
 
 
@@ -108,14 +108,16 @@ def convert_step(
     from gfocal_pipeline.backends.atc import convert_onnx
 
     layout = RunLayout.at(run_dir)
-    return convert_onnx(
-        onnx_path,
-        cache_dir,
-        output_dir=layout.om.parent,
-        om_name=layout.om.stem,
-        dynamic_batch_sizes=om_batch_sizes(batch_size),
-        **options,
-    )
+    with step_lock(layout.root, "convert"):
+        reclaim_temps(layout.om.parent, [layout.om.name, "convert.json"])
+        return convert_onnx(
+            onnx_path,
+            cache_dir,
+            output_dir=layout.om.parent,
+            om_name=layout.om.stem,
+            dynamic_batch_sizes=om_batch_sizes(batch_size),
+            **options,
+        )
 
 
 def preprocess_step(
@@ -141,16 +143,19 @@ def preprocess_step(
     layout = RunLayout.at(run_dir)
     where = {"image_dir": images_dir, "annotation_file": annotations}
     reuse: dict[str, Any] = {"cached": False}
-    if work_dir is not None and cache_inputs:
-        from gfocal_pipeline.caching import cached_inputs
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with step_lock(layout.root, "preprocess"):
+        reclaim_temps(layout.root, [layout.manifest.name])
+        if work_dir is not None and cache_inputs:
+            from gfocal_pipeline.caching import cached_inputs
 
-        manifest, reuse = cached_inputs(preprocess, coco_root, layout.root, work_dir, **where, **options)
-    elif work_dir is not None:
-        manifest = preprocess(coco_root, layout.root, **where, **options, write_inputs=False)
-        manifest.per_task_inputs = True
-        manifest.write(layout.manifest)
-    else:
-        manifest = preprocess(coco_root, layout.root, **where, **options)
+            manifest, reuse = cached_inputs(preprocess, coco_root, layout.root, work_dir, **where, **options)
+        elif work_dir is not None:
+            manifest = preprocess(coco_root, layout.root, **where, **options, write_inputs=False)
+            manifest.per_task_inputs = True
+            manifest.write(layout.manifest)
+        else:
+            manifest = preprocess(coco_root, layout.root, **where, **options)
     return {
         **reuse,
         "dataset_id": manifest.dataset_id,
@@ -162,9 +167,21 @@ def preprocess_step(
         "input_shape": list(manifest.input_shape()),
         "images": len(manifest.images),
         "skipped": len(manifest.skipped),
+        "skipped_images": skipped_images(manifest),
         "shards": sorted(manifest.shards),
         "preprocess_seconds": round(time.perf_counter() - started, 3),
     }
+
+
+SKIPPED_LISTED = 20  # at most this many skipped images named in XCom / summary (all are in the manifest)
+
+
+def skipped_images(manifest: Manifest) -> list[dict[str, Any]]:
+    """The first skipped images (file name + reason): small enough for XCom and the summary."""
+    return [
+        {"file_name": s.get("file_name"), "reason": s.get("reason")}
+        for s in manifest.skipped[:SKIPPED_LISTED]
+    ]
 
 
 @contextlib.contextmanager
@@ -213,6 +230,23 @@ def infer_step(
     check_not_pruned(run_dir, "model copies and inputs")
     layout = RunLayout.at(run_dir)
     manifest = load_manifest(layout.manifest)
+    with step_lock(layout.root, f"infer-{safe_name(backend)}-{safe_name(shard)}"):
+        reclaim_temps(layout.output_shard(backend, shard))
+        reclaim_temps(layout.timing_dir(backend), [layout.timing_file(backend, shard).name])
+        return _infer_locked(layout, manifest, shard, backend, runner, work_dir, options)
+
+
+def _infer_locked(
+    layout: RunLayout,
+    manifest: Manifest,
+    shard: str,
+    backend: str,
+    runner: Any,
+    work_dir: str | Path | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    from gfocal_pipeline.backends.registry import get_backend
+
     with shard_inputs(layout, manifest, shard, backend) as usable:
         if runner is not None:
             return {**runner.infer_shard(layout, usable, shard).to_dict(), "cached": False}
@@ -242,8 +276,13 @@ def combined_timing(run_dir: str | Path, backend: str) -> dict[str, Any]:
     shard_fps = []
     extra: dict[str, Any] = {}
     for path in files:
-        data = json.loads(path.read_text())
-        summary = data["summary"]
+        data = read_state_json(path, "timing file")
+        summary = data.get("summary") if isinstance(data, dict) else None
+        if not isinstance(summary, dict) or not summary.get("images"):
+            raise DatasetError(
+                f"timing file {str(path)!r} is damaged; run the inference of shard {path.stem!r} again "
+                "(a retried infer task redoes exactly the shards that are not complete)"
+            )
         batch_sizes.add(summary.get("batch_size"))
         shard_fps.append(summary["fps"])
         images += summary["images"]
@@ -268,8 +307,12 @@ def evaluate_step(run_dir: str | Path, backend: str, **options: Any) -> dict[str
     from gfocal_pipeline.retention import check_not_pruned
 
     check_not_pruned(run_dir, "raw outputs")
-    result = evaluate_outputs(run_dir, backend, **options)
-    result["timing"] = combined_timing(run_dir, backend)
+    layout = RunLayout.at(run_dir)
+    with step_lock(layout.root, f"evaluate-{safe_name(backend)}"):
+        reclaim_temps(layout.eval_dir(backend))
+        timing = combined_timing(run_dir, backend)  # read first: results are written after all inputs
+        result = evaluate_outputs(run_dir, backend, **options)
+    result["timing"] = timing
     result["dataset_id"] = load_manifest(RunLayout.at(run_dir).manifest).dataset_id
     return result
 
@@ -332,11 +375,13 @@ def cli_history_record(
     """(history row, evaluation) of an evaluated run directory, for `gfocal gate` (no Airflow run)."""
     layout = RunLayout.at(run_dir)
     stats_file = layout.eval_dir(backend) / "stats.json"
-    if not stats_file.is_file():
-        raise GfocalError(f"{str(stats_file)!r} not found; run `gfocal eval --backend {backend}` first")
+    stats = read_state_json(stats_file, "evaluation results")
+    if not isinstance(stats, dict) or not isinstance(stats.get("stats"), dict):
+        state = "damaged" if stats_file.is_file() else "not found"
+        raise GfocalError(f"{str(stats_file)!r} {state}; run `gfocal eval --backend {backend}` (again) first")
     manifest = load_manifest(layout.manifest)
     evaluation = {
-        **json.loads(stats_file.read_text()),
+        **stats,
         "timing": combined_timing(layout.root, backend),
         "dataset_id": manifest.dataset_id,
     }
@@ -369,6 +414,10 @@ def summary_step(run_dir: str | Path, evaluations: dict[str, dict[str, Any]], **
 
     layout = RunLayout.at(run_dir)
     summary: dict[str, Any] = {"run_dir": str(layout.root), **facts, "cache": reuse_summary(layout.root)}
+    if layout.manifest.is_file():
+        manifest = load_manifest(layout.manifest)
+        if manifest.skipped:
+            summary["skipped"] = {"count": len(manifest.skipped), "images": skipped_images(manifest)}
     summary["backends"] = {}
     for role, result in evaluations.items():
         timing = result.get("timing", {})
@@ -418,6 +467,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  fps={info['fps']:.2f} (batch {info['batch_size']})  latency ms: {pct}")
         lines.append(f"  detections: {info['detections_path']}")
         lines.append(f"  per-class AP: {info['per_class_path']}")
+    if summary.get("skipped"):
+        skipped = summary["skipped"]
+        lines.append(f"\nskipped {skipped['count']} unreadable image(s) (skip_bad_images), e.g.:")
+        lines += [f"  {s['file_name']}: {s['reason']}" for s in skipped["images"][:5]]
     if summary.get("cache"):
         reused = ", ".join(
             f"{kind} {n['reused']} reused / {n['built']} built" for kind, n in summary["cache"].items()

@@ -80,6 +80,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, inbox: Inbox) -> Iterator[
             "AIRFLOW_CONN_SMTP_DEFAULT": f"smtp://127.0.0.1:{inbox.port}?disable_tls=true&disable_ssl=true",
             "AIRFLOW__GFOCAL__ALERT_TO": "oncall@example.test",
             "AIRFLOW__GFOCAL__NIGHTLY_DEADLINE_HOURS": str(DEADLINE_S / 3600),
+            # a lost worker's task is noticed within a minute and retried after seconds (test_worker_loss)
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+            "AIRFLOW__GFOCAL__RETRY_DELAY_SECONDS": "5",
         }
         with running_cluster(ROOT, tmp, alerts) as deployment:
             deployment.start_worker("worker-cpu", "default", CPU_HOST, concurrency=2)

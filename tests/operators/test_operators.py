@@ -247,3 +247,32 @@ def test_export_operator_writes_the_layouts_graph_with_the_parity_options(
     assert xcom["onnx_path"] == str(tmp_path / "model" / f"gfocal_{variant}.onnx")
     assert (call["dynamic_batch"], call["normalize_in_graph"]) == (dynamic, normalize)
     assert (call["parity_threshold"], call["max_unexplained"]) == (0.01, 2)
+
+
+def test_errors_no_retry_can_heal_fail_the_task_at_once(kit: Toolkit, tmp_path: Path) -> None:
+    """Bad options and an OM converted for another input skip the retries (AirflowFailException)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from operators.pipeline import PrepareRunOperator
+
+    prepare = PrepareRunOperator(task_id="prepare", config={"work_dir": "relative/dir"})
+
+    class Dag:
+        dag_id = "gfocal_onnxruntime"
+
+    with pytest.raises(AirflowFailException, match=r"ConfigError: parameter .* must be an absolute"):
+        prepare.execute(context={"dag": Dag(), "run_id": "manual__1"})
+    om = convert_operator(kit, tmp_path).execute(context={})["om_path"]  # float32 16x16
+    write_run(tmp_path / "run", dtype="uint8")
+    infer = MsameInferOperator(
+        task_id="infer",
+        run_dir=str(tmp_path / "run"),
+        shard=SHARD,
+        model=om,
+        options={"set_env": str(kit.set_env)},
+    )
+    with pytest.raises(
+        AirflowFailException, match=r"OmInputMismatchError: the run's input \(uint8 NHWC 16x16"
+    ):
+        infer.execute(context={})
+    assert kit.calls("msame") == []

@@ -71,3 +71,82 @@ def test_bad_retention_values_name_the_key(
     monkeypatch.setenv(f"AIRFLOW__GFOCAL__{key}", value)
     with pytest.raises(ConfigError, match=expected):
         load_settings()
+
+
+def test_retry_and_timeout_defaults() -> None:
+    settings = load_settings()
+    assert settings.task_retries == 2 and settings.task_timeout_scale == 1.0
+    assert settings.retry_args() == {
+        "retries": 2,
+        "retry_delay": timedelta(seconds=60),
+        "retry_exponential_backoff": 2.0,  # a multiplier: doubles per retry (True would be 1.0)
+        "max_retry_delay": timedelta(minutes=30),
+    }
+    assert settings.task_timeout_minutes == ()
+    assert settings.task_timeout("convert", None) == timedelta(minutes=120)
+    assert settings.task_timeout("infer", 8) == timedelta(minutes=15, seconds=8 * 15)
+
+
+def test_retry_and_timeout_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {
+        "TASK_RETRIES": "0",
+        "RETRY_DELAY_SECONDS": "10",
+        "MAX_RETRY_DELAY_MINUTES": "5",
+        "TASK_TIMEOUT_SCALE": "2",
+        "TASK_TIMEOUT_MINUTES": "convert = 240, infer=30",
+    }.items():
+        monkeypatch.setenv(f"AIRFLOW__GFOCAL__{key}", value)
+    settings = load_settings()
+    assert settings.retry_args()["retries"] == 0
+    assert settings.retry_args()["retry_delay"] == timedelta(seconds=10)
+    assert settings.retry_args()["max_retry_delay"] == timedelta(minutes=5)
+    assert settings.task_timeout_minutes == (("convert", 240.0), ("infer", 30.0))
+    assert settings.task_timeout("convert", None) == timedelta(minutes=240)  # fixed: not scaled
+    assert settings.task_timeout("infer", 10_000) == timedelta(minutes=30)  # fixed: not sized
+    assert settings.task_timeout("evaluate", 600) == timedelta(minutes=2 * 15, seconds=2 * 0.5 * 600)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("TASK_RETRIES", "-1", r"\[gfocal\] task_retries = '-1': expected an integer >= 0"),
+        ("TASK_RETRIES", "1.5", r"\[gfocal\] task_retries = '1\.5': expected an integer >= 0.*e\.g\. 2"),
+        ("RETRY_DELAY_SECONDS", "0", r"\[gfocal\] retry_delay_seconds = '0': expected a number > 0"),
+        (
+            "MAX_RETRY_DELAY_MINUTES",
+            "soon",
+            r"\[gfocal\] max_retry_delay_minutes = 'soon': expected a number",
+        ),
+        ("TASK_TIMEOUT_SCALE", "nan", r"\[gfocal\] task_timeout_scale = 'nan': expected a number > 0"),
+        ("TASK_TIMEOUT_MINUTES", "train=5", r"\[gfocal\] task_timeout_minutes = 'train=5': 'train=5' is not"),
+        (
+            "TASK_TIMEOUT_MINUTES",
+            "convert",
+            r"task_timeout_minutes .* <kind>=<minutes> with a kind of prepare",
+        ),
+        (
+            "TASK_TIMEOUT_MINUTES",
+            "convert=-3",
+            r"task_timeout_minutes .* minutes of 'convert' must be a number > 0",
+        ),
+    ],
+)
+def test_bad_retry_and_timeout_values_name_the_key(
+    monkeypatch: pytest.MonkeyPatch, key: str, value: str, expected: str
+) -> None:
+    from gfocal_pipeline.errors import ConfigError
+
+    monkeypatch.setenv(f"AIRFLOW__GFOCAL__{key}", value)
+    with pytest.raises(ConfigError, match=expected):
+        load_settings()
+
+
+def test_max_retry_delay_below_the_first_delay_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gfocal_pipeline.errors import ConfigError
+
+    monkeypatch.setenv("AIRFLOW__GFOCAL__RETRY_DELAY_SECONDS", "600")
+    monkeypatch.setenv("AIRFLOW__GFOCAL__MAX_RETRY_DELAY_MINUTES", "5")
+    with pytest.raises(
+        ConfigError, match="max_retry_delay_minutes = 5 is shorter than retry_delay_seconds = 600"
+    ):
+        load_settings()

@@ -76,8 +76,10 @@ class _Evil:
 
 def test_unsafe_pickle_is_refused(tmp_path: Path) -> None:
     torch.save({"meta": {"x": _Evil()}, "state_dict": random_state_dict(0)}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match=r"evil\.pth.*unsafe"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth.*unsafe") as info:
         read_state_dict(tmp_path / "evil.pth")
+    # the message says what was refused, and not torch's advice to load it with weights_only=False
+    assert "GLOBAL print" in str(info.value) and "weights_only" not in str(info.value)
 
 
 def test_missing_and_not_a_checkpoint(tmp_path: Path) -> None:
@@ -113,3 +115,38 @@ def test_layout_mismatch_lists_keys_and_shapes(tmp_path: Path) -> None:
     assert "Traceback" not in text
     model = load_model(tmp_path / "bad.pth", strict=False)  # what fits is loaded
     assert torch.equal(model.state_dict()["bbox_head.gfl_reg.weight"], state["bbox_head.gfl_reg.weight"])
+
+
+def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path: Path) -> None:
+    # a few tensors are enough: the check runs on the file, before any model is built
+    state = {
+        "backbone.conv1.weight": torch.zeros(2, 3, 1, 4),
+        "bbox_head.gfl_reg.bias": torch.zeros(68),
+        "backbone.bn1.num_batches_tracked": torch.zeros((), dtype=torch.int64),
+    }
+    state["bbox_head.gfl_reg.bias"][:4] = float("nan")
+    state["backbone.conv1.weight"][0, 0, 0, :2] = float("inf")
+    state["backbone.conv1.weight"][1, 0, 0, 0] = float("nan")
+    torch.save({"meta": {}, "state_dict": state}, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "nan.pth")
+    text = str(info.value)
+    assert str(tmp_path / "nan.pth") in text and "2 floating tensor(s)" in text
+    assert "backbone.conv1.weight (1 NaN, 2 Inf)" in text and "bbox_head.gfl_reg.bias (4 NaN)" in text
+    assert "damaged" in text and "re-export" in text and "re-train" in text
+    with pytest.raises(CheckpointError, match=r"nan\.pth"):  # strict or not, the model is never built
+        load_model(tmp_path / "nan.pth", strict=False)
+
+
+def test_many_non_finite_tensors_show_the_first_few_and_a_count(tmp_path: Path) -> None:
+    state = {f"layer{i}.weight": torch.ones(3) for i in range(8)}
+    for tensor in state.values():
+        tensor[0] = float("-inf")
+    state["head.bias"] = torch.tensor([float("inf"), 1.0], dtype=torch.float16)  # fp16 is checked too
+    state["fine.weight"] = torch.ones(2)
+    torch.save(state, tmp_path / "inf.pth")
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "inf.pth")
+    text = str(info.value)
+    assert "9 floating tensor(s)" in text and "... and 4 more" in text
+    assert "layer0.weight (1 Inf)" in text and "layer5.weight" not in text and "fine.weight" not in text

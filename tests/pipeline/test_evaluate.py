@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import math
 import random
 from pathlib import Path
 
@@ -352,3 +355,292 @@ def test_rerun_replaces_the_files_and_leaves_no_temporaries(run: tuple) -> None:
         "stats.json",
     ]
     assert json.loads(Path(second["stats_path"]).read_text())["engine"] == "pycocotools"
+
+
+# --- the vectorised in-memory path against the straightforward one -----------------------------
+
+
+def random_run(root: Path, seed: int = 0, images: int = 24) -> tuple[RunLayout, Manifest, Path]:
+    """A run of `images` images with their own geometry (pad, scale_x != scale_y), random ground truth
+    (some crowd) and 100 dets rows per image near it: real rows, padding, class 80, score ties."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ids = sorted(rng.choice(np.arange(1, 10_000), size=images, replace=False).tolist())
+    shards = {f"{n:05d}": ids[n::3] for n in range(3)}
+    coco_images, annotations, entries, outputs = [], [], [], {}
+    for shard, shard_ids in shards.items():
+        for image_id in shard_ids:
+            width, height = int(rng.integers(100, 640)), int(rng.integers(100, 640))
+            sx, sy = float(rng.uniform(0.5, 2.0)), float(rng.uniform(0.5, 2.0))
+            pad = (int(rng.integers(0, 30)), int(rng.integers(0, 30)), 0, 0)
+            geometry = Geometry(width, height, sx, sy, round(width * sx), round(height * sy), pad)
+            entries.append(ImageEntry(image_id, f"img_{image_id}.jpg", shard, geometry))
+            coco_images.append(
+                {"id": image_id, "file_name": f"img_{image_id}.jpg", "width": width, "height": height}
+            )
+            gt = np.stack([rng.uniform(0, width / 2, 6), rng.uniform(0, height / 2, 6)], 1)
+            gt = np.concatenate([gt, gt + rng.uniform(4, 200, size=(6, 2))], 1)
+            gt_labels = rng.integers(0, 8, size=6)  # few classes: several boxes per class and image
+            for box, label in zip(gt.tolist(), gt_labels.tolist(), strict=True):
+                x1, y1, x2, y2 = box
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": COCO_IDS[label],
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": (x2 - x1) * (y2 - y1),
+                        "iscrowd": int(rng.uniform() < 0.1),
+                    }
+                )
+            outputs[image_id] = _random_dets(rng, gt, gt_labels, geometry)
+    annotation_file = root / "instances.json"
+    cats = [{"id": c, "name": f"name_{c}"} for c in random.Random(seed).sample(COCO_IDS, len(COCO_IDS))]
+    annotation_file.write_text(
+        json.dumps({"images": coco_images, "annotations": annotations, "categories": cats})
+    )
+    layout = RunLayout.at(root)
+    manifest = Manifest(
+        "mmdet", "float32", 704, 1312, 8, str(root), str(annotation_file), str(root / "val"), entries, shards
+    )
+    manifest.write(layout.manifest)
+    for shard, shard_ids in shards.items():
+        marker = {**_marker(manifest, shard), "postprocess": {"nms": "graph"}}
+        arrays = {
+            name: np.stack([outputs[i][n] for i in shard_ids]) for n, name in enumerate(("dets", "labels"))
+        }
+        write_shard_outputs(layout.output_shard("npu", shard), np.asarray(shard_ids), arrays, "dets", marker)
+    return layout, manifest, annotation_file
+
+
+def _random_dets(
+    rng: np.random.Generator, gt: np.ndarray, gt_labels: np.ndarray, geometry: Geometry
+) -> tuple[np.ndarray, np.ndarray]:
+    """(100,5) dets in input pixels + (100,) labels: 80 noisy copies of the GT (mostly its class, 10 of
+    them class 80), then 20 padding rows."""
+    copies = rng.integers(0, len(gt), size=80)
+    boxes = gt[copies] + rng.normal(0, 8, size=(80, 4))
+    scale = np.array([geometry.scale_x, geometry.scale_y] * 2)
+    offset = np.array([geometry.pad[0], geometry.pad[1]] * 2)
+    dets = np.zeros((100, 5), np.float32)
+    dets[:80, :4] = boxes * scale + offset
+    dets[:80, 4] = np.round(rng.uniform(0.05, 1.0, 80), 2)  # two decimals: ties in score
+    labels = np.full(100, -1, np.int64)
+    labels[:80] = np.where(rng.uniform(size=80) < 0.8, gt_labels[copies], rng.integers(0, 80, 80))
+    labels[70:80] = 80  # the 81st (padding) class is not a detection
+    return dets, labels
+
+
+def _marker(manifest: Manifest, shard: str) -> dict[str, object]:
+    return {
+        "backend": "npu",
+        "shard": shard,
+        "policy": manifest.policy,
+        "dtype": manifest.dtype,
+        "input_height": manifest.input_height,
+        "input_width": manifest.input_width,
+        "shard_digest": manifest.shard_digest(shard),
+        "manifest_sha256": manifest.sha256,
+    }
+
+
+def straightforward_records(layout: RunLayout, manifest: Manifest, cat_ids: list[int]) -> list[dict]:
+    """Image by image, row by row: drop padding/class 80, undo pad and scale, xywh, one dict per box."""
+    by_id = manifest.by_id()
+    records = []
+    for shard in manifest.shards:
+        with np.load(layout.output_shard("npu", shard) / "outputs.npz") as data:
+            rows = zip(
+                data["image_ids"].tolist(), data["dets"].tolist(), data["labels"].tolist(), strict=True
+            )
+            for image_id, dets, labels in rows:
+                geometry = by_id[image_id].geometry
+                left, top = geometry.pad[0], geometry.pad[1]
+                for (x1, y1, x2, y2, score), label in zip(dets, labels, strict=True):
+                    if not (0 <= label < 80 and score > 0):
+                        continue
+                    x1, x2 = (x1 - left) / geometry.scale_x, (x2 - left) / geometry.scale_x
+                    y1, y2 = (y1 - top) / geometry.scale_y, (y2 - top) / geometry.scale_y
+                    records.append(
+                        {
+                            "image_id": image_id,
+                            "category_id": cat_ids[label],
+                            "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": score,
+                        }
+                    )
+    return records
+
+
+def straightforward_stats(
+    annotation_file: Path, records_file: Path, image_ids: list[int], engine: str
+) -> list[float]:
+    """The detections JSON file -> loadRes -> COCOeval of `engine`, as evaluation used to run."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if engine == "faster-coco-eval":
+            faster = pytest.importorskip("faster_coco_eval")
+            gt = faster.COCO(str(annotation_file))
+            coco_eval = faster.COCOeval_faster(gt, gt.loadRes(str(records_file)), "bbox")
+        else:
+            pycoco = pytest.importorskip("pycocotools.coco")
+            cocoeval = pytest.importorskip("pycocotools.cocoeval")
+            gt = pycoco.COCO(str(annotation_file))
+            coco_eval = cocoeval.COCOeval(gt, gt.loadRes(str(records_file)), "bbox")
+        coco_eval.params.imgIds = sorted(image_ids)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return [float(v) for v in coco_eval.stats[:12]]
+
+
+@pytest.mark.parametrize("engine", ["faster-coco-eval", "pycocotools"])
+def test_stats_are_identical_to_the_straightforward_path(tmp_path: Path, engine: str) -> None:
+    layout, manifest, annotation_file = random_run(tmp_path / "run")
+    records = straightforward_records(layout, manifest, COCO_IDS)
+    records_file = tmp_path / "records.json"
+    records_file.write_text(json.dumps(records))
+    expected = straightforward_stats(
+        annotation_file, records_file, [e.image_id for e in manifest.images], engine
+    )
+    assert 0.05 < expected[0] < 0.95  # a set where matching, ties and areas all matter
+
+    result = evaluate_outputs(layout, "npu", engine=engine)
+    assert list(result["stats"].values()) == expected  # identical, not approximately equal
+    written = json.loads(Path(result["detections_path"]).read_text())
+    assert result["detections"] == len(written) == len(records) == 24 * 70
+    for got, want in zip(written, records, strict=True):
+        assert (got["image_id"], got["category_id"]) == (want["image_id"], want["category_id"])
+        assert got["bbox"] == pytest.approx(want["bbox"], rel=1e-9, abs=1e-9)
+        assert np.float32(got["score"]) == np.float32(want["score"])  # each float32 score exactly
+
+
+def test_results_go_to_the_evaluator_in_memory(run: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The detections file is written for the record, never parsed back (loadRes is not called)."""
+    import faster_coco_eval
+    from pycocotools.coco import COCO
+
+    layout, manifest = run
+    write_perfect(layout, manifest)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("results must not be loaded from a file")
+
+    monkeypatch.setattr(faster_coco_eval.COCO, "loadRes", refuse)
+    monkeypatch.setattr(COCO, "loadRes", refuse)
+    for engine in ("faster-coco-eval", "pycocotools"):
+        assert evaluate_outputs(layout, "npu", engine=engine)["stats"]["AP"] == pytest.approx(1.0)
+
+
+def test_a_candidates_shard_scores_as_its_dets(tmp_path: Path) -> None:
+    """Host NMS here (kind "candidates") gives the same records and stats as the same NMS in inference."""
+    from gfocal_pipeline.postprocess import multiclass_nms, pad_dets
+
+    rng = np.random.default_rng(3)
+    boxes = np.zeros((3, 40, 4), np.float32)
+    for n, image_id in enumerate([7, 8, 9]):
+        boxes[n] = np.asarray(to_input(GT[image_id][0]), np.float32) + rng.normal(0, 3, size=(40, 4))
+    scores = (rng.uniform(size=(3, 40, 81)) ** 8).astype(np.float32)
+    results = []
+    for kind, backend in (("candidates", "cand"), ("dets", "dets")):
+        (tmp_path / kind).mkdir()
+        layout, manifest = make_run(tmp_path / kind, {"00000": [7, 8, 9]})
+        arrays = {"boxes": boxes, "scores": scores}
+        if kind == "dets":
+            pairs = [pad_dets(multiclass_nms(boxes[n], scores[n])) for n in range(3)]
+            arrays = {"dets": np.stack([p[0] for p in pairs]), "labels": np.stack([p[1] for p in pairs])}
+        marker = {**_marker(manifest, "00000"), "backend": backend}
+        write_shard_outputs(layout.output_shard(backend, "00000"), np.array([7, 8, 9]), arrays, kind, marker)
+        result = evaluate_outputs(layout, backend)
+        results.append((result["stats"], json.loads(Path(result["detections_path"]).read_text())))
+    assert results[0] == results[1]
+    assert results[0][1]  # NMS kept something
+
+
+# --- non-finite detections and the order results are written in ----------------------------
+
+
+@pytest.mark.parametrize("where", ["score", "box", "padding"])
+def test_non_finite_dets_name_backend_shard_and_images(run: tuple, where: str) -> None:
+    layout, manifest = run
+    write_perfect(layout, manifest)
+    rows = {"score": ([30.0, 60.0, 90.0, 100.0], math.nan, 3), "box": ([30.0, math.inf, 90.0, 100.0], 0.5, 3)}
+    per_image = {7: perfect(7), 8: [*perfect(8), rows.get(where, ([0.0] * 4, 0.0, -1))]}
+    write_dets(layout, manifest, "00000", per_image)
+    if where == "padding":  # a padding row (label -1) with NaN: the outputs are broken all the same
+        out = layout.output_shard("npu", "00000")
+        with np.load(out / "outputs.npz") as data:
+            arrays = {name: data[name] for name in data.files}
+        arrays["dets"][1, 5, 0] = math.nan
+        image_ids = arrays.pop("image_ids")
+        write_shard_outputs(out, image_ids, arrays, "dets", json.loads((out / "done.json").read_text()))
+    with pytest.raises(EvaluationError) as info:
+        evaluate_outputs(layout, "npu")
+    message = str(info.value)
+    assert "backend 'npu', shard 00000" in message and "8 (img_8.jpg)" in message
+    assert "7 (img_7.jpg)" not in message and "NaN or infinite" in message and "re-run inference" in message
+    assert not layout.eval_dir("npu").exists()  # nothing written
+
+
+def test_non_finite_candidates_are_an_error(tmp_path: Path) -> None:
+    layout, manifest = make_run(tmp_path, {"00000": [7, 8, 9]})
+    boxes = np.tile(np.asarray(to_input(GT[7][0]), np.float32), (3, 5, 1))
+    scores = np.full((3, 5, 81), 0.01, np.float32)
+    scores[2, 4, 10] = math.inf
+    arrays = {"boxes": boxes, "scores": scores}
+    write_shard_outputs(
+        layout.output_shard("npu", "00000"),
+        np.array([7, 8, 9]),
+        arrays,
+        "candidates",
+        _marker(manifest, "00000"),
+    )
+    with pytest.raises(EvaluationError, match=r"backend 'npu', shard 00000 .*1 image\(s\): 9 \(img_9\.jpg\)"):
+        evaluate_outputs(layout, "npu")
+
+
+def test_a_geometry_that_makes_boxes_non_finite_is_named(tmp_path: Path) -> None:
+    layout, manifest = make_run(tmp_path)
+    manifest.images = [
+        dataclasses.replace(e, geometry=dataclasses.replace(e.geometry, scale_y=0.0))
+        if e.image_id == 9
+        else e
+        for e in manifest.images
+    ]
+    manifest.write(layout.manifest)
+    write_perfect(layout, manifest)
+    with pytest.raises(
+        EvaluationError,
+        match=r"backend 'npu', shard 00001 become NaN or infinite .*9 \(img_9\.jpg\).*scale_x/scale_y",
+    ):
+        evaluate_outputs(layout, "npu")
+
+
+def test_results_are_written_only_after_everything_is_read_and_scored(
+    run: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gfocal_pipeline import evaluate as evaluate_module
+
+    layout, manifest = run
+    write_perfect(layout, manifest)
+    evaluate_outputs(layout, "npu")
+    before = {p.name: p.read_bytes() for p in layout.eval_dir("npu").iterdir()}
+    write_dets(layout, manifest, "00001", {9: []})
+
+    def broken(*args: object) -> None:
+        raise EvaluationError("engine failed")
+
+    monkeypatch.setattr(evaluate_module._CocoEngine, "evaluate", broken)
+    with pytest.raises(EvaluationError, match="engine failed"):
+        evaluate_outputs(layout, "npu")
+    assert {p.name: p.read_bytes() for p in layout.eval_dir("npu").iterdir()} == before  # untouched
+    monkeypatch.undo()
+
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate_module, "_write_per_class", full_disk)
+    with pytest.raises(OSError):
+        evaluate_outputs(layout, "npu")
+    # the new detections are there, the old stats are gone: never stale stats beside new detections
+    assert sorted(p.name for p in layout.eval_dir("npu").iterdir()) == ["detections.json"]
+    assert json.loads((layout.eval_dir("npu") / "detections.json").read_text())[-1]["image_id"] == 8

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import gfocal_pipeline.decode as decode_module
+import gfocal_pipeline.export as export_module
 from gfocal_pipeline.checkpoint import load_model
 from gfocal_pipeline.errors import ExportError
 from gfocal_pipeline.export import PARITY_PICTURES, export_onnx, parity, rejected_path, sample_inputs
@@ -272,23 +273,62 @@ def test_max_unexplained_lets_a_run_through_and_is_recorded(
     assert sidecar["unexplained_allowed"] is True and sidecar["max_unexplained"] == 10**6
 
 
-def test_nan_weights_are_refused_with_counts(tmp_path: Path) -> None:
-    state = foreign_state_dict(0)
-    state["bbox_head.gfl_reg.bias"][:] = float("nan")
-    checkpoint = tmp_path / "nan.pth"
-    torch.save({"meta": {}, "state_dict": state}, checkpoint)
-    with pytest.raises(
-        ExportError, match=r"non-finite values \(NaN/Inf\): onnxruntime [1-9]\d*, pytorch [1-9]"
-    ):
-        export_onnx(checkpoint, tmp_path / "n.onnx", "portable", *SMALL, max_unexplained=10**6)
-    assert not (tmp_path / "n.onnx").exists()
+class _InfScores:
+    """An ONNX Runtime session whose `scores` output has +Inf on two candidates of each image."""
+
+    def __init__(self, session: object) -> None:
+        self.session = session
+
+    def get_inputs(self) -> list:
+        return self.session.get_inputs()
+
+    def run(self, names: None, feed: dict) -> list[np.ndarray]:
+        boxes, scores = self.session.run(names, feed)
+        scores = scores.copy()
+        scores[:, :2, 0] = np.inf
+        return [boxes, scores]
+
+
+def test_non_finite_outputs_are_refused_with_counts_per_output(
+    foreign_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN in PyTorch's reference and Inf in ONNX Runtime's output: counted per output and refused
+    whatever the thresholds (NaN compares false with every bound, so it must never read as 0 error).
+    Both sides in one export; `test_parity.py` has each side alone. NaN *weights* are refused earlier,
+    at load (`test_bad_checkpoints.py`)."""
+    real_reference, real_session = export_module.reference_anchors, export_module._session
+
+    def reference(deploy: DeployModel, feed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        boxes, scores = real_reference(deploy, feed)
+        boxes = boxes.copy()
+        boxes[:, :5, 0] = np.nan
+        return boxes, scores
+
+    monkeypatch.setattr(export_module, "reference_anchors", reference)
+    monkeypatch.setattr(export_module, "_session", lambda graph: _InfScores(real_session(graph)))
+    target = tmp_path / "n.onnx"
+    with pytest.raises(ExportError) as info:
+        export_onnx(
+            foreign_checkpoint, target, "portable", *SMALL, parity_threshold=1e9, max_unexplained=10**6
+        )
+    message = str(info.value)
+    # two parity pictures, batch 1: 2 x 2 Inf scores, 2 x 5 NaN boxes
+    counts = "onnxruntime boxes 0, onnxruntime scores 4, pytorch boxes 10, pytorch scores 0"
+    assert "14 output value(s) are NaN or Inf" in message
+    assert f"non-finite values (NaN/Inf) per output: {counts}" in message
+    assert "No threshold lets NaN/Inf through" in message and "re-export" in message
+    assert "0 unexplained" not in message and "max error" not in message  # nothing was compared
+    assert not target.exists() and not target.with_suffix(".export.json").exists()
+    assert rejected_path(target).is_file()
 
 
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"parity_threshold": 0}, r"parity_threshold 0 must be a number > 0"),
+        ({"parity_threshold": 0}, r"parity_threshold 0 must be a finite number > 0"),
         ({"parity_threshold": "x"}, r"parity_threshold 'x'"),
+        ({"parity_threshold": float("inf")}, r"parity_threshold inf must be a finite number"),
+        ({"parity_threshold": float("nan")}, r"parity_threshold nan must be a finite number"),
         ({"max_unexplained": -1}, r"max_unexplained -1 must be an integer >= 0"),
         ({"max_unexplained": 1.5}, r"max_unexplained 1.5"),
     ],

@@ -327,6 +327,25 @@ def test_a_retry_that_scored_a_changed_dataset_replaces_its_row(store):
         store.set_verdict("gfocal_onnxruntime", "r1", CONFIG, {"passed": True})
 
 
+def test_a_second_record_of_a_runs_backend_never_adds_a_row(store):
+    """One row per (dag_id, run_id, backend): a cleared run whose reference moved from CUDA to the CPU
+    (or any other configuration change) replaces its row; other backends and runs are untouched."""
+    torch_cuda = ConfigKey("gfocal_r50_fpn_1x", "torch", "cuda", "fp32", 1, "mmdet", DATASET_A)
+    other_run = make_record("r2", config=torch_cuda)
+    store.record(make_record("r1"))  # the device backend of r1: stays
+    store.record(make_record("r1", config=torch_cuda, fps=10.0))
+    store.record(other_run)
+    store.set_verdict("gfocal_onnxruntime", "r1", torch_cuda, {"passed": True})
+    store.record(make_record("r1", config=replace(torch_cuda, device="cpu"), fps=2.0))
+    store.record(make_record("r1", config=replace(torch_cuda, device="cpu"), fps=2.5))  # twice: same
+    assert store.count() == 3
+    assert fetch(store, "gfocal_onnxruntime", "r1", torch_cuda) is None
+    moved = fetch(store, "gfocal_onnxruntime", "r1", replace(torch_cuda, device="cpu"))
+    assert moved.fps == 2.5 and moved.verdict is None
+    assert fetch(store, "gfocal_onnxruntime", "r1", CONFIG).fps == 100.0
+    assert fetch(store, "gfocal_onnxruntime", "r2", torch_cuda) == other_run
+
+
 # --- migration of a table created before dataset keys --------------------------------------------
 
 OLD_CONFIG_FIELDS = ("model", "backend", "device", "precision", "batch_size", "policy")

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from gfocal_pipeline.decode import candidates_per_image, level_sizes
-from gfocal_pipeline.parity import compare_candidates, compare_level, level_blocks
+from gfocal_pipeline.parity import (
+    LevelParity,
+    ParityReport,
+    compare_candidates,
+    compare_level,
+    level_blocks,
+)
 
 ANCHORS, KEPT, CLASSES = 1500, 1000, 80
 
@@ -140,13 +148,81 @@ def test_whole_image_report_and_batch() -> None:
     assert sum(lv["kept"] for lv in report.per_level()) == candidates_per_image(256, 320)
 
 
-def test_non_finite_and_wrong_count_are_reported() -> None:
+def test_wrong_count_is_reported_and_is_no_zero_error() -> None:
     boxes, scores, index = _full_image(256, 320, seed=1)
-    got_scores = scores[:, index, :80].copy()
-    got_scores[0, 3, 5] = np.nan
-    report = compare_candidates((boxes[:, index], got_scores), (boxes, scores), 256, 320)
-    assert report.nonfinite == {"onnxruntime": 1, "pytorch": 0} and report.numeric_error == np.inf
-    assert "non-finite values (NaN/Inf): onnxruntime 1, pytorch 0" in report.describe()
     short = compare_candidates((boxes[:, index[:-5]], scores[:, index[:-5], :80]), (boxes, scores), 256, 320)
     k = candidates_per_image(256, 320)
     assert f"returned {k - 5} candidates per image, expected {k}" in short.describe()
+    assert short.numeric_error == math.inf  # nothing was compared: that is no "0 error"
+
+
+def _inject(array: np.ndarray, index: tuple, value: float) -> np.ndarray:
+    array = array.copy()
+    array[index] = value
+    return array
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("side", "output", "value", "expected"),
+    [
+        # NaN in ONNX Runtime's scores, in PyTorch's boxes, and +/-Inf; each counted on its own output
+        ("onnxruntime", 1, NAN, {"onnxruntime scores": 3}),
+        ("pytorch", 0, NAN, {"pytorch boxes": 3}),
+        ("onnxruntime", 0, INF, {"onnxruntime boxes": 3}),
+        ("pytorch", 1, -INF, {"pytorch scores": 3}),
+    ],
+)
+def test_non_finite_values_are_counted_per_output_never_a_zero_error(
+    side: str, output: int, value: float, expected: dict[str, int]
+) -> None:
+    boxes, scores, index = _full_image(256, 320, seed=1)
+    got = [boxes[:, index], scores[:, index, :80]]
+    reference = [boxes, scores]
+    arrays = got if side == "onnxruntime" else reference
+    where = (0, [3, 50, 700], 1)  # three values of the first image
+    arrays[output] = _inject(arrays[output], where, value)
+    report = compare_candidates(tuple(got), tuple(reference), 256, 320)
+    zero = {f"{s} {o}": 0 for s in ("onnxruntime", "pytorch") for o in ("boxes", "scores")}
+    assert report.nonfinite == {**zero, **expected} and not report.finite
+    # no comparison ran on NaN/Inf: every error reads inf, none 0
+    assert report.levels == [] and report.numeric_error == math.inf
+    assert report.boxes == math.inf and report.scores == math.inf
+    summary = report.summary()
+    assert summary["boxes"] == math.inf and summary["scores"] == math.inf
+    (name,) = expected
+    assert summary[f"nonfinite_{name.replace(' ', '_')}"] == 3
+    assert f"non-finite values (NaN/Inf) per output: {report.nonfinite_counts()}" in report.describe()
+    assert f"{name} 3" in report.nonfinite_counts()
+
+
+def test_a_batch_merges_non_finite_counts_per_output() -> None:
+    boxes, scores, index = _full_image(256, 320, seed=2)
+    clean = compare_candidates((boxes[:, index], scores[:, index, :80]), (boxes, scores), 256, 320)
+    assert clean.finite and clean.numeric_error == 0.0
+    bad = compare_candidates(
+        (boxes[:, index], _inject(scores[:, index, :80], (0, 0, 0), NAN)), (boxes, scores), 256, 320
+    )
+    clean.merge(bad)
+    assert clean.nonfinite["onnxruntime scores"] == 1 and clean.numeric_error == math.inf
+
+
+def test_compare_level_is_not_fooled_by_nan() -> None:
+    """Called directly (no finiteness guard in front), a NaN never reads as a match or as 0 error."""
+    boxes, scores, key = _level(6)
+    kept = _topk(key)
+    cand_boxes, cand_scores = boxes[kept].copy(), scores[kept].copy()
+    cand_scores[10, 4] = np.nan
+    cand_boxes[20, 0] = np.nan
+    result = compare_level("P3", cand_boxes, cand_scores, boxes, scores, key, KEPT)
+    assert result.unmatched == 2 and result.unexplained >= 2
+    assert math.isfinite(result.boxes) and math.isfinite(result.scores)
+
+
+def test_a_nan_level_error_makes_the_report_error_infinite() -> None:
+    report = ParityReport(levels=[LevelParity("P3", 10, 10, None, boxes=0.1), LevelParity("P4", 4, 4, None)])
+    report.levels[1].scores = float("nan")  # as a hand-made or future level error could be
+    assert report.scores == math.inf and report.numeric_error == math.inf
+    assert report.boxes == pytest.approx(0.1)

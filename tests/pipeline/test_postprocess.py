@@ -1,11 +1,12 @@
-"""pad_dets: final detections as fixed-size kind "dets" rows, read back exactly by from_dets."""
+"""pad_dets: final detections as fixed-size kind "dets" rows, read back exactly by from_dets (one image)
+and from_dets_rows (a whole shard)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gfocal_pipeline.postprocess import Detections, from_dets, multiclass_nms, pad_dets
+from gfocal_pipeline.postprocess import Detections, from_dets, from_dets_rows, multiclass_nms, pad_dets
 
 
 def test_rows_round_trip_and_padding_is_dropped() -> None:
@@ -46,3 +47,28 @@ def test_host_nms_output_survives_the_rows() -> None:
     back = from_dets(*pad_dets(found, max_per_img=5))
     np.testing.assert_array_equal(back.boxes, boxes[[0, 2]])
     assert back.scores.tolist() == pytest.approx([0.8, 0.3])
+
+
+def test_a_whole_shard_at_once_keeps_what_image_by_image_keeps() -> None:
+    """from_dets_rows == the rows of each image with a class 0..79 and a positive score, concatenated
+    image after image: same rows, order, values and dtypes (and from_dets of one image agrees)."""
+    rng = np.random.default_rng(0)
+    dets = rng.uniform(0, 100, size=(6, 100, 5)).astype(np.float32)
+    dets[..., 4] = np.where(rng.uniform(size=(6, 100)) < 0.3, 0.0, dets[..., 4] / 100)  # score-0 rows
+    labels = rng.integers(-1, 82, size=(6, 100))  # padding -1, the 81st class 80 and beyond
+    labels[4] = -1  # an image without detections
+    rows, found = from_dets_rows(dets, labels)
+    keep = [(labels[n] >= 0) & (labels[n] < 80) & (dets[n, :, 4] > 0) for n in range(6)]
+    assert rows.tolist() == [n for n in range(6) for _ in range(int(keep[n].sum()))]
+    np.testing.assert_array_equal(found.boxes, np.concatenate([dets[n][keep[n], :4] for n in range(6)]))
+    np.testing.assert_array_equal(found.scores, np.concatenate([dets[n][keep[n], 4] for n in range(6)]))
+    np.testing.assert_array_equal(found.labels, np.concatenate([labels[n][keep[n]] for n in range(6)]))
+    assert (found.boxes.dtype, found.scores.dtype, found.labels.dtype) == (np.float32, np.float32, np.int64)
+    assert 0 < len(found) < 600 and 4 not in rows
+    one = from_dets(dets[2], labels[2])
+    np.testing.assert_array_equal(one.boxes, found.boxes[rows == 2])
+
+
+def test_a_shard_without_detections() -> None:
+    rows, found = from_dets_rows(np.zeros((2, 100, 5), np.float32), np.full((2, 100), -1))
+    assert rows.shape == (0,) and found.boxes.shape == (0, 4) and len(found) == 0

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from gfocal_pipeline.dataset import load_coco
-from gfocal_pipeline.demo_data import make_demo_coco
+from gfocal_pipeline.demo_data import COCO_CATEGORIES, make_demo_coco
 from gfocal_pipeline.errors import DatasetError
 from gfocal_pipeline.layout import RunLayout, input_file_name
 from gfocal_pipeline.manifest import load_manifest
@@ -221,6 +221,105 @@ def test_shards_manifest_round_trip_and_identical_reruns(
     assert digest_tree(run) == first
 
 
+# --------------------------------------------------------------------------------------------------
+# Byte identity with a straightforward reference, on awkward images (odd sizes, grayscale, PNG, 1x1)
+
+
+def write_coco(root: Path, files: dict[str, bytes]) -> Path:
+    """A COCO root holding `files` (name -> encoded bytes), their real sizes in the annotation file."""
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images = []
+    for image_id, (name, data) in enumerate(files.items(), start=1):
+        (root / "val2017" / name).write_bytes(data)
+        h, w = cv2.imread(str(root / "val2017" / name), cv2.IMREAD_COLOR).shape[:2]
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+    categories = [{"id": i, "name": name, "supercategory": sup} for i, name, sup in COCO_CATEGORIES]
+    document = {"images": images, "annotations": [], "categories": categories}
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(document))
+    return root
+
+
+def encoded(ext: str, img: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(ext, img)
+    assert ok
+    return data.tobytes()
+
+
+def odd_images() -> dict[str, bytes]:
+    """Sizes and kinds chosen so consecutive images cover more, then less, of the canvas."""
+    rng = np.random.default_rng(7)
+
+    def pic(h: int, w: int, channels: int = 3) -> np.ndarray:
+        return rng.integers(0, 256, size=(h, w, channels)[: 2 if channels == 1 else 3], dtype=np.uint8)
+
+    return {
+        "a_landscape.jpg": encoded(".jpg", pic(480, 640)),
+        "b_portrait_odd.jpg": encoded(".jpg", pic(333, 101)),
+        "c_one_pixel.jpg": encoded(".jpg", pic(1, 1)),
+        "d_gray.jpg": encoded(".jpg", pic(97, 131, 1)),
+        "e_wide.png": encoded(".png", pic(7, 300)),
+        "f_png_named_jpg.jpg": encoded(".png", pic(211, 157)),
+        "g_gray16.png": encoded(".png", rng.integers(0, 65536, size=(45, 29), dtype=np.uint16)),
+        "h_one_pixel.png": encoded(".png", pic(1, 1)),
+        "i_tall.jpg": encoded(".jpg", pic(500, 33)),
+        "j_square.jpg": encoded(".jpg", pic(64, 64)),
+    }
+
+
+def reference_input(path: Path, policy: str, dtype: str, height: int, width: int) -> bytes:
+    """The documented recipe step by step: decode (cv2, BGR), size, bilinear resize, (BGR->RGB,
+    (x - mean) / std in float32, zero padding, HWC->CHW) or (uint8 BGR, padding round(mean))."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    h, w = img.shape[:2]
+    if policy == "letterbox":
+        scale = min(width / w, height / h)
+        new_w, new_h = max(1, math.floor(w * scale)), max(1, math.floor(h * scale))
+    else:
+        factor = min(1333 / max(w, h), 800 / min(w, h))
+        new_w, new_h = int(w * factor + 0.5), int(h * factor + 0.5)
+    resized = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    if dtype == "float32":
+        padded = np.zeros((height, width, 3), dtype=np.float32)
+        padded[:new_h, :new_w] = (resized[:, :, ::-1].astype(np.float32) - MEAN) / STD
+        return padded.transpose(2, 0, 1).astype("<f4").tobytes()
+    padded = np.empty((height, width, 3), dtype=np.uint8)
+    padded[:, :] = np.rint(MEAN[::-1]).astype(np.uint8)
+    padded[:new_h, :new_w] = resized
+    return padded.tobytes()
+
+
+@pytest.fixture(scope="module")
+def odd_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_coco(tmp_path_factory.mktemp("odd"), odd_images())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+@pytest.mark.parametrize(("policy", "height", "width"), [("letterbox", 96, 160), ("mmdet", 1344, 1344)])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_inputs_are_byte_identical_to_a_straightforward_reference(
+    odd_coco: Path, tmp_path: Path, policy: str, dtype: str, height: int, width: int, workers: int
+) -> None:
+    """One worker reuses one canvas across every size in turn: its padding must be reset exactly."""
+    manifest = preprocess(odd_coco, tmp_path, policy, dtype, height, width, shard_size=4, workers=workers)
+    assert len(manifest.images) == len(odd_images()) and not manifest.skipped
+    for entry in manifest.images:
+        source = odd_coco / "val2017" / entry.file_name
+        written = (manifest.input_dir(entry.shard) / input_file_name(entry.image_id)).read_bytes()
+        assert written == reference_input(source, policy, dtype, height, width), entry.file_name
+        array, geometry = preprocess_image(cv2.imread(str(source)), policy, dtype, height, width)
+        assert array.tobytes() == written and geometry == entry.geometry
+
+
+def test_float32_of_the_default_size_is_byte_identical_on_mixed_sizes(demo: Path, tmp_path: Path) -> None:
+    manifest = preprocess(demo, tmp_path, max_images=8, workers=1)
+    for entry in manifest.images:
+        written = (manifest.input_dir(entry.shard) / input_file_name(entry.image_id)).read_bytes()
+        assert written == reference_input(
+            demo / "val2017" / entry.file_name, "letterbox", "float32", 800, 1216
+        )
+
+
 @pytest.fixture
 def corrupt(demo: Path, tmp_path: Path) -> tuple[Path, int, str]:
     root = tmp_path / "coco"
@@ -260,7 +359,8 @@ def test_worker_errors_reach_the_caller(tmp_path: Path) -> None:
     for image_id, (w, h) in ((1, (640, 480)), (2, (480, 640))):
         cv2.imwrite(str(root / "val2017" / f"{image_id:012d}.jpg"), np.full((h, w, 3), 90, np.uint8))
         images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": 640, "height": 480})
-    data = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "person"}]}
+    categories = [{"id": i, "name": name, "supercategory": sup} for i, name, sup in COCO_CATEGORIES]
+    data = {"images": images, "annotations": [], "categories": categories}
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
     with pytest.raises(DatasetError, match=r"000000000002\.jpg.*height>=1088"):
         preprocess(root, tmp_path / "run", policy="mmdet", dtype="uint8", height=800, width=1344, workers=2)

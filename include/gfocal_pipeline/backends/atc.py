@@ -10,7 +10,8 @@ Success needs both the line `ATC run success, welcome to the next use.` and a pr
 
 Cache: key = sha256 of {onnx sha256, every atc argument except paths, AIPP config text, CANN
 version}. A conversion runs in a temporary directory inside the cache (atc's working files land
-there too) which is renamed to `<cache>/<key>/` only when complete, so an entry is whole or absent.
+there too) which is renamed to `<cache>/<key>/` only when complete, so an entry is whole or absent;
+one a killed conversion left (`.build-*`) is removed once stale (`cache.reclaim_stale`).
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from gfocal_pipeline.backends.process import (
     check_safe_value,
     run_tool,
 )
+from gfocal_pipeline.cache import reclaim_stale
 from gfocal_pipeline.constants import DEFAULT_INPUT_NAME
 from gfocal_pipeline.errors import BackendError
-from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file, write_json
+from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, owner_tag, sha256_file, write_json
 from gfocal_pipeline.options import Dtype, PrecisionMode
 
 log = logging.getLogger(__name__)
@@ -249,8 +251,9 @@ def convert_onnx(
     the ONNX input itself is uint8 NHWC (exported with `normalize_in_graph`): then it is fed as is.
     Returns {om_path, om_sha256, soc_version, cann_version, atc_args, cached, convert_seconds,
     cache_key}; `convert_seconds` is the time atc ran in this call (0 when cached). With
-    `output_dir` the OM is copied there as `<om_name>.om` beside a `convert.json` describing it;
-    without, `om_path` is the cache entry's file.
+    `output_dir` the OM is copied there as `<om_name>.om` beside a `convert.json` describing it (its
+    input: `input_shape` in `input_format`, the `input_dtype` fed, `dynamic_batch_sizes`: what the
+    msame / ais_bench backends check a run against); without, `om_path` is the cache entry's file.
     """
     onnx_path, cache_dir, output_dir = _check_paths(onnx_path, cache_dir, output_dir, input_dtype)
     tool = _load_tool(set_env, timeout_s, handle)
@@ -272,7 +275,12 @@ def convert_onnx(
     om_path = _publish(om, output_dir, f"{stem}.om") if output_dir is not None else om
     result = _conversion_result(om_path, meta, soc_version, tool.cann, cached, seconds, key)
     if output_dir is not None:
-        source = {"onnx_path": str(onnx_path), "onnx_sha256": onnx_sha, "input_dtype": input_dtype}
+        source = {
+            "onnx_path": str(onnx_path),
+            "onnx_sha256": onnx_sha,
+            "input_dtype": input_dtype,  # what the tool is fed (uint8: AIPP or a uint8 graph)
+            "input_format": plan.input_format,  # of input_shape (the ONNX input)
+        }
         _write_output_meta(output_dir, result, meta, source, plan.aipp_text)
     return result
 
@@ -451,7 +459,9 @@ def _convert(
 
     Returns (the entry's metadata, seconds atc ran); the temporary directory never outlives the call.
     """
-    work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".tmp-{entry.name[:12]}-"))
+    # `.build-`: what `cache.reclaim_stale` (here and in retention) removes once a killed atc left it
+    reclaim_stale(entry.parent)
+    work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".build-{entry.name[:12]}-{owner_tag()}-"))
     try:
         args, seconds, written_name = _run_atc(tool, onnx_path, work, aipp_text, options)
         meta = {

@@ -100,20 +100,80 @@ class OmBatch:
         return f"static batch {self.static} (no dynamic batch sizes)"
 
 
+class OmInputMismatchError(BackendError):
+    """The run's input is not the OM's: deterministic, so a retry cannot heal it."""
+
+
+@dataclass(frozen=True)
+class OmInput:
+    """The input an OM was converted for, as the tool must be fed it: dtype, layout, size, batch."""
+
+    dtype: str
+    layout: str
+    height: int
+    width: int
+    batch: OmBatch
+
+    def describe(self) -> str:
+        return f"{self.dtype} {self.layout} {self.height}x{self.width}, {self.batch.describe()}"
+
+
+def _om_meta(om_path: Path, om_sha256: str) -> tuple[dict[str, Any], str] | None:
+    """(the `convert.json` beside the OM, its path) when it describes this very file, else None."""
+    meta_path = om_path.parent / CACHE_META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("om_sha256") != om_sha256:
+        return None
+    return meta, str(meta_path)
+
+
+def _batch_of(meta: dict[str, Any], source: str) -> OmBatch | None:
+    try:
+        static = int(meta["input_shape"][0])
+        dynamic = tuple(int(b) for b in meta.get("dynamic_batch_sizes") or ())
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    return OmBatch(static, dynamic, source)
+
+
 def om_batch(om_path: Path, om_sha256: str) -> OmBatch | None:
     """The OM's batch from the `convert.json` beside it (the convert step's output folder, or the cache
     entry): its input shape's batch and dynamic batch sizes; None when there is none or it describes
     another file."""
-    meta_path = om_path.parent / CACHE_META
-    try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("om_sha256") != om_sha256:
-            return None
-        static = int(meta["input_shape"][0])
-        dynamic = tuple(int(b) for b in meta.get("dynamic_batch_sizes") or ())
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    found = _om_meta(om_path, om_sha256)
+    return None if found is None else _batch_of(*found)
+
+
+def _atc_option(meta: dict[str, Any], name: str) -> str | None:
+    prefix = f"--{name}="
+    return next((a[len(prefix) :] for a in meta.get("atc_args") or () if str(a).startswith(prefix)), None)
+
+
+def om_input(om_path: Path, om_sha256: str) -> OmInput | None:
+    """The OM's input from its `convert.json` (None when there is none for this file, see `om_batch`).
+
+    uint8 inputs (static AIPP, or a uint8 graph) are fed NHWC, float32 ones in the ONNX input's
+    format. A cache entry's `convert.json` lacks `input_dtype` / `input_format`: they are read from
+    its atc arguments (an AIPP config or an NHWC input means uint8)."""
+    found = _om_meta(om_path, om_sha256)
+    batch = None if found is None else _batch_of(*found)
+    if found is None or batch is None:
         return None
-    return OmBatch(static, dynamic, str(meta_path))
+    meta = found[0]
+    fmt = meta.get("input_format") or _atc_option(meta, "input_format") or "NCHW"
+    dtype = meta.get("input_dtype") or (
+        "uint8" if fmt == "NHWC" or _atc_option(meta, "insert_op_conf") else "float32"
+    )
+    try:
+        dims = [int(d) for d in meta["input_shape"]]
+        height, width = (dims[1], dims[2]) if fmt == "NHWC" else (dims[2], dims[3])
+    except (ValueError, TypeError, IndexError):
+        return None
+    layout = "NHWC" if dtype == "uint8" else fmt
+    return OmInput(str(dtype), layout, height, width, batch)
 
 
 def check_device(device: object) -> int:
@@ -261,9 +321,15 @@ class AscendToolBackend(Backend):
     def failure(self, result: ProcessResult) -> BackendError:
         errors = [line for line in result.lines if "[ERROR]" in line or "Error" in line][:10]
         shown = "\n  ".join(errors) if errors else "(no [ERROR] lines)"
+        if any("load model" in line for line in errors):
+            fix = (
+                f"the OM {str(self.om_path)!r} is damaged or not for this CANN / SoC: convert the ONNX again"
+            )
+        else:
+            fix = "check the device (npu-smi info), the CANN environment (set_env.sh) and the tool log"
         return BackendError(
             f"{self.name} did not report success (exit {result.returncode}, no {self.success_hint!r} line):"
-            f"\n  {shown}\nLast output:\n{result.tail(15)}"
+            f"\n  {shown}\n{fix}. Last output:\n{result.tail(15)}"
         )
 
     # --- shared code path ------------------------------------------------------------------------
@@ -332,7 +398,9 @@ class AscendToolBackend(Backend):
                 parts.append(f"unexpected {len(extra)} file(s): {extra[:8]}")
             raise BackendError(
                 f"{self.name} output folder {str(run_dir)!r} does not hold exactly one file per input per "
-                f"output ({len(stems)} inputs x {len(OUTPUTS)} outputs): {'; '.join(parts)}"
+                f"output ({len(stems)} inputs x {len(OUTPUTS)} outputs): {'; '.join(parts)}; the tool "
+                "stopped early or the OM's outputs are not the model's (dets, labels): check the tool log "
+                "and convert the Ascend ONNX again"
             )
         files: dict[str, list[Path]] = {stem: [Path()] * len(OUTPUTS) for stem in stems}
         for name, (stem, index) in expected.items():
@@ -413,7 +481,31 @@ class AscendToolBackend(Backend):
             return None
         return super().reuse(layout, manifest, shard)
 
+    def check_input(self, manifest: Manifest) -> None:
+        """The run's input (manifest dtype, layout, height, width; `batch_size`) against the OM's
+        recorded one (`om_input`), before the tool runs: the tools compare byte counts only, so e.g.
+        uint8 640x640 (1228800 bytes) on a float32 320x320 OM would run, exit 0 and score AP 0."""
+        known = om_input(self.om_path, self.model_sha256)
+        run = f"{manifest.dtype} {manifest.layout} {manifest.input_height}x{manifest.input_width}"
+        if known is None:
+            log.warning(
+                "OM %s has no matching %s beside it: the run's input (%s) cannot be checked against it",
+                self.om_path,
+                CACHE_META,
+                run,
+            )
+            return
+        fed = (manifest.dtype, manifest.layout, manifest.input_height, manifest.input_width)
+        if fed != (known.dtype, known.layout, known.height, known.width):
+            raise OmInputMismatchError(
+                f"the run's input ({run}, batch {self.batch_size}; manifest {str(manifest.path)!r}) does not "
+                f"match the input of OM {str(self.om_path)!r} ({known.describe()}; {known.batch.source}): "
+                f"{self.name} would read the bytes as another tensor and score garbage. Convert the OM "
+                "from this run's export (same dtype, height and width), or preprocess for the OM's input"
+            )
+
     def infer_shard(self, layout: RunLayout, manifest: Manifest, shard: str) -> ShardResult:
+        self.check_input(manifest)
         reused = self.reuse(layout, manifest, shard)
         if reused is not None:
             return reused
@@ -516,7 +608,8 @@ class MsameBackend(AscendToolBackend):
             if match is None:
                 raise BackendError(
                     f"cannot parse msame timing line {line.strip()!r}; expected 'Inference average time : "
-                    "<number> ms'"
+                    "<number> ms' (a NaN time: the model did not run on the device; check the msame log "
+                    "and npu-smi info)"
                 )
             if match.group(1):
                 without_first = float(match.group(2))

@@ -8,6 +8,10 @@ The graph is checked when it is loaded (one input of rank 4, known output names,
 mismatch fails with a message instead of producing garbage. A graph with a static batch larger than
 the number of images in a batch (the last partial batch) is fed a padded batch and the padding rows
 are dropped from the outputs.
+
+Session options come from `session_options` (ONNX Runtime's defaults: full graph optimization; plus
+the log level and an optional intra-op thread count), so a bare loop can build the very same session.
+The model file is hashed (its `identity`) in a thread while the session is created.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +88,22 @@ def _provider_name(spec: ProviderSpec) -> str:
     return spec if isinstance(spec, str) else spec[0]
 
 
+def session_options(intra_op_num_threads: int | None = None) -> ort.SessionOptions:
+    """The session options the backend runs with: ORT's defaults (graph optimization level "all"),
+    warnings off the log, and `intra_op_num_threads` when given (None or 0: ORT's choice)."""
+    if intra_op_num_threads is not None and (
+        isinstance(intra_op_num_threads, bool)
+        or not isinstance(intra_op_num_threads, int)
+        or intra_op_num_threads < 0
+    ):
+        raise BackendError(f"intra_op_num_threads must be an integer >= 0, got {intra_op_num_threads!r}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if intra_op_num_threads is not None:
+        options.intra_op_num_threads = intra_op_num_threads
+    return options
+
+
 class OnnxRuntimeBackend(InProcessBackend):
     """Run an ONNX graph with ONNX Runtime, one batch of preprocessed inputs at a time."""
 
@@ -94,7 +115,7 @@ class OnnxRuntimeBackend(InProcessBackend):
         batch_size: int = 1,
         providers: str | Sequence[ProviderSpec] | None = None,
         intra_op_num_threads: int | None = None,
-        warmup: int = 1,
+        warmup: int = 0,
         keep_candidates: bool = False,
         score_thr: float = SCORE_THR,
         iou_thr: float = NMS_IOU,
@@ -115,28 +136,20 @@ class OnnxRuntimeBackend(InProcessBackend):
                 "the path of a .onnx file"
             )
         self.providers = resolve_providers(providers)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if intra_op_num_threads is not None:
-            if intra_op_num_threads < 0:
-                raise BackendError(f"intra_op_num_threads must be >= 0, got {intra_op_num_threads}")
-            options.intra_op_num_threads = intra_op_num_threads
-        try:
-            self.session = ort.InferenceSession(str(self.model_path), options, providers=self.providers)
-        except Exception as exc:  # onnxruntime raises its own exception classes (Fail, InvalidGraph, ...)
-            raise BackendError(
-                f"onnxruntime cannot load {str(self.model_path)!r}: {exc}. Is it the portable graph? "
-                "The ascend graph (in-graph BatchMultiClassNMS) runs only on the NPU"
-            ) from exc
+        options = session_options(intra_op_num_threads)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-model-hash") as pool:
+            digest = pool.submit(sha256_file, self.model_path)  # hashing releases the GIL
+            self.session = self._create_session(options)
+            self._model_sha256 = digest.result()
         wanted = [_provider_name(p) for p in self.providers]
         active = self.session.get_providers()
         missing = [p for p in wanted if p not in active]
         if missing:
             raise BackendError(
                 f"onnxruntime could not start provider(s) {missing} for {str(self.model_path)!r} "
-                f"(active: {active}); check the driver/runtime libraries of that device"
+                f"(active: {active}); check the driver/runtime libraries of that device (for CUDA: a "
+                "CUDA/cuDNN version matching onnxruntime-gpu, and a visible GPU)"
             )
-        self._model_sha256 = sha256_file(self.model_path)
         self._inspect_graph()
         self.check_keep_candidates(f"ONNX model {str(self.model_path)!r}")
         log.info(
@@ -147,6 +160,15 @@ class OnnxRuntimeBackend(InProcessBackend):
             self.batch_size,
             self.static_batch or "dynamic",
         )
+
+    def _create_session(self, options: ort.SessionOptions) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(self.model_path), options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception classes (Fail, InvalidGraph, ...)
+            raise BackendError(
+                f"onnxruntime cannot load {str(self.model_path)!r}: {exc}. Is it the portable graph? "
+                "The ascend graph (in-graph BatchMultiClassNMS) runs only on the NPU"
+            ) from exc
 
     def _inspect_graph(self) -> None:
         """One rank-4 input, outputs named as one of the shared layout's kinds, static batch fits."""
@@ -164,6 +186,7 @@ class OnnxRuntimeBackend(InProcessBackend):
             )
         self.input_dtype = ORT_DTYPES.get(self.input.type, self.input.type)
         names = [o.name for o in self.session.get_outputs()]
+        self.output_names = names
         kinds = [kind for kind, wanted in KINDS.items() if sorted(names) == sorted(wanted)]
         if not kinds:
             expected = " or ".join(str(list(v)) for v in KINDS.values())
@@ -222,8 +245,8 @@ class OnnxRuntimeBackend(InProcessBackend):
             # a static-batch graph only takes full batches: pad with copies of the last image, drop later
             pad = np.repeat(batch[-1:], self.static_batch - count, axis=0)
             batch = np.concatenate([batch, pad])
-        feed = np.ascontiguousarray(batch, dtype=np.dtype(self.input_dtype))
-        names = [o.name for o in self.session.get_outputs()]
+        feed = np.ascontiguousarray(batch, dtype=np.dtype(self.input_dtype))  # no copy for read batches
+        names = self.output_names
         try:
             values = self.session.run(names, {self.input.name: feed})
         except Exception as exc:  # onnxruntime's own exception classes

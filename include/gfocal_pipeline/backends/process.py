@@ -5,17 +5,26 @@
   certainly a mistake, and some tools split their own arguments on `,` or `;`);
 - the tool runs in its own session (process group) so a timeout, or Airflow killing the task
   (`ProcessHandle.kill`, called from the operator's `on_kill`), ends the tool *and its children*;
+- the tool dies with the Python process that started it, even when that one is SIGKILLed (a lost
+  Celery worker, the OOM killer): a watchdog process (`_Watchdog`) holds the read end of a pipe
+  whose write end only the parent has; when the kernel closes it (the parent is gone) the
+  watchdog stops the tool's process group (SIGTERM, then SIGKILL). A watchdog, not
+  `prctl(PR_SET_PDEATHSIG)` in `preexec_fn`: preexec_fn is unsafe in a process with threads (ours
+  and Airflow's), the death signal fires when the *thread* that forked exits and reaches only the
+  tool, never the children it spawns, and it is Linux-only;
 - stdout and stderr lines are logged as they arrive and kept, so errors can quote the tail and
   callers can parse success lines and timings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -67,7 +76,27 @@ class ProcessResult:
     stderr_lines: int = 0
 
     def tail(self, count: int = 30) -> str:
-        return "\n".join(self.lines[-count:])
+        """The last `count` output lines for an error message; a Python traceback the tool printed
+        is cut to its exception line (the whole of it is in the log, line by line)."""
+        return "\n".join(_without_tracebacks(self.lines)[-count:])
+
+
+_TRACEBACK_START = "Traceback (most recent call last):"
+
+
+def _without_tracebacks(lines: list[str]) -> list[str]:
+    """`lines` with each Python traceback replaced by one line naming its exception."""
+    kept: list[str] = []
+    in_traceback = False
+    for line in lines:
+        if line.strip() == _TRACEBACK_START:
+            in_traceback = True
+        elif in_traceback and not line[:1].isspace():
+            kept.append(f"(Python traceback of the tool, see the log) {line}")
+            in_traceback = False
+        elif not in_traceback:
+            kept.append(line)
+    return kept
 
 
 @dataclass
@@ -76,7 +105,8 @@ class ProcessHandle:
 
     process: subprocess.Popen[bytes] | None = None
     killed: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # re-entrant: Airflow calls on_kill from a SIGTERM handler, which may interrupt `attach` itself
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def attach(self, process: subprocess.Popen[bytes] | None) -> None:
         with self._lock:
@@ -109,6 +139,68 @@ def kill_group(process: subprocess.Popen[bytes], grace_s: float = KILL_GRACE_S) 
             except ProcessLookupError:
                 return
             time.sleep(0.05)
+
+
+# Run by the watchdog interpreter: argv = pgid, grace seconds; stdin = the pipe from the parent.
+# "done" before EOF: the parent finished normally; a bare EOF: the parent died, stop the group.
+_WATCHDOG = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+pgid, grace = int(sys.argv[1]), float(sys.argv[2])
+try:
+    said = sys.stdin.buffer.read()
+except OSError:
+    said = b""
+if said.startswith(b"done"):
+    sys.exit(0)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        sys.exit(0)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            sys.exit(0)
+        time.sleep(0.05)
+"""
+
+
+class _Watchdog:
+    """Stops the tool's process group if this process dies before the tool (see the module doc).
+
+    Started right after the tool (it needs the tool's pgid), in a session of its own, so a kill of
+    the task's process group spares it. `release` tells it the parent finished and reaps it."""
+
+    def __init__(self, pgid: int, grace_s: float = KILL_GRACE_S) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(pgid), str(grace_s)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:  # the tool still runs, bounded by its timeout and on_kill
+            log.warning("could not start the watchdog of process group %d: %s", pgid, exc)
+
+    def release(self) -> None:
+        """The tool is finished (or killed): tell the watchdog to exit, and reap it."""
+        watchdog, self.process = self.process, None
+        if watchdog is None or watchdog.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            watchdog.stdin.write(b"done\n")
+        with contextlib.suppress(OSError):
+            watchdog.stdin.close()
+        try:
+            watchdog.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
 
 
 def _pump(stream, tag: str, sink: queue.Queue) -> None:
@@ -218,15 +310,17 @@ def run_tool(
     out.info("running %s: %s", name, " ".join(argv))
     start = time.monotonic()
     process = _start(argv, env, cwd, name)
-    if handle is not None:
-        handle.attach(process)
-        if handle.killed:  # killed between the check above and the attach
-            kill_group(process)
+    watchdog = _Watchdog(process.pid)
     try:
+        if handle is not None:
+            handle.attach(process)
+            if handle.killed:  # killed between the check above and the attach
+                kill_group(process)
         output = _collect(process, name, timeout_s, start, out)
     finally:
         if handle is not None:
             handle.attach(None)
+        watchdog.release()
     duration = time.monotonic() - start
     result = ProcessResult(
         argv, process.returncode, output.lines, duration, output.counts["stdout"], output.counts["stderr"]

@@ -36,7 +36,9 @@ def get_backend(name: str, **options: Any) -> Backend:
     `get_backend('msame', model=om_path, device=0)`; unknown or missing options are a BackendError.
 
     onnxruntime and torch also take `POSTPROCESS_OPTIONS`: `score_thr`, `iou_thr`, `max_per_img` of the
-    host NMS (defaults: the official test_cfg) and `keep_candidates` (also write the raw candidates)."""
+    host NMS (defaults: the official test_cfg) and `keep_candidates` (also write the raw candidates).
+    torch's GPU options are `precision`, `channels_last`, `compile` and `cuda_graphs` (see
+    `backends.torch_backend` for their defaults)."""
     cls = backend_class(name)
     try:
         inspect.signature(cls).bind(**options)

@@ -1,15 +1,35 @@
-"""PyTorch reference backend (AP_pytorch): the exported forward (`DeployModel`, portable) run eagerly.
+"""PyTorch reference backend (AP_pytorch): the exported forward (`DeployModel`, portable) run in PyTorch.
 
-On CPU it runs in float32 and is the reference the ONNX graph is compared with. On CUDA the backbone,
-neck and head run under fp16 autocast while the decode (softmax integral, top-k, box clamp) stays in
-float32, so the candidates keep full precision where the ranking is decided. The candidates go through the
-host NMS after each batch (see `backends.base`) and the shard is written as kind "dets".
+On CPU it runs in float32 and is the reference the ONNX graph is compared with. On CUDA the options
+choose how the network runs (defaults in brackets):
+
+- `precision` ["fp16" on CUDA, "fp32" on CPU]: "fp16" runs backbone, neck and head towers under fp16
+  autocast; the DGQP quality branch, score x quality, the distribution integral, top-k and box decode
+  stay in float32 (see `model.head.full_precision`), as does the host NMS, so the ranking is decided
+  in full precision. fp16 on CPU is refused.
+- `channels_last` [True on CUDA, False on CPU]: NHWC memory format for the network (allowed on CPU).
+- `compile` ["off"]: `torch.compile` with mode "default" or "max-autotune" (True means "default");
+  off by default because compiling takes minutes (allowed on CPU too: inductor's C++ backend). Inductor's
+  own CUDA graphs are never used: that is `cuda_graphs`' job.
+- `cuda_graphs` [False]: capture the forward once per input size and replay it (CUDA only); off by
+  default until measured on a card (benchmarks/bench_gpu.py), since it fixes the batch shape.
+
+Compile and CUDA graphs need static shapes: a last partial batch is padded to `batch_size` with zero
+images and the padded rows are dropped (`pad_batch`). Both are prepared (compiled, captured) in
+`prepare`, outside the timed batches; the seconds it took are reported as `prepare_s`. The options
+are part of `identity()` (so a shard made with other options is recomputed) and of the timing facts.
+The candidates go through the host NMS after each batch (overlapped with the next batch, see
+`backends.base`); the shard is written as kind "dets". Outputs are copied to the host before
+`run_batch` returns, so a CUDA graph's next replay cannot overwrite what the NMS thread reads.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +49,63 @@ from gfocal_pipeline.model import DeployModel, GFocalV2
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "fp16")
+COMPILE_MODES = ("off", "default", "max-autotune")
+# torch.compile mode per option value; inductor never captures CUDA graphs itself (see CudaGraphRunner)
+INDUCTOR_MODES = {"default": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+GRAPH_WARMUP = 2  # eager (or compiled) runs on a side stream before a CUDA graph is captured
+
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-class HalfPrecisionNetwork(nn.Module):
-    """Runs a GFocalV2 under CUDA fp16 autocast and hands float32 head outputs to the decode."""
+@dataclass(frozen=True)
+class TorchOptions:
+    """How the network runs; see the module docstring for the defaults."""
 
-    def __init__(self, model: GFocalV2) -> None:
-        super().__init__()
-        self.inner = model
-        self.bbox_head = model.bbox_head  # DeployModel reads the integral projection from here
+    precision: str
+    channels_last: bool
+    compile: str
+    cuda_graphs: bool
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        with torch.autocast(device_type="cuda", dtype=torch.float16):
-            cls_scores, bbox_preds = self.inner(x)
-        return [c.float() for c in cls_scores], [b.float() for b in bbox_preds]
+    @property
+    def static_shapes(self) -> bool:
+        """Compiled or captured forwards take one batch shape: partial batches are padded."""
+        return self.compile != "off" or self.cuda_graphs
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise BackendError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _compile_mode(value: object) -> str:
+    if isinstance(value, bool):
+        return "default" if value else "off"
+    if value not in COMPILE_MODES:
+        raise BackendError(f"compile must be true, false or one of {', '.join(COMPILE_MODES)}, got {value!r}")
+    return str(value)
+
+
+def resolve_options(
+    device: torch.device,
+    precision: str | None = None,
+    channels_last: bool | None = None,
+    compile: bool | str = False,
+    cuda_graphs: bool = False,
+) -> TorchOptions:
+    """The options for `device` with the defaults filled in, or a BackendError naming the bad one."""
+    cuda = device.type == "cuda"
+    precision = precision if precision is not None else ("fp16" if cuda else "fp32")
+    if precision not in PRECISIONS:
+        raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and not cuda:
+        raise BackendError(f"precision='fp16' needs a CUDA device (device is {device}); use precision='fp32'")
+    graphs = _flag("cuda_graphs", cuda_graphs)
+    if graphs and not cuda:
+        raise BackendError(f"cuda_graphs=True needs a CUDA device (device is {device}); drop cuda_graphs")
+    layout = _flag("channels_last", cuda if channels_last is None else channels_last)
+    return TorchOptions(precision, layout, _compile_mode(compile), graphs)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -60,6 +123,121 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class NetworkRunner(nn.Module):
+    """A GFocalV2 fed in the chosen memory format, optionally under fp16 autocast, handing float32
+    head outputs to the decode. `autocast_cache=False` is what CUDA graph capture needs."""
+
+    def __init__(
+        self,
+        model: GFocalV2,
+        half: bool,
+        channels_last: bool,
+        device_type: str = "cuda",
+        autocast_cache: bool = True,
+    ) -> None:
+        super().__init__()
+        self.inner = model
+        self.bbox_head = model.bbox_head  # DeployModel reads the integral projection from here
+        self.half = half
+        self.channels_last = channels_last
+        self.device_type = device_type
+        self.autocast_cache = autocast_cache
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.half:
+            with torch.autocast(self.device_type, torch.float16, cache_enabled=self.autocast_cache):
+                cls_scores, bbox_preds = self.inner(x)
+        else:
+            cls_scores, bbox_preds = self.inner(x)
+        return [c.float() for c in cls_scores], [b.float() for b in bbox_preds]
+
+
+class HalfPrecisionNetwork(NetworkRunner):
+    """The network under CUDA fp16 autocast (on CPU tensors it changes nothing)."""
+
+    def __init__(self, model: GFocalV2) -> None:
+        super().__init__(model, half=True, channels_last=False)
+
+
+def wrap_network(model: GFocalV2, options: TorchOptions, device_type: str) -> nn.Module:
+    """The network as `options` run it; the plain module for fp32 without channels_last."""
+    if options.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    half = options.precision == "fp16"
+    if not half and not options.channels_last:
+        return model
+    return NetworkRunner(
+        model, half, options.channels_last, device_type, autocast_cache=not options.cuda_graphs
+    )
+
+
+class NormalizedInput(nn.Module):
+    """NHWC uint8 BGR -> NCHW float32 normalized RGB ahead of a DeployModel built without it: the same
+    numbers as `DeployModel.normalize`, with a flip instead of its list index (a list index is copied
+    from host memory on every call, which a CUDA graph capture refuses)."""
+
+    def __init__(self, deploy: DeployModel) -> None:
+        super().__init__()
+        self.deploy = deploy
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.permute(0, 3, 1, 2).flip(1).contiguous().float()  # NCHW-contiguous, as the index gives
+        return self.deploy((x - self.deploy.mean) / self.deploy.std)
+
+
+def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
+    """`batch` with zero images appended up to `size` rows (unchanged when already full)."""
+    rows = len(batch)
+    if rows > size:
+        raise BackendError(f"a batch of {rows} images is larger than batch_size {size}")
+    if rows == size:
+        return batch
+    padded = np.zeros((size, *batch.shape[1:]), batch.dtype)
+    padded[:rows] = batch
+    return padded
+
+
+class CudaGraphRunner:
+    """Replays one captured forward on a static input buffer (CUDA graphs need fixed shapes and
+    addresses); the outputs are the graph's own buffers, overwritten by the next call."""
+
+    def __init__(self, forward: Forward, example: torch.Tensor, warmup: int = GRAPH_WARMUP) -> None:
+        self.static_input = example.clone()
+        side = torch.cuda.Stream(device=example.device)
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(side):  # warm-up (and compilation) off the capture, as torch requires
+            for _ in range(warmup):
+                forward(self.static_input)
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_output = forward(self.static_input)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape != self.static_input.shape or x.dtype != self.static_input.dtype:
+            raise BackendError(
+                f"CUDA graph captured for {self.static_input.dtype} {tuple(self.static_input.shape)}, "
+                f"got {x.dtype} {tuple(x.shape)}; pad the batch to batch_size"
+            )
+        self.static_input.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.static_output
+
+
+def build_forward(deploy: nn.Module, options: TorchOptions, example: torch.Tensor) -> Forward:
+    """The callable run per batch: eager, compiled and/or a CUDA graph, warmed up on `example`."""
+    forward: Forward = deploy  # type: ignore[assignment]
+    if options.compile != "off":
+        forward = torch.compile(deploy, mode=INDUCTOR_MODES[options.compile], dynamic=False)
+    if options.cuda_graphs:
+        return CudaGraphRunner(forward, example)
+    if options.compile != "off":
+        forward(example)  # compile now, not in the first timed batch
+    return forward
+
+
 class TorchBackend(InProcessBackend):
     """GFocalV2 + decode in PyTorch, in `torch.inference_mode`, outputs numpy boxes/scores float32."""
 
@@ -71,9 +249,12 @@ class TorchBackend(InProcessBackend):
         model: str | os.PathLike[str],
         batch_size: int = 1,
         device: str = "auto",
-        amp: bool = True,
+        precision: str | None = None,
+        channels_last: bool | None = None,
+        compile: bool | str = False,
+        cuda_graphs: bool = False,
         num_threads: int | None = None,
-        warmup: int = 1,
+        warmup: int = 0,
         keep_candidates: bool = False,
         score_thr: float = SCORE_THR,
         iou_thr: float = NMS_IOU,
@@ -89,65 +270,98 @@ class TorchBackend(InProcessBackend):
         )
         self.checkpoint = Path(model)
         self.device = resolve_device(device)
-        self.amp = bool(amp) and self.device.type == "cuda"
+        self.options = resolve_options(self.device, precision, channels_last, compile, cuda_graphs)
         if num_threads is not None:
-            if num_threads < 1:
-                raise BackendError(f"num_threads must be >= 1, got {num_threads}")
+            if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+                raise BackendError(f"num_threads must be an integer >= 1, got {num_threads!r}")
             torch.set_num_threads(num_threads)
         self._checkpoint_sha256 = sha256_file(self.checkpoint) if self.checkpoint.is_file() else ""
         network = load_model(self.checkpoint)  # CheckpointError names the file and the problem
-        self.network: nn.Module = HalfPrecisionNetwork(network) if self.amp else network
-        self.network.to(self.device).eval()
-        self._deploy: DeployModel | None = None
+        self.network = wrap_network(network, self.options, self.device.type).to(self.device).eval()
+        self._deploy: nn.Module | None = None
+        self._forward: Forward | None = None
         self._deploy_key: tuple[int, int, str] | None = None
+        self.prepare_s = 0.0  # seconds the last prepare() took (compilation, graph capture)
         log.info(
-            "torch %s: %s on %s (fp16 autocast %s), batch %d",
+            "torch %s: %s on %s (%s), batch %d",
             torch.__version__,
             self.checkpoint,
             self.device,
-            "on" if self.amp else "off",
+            ", ".join(f"{k}={v}" for k, v in asdict(self.options).items()),
             self.batch_size,
         )
 
+    @property
+    def amp(self) -> bool:
+        """True when the network runs under fp16 autocast (the former `amp` flag)."""
+        return self.options.precision == "fp16"
+
     def timing_facts(self) -> dict[str, Any]:
-        return {"device": str(self.device), "precision": "fp16" if self.amp else "fp32"}
+        facts: dict[str, Any] = {"device": str(self.device), **asdict(self.options)}
+        if self.device.type == "cuda":
+            facts["device_name"] = torch.cuda.get_device_name(self.device)
+        if self.options.static_shapes:
+            facts["prepare_s"] = round(self.prepare_s, 3)
+        return facts
 
     def identity(self) -> dict[str, Any]:
         return {
             **super().identity(),
             "model_sha256": self._checkpoint_sha256,
             "device": self.device.type,
-            "amp": self.amp,
+            "torch_options": asdict(self.options),
         }
 
-    def prepare(self, manifest: Manifest) -> DeployModel:
-        """The deploy forward for the manifest's input size and dtype (built once per size/dtype)."""
+    def prepare(self, manifest: Manifest) -> nn.Module:
+        """The eager deploy forward for the manifest's input size and dtype (built once per size/dtype;
+        uint8 inputs are normalized by `NormalizedInput`); with compile or CUDA graphs its compiled or
+        captured form for batches of `batch_size` is what `run_batch` then runs."""
         key = (manifest.input_height, manifest.input_width, manifest.dtype)
-        if self._deploy is None or self._deploy_key != key:
-            self._deploy = (
-                DeployModel(
-                    self.network,
-                    "portable",
-                    manifest.input_height,
-                    manifest.input_width,  # type: ignore[arg-type]
-                    normalize_in_graph=manifest.dtype == "uint8",
-                )
-                .to(self.device)
-                .eval()
+        if self._deploy is None or self._forward is None or self._deploy_key != key:
+            began = time.perf_counter()
+            deploy: nn.Module = DeployModel(
+                self.network,  # type: ignore[arg-type]  # GFocalV2 or a NetworkRunner around it
+                "portable",
+                manifest.input_height,
+                manifest.input_width,
             )
-            self._deploy_key = key
+            if manifest.dtype == "uint8":
+                deploy = NormalizedInput(deploy)  # type: ignore[arg-type]
+            deploy = deploy.to(self.device).eval()
+            forward: Forward = deploy  # type: ignore[assignment]
+            if self.options.static_shapes:
+                shape = (self.batch_size, *manifest.input_shape()[1:])
+                example = torch.zeros(shape, dtype=getattr(torch, manifest.dtype), device=self.device)
+                with torch.inference_mode():
+                    forward = build_forward(deploy, self.options, example)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            self._deploy, self._forward, self._deploy_key = deploy, forward, key
+            self.prepare_s = time.perf_counter() - began
         return self._deploy
 
     def infer_shard(self, layout: RunLayout, manifest: Manifest, shard: str) -> ShardResult:
-        self.prepare(manifest)
+        if self.reuse(layout, manifest, shard) is None:  # no compile or capture for a reused shard
+            self.prepare(manifest)
         return super().infer_shard(layout, manifest, shard)
 
-    def run_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        if self._deploy is None:
+    def device_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prepared forward on a batch already on the device: boxes and scores as device tensors,
+        no padding, no copies (what a model-only benchmark times). Call `prepare` first."""
+        if self._forward is None:
             raise BackendError("TorchBackend.run_batch called before prepare(manifest); use infer_shard")
+        return self._forward(x)
+
+    def run_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self._forward is None:
+            raise BackendError("TorchBackend.run_batch called before prepare(manifest); use infer_shard")
+        rows = len(batch)
+        if self.options.static_shapes:
+            batch = pad_batch(batch, self.batch_size)
         with torch.inference_mode():
-            boxes, scores = self._deploy(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
-            return {
-                "boxes": boxes.float().cpu().numpy(),  # .cpu() synchronizes CUDA, so timing is honest
-                "scores": scores.float().cpu().numpy(),
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            boxes, scores = self.device_forward(x)
+            return {  # .cpu() synchronizes CUDA, so timing is honest; padded rows are dropped
+                "boxes": boxes[:rows].float().cpu().numpy(),
+                "scores": scores[:rows].float().cpu().numpy(),
             }

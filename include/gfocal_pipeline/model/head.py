@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,15 @@ class Integral(nn.Module):
         prob = F.softmax(x.reshape(*shape, 4, REG_MAX + 1), dim=-1)
         # a 2-D weight (as in the Ascend export patch) lowers to MatMul on every backend
         return F.linear(prob, self.project.view(1, -1)).squeeze(-1)
+
+
+def full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast off while inside an autocast region of `x`'s device (a no-op otherwise, so the float32
+    path, the traced export included, runs exactly the same ops)."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 class GFocalHead(nn.Module):
@@ -72,8 +83,14 @@ class GFocalHead(nn.Module):
         topk = prob.topk(REG_TOPK, dim=-1).values
         stat = torch.cat([topk, topk.mean(dim=-1, keepdim=True)], dim=-1)  # (n,4,h,w,5)
         stat = stat.permute(0, 1, 4, 2, 3).reshape(n, 4 * (REG_TOPK + 1), h, w)
-        quality = self.reg_conf(stat)
-        cls_score = self.gfl_cls(cls_feat).sigmoid() * quality
+        # under fp16 autocast the towers and the classifier run in half; the quality branch and
+        # sigmoid(logits) x quality (what the ranking is decided on) in float32
+        with full_precision(stat):
+            quality = self.reg_conf(stat)
+        logits = self.gfl_cls(cls_feat)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        cls_score = logits.sigmoid() * quality
         return cls_score, bbox_pred
 
     def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

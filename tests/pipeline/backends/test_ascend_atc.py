@@ -98,7 +98,7 @@ def test_convert_and_cache(kit: Toolkit, onnx_file: Path, tmp_path: Path) -> Non
     assert len(kit.calls("atc")) == 1
     # atc ran in a scratch directory: its working files do not litter the caller's directory
     assert Path(kit.calls("atc")[0]["cwd"]).parent == cache
-    assert not list(cache.glob(".tmp-*"))
+    assert not list(cache.glob(".build-*"))
 
     second = convert_onnx(onnx_file, cache, output_dir=tmp_path / "model2", set_env=kit.set_env)
     assert second["cached"] is True and second["convert_seconds"] == 0

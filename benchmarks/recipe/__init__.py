@@ -1,0 +1,1 @@
+"""Recipe-style baselines: faithful reimplementations of the ModelZoo scripts, for comparison only."""
