@@ -251,10 +251,15 @@ def test_every_batch_runs_once_and_is_timed_unless_a_warmup_is_asked_for(
 
 
 def test_the_session_runs_with_the_shared_session_options(graphs: dict[str, Path]) -> None:
-    backend = ort_backend(graphs["dets"])
+    backend = ort_backend(graphs["dets"], cache_optimized_graph=False)
     options = backend.session.get_session_options()
     assert options.intra_op_num_threads == 1 and options.log_severity_level == 3
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    kept = ort_backend(graphs["dets"]).session.get_session_options()  # the kept, optimized graph
+    assert kept.intra_op_num_threads == 1 and kept.log_severity_level == 3
+    assert ort_backend(graphs["dets"]).session.get_session_options().graph_optimization_level == (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     assert len(backend.identity()["model_sha256"]) == 64  # hashed while the session was created
     with pytest.raises(BackendError, match="intra_op_num_threads must be an integer >= 0"):
         OnnxRuntimeBackend(graphs["dets"], intra_op_num_threads=-1)
