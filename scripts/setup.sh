@@ -47,12 +47,16 @@ if [[ "$profile" == "test" ]]; then
   # mmcv/mmengine pull the GUI opencv; keep the headless one the product pins (same cv2 module)
   "$venv/bin/python" -m pip uninstall -q -y opencv-python >/dev/null 2>&1 || true
   pipq install --force-reinstall --no-deps "opencv-python-headless>=4.9,<5"
-  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-    echo "== installing Debian chromium + chromium-driver (headless UI tests)"
+  has_compose() { docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; }
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 || ! has_compose; then
+    # chromium: headless UI tests; docker-compose: `compose config` checks of docker-compose.yaml
+    echo "== installing Debian chromium + chromium-driver + docker-compose (UI and deployment tests)"
     export DEBIAN_FRONTEND=noninteractive
     sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
     "${sudo_cmd[@]}" apt-get update -qq
-    "${sudo_cmd[@]}" apt-get install -y -qq chromium chromium-driver >/dev/null
+    packages=(chromium chromium-driver)
+    has_compose || packages+=(docker-compose)
+    "${sudo_cmd[@]}" apt-get install -y -qq "${packages[@]}" >/dev/null
   fi
 fi
 { [[ -f "$stamp" ]] && grep -x -- "$hash-.*" "$stamp"; echo "$hash-$profile"; } | sort -u > "$stamp.new" || true

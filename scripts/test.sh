@@ -11,6 +11,7 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && command -v pg_ctlcluster 
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
 fi
 export GFOCAL_REQUIRE_POSTGRES="${GFOCAL_REQUIRE_POSTGRES:-1}"
+export GFOCAL_REQUIRE_COMPOSE="${GFOCAL_REQUIRE_COMPOSE:-1}"  # the compose config tests must run
 # Redis is the Celery broker of tests/integration; start it the way these machines do if it is down
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null && command -v redis-server >/dev/null 2>&1; then
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no || true

@@ -3,10 +3,13 @@ DAG loading. A module of its own, since `conftest` is not a unique module name a
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +41,48 @@ def xcoms(dag_id: str, run_id: str, key: str = "return_value") -> dict[str, Any]
             .all()
         )
         return {(r.task_id if r.map_index < 0 else f"{r.task_id}[{r.map_index}]"): r.value for r in rows}
+
+
+@contextlib.contextmanager
+def mounted(target: Path, options: str) -> Iterator[bool]:
+    """A tmpfs at `target` (root only); yields False when mounting is not possible here."""
+    target.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        yield False
+        return
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
+    if done.returncode != 0:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """`folder` read-only: a tmpfs mounted `ro` as root (root ignores modes), else chmod 0555."""
+    with mounted(folder, "ro,size=1m") as ok:
+        if not ok:
+            if os.geteuid() == 0:
+                raise RuntimeError(f"cannot make {folder} read-only: root without permission to mount")
+            folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            if not ok:
+                folder.chmod(0o755)
+
+
+def run_with_file_size_limit(argv: list[str], limit: int = 1_000_000) -> subprocess.CompletedProcess[str]:
+    """`gfocal <argv>` with RLIMIT_FSIZE (SIGXFSZ ignored): writes past `limit` fail with EFBIG, the
+    unprivileged stand-in for a full disk."""
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "from gfocal_pipeline.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)

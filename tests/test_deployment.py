@@ -218,6 +218,8 @@ def _config(cli: list[str], folder: Path) -> subprocess.CompletedProcess[str]:
 def compose_cli() -> list[str]:
     cli = _compose_cli()
     if cli is None:
+        if os.environ.get("GFOCAL_REQUIRE_COMPOSE") == "1":  # scripts/test.sh (CI) installs docker-compose
+            pytest.fail("no `docker compose` / `docker-compose` CLI: scripts/setup.sh test installs it")
         pytest.skip("no `docker compose` / `docker-compose` CLI here (the static checks above still ran)")
     return cli
 

@@ -8,15 +8,14 @@ project's error naming the file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
+from support import read_only
 
 from gfocal_pipeline.demo_data import make_demo_coco
 from gfocal_pipeline.errors import DatasetError, GfocalError
@@ -178,23 +177,9 @@ def test_preprocess_task_names_an_unknown_category(coco: Path, tmp_path: Path) -
 
 def test_preprocess_task_in_a_read_only_work_dir(coco: Path, tmp_path: Path) -> None:
     work = tmp_path / "ro"
-    work.mkdir()
-    work.chmod(0o555)
-    try:
-        if os.geteuid() == 0:  # root writes anyway: make the folder a read-only file system instead
-            mounted = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(work)], capture_output=True
-            )
-            if mounted.returncode != 0:
-                pytest.skip("root without mount: cannot make a read-only folder")
-        try:
-            with pytest.raises(GfocalError) as info:
-                preprocess_operator(coco, work / "run").execute(context={"ti": None})
-            message = str(info.value)
-            assert str(work) in message and "writable" in message, message
-            assert not list(work.rglob("*"))
-        finally:
-            if os.geteuid() == 0:
-                subprocess.run(["umount", "-l", str(work)], capture_output=True)
-    finally:
-        work.chmod(0o755)
+    with read_only(work):
+        with pytest.raises(GfocalError) as info:
+            preprocess_operator(coco, work / "run").execute(context={"ti": None})
+        message = str(info.value)
+        assert str(work) in message and "writable" in message, message
+        assert not list(work.rglob("*"))

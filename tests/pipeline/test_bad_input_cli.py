@@ -10,13 +10,12 @@ adds the CLI-level assertions: exit code, message, no traceback, no artifact.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -26,6 +25,7 @@ import torch
 from emulators.models import tiny_dets_model
 from emulators.runs import H, W, write_run
 from emulators.toolkit import Toolkit, make_toolkit
+from support import mounted, read_only, run_with_file_size_limit
 from torch import nn
 
 from gfocal_pipeline import cli
@@ -345,36 +345,6 @@ def test_unusual_valid_images_preprocess(tmp_path: Path, capsys: pytest.CaptureF
 # disk full and read-only folders
 
 
-@contextlib.contextmanager
-def mounted(target: Path, options: str) -> Iterator[bool]:
-    """A tmpfs at `target` (root only); yields False when mounting is not possible here."""
-    target.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        yield False
-        return
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
-    if done.returncode != 0:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        subprocess.run(["umount", "-l", str(target)], capture_output=True)
-
-
-def _preprocess_in_subprocess_with_fsize_limit(root: Path, run: Path) -> subprocess.CompletedProcess:
-    """The fallback disk full: RLIMIT_FSIZE with SIGXFSZ ignored makes writes fail with EFBIG."""
-    code = (
-        "import resource, signal, sys\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))\n"
-        "from gfocal_pipeline.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    argv = ["preprocess", "--coco-root", str(root), "--run-dir", str(run)]
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
-
-
 def test_preprocess_on_a_full_disk(
     tmp_path: Path, demo_coco: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -387,7 +357,7 @@ def test_preprocess_on_a_full_disk(
             assert not any(run.rglob("*.bin"))
     if not ok:
         run.rmdir()
-        result = _preprocess_in_subprocess_with_fsize_limit(demo_coco, run)
+        result = run_with_file_size_limit(["preprocess", "--coco-root", demo_coco, "--run-dir", run])
         assert result.returncode == 2 and TRACEBACK not in result.stderr, result.stderr[-3000:]
         check(result.stderr, "gfocal preprocess: error:", str(run), "file size limit")
         assert artifacts(run) == []
@@ -398,34 +368,26 @@ def test_export_on_a_full_disk(
 ) -> None:
     """The ONNX (about 130 MB of weights) does not fit: ENOSPC while writing, named with the free space."""
     out = tmp_path / "full"
+    argv = ["export", "--checkpoint", random_checkpoint, "--output", out / "m.onnx", *SIZE]
     with mounted(out, "size=2m") as ok:
-        if not ok:
-            pytest.skip("needs root to mount a small tmpfs (the preprocess case covers the EFBIG fallback)")
-        err = refused(capsys, "export", "--checkpoint", random_checkpoint, "--output", out / "m.onnx", *SIZE)
-        check(err, "gfocal export: error:", str(out), "No space left", "MiB are free", "free space")
+        if ok:
+            err = refused(capsys, *argv)
+            check(err, "gfocal export: error:", str(out), "No space left", "MiB are free", "free space")
+            assert artifacts(out) == [] and list(out.iterdir()) == []
+    if not ok:  # no tmpfs here: a file-size limit makes the same write fail (EFBIG)
+        result = run_with_file_size_limit(argv)
+        assert result.returncode == 2 and TRACEBACK not in result.stderr, result.stderr[-3000:]
+        check(result.stderr, "gfocal export: error:", str(out), "file size limit")
         assert artifacts(out) == [] and list(out.iterdir()) == []
 
 
 def test_preprocess_file_size_limit_gives_efbig(tmp_path: Path, demo_coco: Path) -> None:
     """EFBIG (a file-size limit, or a file system's largest file) is named and explained too."""
     run = tmp_path / "run"
-    result = _preprocess_in_subprocess_with_fsize_limit(demo_coco, run)
+    result = run_with_file_size_limit(["preprocess", "--coco-root", demo_coco, "--run-dir", run])
     assert result.returncode == 2 and TRACEBACK not in result.stderr, result.stderr[-3000:]
     check(result.stderr, "gfocal preprocess: error:", str(run), "File too large", "file size limit")
     assert artifacts(run) == []
-
-
-@contextlib.contextmanager
-def read_only(folder: Path) -> Iterator[None]:
-    """`folder` read-only: a tmpfs mounted `ro` as root, else chmod 0555."""
-    with mounted(folder, "ro,size=1m") as ok:
-        if not ok:
-            folder.chmod(0o555)
-        try:
-            yield
-        finally:
-            if not ok:
-                folder.chmod(0o755)
 
 
 def test_preprocess_into_a_read_only_work_dir(

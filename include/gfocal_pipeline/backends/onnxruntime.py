@@ -25,6 +25,7 @@ or unwritable copy only costs the time it would have saved.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -119,6 +120,7 @@ def session_options(intra_op_num_threads: int | None = None) -> ort.SessionOptio
 OPTIMIZED_DIR = ".ort-optimized"
 
 
+@functools.cache
 def _cpu_signature() -> str:
     """The CPU's architecture and feature flags: an optimized CPU graph may use kernels for them."""
     flags = platform.processor()

@@ -17,11 +17,6 @@ from gfocal_pipeline.fileio import sha256_file
 
 
 @pytest.fixture
-def kit(tmp_path: Path) -> Toolkit:
-    return make_toolkit(tmp_path / "cann")
-
-
-@pytest.fixture
 def onnx_file(tmp_path: Path) -> Path:
     return tiny_dets_model(tmp_path / "tiny.onnx")
 

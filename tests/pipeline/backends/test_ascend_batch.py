@@ -16,7 +16,7 @@ import pytest
 from emulators.checkpoints import confident_checkpoint
 from emulators.models import tiny_dets_model, tiny_reference
 from emulators.runs import SHARD, H, W, write_run
-from emulators.toolkit import Toolkit, make_toolkit
+from emulators.toolkit import Toolkit
 
 from gfocal_pipeline.backends.ais_bench import AisBenchBackend
 from gfocal_pipeline.backends.atc import convert_onnx
@@ -28,11 +28,6 @@ from gfocal_pipeline.layout import RunLayout, read_shard_outputs
 from gfocal_pipeline.preprocess import preprocess
 
 FIVE = [139, 285, 632, 724, 10139]
-
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Toolkit:
-    return make_toolkit(tmp_path / "cann")
 
 
 @pytest.fixture

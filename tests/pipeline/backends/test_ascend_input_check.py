@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from emulators.models import tiny_dets_model
-from emulators.toolkit import Toolkit, make_toolkit
+from emulators.toolkit import Toolkit
 
 from gfocal_pipeline.backends.ais_bench import AisBenchBackend
 from gfocal_pipeline.backends.atc import CACHE_META, convert_onnx
@@ -25,11 +25,6 @@ from gfocal_pipeline.manifest import Geometry, ImageEntry, Manifest
 SHARD = "00000"
 IDS = [139]
 BACKENDS = (MsameBackend, AisBenchBackend)
-
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Toolkit:
-    return make_toolkit(tmp_path / "cann")
 
 
 def convert(kit: Toolkit, tmp_path: Path, height: int, width: int, **options: object) -> Path:

@@ -21,18 +21,6 @@ from gfocal_pipeline.layout import RunLayout, input_file_name, read_shard_output
 from gfocal_pipeline.preprocess import normalize
 
 
-@pytest.fixture
-def kit(tmp_path: Path) -> Toolkit:
-    return make_toolkit(tmp_path / "cann")
-
-
-@pytest.fixture
-def om(kit: Toolkit, tmp_path: Path) -> Path:
-    onnx_file = tiny_dets_model(tmp_path / "tiny.onnx", H, W)
-    result = convert_onnx(onnx_file, tmp_path / "cache", output_dir=tmp_path / "model", set_env=kit.set_env)
-    return Path(result["om_path"])
-
-
 def check_outputs(layout: RunLayout, backend: str, inputs: dict, dets_atol: float) -> dict:
     marker, arrays = read_shard_outputs(layout.output_shard(backend, SHARD))
     assert marker["backend"] == backend and marker["kind"] == "dets" and marker["images"] == len(IDS)

@@ -19,9 +19,8 @@ import psutil
 import pytest
 from emulators.models import tiny_dets_model
 from emulators.runs import SHARD, H, W, write_run
-from emulators.toolkit import Toolkit, make_toolkit
+from emulators.toolkit import Toolkit
 
-from gfocal_pipeline.backends.atc import convert_onnx
 from gfocal_pipeline.backends.process import ProcessHandle, run_tool
 from gfocal_pipeline.errors import BackendError
 from operators.infer import MsameInferOperator
@@ -62,18 +61,6 @@ def _wait_for(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
-
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Toolkit:
-    return make_toolkit(tmp_path / "cann")
-
-
-@pytest.fixture
-def om(kit: Toolkit, tmp_path: Path) -> Path:
-    onnx_file = tiny_dets_model(tmp_path / "tiny.onnx", H, W)
-    result = convert_onnx(onnx_file, tmp_path / "cache", output_dir=tmp_path / "model", set_env=kit.set_env)
-    return Path(result["om_path"])
 
 
 def _tool_pid(kit: Toolkit, tool: str, parent: subprocess.Popen[bytes]) -> int:
