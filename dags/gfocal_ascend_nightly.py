@@ -18,6 +18,7 @@ from airflow.sdk import DAG
 from gfocal_factory import PipelineSpec, build_dag
 
 from gfocal_pipeline.constants import ASCEND_POOL, ASCEND_QUEUE
+from gfocal_pipeline.sharding import NPU_SECONDS_PER_IMAGE
 from operators.settings import load_settings
 
 settings = load_settings()
@@ -34,5 +35,6 @@ dag: DAG = build_dag(
         device="npu",
         tags=("ascend", "nightly"),
         deadline=settings.nightly_deadline,
+        seconds_per_image=NPU_SECONDS_PER_IMAGE,
     )
 )

@@ -16,6 +16,7 @@ it handles (`operators.timeouts`; `[gfocal] task_timeout_scale`, `task_timeout_m
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,6 +28,7 @@ from airflow.sdk import DAG, BaseOperator, Param, XComArg
 from gfocal_pipeline.errors import ConfigError
 from gfocal_pipeline.options import check_option
 from gfocal_pipeline.run_config import PREPROCESS_OPTIONS, form_options
+from gfocal_pipeline.sharding import CPU_SECONDS_PER_IMAGE, ShardPlan
 from operators import (
     AtcConvertOperator,
     CocoEvalOperator,
@@ -44,6 +46,7 @@ from operators import wiring as ids
 from operators.alerting import GfocalAlertNotifier
 from operators.base import require_shared_paths
 from operators.settings import GfocalSettings, load_settings
+from operators.timeouts import FULL_SET_IMAGES
 from operators.wiring import from_prepare, prepared, pulled
 
 NO_RETRIES = {"retries": 0}  # record, gate: a retry would add a history row, a verdict, an alert
@@ -61,6 +64,11 @@ class PipelineSpec:
     tags: tuple[str, ...] = ()
     device: str = "cpu"  # the history's `device` column for the device backend
     deadline: timedelta | None = None  # alert when a run has not finished this long after queueing
+    # the device's time per image at 800x1216, for the default shard size (`gfocal_pipeline.sharding`)
+    seconds_per_image: float = CPU_SECONDS_PER_IMAGE
+
+    def shard_plan(self, settings: GfocalSettings) -> ShardPlan:
+        return ShardPlan(slots=settings.device_slots, seconds_per_image=self.seconds_per_image)
 
 
 @dataclass(frozen=True)
@@ -72,9 +80,11 @@ class Budgets:
     shard_images: int  # images of one inference shard
 
     @classmethod
-    def of(cls, settings: GfocalSettings, params: Mapping[str, Param]) -> Budgets:
+    def of(cls, settings: GfocalSettings, params: Mapping[str, Param], plan: ShardPlan) -> Budgets:
         images = params["max_images"].value
-        shard = int(params["shard_size"].value)
+        shard = params["shard_size"].value or plan.shard_size(
+            images or FULL_SET_IMAGES, params["height"].value, params["width"].value
+        )
         return cls(settings, images, min(shard, images) if images else shard)
 
     def __call__(self, kind: str) -> dict[str, Any]:
@@ -269,7 +279,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
     family = FAMILIES[spec.family]
     settings = load_settings()
     params = form_params(family.ascend_options, dict(settings.run_defaults))
-    budgets = Budgets.of(settings, params)
+    budgets = Budgets.of(settings, params, spec.shard_plan(settings))
     with DAG(
         dag_id=spec.dag_id,
         description=spec.description,
@@ -296,6 +306,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
         )
         preprocess = CocoPreprocessOperator(
             task_id=ids.PREPROCESS,
+            shard_plan=dataclasses.asdict(spec.shard_plan(settings)),
             **from_prepare("run_dir", "work_dir", "cache_inputs", *PREPROCESS_OPTIONS),
             **budgets("preprocess"),
         )

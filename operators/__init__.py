@@ -1,4 +1,9 @@
-"""Thin Airflow operators over `gfocal_pipeline.steps`: each calls one step and returns its XCom dict."""
+"""Thin Airflow operators over `gfocal_pipeline.steps`: each calls one step and returns its XCom dict.
+
+Import rule: importing this package (every DAG file does, at each parse and in every task process)
+loads no numerical library. Operators import `gfocal_pipeline.steps` inside `execute`, and the
+backend registry names its classes without importing them; `tests/dags/test_dag_imports.py` holds it.
+"""
 
 from operators.ascend import AtcConvertOperator
 from operators.export import OnnxExportOperator

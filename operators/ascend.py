@@ -7,7 +7,6 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from gfocal_pipeline import steps
 from gfocal_pipeline.constants import DEFAULT_INPUT_NAME
 from operators.base import KillableMixin, attributes, project_errors
 
@@ -67,6 +66,8 @@ class AtcConvertOperator(KillableMixin, BaseOperator):
 
     @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
+        from gfocal_pipeline import steps
+
         names = ("batch_size", "soc_version", "input_name", "input_dtype", "precision_mode", "log_level")
         options = attributes(self, (*names, "set_env", "timeout_s"))
         result = steps.convert_step(

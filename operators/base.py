@@ -12,10 +12,8 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from gfocal_pipeline.backends.msame import OmInputMismatchError
 from gfocal_pipeline.backends.process import ProcessHandle
-from gfocal_pipeline.errors import ConfigError, GfocalError, describe_os_error
-from gfocal_pipeline.layout import RunLayout
+from gfocal_pipeline.errors import ConfigError, GfocalError, OmInputMismatchError, describe_os_error
 
 # the (rendered) arguments that name files or folders made by earlier tasks, possibly on another host
 SHARED_PATH_ARGUMENTS = ("run_dir", "onnx_path", "model")
@@ -69,6 +67,7 @@ def require_shared_paths(context: Any) -> None:
 def manifest_images(run_dir: object, shard: object = None) -> int | None:
     """Images of the run's manifest (of one `shard`), None when it cannot be read (the step itself
     then fails with the precise error)."""
+    from gfocal_pipeline.layout import RunLayout
     from gfocal_pipeline.manifest import load_manifest
 
     if not isinstance(run_dir, str):

@@ -7,9 +7,13 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from gfocal_pipeline import steps
-from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_INPUT_NAME, DEFAULT_WIDTH
-from gfocal_pipeline.export import DEFAULT_MAX_UNEXPLAINED, DEFAULT_PARITY_THRESHOLD
+from gfocal_pipeline.constants import (
+    DEFAULT_HEIGHT,
+    DEFAULT_INPUT_NAME,
+    DEFAULT_MAX_UNEXPLAINED,
+    DEFAULT_PARITY_THRESHOLD,
+    DEFAULT_WIDTH,
+)
 from operators.base import attributes, project_errors
 
 
@@ -67,6 +71,8 @@ class OnnxExportOperator(BaseOperator):
 
     @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
+        from gfocal_pipeline import steps
+
         names = ("dtype", "batch_size", "height", "width", "opset", "input_name", "parity_threshold")
         options = attributes(self, (*names, "max_unexplained", "work_dir", "cache_onnx"))
         result = steps.export_step(self.run_dir, self.variant, self.checkpoint, **options)

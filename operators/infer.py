@@ -8,8 +8,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from gfocal_pipeline import steps
-from gfocal_pipeline.backends.registry import backend_class, get_backend
+from gfocal_pipeline.backends.registry import CHEAP_TO_BUILD, backend_class, check_backend_name, get_backend
 from operators.base import KillableMixin, fail_without_retry, manifest_images, project_errors
 from operators.timeouts import SizedTimeoutMixin
 
@@ -53,9 +52,9 @@ class InferOperator(KillableMixin, SizedTimeoutMixin, BaseOperator):
         self.run_dir, self.shard, self.model = run_dir, shard, model
         self.batch_size, self.options = batch_size, dict(options or {})
         if _literal(self.backend):
-            cls = backend_class(self.backend)
+            check_backend_name(self.backend)
             final = all(_literal(v) for v in (self.model, self.batch_size, self.options))
-            if cls.cheap_to_build and final:  # building it is the validation
+            if self.backend in CHEAP_TO_BUILD and final:  # building it is the validation
                 get_backend(self.backend, **self._backend_options())
 
     @property
@@ -73,6 +72,8 @@ class InferOperator(KillableMixin, SizedTimeoutMixin, BaseOperator):
 
     @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
+        from gfocal_pipeline import steps
+
         with fail_without_retry():  # e.g. an OM converted for another input
             result = steps.infer_step(self.run_dir, self.shard, self.backend, **self._backend_options())
         timing = result["timing"]

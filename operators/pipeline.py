@@ -11,9 +11,9 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from gfocal_pipeline import steps
-from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
+from gfocal_pipeline.constants import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
 from gfocal_pipeline.run_config import PREPROCESS_OPTIONS
+from gfocal_pipeline.sharding import ShardPlan
 from operators.base import attributes, fail_without_retry, manifest_images, project_errors
 from operators.settings import load_settings
 from operators.timeouts import SizedTimeoutMixin
@@ -22,6 +22,9 @@ from operators.wiring import MANIFEST_KEY
 
 class PrepareRunOperator(BaseOperator):
     """First task of a run: validates the run's options once (`RunConfig`) and makes its run directory.
+
+    A key of the run's conf that is not one of the DAG's params fails the task at once (no retry),
+    naming the key and the nearest known name.
 
     Pushes the validated options plus `run_dir` (`<work_dir>/<dag_id>/<run_id>`) and `om_cache_dir`,
     so every later task reads the same typed values. `ascend` adds the Ascend DAG's options.
@@ -35,9 +38,15 @@ class PrepareRunOperator(BaseOperator):
 
     @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
+        from gfocal_pipeline import steps
+
+        # the rendered params hold only the DAG's own; a key of the run's conf that is none of them
+        # (a typo, an option of the other DAG) is refused here, before any work, not silently ignored
+        conf = getattr(context.get("dag_run"), "conf", None) or {}
+        values = {**{key: value for key, value in conf.items() if key not in self.config}, **self.config}
         with fail_without_retry():  # invalid options stay invalid: no retry
             prepared = steps.prepare_step(
-                dict(self.config), context["dag"].dag_id, context["run_id"], ascend=self.ascend
+                values, context["dag"].dag_id, context["run_id"], ascend=self.ascend
             )
         self.log.info("run directory: %s", prepared["run_dir"])
         return prepared
@@ -68,7 +77,8 @@ class CocoPreprocessOperator(SizedTimeoutMixin, BaseOperator):
         dtype: str = "float32",
         height: int = 800,
         width: int = 1216,
-        shard_size: int = 8,
+        shard_size: int | None = None,
+        shard_plan: dict[str, float] | None = None,
         max_images: int | None = None,
         skip_bad_images: bool = False,
         workers: int | None = None,
@@ -80,6 +90,7 @@ class CocoPreprocessOperator(SizedTimeoutMixin, BaseOperator):
         self.coco_root, self.run_dir, self.policy, self.dtype = coco_root, run_dir, policy, dtype
         self.images_dir, self.annotations = images_dir, annotations
         self.height, self.width, self.shard_size = height, width, shard_size
+        self.shard_plan = dict(shard_plan or {})
         self.max_images, self.skip_bad_images, self.workers = max_images, skip_bad_images, workers
         self.work_dir, self.cache_inputs = work_dir, cache_inputs
 
@@ -88,16 +99,21 @@ class CocoPreprocessOperator(SizedTimeoutMixin, BaseOperator):
 
     @project_errors
     def execute(self, context: Any) -> list[str]:
+        from gfocal_pipeline import steps
+
         names = tuple(name for name in PREPROCESS_OPTIONS if name != "coco_root")
         options = attributes(self, (*names, "skip_bad_images", "workers", "work_dir", "cache_inputs"))
         if options["workers"] is None:  # this worker's own [gfocal] preprocess_workers (its cores)
             options["workers"] = load_settings().preprocess_workers
-        result = steps.preprocess_step(self.coco_root, self.run_dir, **options)
+        plan = ShardPlan(**self.shard_plan)
+        result = steps.preprocess_step(self.coco_root, self.run_dir, shard_plan=plan, **options)
         self.log.info(
-            "%s %d images in %d shards (%s, %s), inputs: %s",
+            "%s %d images in %d shards of %d%s (%s, %s), inputs: %s",
             "reused the preprocessed" if result["cached"] else "preprocessed",
             result["images"],
             len(result["shards"]),
+            result["shard_size"],
+            "" if self.shard_size else f" (shard_size empty: {plan} rule)",
             result["policy"],
             result["dtype"],
             result["inputs"],
@@ -133,6 +149,8 @@ class CocoEvalOperator(SizedTimeoutMixin, BaseOperator):
 
     @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
+        from gfocal_pipeline import steps
+
         result = steps.evaluate_step(
             self.run_dir, self.backend, engine=self.engine, allow_missing=self.allow_missing
         )
@@ -154,6 +172,8 @@ class RunSummaryOperator(BaseOperator):
 
     @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
+        from gfocal_pipeline import steps
+
         ti = context["ti"]
         results = {role: ti.xcom_pull(task_ids=task_id) for role, task_id in self.evaluations.items()}
         summary = steps.summary_step(self.run_dir, results, **self.facts)

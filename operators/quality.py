@@ -8,7 +8,6 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from gfocal_pipeline import steps
 from gfocal_pipeline.gate import RegressionError, format_verdict_table, run_gate
 from gfocal_pipeline.history import HistoryStore, RunRecord
 from operators.base import project_errors
@@ -42,6 +41,8 @@ class RecordResultsOperator(BaseOperator):
 
     @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
+        from gfocal_pipeline import steps
+
         ti = context["ti"]
         export_info = ti.xcom_pull(task_ids=self.export_task) or {}
         convert_info = (ti.xcom_pull(task_ids=self.convert_task) if self.convert_task else None) or {}

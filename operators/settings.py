@@ -17,6 +17,10 @@ checkpoint, coco_root, images_dir, annotations, work_dir
                         run can still override them in the form (default: unset -> the demo data)
 preprocess_workers      threads of the preprocess task, read on the worker that runs it (default:
                         empty = its usable CPU cores)
+device_slots            how many device (infer) tasks of a run can run at once: the `ascend_npu`
+                        pool's slots for the nightly, the CPU workers' slots for the ONNX Runtime
+                        DAG. A run with an empty shard_size gets at least this many shards
+                        (`gfocal_pipeline.sharding`) (default 1; an integer >= 1)
 keep_runs               retention (the DAGs' last task, `gfocal gc`): the newest run directories of
                         each DAG kept whole; older ones are pruned to their small results (summary,
                         eval, timing, final detections) (default 14; an integer >= 1)
@@ -85,6 +89,7 @@ class GfocalSettings:
     nightly_cron: str = "0 2 * * *"
     nightly_deadline_hours: float = 6.0
     preprocess_workers: int | None = None
+    device_slots: int = 1
     keep_runs: int = DEFAULT_KEEP_RUNS
     cache_max_gb: float = DEFAULT_CACHE_MAX_GB
     run_defaults: tuple[tuple[str, str], ...] = ()  # (option, value) of the data keys that are set
@@ -231,6 +236,7 @@ def load_settings() -> GfocalSettings:
         nightly_cron=get("nightly_cron", defaults.nightly_cron),
         nightly_deadline_hours=float(get("nightly_deadline_hours", str(defaults.nightly_deadline_hours))),
         preprocess_workers=_positive_int_or_none("preprocess_workers", get("preprocess_workers", "")),
+        device_slots=_positive_int_or_none("device_slots", get("device_slots", "")) or defaults.device_slots,
         keep_runs=_keep_runs(get("keep_runs", str(defaults.keep_runs))),
         cache_max_gb=_cache_max_gb(get("cache_max_gb", str(defaults.cache_max_gb))),
         run_defaults=tuple((key, get(key, "").strip()) for key in DATA_KEYS if get(key, "").strip()),

@@ -10,18 +10,42 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from airflow.api_fastapi.core_api.security import requires_authenticated
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends
 
-from gfocal_pipeline.history import HistoryStore
-from gfocal_pipeline.trend import create_app
 from operators.settings import load_settings
 
 SETTINGS = load_settings()
 URL_PREFIX = SETTINGS.url_prefix
 
-app = create_app(lambda: HistoryStore(SETTINGS.history_url), dependencies=[Depends(requires_authenticated())])
+
+class LazyTrendApp:
+    """The trend app as an ASGI callable that builds the FastAPI app on its first request.
+
+    Airflow imports every plugin in every task process (for plugin macros), but only the api-server
+    serves the app: building it there, on first use, keeps FastAPI and the API server's security
+    module out of each task's start-up (about half a second per task)."""
+
+    def __init__(self) -> None:
+        self._app: Any = None
+
+    def build(self) -> Any:
+        if self._app is None:
+            from airflow.api_fastapi.core_api.security import requires_authenticated
+            from fastapi import Depends
+
+            from gfocal_pipeline.history import HistoryStore
+            from gfocal_pipeline.trend import create_app
+
+            self._app = create_app(
+                lambda: HistoryStore(SETTINGS.history_url), dependencies=[Depends(requires_authenticated())]
+            )
+        return self._app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.build()(scope, receive, send)
+
+
+app = LazyTrendApp()
 
 
 class GfocalPlugin(AirflowPlugin):

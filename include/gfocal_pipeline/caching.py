@@ -31,6 +31,7 @@ from gfocal_pipeline.errors import CheckpointError, GfocalError
 from gfocal_pipeline.fileio import atomic_path, sha256_file, write_json
 from gfocal_pipeline.layout import DONE_FILE, RunLayout
 from gfocal_pipeline.manifest import MANIFEST_VERSION, Manifest, load_manifest
+from gfocal_pipeline.sharding import ShardPlan, resolve_shard_size
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +112,23 @@ def cached_inputs(
     annotation_file: str,
     max_images: int | None = None,
     workers: int | None = None,
+    shard_plan: ShardPlan | None = None,
     **options: Any,
 ) -> tuple[Manifest, dict[str, Any]]:
     """Preprocess through the inputs cache; the run directory gets a manifest that points into it.
 
     `preprocess` is `preprocess.preprocess`; `options` are its policy, dtype, height, width,
-    shard_size, skip_bad_images. Returns the run's manifest and {"cached", "cache_key"}.
+    shard_size (None: `shard_plan`'s), skip_bad_images. Returns the run's manifest and {"cached",
+    "cache_key"}.
     """
     from gfocal_pipeline.dataset import load_coco
     from gfocal_pipeline.preprocess import hash_images
 
     dataset = load_coco(coco_root, image_dir, annotation_file, max_images)
+    size = (options["height"], options["width"])
+    options["shard_size"] = resolve_shard_size(
+        options.get("shard_size"), len(dataset.images), *size, shard_plan
+    )
     hashes = hash_images(dataset.images, workers or 2)
     images = [(image.image_id, image.file_name, hashes[image.image_id]) for image in dataset.images]
     shape = {

@@ -212,7 +212,15 @@ def cmd_summary(args: argparse.Namespace) -> Any:
     return None
 
 
-GATE_OPTIONS = ("min_ap", "min_fps", "ap_tolerance", "fps_tolerance", "baseline_runs")
+GATE_OPTIONS = (
+    "min_ap",
+    "min_fps",
+    "ap_tolerance",
+    "fps_tolerance",
+    "baseline_runs",
+    "fps_noise",
+    "fps_min_runs",
+)
 
 
 def _send_alert(args: argparse.Namespace, verdict: dict[str, Any]) -> None:

@@ -34,6 +34,14 @@ DEFAULT_WIDTH = 1216
 MMDET_SCALE = (1333, 800)  # official test pipeline: keep ratio into (long 1333, short 800)
 SIZE_DIVISOR = 32
 
+# COCO layout inside a COCO root (the forms' and the CLI's defaults)
+DEFAULT_IMAGE_DIR = "val2017"
+DEFAULT_ANNOTATION_FILE = "annotations/instances_val2017.json"
+
+# export parity defaults (also the forms' defaults)
+DEFAULT_PARITY_THRESHOLD = 1e-3
+DEFAULT_MAX_UNEXPLAINED = 0
+
 # Deployment names shared by the DAG factory, docs and docker-compose.yaml
 ASCEND_QUEUE = "ascend"
 ASCEND_POOL = "ascend_npu"

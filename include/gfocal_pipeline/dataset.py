@@ -30,13 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from gfocal_pipeline.constants import NUM_CLASSES
+from gfocal_pipeline.constants import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR, NUM_CLASSES
 from gfocal_pipeline.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE_DIR = "val2017"
-DEFAULT_ANNOTATION_FILE = "annotations/instances_val2017.json"
 REQUIRED_KEYS = ("images", "annotations", "categories")
 IMAGE_KEYS = ("id", "file_name", "width", "height")
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "area", "iscrowd")  # what COCO evaluation reads

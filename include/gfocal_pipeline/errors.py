@@ -23,6 +23,10 @@ class BackendError(GfocalError):
     """An inference backend or an external tool (atc, msame, ais_bench) failed."""
 
 
+class OmInputMismatchError(BackendError):
+    """The run's input is not the OM's: deterministic, so a retry cannot heal it."""
+
+
 class EvaluationError(GfocalError):
     """Outputs cannot be evaluated (missing images, mismatched manifest, ...)."""
 

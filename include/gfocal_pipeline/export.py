@@ -31,6 +31,8 @@ from gfocal_pipeline.constants import (
     CLS_OUT_CHANNELS,
     DEFAULT_HEIGHT,
     DEFAULT_INPUT_NAME,
+    DEFAULT_MAX_UNEXPLAINED,
+    DEFAULT_PARITY_THRESHOLD,
     DEFAULT_WIDTH,
     MAX_PER_IMG,
     NUM_CLASSES,
@@ -45,8 +47,6 @@ from gfocal_pipeline.parity import ParityReport, compare_candidates
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = {"portable": 17, "ascend": 11}
-DEFAULT_PARITY_THRESHOLD = 1e-3
-DEFAULT_MAX_UNEXPLAINED = 0
 ALL_ANCHORS = 1 << 30  # decode every anchor of a level (no top-k)
 
 

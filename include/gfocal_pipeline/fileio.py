@@ -17,11 +17,12 @@ import time
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from gfocal_pipeline.errors import GfocalError, StepBusyError
+
+if TYPE_CHECKING:  # numpy loads in the steps that read arrays, not when a DAG file is parsed
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def read_state_npz(path: str | os.PathLike[str], what: str) -> dict[str, np.ndar
     if not path.is_file():
         return None
     try:
+        import numpy as np
+
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
     except _STATE_ERRORS as exc:

@@ -3,7 +3,9 @@
 The baseline only mixes runs of the same configuration, dataset included (`ConfigKey.dataset`): a run
 on another dataset of the same size has no baseline rather than one from foreign data.
 AP tolerance is absolute (COCO AP is already a fraction), fps tolerance relative (speed scales with
-the machine). Timing is noisy, so the gate takes the median of several fps windows (one per shard).
+the machine). Timing is noisy, so the gate takes the median of several fps windows (one per shard), and
+judges fps against the baseline window's own spread (see `fps_limit`): a shared CPU whose fps moves by
+10-20 % from run to run does not fail a night, a real drop outside that spread does.
 The verdict is a small JSON-safe dict (fit for XCom) that the history stores and the alerts render.
 """
 
@@ -92,6 +94,25 @@ class GateThresholds:
         title="Baseline runs",
         description="The baseline is the median of the last N passing runs of the same configuration "
         "and dataset.",
+        kind=int,
+        minimum=1,
+        maximum=100,
+    )
+    fps_noise: float = option(
+        3.0,
+        title="fps noise factor",
+        description="fps fails only below baseline - max(fps tolerance x baseline, this x the baseline "
+        "runs' spread (1.4826 x median absolute deviation)). 0 = the tolerance alone.",
+        kind=float,
+        minimum=0,
+        maximum=100,
+        hint="a multiple of the baseline's spread, e.g. 3",
+    )
+    fps_min_runs: int = option(
+        3,
+        title="Runs before fps is judged",
+        description="fps is compared with the baseline only once this many passing runs of the "
+        "configuration have an fps (their spread is what the noise factor scales).",
         kind=int,
         minimum=1,
         maximum=100,
@@ -210,7 +231,39 @@ def _check(
     }
 
 
-def _fps_checks(fps: float | None, baseline: float | None, t: GateThresholds, note: str | None) -> list[dict]:
+MAD_TO_SIGMA = 1.4826  # the median absolute deviation of normal noise times this is its sigma
+
+
+def fps_limit(values: Sequence[float], t: GateThresholds) -> dict[str, Any]:
+    """The fps rule: the lowest fps that passes against a baseline window of passing runs' fps.
+
+    limit = median - max(fps_tolerance x median, fps_noise x 1.4826 x MAD), MAD being the window's
+    median absolute deviation; the larger allowance wins and is recorded (`by`: tolerance | noise)."""
+    baseline = float(statistics.median(values))
+    spread = MAD_TO_SIGMA * float(statistics.median(abs(v - baseline) for v in values))
+    by_tolerance, by_noise = t.fps_tolerance * baseline, t.fps_noise * spread
+    allowed = max(by_tolerance, by_noise)
+    return {
+        "baseline": baseline,
+        "window": len(values),
+        "spread": spread,
+        "allowed_drop": allowed,
+        "by": "noise" if by_noise > by_tolerance else "tolerance",
+        "limit": baseline - allowed,
+    }
+
+
+def _fps_rule_note(rule: Mapping[str, Any], t: GateThresholds) -> str:
+    return (
+        f"limit = median of {rule['window']} run(s) {rule['baseline']:.2f} - max({t.fps_tolerance:g} x "
+        f"median = {t.fps_tolerance * rule['baseline']:.2f}, {t.fps_noise:g} x spread {rule['spread']:.2f} "
+        f"= {t.fps_noise * rule['spread']:.2f}): the {rule['by']} sets it"
+    )
+
+
+def _fps_checks(
+    fps: float | None, values: Sequence[float], t: GateThresholds, note: str | None, notes: list[str]
+) -> list[dict]:
     checks = []
     if t.min_fps is not None:
         checks.append(
@@ -218,13 +271,20 @@ def _fps_checks(fps: float | None, baseline: float | None, t: GateThresholds, no
                 "fps floor", "fps", fps, t.min_fps, note=note or (None if fps is not None else "not measured")
             )
         )
-    if baseline is not None and fps is not None:
-        limit = baseline * (1.0 - t.fps_tolerance)
-        checks.append(
-            _check(
-                "fps vs baseline", "fps", fps, limit, baseline=baseline, tolerance=t.fps_tolerance, note=note
-            )
+    if fps is None or not values:
+        return checks
+    if len(values) < t.fps_min_runs:
+        notes.append(
+            f"fps not compared with the baseline: {len(values)} passing run(s) with an fps, fewer than "
+            f"fps_min_runs={t.fps_min_runs} (too few to know this machine's noise)"
         )
+        return checks
+    rule = fps_limit(values, t)
+    detail = _fps_rule_note(rule, t) + (f"; {note}" if note else "")
+    check = _check(
+        "fps vs baseline", "fps", fps, rule["limit"], baseline=rule["baseline"], tolerance=t.fps_tolerance
+    )
+    checks.append({**check, "note": detail, "rule": rule})
     return checks
 
 
@@ -281,8 +341,7 @@ def evaluate(
         notes.append("fps was not measured: speed checks skipped" + (" (floor fails)" if t.min_fps else ""))
 
     fps_values = [r.fps for r in base if r.fps is not None]
-    fps_baseline = float(statistics.median(fps_values)) if fps_values else None
-    checks = [*_ap_checks(record.ap, base, t), *_fps_checks(fps, fps_baseline, t, fps_note)]
+    checks = [*_ap_checks(record.ap, base, t), *_fps_checks(fps, fps_values, t, fps_note, notes)]
     notes += _baseline_notes(len(base), t.baseline_runs, bool(checks))
 
     regressed = list(dict.fromkeys(c["metric"] for c in checks if not c["passed"]))

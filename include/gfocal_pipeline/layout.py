@@ -37,12 +37,13 @@ import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from gfocal_pipeline.errors import DatasetError
 from gfocal_pipeline.fileio import atomic_path, read_state_json, read_state_npz, write_json
+
+if TYPE_CHECKING:  # numpy loads with the steps that read and write arrays, not with a DAG file
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ def write_shard_outputs(
     marker: dict[str, Any],
 ) -> Path:
     """Write one shard's outputs in the shared layout: `outputs.npz` atomically, then `done.json`."""
+    import numpy as np
+
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}; expected one of {sorted(KINDS)}")
     missing = [name for name in KINDS[kind] if name not in arrays]
@@ -170,6 +173,8 @@ def shard_done(out_dir: Path) -> dict[str, Any] | None:
         if marker is not None:
             log.warning("done marker %s is not a marker; recomputing the shard", out_dir / DONE_FILE)
         return None
+    import numpy as np
+
     try:  # the zip directory is at the end: a truncated or overwritten file fails here
         with np.load(out_dir / OUTPUTS_FILE, allow_pickle=False) as data:
             complete = "image_ids" in data.files

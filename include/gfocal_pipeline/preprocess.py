@@ -82,6 +82,7 @@ from gfocal_pipeline.errors import DatasetError, os_error_fix
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file
 from gfocal_pipeline.layout import RunLayout, input_file_name, shard_name
 from gfocal_pipeline.manifest import DTYPES, POLICIES, Geometry, ImageEntry, Manifest
+from gfocal_pipeline.sharding import ShardPlan, resolve_shard_size
 
 log = logging.getLogger(__name__)
 
@@ -707,7 +708,7 @@ def preprocess(
     dtype: str = "float32",
     height: int = DEFAULT_HEIGHT,
     width: int = DEFAULT_WIDTH,
-    shard_size: int = 8,
+    shard_size: int | None = None,
     max_images: int | None = None,
     workers: int | None = None,
     skip_bad_images: bool = False,
@@ -715,6 +716,7 @@ def preprocess(
     annotation_file: str = DEFAULT_ANNOTATION_FILE,
     progress_interval_s: float = 10.0,
     *,
+    shard_plan: ShardPlan | None = None,
     write_inputs: bool = True,
     image_hashes: dict[int, str] | None = None,
     donor: Manifest | None = None,
@@ -726,11 +728,13 @@ def preprocess(
     each image file's sha256 (`image_hashes` when the caller already has them) and the annotation
     file's. `write_inputs=False` writes only the manifest (every image decoded and placed, no
     inputs: each inference task then builds its own shard, see `materialize_shard`). Inputs of
-    `donor` whose image is unchanged are linked instead of recomputed.
+    `donor` whose image is unchanged are linked instead of recomputed. `shard_size` None: the
+    `shard_plan` rule (`sharding`) on the images read.
     """
-    _check_arguments(policy, dtype, height, width, shard_size, workers)
+    _check_arguments(policy, dtype, height, width, 1 if shard_size is None else shard_size, workers)
     dataset = load_coco(coco_root, image_dir, annotation_file, max_images)
     images = dataset.images
+    shard_size = resolve_shard_size(shard_size, len(images), height, width, shard_plan)
     if policy == "mmdet":
         _check_mmdet_fits(images, height, width)
     layout = RunLayout.at(Path(run_dir))

@@ -8,14 +8,20 @@ receive is `RunConfig.to_dict()`: plain JSON values (Enum members as their strin
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from gfocal_pipeline.config import default_work_dir, demo_paths, ensure_demo_data
-from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_WIDTH, SIZE_DIVISOR
-from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
+from gfocal_pipeline.constants import (
+    DEFAULT_ANNOTATION_FILE,
+    DEFAULT_HEIGHT,
+    DEFAULT_IMAGE_DIR,
+    DEFAULT_WIDTH,
+    SIZE_DIVISOR,
+)
 from gfocal_pipeline.errors import BackendError, ConfigError
 from gfocal_pipeline.gate import GateThresholds
 from gfocal_pipeline.options import (
@@ -102,11 +108,14 @@ class DataOptions:
         description="Model input width in pixels (multiple of 32).",
         **_SIZE,
     )
-    shard_size: int = option(
-        256,
+    shard_size: int | None = option(
+        None,
         title="Images per shard",
-        description="Inference is mapped over shards; each shard is one task (val2017: 20 tasks).",
+        description="Inference is mapped over shards, one task each. Empty = few, full tasks: a task's "
+        "fixed cost at most 5% of its device work, at least one shard per device slot (val2017 on one "
+        "NPU: 1 task; docs/architecture.md, 'Shard size').",
         kind=int,
+        nullable=True,
         minimum=1,
         maximum=100_000,
     )
@@ -312,6 +321,22 @@ def _demo_defaults(values: dict[str, Any]) -> bool:
     return any(Path(values["checkpoint"]) == demo_paths(base)["checkpoint"] for base in bases)
 
 
+def check_known(values: Mapping[str, Any], names: set[str]) -> None:
+    """A ConfigError naming every key of `values` that is not a run parameter, each with the nearest
+    known name (a typo in a run's conf must not silently run the default)."""
+    unknown = sorted(set(values) - names)
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        near = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+        hints.append(f"{key!r} (did you mean {near[0]!r}?)" if near else repr(key))
+    raise ConfigError(
+        f"unknown run parameter(s) {unknown}: {', '.join(hints)}; remove or rename them "
+        f"(known: {', '.join(sorted(names))})"
+    )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A validated run: one instance per group (`ascend` only on the Ascend DAG)."""
@@ -326,10 +351,7 @@ class RunConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, ascend: bool = False) -> RunConfig:
         """Validate a form's (or CLI's) values; missing or None ones take their defaults."""
-        names = {item.name for _, item in _group_fields(ascend)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown run parameter(s) {unknown}; known: {sorted(names)}")
+        check_known(values, {item.name for _, item in _group_fields(ascend)})
         values = _demo_in_work_dir(values)
         checked: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
         for group, item in _group_fields(ascend):

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
+from gfocal_pipeline.constants import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
 from gfocal_pipeline.errors import DatasetError, GfocalError
 from gfocal_pipeline.fileio import read_state_json, reclaim_temps, step_lock, write_json
 from gfocal_pipeline.layout import RunLayout, om_cache_dir
@@ -131,7 +131,8 @@ def preprocess_step(
     **options: Any,
 ) -> dict[str, Any]:
     """Preprocess a COCO-format set (`images_dir`, `annotations` inside `coco_root`) for `run_dir`;
-    returns the manifest facts and the shard names.
+    returns the manifest facts and the shard names. `shard_size` None (the default) sizes the
+    shards by `shard_plan` (`sharding.ShardPlan`: one NPU unless given).
 
     With a `work_dir` (the DAGs) the inputs go to its inputs cache (`cache_inputs`), or, with the
     cache off, nowhere: the manifest is written and each inference task builds and then deletes
@@ -169,6 +170,7 @@ def preprocess_step(
         "skipped": len(manifest.skipped),
         "skipped_images": skipped_images(manifest),
         "shards": sorted(manifest.shards),
+        "shard_size": manifest.shard_size,
         "preprocess_seconds": round(time.perf_counter() - started, 3),
     }
 

@@ -130,6 +130,7 @@ class Cluster:
     trigger_log_port: int = field(default_factory=free_port)
     services: dict[str, Service] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. the SMTP connection of the alert inbox
+    dags_folder: Path | None = None  # default: the project's dags/ (a benchmark adds its own DAG beside them)
 
     def __post_init__(self) -> None:
         self.home = self.tmp / "airflow"
@@ -224,7 +225,7 @@ class Cluster:
                 "PYTHONPATH": os.pathsep.join(pythonpath),
                 "AIRFLOW_HOME": str(self.home),
                 "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-                "AIRFLOW__CORE__DAGS_FOLDER": str(self.root / "dags"),
+                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder or self.root / "dags"),
                 "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.root / "plugins"),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__FERNET_KEY": self._fernet,
@@ -364,9 +365,11 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, tmp: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[Cluster]:
+def running_cluster(
+    root: Path, tmp: Path, extra_env: Mapping[str, str] | None = None, dags_folder: Path | None = None
+) -> Iterator[Cluster]:
     """Create the databases, migrate, start the control plane; always stop and drop everything."""
-    cluster = Cluster(root=root, tmp=tmp, extra_env=dict(extra_env or {}))
+    cluster = Cluster(root=root, tmp=tmp, extra_env=dict(extra_env or {}), dags_folder=dags_folder)
     cluster.create_databases()
     try:
         cluster.airflow("db", "migrate", timeout=600)

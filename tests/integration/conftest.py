@@ -27,6 +27,7 @@ from integration.cluster import (
     running_cluster,
 )
 
+DEVICE_SLOTS = 2
 ROOT = Path(os.environ.get("GFOCAL_IT_ROOT") or Path(__file__).resolve().parents[2]).resolve()
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "integration"
 
@@ -84,6 +85,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, inbox: Inbox) -> Iterator[
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
             "AIRFLOW__GFOCAL__RETRY_DELAY_SECONDS": "5",
+            # two device slots: a run with the default shard size gets at least two shards
+            "AIRFLOW__GFOCAL__DEVICE_SLOTS": str(DEVICE_SLOTS),
         }
         with running_cluster(ROOT, tmp, alerts) as deployment:
             deployment.start_worker("worker-cpu", "default", CPU_HOST, concurrency=2)

@@ -20,18 +20,10 @@ import pytest
 import sqlalchemy as sa
 from emulators.toolkit import Toolkit
 
+from integration.api import apis as _apis
+from integration.api import summary, task_instances, trigger, wait_runs, wait_task_state, xcom_value
 from integration.cluster import ASCEND_HOST, Cluster
-from integration.test_celery_deployment import (
-    GOOD,
-    NIGHTLY,
-    SMALL,
-    _apis,
-    _summary,
-    _task_instances,
-    _trigger,
-    _wait_runs,
-    _wait_task_state,
-)
+from integration.test_celery_deployment import GOOD, NIGHTLY, SMALL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -63,11 +55,7 @@ def _kill_tree(pid: int) -> list[int]:
 
 
 def _xcom(apis: Any, run_id: str, task_id: str, map_index: int = -1) -> Any:
-    import json
-
-    entry = apis.xcom.get_xcom_entry(NIGHTLY, task_id, run_id, "return_value", map_index=map_index)
-    data = entry.actual_instance.value if hasattr(entry, "actual_instance") else entry.value
-    return json.loads(data) if isinstance(data, str) else data
+    return xcom_value(apis, NIGHTLY, run_id, task_id, map_index)
 
 
 def _timing_files(apis: Any, run_id: str) -> list[str]:
@@ -105,10 +93,10 @@ def _ensure_baseline(apis: Any, cluster: Cluster) -> None:
     try:
         state = apis.runs.get_dag_run(NIGHTLY, BASELINE).state.value
     except client.ApiException:
-        _trigger(apis, NIGHTLY, BASELINE, SMALL)
+        trigger(apis, NIGHTLY, BASELINE, SMALL)
         state = None
     if state != "success":
-        _wait_runs(apis, cluster, [(NIGHTLY, BASELINE)])
+        wait_runs(apis, cluster, [(NIGHTLY, BASELINE)])
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +125,11 @@ def lost_worker(cluster: Cluster, api: Any, toolkit: Toolkit) -> dict[str, Any]:
         GFOCAL_EMULATOR_FAULT="msame_hang",
         **env,
     )
-    _trigger(apis, NIGHTLY, KILLED, SMALL)
-    _wait_task_state(apis, cluster, (NIGHTLY, KILLED), "infer", {"running"})
+    trigger(apis, NIGHTLY, KILLED, SMALL)
+    wait_task_state(apis, cluster, (NIGHTLY, KILLED), "infer", {"running"})
     deadline = time.monotonic() + HANG_TIMEOUT_S
     while not _msame_processes():
-        assert time.monotonic() < deadline, f"msame never started: {_summary(apis, NIGHTLY, KILLED)}"
+        assert time.monotonic() < deadline, f"msame never started: {summary(apis, NIGHTLY, KILLED)}"
         cluster.check_alive()
         time.sleep(1)
     killed_at = time.monotonic()
@@ -154,11 +142,11 @@ def lost_worker(cluster: Cluster, api: Any, toolkit: Toolkit) -> dict[str, Any]:
 
     # the host comes back (a healthy msame): the killed attempt is retried there
     cluster.start_worker("worker-ascend", ASCEND_QUEUE, ASCEND_HOST, concurrency=1, **env)
-    states = _wait_runs(apis, cluster, [(NIGHTLY, KILLED)])
+    states = wait_runs(apis, cluster, [(NIGHTLY, KILLED)])
     return {
         "apis": apis,
         "states": states,
-        "tis": _task_instances(apis, NIGHTLY, KILLED),
+        "tis": task_instances(apis, NIGHTLY, KILLED),
         "left_msame": left,
         "survivors": survivors,
         "healed_s": time.monotonic() - killed_at,

@@ -26,7 +26,10 @@ DATASET_B = "ann:0123456789abcdef+img:00112233aabbccdd"
 CONFIG = ConfigKey("gfocal_r50_fpn_1x", "onnxruntime", "cpu", "fp32", 1, POLICY, DATASET_A)
 CONFIG_B = replace(CONFIG, dataset=DATASET_B)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-LOOSE = GateThresholds(min_ap=0.30, min_fps=10.0, ap_tolerance=0.003, fps_tolerance=0.05, baseline_runs=3)
+# the tolerance arithmetic: fps judged from one baseline run on (the noise rule is tested on its own)
+LOOSE = GateThresholds(
+    min_ap=0.30, min_fps=10.0, ap_tolerance=0.003, fps_tolerance=0.05, baseline_runs=3, fps_min_runs=1
+)
 
 
 def rec(

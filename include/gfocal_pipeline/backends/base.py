@@ -218,7 +218,6 @@ class Backend(ABC):
 
     name: str = "backend"
     kind: str = "candidates"  # what outputs.npz holds: "candidates" or "dets" (after NMS)
-    cheap_to_build = False  # True when the constructor only validates (no file, no session)
 
     @classmethod
     def check_batch_size(cls, batch_size: object) -> None:

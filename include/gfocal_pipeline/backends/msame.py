@@ -51,7 +51,7 @@ from gfocal_pipeline.backends.process import (
     run_tool,
 )
 from gfocal_pipeline.constants import MAX_PER_IMG
-from gfocal_pipeline.errors import BackendError, DatasetError
+from gfocal_pipeline.errors import BackendError, DatasetError, OmInputMismatchError
 from gfocal_pipeline.fileio import sha256_file, write_json
 from gfocal_pipeline.layout import RunLayout, input_file_name, shard_done, write_shard_outputs
 from gfocal_pipeline.manifest import Manifest
@@ -98,10 +98,6 @@ class OmBatch:
         if self.dynamic:
             return f"dynamic batch sizes {list(self.dynamic)}"
         return f"static batch {self.static} (no dynamic batch sizes)"
-
-
-class OmInputMismatchError(BackendError):
-    """The run's input is not the OM's: deterministic, so a retry cannot heal it."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +188,6 @@ class AscendToolBackend(Backend):
     """Common code of the process-tool backends; subclasses describe their tool's contract."""
 
     kind = "dets"
-    cheap_to_build = True
     outfmts: tuple[str, ...] = ("BIN", "TXT")
     success_marker: re.Pattern[str]
     success_hint: str  # the success line in words, for error messages

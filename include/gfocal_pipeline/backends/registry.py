@@ -1,13 +1,16 @@
-"""Backends by name. Each entry imports its module only when used (torch is heavy; ORT workers skip it)."""
+"""Backends by name. Each entry imports its module only when used (torch is heavy; ORT workers skip it),
+and what a DAG needs to know at parse time (`cheap_to_build`) is stated here, without importing it."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gfocal_pipeline.backends.base import Backend
 from gfocal_pipeline.errors import BackendError
+
+if TYPE_CHECKING:
+    from gfocal_pipeline.backends.base import Backend
 
 # name -> "module:class"; every name here is a choice of `gfocal infer --backend` and the infer operator
 BACKENDS: dict[str, str] = {
@@ -18,12 +21,21 @@ BACKENDS: dict[str, str] = {
 }
 
 
+# backends whose constructor only validates options (no file read, no session): a DAG builds them at
+# parse time when their options are literal, so a bad option fails the parse, not a night
+CHEAP_TO_BUILD = frozenset({"msame", "ais_bench"})
+
+
+def check_backend_name(name: str) -> str:
+    """`name` if it is registered, else a BackendError listing the choices (imports nothing)."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(BACKENDS))}")
+    return name
+
+
 def backend_class(name: str) -> type[Backend]:
     """The class registered as `name` (imported on first use)."""
-    target = BACKENDS.get(name)
-    if target is None:
-        raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(BACKENDS))}")
-    module, _, cls = target.partition(":")
+    module, _, cls = BACKENDS[check_backend_name(name)].partition(":")
     return getattr(importlib.import_module(module), cls)
 
 

@@ -1,0 +1,54 @@
+"""A run's conf with a key that is none of the DAG's params (a typo) fails in the first task, naming
+the key and the nearest param, before any work; a valid conf runs as before (the DAG tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import ROOT, load_dag_file
+
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
+
+
+def _states(dag_id: str, run_id: str) -> dict[str, str | None]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(TaskInstance).filter_by(dag_id=dag_id, run_id=run_id).all()
+        return {row.task_id: (str(row.state) if row.state else None) for row in rows}
+
+
+def _log_of_prepare(tmp_dag_run: object) -> str:
+    from airflow.configuration import conf
+
+    logs = Path(conf.get("logging", "base_log_folder"))
+    found = list(logs.glob(f"dag_id={tmp_dag_run.dag_id}/run_id={tmp_dag_run.run_id}/task_id=prepare/*.log"))
+    return "\n".join(path.read_text() for path in found)
+
+
+@pytest.mark.parametrize("dag_file", ["gfocal_onnxruntime.py", "gfocal_ascend_nightly.py"])
+def test_a_misspelt_key_fails_prepare_naming_it(
+    dag_file: str,
+    airflow_db: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
+) -> None:
+    # Airflow 3.3's dag.test() cannot run a DAG with a DeadlineAlert (see test_dag_ascend_nightly.py)
+    monkeypatch.setenv("AIRFLOW__GFOCAL__NIGHTLY_DEADLINE_HOURS", "0")
+    load_dag_file(ROOT / "dags" / "gfocal_factory.py")
+    dag = load_dag_file(ROOT / "dags" / dag_file).dag
+    conf = {"work_dir": str(tmp_path / "work"), "hieght": 64, "width": 64, "max_images": 2, "shardsize": 1}
+    dag_run = dag.test(run_conf=conf)
+    assert dag_run.state == "failed"
+    states = _states(dag.dag_id, dag_run.run_id)
+    assert states.pop("prepare") == "failed"
+    ran = {task: state for task, state in states.items() if state not in (None, "upstream_failed", "skipped")}
+    assert set(ran) <= {"retention"}, ran  # retention (all_done) only cleans up; nothing else ran
+    output = capfd.readouterr()
+    text = output.out + output.err + _log_of_prepare(dag_run)
+    assert "unknown run parameter(s) ['hieght', 'shardsize']" in text, text[-3000:]
+    assert "'hieght' (did you mean 'height'?)" in text and "'shardsize' (did you mean 'shard_size'?)" in text
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("manifest.json"))
