@@ -75,6 +75,33 @@ def read_only(folder: Path) -> Iterator[None]:
                 folder.chmod(0o755)
 
 
+@contextlib.contextmanager
+def read_only_tree(folder: Path) -> Iterator[None]:
+    """`folder` and what it holds, read-only in place: as root a read-only bind mount of it over itself
+    (root ignores modes; writes fail with EROFS), else every folder chmod 0555 and file 0444."""
+    if os.geteuid() == 0:
+        bind = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+        if bind.returncode != 0:
+            raise RuntimeError(f"cannot make {folder} read-only: {bind.stderr.decode().strip()}")
+        try:
+            ro = subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True)
+            if ro.returncode != 0:
+                raise RuntimeError(f"cannot remount {folder} read-only: {ro.stderr.decode().strip()}")
+            yield
+        finally:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        return
+    paths = [folder, *folder.rglob("*")]
+    modes = {path: path.stat().st_mode for path in paths}
+    for path in reversed(paths):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        yield
+    finally:
+        for path in paths:
+            path.chmod(modes[path])
+
+
 def run_with_file_size_limit(argv: list[str], limit: int = 1_000_000) -> subprocess.CompletedProcess[str]:
     """`gfocal <argv>` with RLIMIT_FSIZE (SIGXFSZ ignored): writes past `limit` fail with EFBIG, the
     unprivileged stand-in for a full disk."""
