@@ -9,6 +9,8 @@ import logging
 import os
 from pathlib import Path
 
+from gfocal_pipeline.errors import GfocalError
+
 log = logging.getLogger(__name__)
 
 WORK_DIR_ENV = "GFOCAL_WORK_DIR"
@@ -77,6 +79,14 @@ def ensure_demo_checkpoint(checkpoint: Path, seed: int = 0) -> Path:
         return checkpoint
     if checkpoint.exists():
         log.warning("demo checkpoint %s %s; writing it again", checkpoint, problem)
-    write_random_checkpoint(checkpoint, seed=seed)
-    write_text_atomic(demo_checksum_path(checkpoint), sha256_file(checkpoint) + "\n")
+    try:
+        write_random_checkpoint(checkpoint, seed=seed)
+        write_text_atomic(demo_checksum_path(checkpoint), sha256_file(checkpoint) + "\n")
+    except (GfocalError, OSError) as exc:
+        if not checkpoint.exists():
+            raise
+        raise GfocalError(
+            f"demo checkpoint {str(checkpoint)!r} {problem}, and it cannot be written again ({exc}); make "
+            f"{str(checkpoint.parent)!r} writable (the demo data is generated there), or use another work_dir"
+        ) from None
     return checkpoint

@@ -301,7 +301,7 @@ def read_detections(
 
     missing = [entry.image_id for entry in manifest.images if entry.image_id not in seen]
     _check_missing(missing, backend, by_id, allow_missing)
-    warn_unlisted(layout.outputs_dir(backend), manifest, f"outputs of backend {backend!r}")
+    warn_unlisted(layout.outputs_dir(backend), manifest, f"output folder(s) of backend {backend!r}")
     return Collected(_concatenate(chunks), missing, _group_postprocess(per_shard))
 
 

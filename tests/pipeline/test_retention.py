@@ -3,18 +3,15 @@ LRU eviction around the entries of runs in progress, dry runs, and the late-retr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import lock_held_by_a_child
 
 from gfocal_pipeline.cache import Cache, dir_size
 from gfocal_pipeline.errors import ConfigError, GfocalError
@@ -422,28 +419,6 @@ def test_gc_on_an_empty_work_dir_frees_nothing_and_a_missing_one_is_an_error(tmp
         assert f"work directory {str(missing)!r}" in str(info.value) and "--work-dir" in str(info.value)
     with pytest.raises(ConfigError, match="cache_max_bytes"):
         gc(tmp_path, keep_runs=3, cache_max_bytes=-1)
-
-
-@contextlib.contextmanager
-def lock_held_by_a_child(run: Path, step: str) -> Iterator[subprocess.Popen]:
-    """`step_lock(run, step)` held by a child process until the block ends (the child then exits)."""
-    code = (
-        "import sys\n"
-        "from gfocal_pipeline.fileio import step_lock\n"
-        "with step_lock(sys.argv[1], sys.argv[2]):\n"
-        "    print('held', flush=True)\n"
-        "    sys.stdin.read()\n"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, str(run), step], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "held"
-        yield child
-    finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        child.wait(timeout=30)
 
 
 def test_a_run_whose_step_lock_a_live_process_holds_is_in_use_whatever_its_file_times(tmp_path: Path) -> None:
