@@ -175,6 +175,8 @@ def load_manifest(path: str | Path) -> Manifest:
         raise DatasetError(f"manifest {str(path)!r} does not exist; run the preprocess step first")
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"it holds a JSON {type(data).__name__}, not an object")
         if data.get("version") not in READABLE_VERSIONS:
             raise DatasetError(
                 f"manifest {str(path)!r} has version {data.get('version')!r}, expected {MANIFEST_VERSION}; "
@@ -184,5 +186,5 @@ def load_manifest(path: str | Path) -> Manifest:
         images = [ImageEntry.from_dict(e) for e in data.pop("images")]
         data["version"] = MANIFEST_VERSION
         return Manifest(**data, images=images, path=path, _sha256=sha256_file(path))
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DatasetError(f"manifest {str(path)!r} is malformed ({exc}); re-run preprocessing") from exc

@@ -1007,3 +1007,23 @@ def test_a_damaged_demo_checkpoint_that_cannot_be_written_again_is_an_error(
         err = refused(capsys, "demo-data", "--work-dir", work)
     check(err, "gfocal demo-data: error:", f"demo checkpoint {str(checkpoint)!r} is damaged", "writable")
     assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() != good
+
+
+MANIFESTS = {
+    "manifest-a-list": "[]",
+    "manifest-null": "null",
+    "manifest-images-not-a-list": '{"version": 2, "images": 5}',
+}
+
+
+@pytest.mark.parametrize("command", ["eval", "infer"])
+@pytest.mark.parametrize("case", list(MANIFESTS), ids=list(MANIFESTS))
+def test_a_damaged_manifest_is_named(
+    case: str, command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(MANIFESTS[case])
+    extra = ("--model", tmp_path / "m.onnx") if command == "infer" else ()
+    err = refused(capsys, command, "--run-dir", run, *extra)
+    check(err, f"gfocal {command}: error:", f"manifest {str(run / 'manifest.json')!r} is malformed", "re-run")
