@@ -130,7 +130,9 @@ class CacheEntry:
                 size = (self.path / name).stat().st_size
             except OSError:
                 return f"lost {name}"
-            if not isinstance(info, dict) or size != info.get("size"):
+            if not isinstance(info, dict):
+                return f"has no size recorded for {name}"
+            if size != info.get("size"):
                 return f"has a truncated or resized {name} ({size} bytes; recorded {info.get('size')})"
             if self.verify not in info:
                 return (

@@ -377,9 +377,8 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker in (0xD9, 0xDA) or pos + 4 > size:
             return None
         if marker in _SOF_MARKERS and pos + 9 <= size:
-            return int.from_bytes(data[pos + 7 : pos + 9], "big"), int.from_bytes(
-                data[pos + 5 : pos + 7], "big"
-            )
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            return int.from_bytes(data[pos + 7 : pos + 9], "big"), height
         pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     return None
 
