@@ -59,8 +59,9 @@ class CocoPreprocessOperator(SizedTimeoutMixin, BaseOperator):
     (path, sha256, images, dtype, dataset_id, `cached` + `cache_key` of the inputs cache entry of
     `work_dir`, ...) are pushed under the XCom key `manifest`. With `cache_inputs` off the inputs
     are built by each inference task for its shard and deleted after it. `workers` (threads)
-    defaults to the worker's `[gfocal] preprocess_workers`, else its usable CPU cores. The timeout is
-    sized for the run's `max_images` when it is set.
+    defaults to the worker's `[gfocal] preprocess_workers`, else its usable CPU cores; `max_pixels`
+    (the pixel budget of one image, 0: none) to the worker's `[gfocal] max_pixels`, else 100
+    megapixels. The timeout is sized for the run's `max_images` when it is set.
     """
 
     template_fields: Sequence[str] = ("run_dir", "work_dir", "cache_inputs", *PREPROCESS_OPTIONS)
@@ -82,6 +83,7 @@ class CocoPreprocessOperator(SizedTimeoutMixin, BaseOperator):
         max_images: int | None = None,
         skip_bad_images: bool = False,
         workers: int | None = None,
+        max_pixels: int | None = None,
         work_dir: str | None = None,
         cache_inputs: bool = True,
         **kwargs: Any,
@@ -92,10 +94,21 @@ class CocoPreprocessOperator(SizedTimeoutMixin, BaseOperator):
         self.height, self.width, self.shard_size = height, width, shard_size
         self.shard_plan = dict(shard_plan or {})
         self.max_images, self.skip_bad_images, self.workers = max_images, skip_bad_images, workers
+        self.max_pixels = max_pixels
         self.work_dir, self.cache_inputs = work_dir, cache_inputs
 
     def timeout_images(self) -> int | None:
         return self.max_images if isinstance(self.max_images, int) and self.max_images > 0 else None
+
+    def _worker_defaults(self) -> dict[str, Any]:
+        """`workers` and `max_pixels` (0: no budget), from this worker's own `[gfocal]` settings
+        (`preprocess_workers`, `max_pixels`) where the task does not set them."""
+        workers, max_pixels = self.workers, self.max_pixels
+        if workers is None or max_pixels is None:
+            settings = load_settings()
+            workers = settings.preprocess_workers if workers is None else workers
+            max_pixels = settings.max_pixels if max_pixels is None else max_pixels
+        return {"workers": workers, "max_pixels": max_pixels or None}
 
     @project_errors
     def execute(self, context: Any) -> list[str]:
@@ -103,8 +116,7 @@ class CocoPreprocessOperator(SizedTimeoutMixin, BaseOperator):
 
         names = tuple(name for name in PREPROCESS_OPTIONS if name != "coco_root")
         options = attributes(self, (*names, "skip_bad_images", "workers", "work_dir", "cache_inputs"))
-        if options["workers"] is None:  # this worker's own [gfocal] preprocess_workers (its cores)
-            options["workers"] = load_settings().preprocess_workers
+        options.update(self._worker_defaults())
         plan = ShardPlan(**self.shard_plan)
         result = steps.preprocess_step(self.coco_root, self.run_dir, shard_plan=plan, **options)
         self.log.info(

@@ -21,6 +21,10 @@ device_slots            how many device (infer) tasks of a run can run at once: 
                         pool's slots for the nightly, the CPU workers' slots for the ONNX Runtime
                         DAG. A run with an empty shard_size gets at least this many shards
                         (`gfocal_pipeline.sharding`) (default 1; an integer >= 1)
+max_pixels              the pixel budget of one source image (width x height, read from its header
+                        before decoding), read on the worker that runs the preprocess task: an image
+                        over it is a bad image (refused, or skipped with skip_bad_images) (default:
+                        empty = 100000000, 100 megapixels; 0 = no budget)
 keep_runs               retention (the DAGs' last task, `gfocal gc`): the newest run directories of
                         each DAG kept whole; older ones are pruned to their small results (summary,
                         eval, timing, final detections) (default 14; an integer >= 1)
@@ -58,6 +62,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from gfocal_pipeline.constants import DEFAULT_MAX_PIXELS
 from gfocal_pipeline.errors import ConfigError
 from gfocal_pipeline.history import default_history_url
 from gfocal_pipeline.retention import (
@@ -90,6 +95,7 @@ class GfocalSettings:
     nightly_deadline_hours: float = 6.0
     preprocess_workers: int | None = None
     device_slots: int = 1
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     keep_runs: int = DEFAULT_KEEP_RUNS
     cache_max_gb: float = DEFAULT_CACHE_MAX_GB
     run_defaults: tuple[tuple[str, str], ...] = ()  # (option, value) of the data keys that are set
@@ -129,6 +135,22 @@ def _positive_int_or_none(key: str, text: str) -> int | None:
     if value < 1:
         raise ValueError(f"[gfocal] {key} = {text!r}: expected a positive integer, or empty for the default")
     return value
+
+
+def _max_pixels(text: str) -> int | None:
+    """`[gfocal] max_pixels`: empty -> the default budget, 0 -> none, else a positive integer."""
+    if not text.strip():
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(
+            f"[gfocal] max_pixels = {text!r}: expected an integer >= 0 (the most pixels one image may have; "
+            f"0: no budget); set it to e.g. {DEFAULT_MAX_PIXELS}, or leave it empty for the default"
+        )
+    return value or None
 
 
 def _keep_runs(text: str) -> int:
@@ -237,6 +259,7 @@ def load_settings() -> GfocalSettings:
         nightly_deadline_hours=float(get("nightly_deadline_hours", str(defaults.nightly_deadline_hours))),
         preprocess_workers=_positive_int_or_none("preprocess_workers", get("preprocess_workers", "")),
         device_slots=_positive_int_or_none("device_slots", get("device_slots", "")) or defaults.device_slots,
+        max_pixels=_max_pixels(get("max_pixels", "")),
         keep_runs=_keep_runs(get("keep_runs", str(defaults.keep_runs))),
         cache_max_gb=_cache_max_gb(get("cache_max_gb", str(defaults.cache_max_gb))),
         run_defaults=tuple((key, get(key, "").strip()) for key in DATA_KEYS if get(key, "").strip()),

@@ -1,5 +1,7 @@
 """Helpers the tests import by name (`from support import ...`): the checkout root and real-Airflow
-DAG loading. A module of its own, since `conftest` is not a unique module name across test folders."""
+DAG loading, read-only and full file systems, a step lock held by another process, and image files
+whose header lies about their size. A module of its own, since `conftest` is not a unique module
+name across test folders."""
 
 from __future__ import annotations
 
@@ -75,6 +77,33 @@ def read_only(folder: Path) -> Iterator[None]:
                 folder.chmod(0o755)
 
 
+@contextlib.contextmanager
+def read_only_tree(folder: Path) -> Iterator[None]:
+    """`folder` and what it holds, read-only in place: as root a read-only bind mount of it over itself
+    (root ignores modes; writes fail with EROFS), else every folder chmod 0555 and file 0444."""
+    if os.geteuid() == 0:
+        bind = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+        if bind.returncode != 0:
+            raise RuntimeError(f"cannot make {folder} read-only: {bind.stderr.decode().strip()}")
+        try:
+            ro = subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], capture_output=True)
+            if ro.returncode != 0:
+                raise RuntimeError(f"cannot remount {folder} read-only: {ro.stderr.decode().strip()}")
+            yield
+        finally:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        return
+    paths = [folder, *folder.rglob("*")]
+    modes = {path: path.stat().st_mode for path in paths}
+    for path in reversed(paths):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        yield
+    finally:
+        for path in paths:
+            path.chmod(modes[path])
+
+
 def run_with_file_size_limit(argv: list[str], limit: int = 1_000_000) -> subprocess.CompletedProcess[str]:
     """`gfocal <argv>` with RLIMIT_FSIZE (SIGXFSZ ignored): writes past `limit` fail with EFBIG, the
     unprivileged stand-in for a full disk."""
@@ -86,3 +115,63 @@ def run_with_file_size_limit(argv: list[str], limit: int = 1_000_000) -> subproc
         "sys.exit(main(sys.argv[1:]))\n"
     )
     return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def lock_held_by_a_child(run_dir: Path, step: str) -> Iterator[subprocess.Popen[str]]:
+    """`fileio.step_lock(run_dir, step)` held by a live child process until the block ends."""
+    code = (
+        "import sys\n"
+        "from gfocal_pipeline.fileio import step_lock\n"
+        "with step_lock(sys.argv[1], sys.argv[2]):\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(run_dir), step],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        yield child
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=60)
+
+
+def image_claiming(width: int, height: int, ext: str = ".jpg") -> bytes:
+    """A valid 8x8 JPEG or PNG (a few hundred bytes) whose header claims `width` x `height`: the
+    JPEG's SOF0 frame header or the PNG's IHDR chunk patched (decoding it would allocate the claim)."""
+    import cv2
+    import numpy as np
+
+    ok, encoded = cv2.imencode(ext, np.full((8, 8, 3), 128, np.uint8))
+    assert ok
+    data = bytearray(encoded.tobytes())
+    if ext == ".png":
+        data[16:20], data[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
+    else:
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5 : sof + 7], data[sof + 7 : sof + 9] = height.to_bytes(2, "big"), width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def peak_rss_of_gfocal(argv: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run `gfocal <argv>` in a child that reports how much its peak RSS grew while the command ran
+    (after its imports): (the finished process, the growth in bytes)."""
+    code = (
+        "import resource, sys\n"
+        "from gfocal_pipeline.cli import main\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "rc = main(sys.argv[1:])\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(f'PEAK_RSS_GROWTH_KB={after - before}', file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)
+    growth = [line for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_GROWTH_KB=")]
+    assert growth, done.stderr[-3000:]
+    return done, int(growth[-1].split("=")[1]) * 1024

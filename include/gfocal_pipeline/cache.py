@@ -1,14 +1,19 @@
 """Content-addressed cache entries under `<work_dir>/cache/<kind>/<key>/`, shared by runs and workers.
 
 An entry is keyed by the sha256 of the canonical JSON of everything that determines its content
-(`key_inputs`), which `cache.json` inside it records together with the size of every file and, for
-entries that ask for it (few, precious files: graphs, references), its sha256. It is built in a
-temporary directory beside it and renamed into place only when complete: readers see a whole entry
-or none. Builders of one key take a lock file (so a second one waits, then reuses the first one's
-result); where locks do not work across hosts (some network file systems) the rename still decides:
-first rename wins, the loser's copy is discarded. On reuse an entry is verified against its record;
-a damaged one is moved aside and rebuilt, never used. The record file's mtime is the entry's last
-use, which drives least-recently-used eviction (`gfocal gc`, `gfocal_pipeline.retention`).
+(`key_inputs`), which `cache.json` inside it records together with the size and a content checksum of
+every file: sha256 for few, precious files (graphs, references), CRC-32 for bulk data (the
+preprocessed inputs; see `VERIFY_MODES`). It is built in a temporary directory beside it and renamed
+into place only when complete: readers see a whole entry or none. Builders of one key take a lock
+file (so a second one waits, then reuses the first one's result); where locks do not work across
+hosts (some network file systems) the rename still decides: first rename wins, the loser's copy is
+discarded. On reuse every file is verified against its record (size, then content); a damaged entry,
+or one recorded without the checksum its kind needs (an older version's), is moved aside and
+rebuilt, never used. The record file's mtime is the entry's last use, which drives
+least-recently-used eviction (`gfocal gc`, `gfocal_pipeline.retention`).
+
+A read-only cache (e.g. a shared, mounted one) serves its valid entries: the last-use time is then
+not updated; only a damaged or missing entry, which needs a write, is an error naming the fix.
 """
 
 from __future__ import annotations
@@ -24,17 +29,22 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gfocal_pipeline.errors import GfocalError
-from gfocal_pipeline.fileio import owner_is_dead, owner_tag, sha256_file
+from gfocal_pipeline.errors import GfocalError, os_error_fix
+from gfocal_pipeline.fileio import crc32_file, owner_is_dead, owner_tag, sha256_file
 
 log = logging.getLogger(__name__)
 
 RECORD = "cache.json"
 STALE_TMP_S = 6 * 3600  # a build directory untouched this long belongs to a killed builder
+SHA256, CRC32 = "sha256", "crc32"
+# how an entry's files are checked on reuse (after their sizes): the record's field and its function
+VERIFY_MODES: dict[str, Callable[[Path], str]] = {SHA256: sha256_file, CRC32: crc32_file}
+VERIFY_THREADS = 4  # files checksummed at once on reuse (reads and zlib/hashlib release the GIL)
 
 
 class CacheError(GfocalError):
@@ -47,15 +57,23 @@ def cache_key(key_inputs: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _files(root: Path, hashed: bool) -> dict[str, dict[str, Any]]:
-    """{relative path: {"size"[, "sha256"]}} of every file under `root`."""
-    files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != RECORD):
-        info: dict[str, Any] = {"size": path.stat().st_size}
-        if hashed:
-            info["sha256"] = sha256_file(path)
-        files[str(path.relative_to(root))] = info
-    return files
+def _checksums(paths: list[Path], verify: str) -> list[str]:
+    """The `verify` checksum of each of `paths`, computed by up to `VERIFY_THREADS` threads."""
+    function = VERIFY_MODES[verify]
+    if len(paths) < 2:
+        return [function(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=VERIFY_THREADS, thread_name_prefix="gfocal-verify") as pool:
+        return list(pool.map(function, paths))
+
+
+def _files(root: Path, verify: str) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", <verify>: checksum}} of every file under `root`."""
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.name != RECORD)
+    sums = _checksums(paths, verify)
+    return {
+        str(path.relative_to(root)): {"size": path.stat().st_size, verify: checksum}
+        for path, checksum in zip(paths, sums, strict=True)
+    }
 
 
 def dir_size(root: Path) -> int:
@@ -73,7 +91,7 @@ class CacheEntry:
     kind: str
     key: str
     key_inputs: dict[str, Any]
-    hashed: bool = True  # verify files by sha256 on reuse (else by size: for bulk data such as inputs)
+    verify: str = SHA256  # the checksum recorded per file and checked on reuse (`VERIFY_MODES`)
 
     @property
     def path(self) -> Path:
@@ -91,7 +109,7 @@ class CacheEntry:
             return None
         try:
             record = json.loads(self.record_path.read_text())
-            problem = self._check(record)
+            problem = self._check(record) if isinstance(record, dict) else "has a record that is not a record"
         except (OSError, ValueError) as exc:
             problem = f"has an unreadable record ({exc})"
         if problem:
@@ -100,33 +118,71 @@ class CacheEntry:
         return record
 
     def _check(self, record: dict[str, Any]) -> str:
+        """Why the entry's files do not match `record` ("" when they all do): a lost or resized file,
+        a file recorded without the checksum this entry needs, or one whose content changed."""
         if record.get("key") != self.key:
             return "records another key"
-        for name, info in record.get("files", {}).items():
-            path = self.path / name
-            if not path.is_file() or path.stat().st_size != info["size"]:
-                return f"lost or truncated {name}"
-            if "sha256" in info and sha256_file(path) != info["sha256"]:
-                return f"has a changed {name}"
+        files = record.get("files")
+        if not isinstance(files, dict):
+            return "has no file list in its record"
+        for name, info in files.items():
+            try:
+                size = (self.path / name).stat().st_size
+            except OSError:
+                return f"lost {name}"
+            if not isinstance(info, dict):
+                return f"has no size recorded for {name}"
+            if size != info.get("size"):
+                return f"has a truncated or resized {name} ({size} bytes; recorded {info.get('size')})"
+            if self.verify not in info:
+                return (
+                    f"has no recorded {self.verify} of {name} (built by an older version, so its content "
+                    "cannot be verified)"
+                )
+        names = sorted(files)
+        try:
+            found = _checksums([self.path / name for name in names], self.verify)
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror or exc}: {exc.filename})"
+        for name, checksum in zip(names, found, strict=True):
+            if checksum != files[name][self.verify]:
+                return f"has a changed {name} (its {self.verify} differs from the one recorded at build time)"
         return ""
 
     def _discard(self, why: str) -> None:
         log.warning("cache entry %s %s: discarding it and building again", self.path, why)
         aside = self.path.with_name(f".trash-{self.key}-{uuid.uuid4().hex[:8]}")
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.replace(self.path, aside)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise CacheError(
+                f"cache entry {self.path} {why}, and it cannot be set aside to be rebuilt "
+                f"({exc.strerror or exc}); {os_error_fix(exc)}, or turn this cache off for the run "
+                f"(cache_{self.kind}=false) to work without it"
+            ) from None
         shutil.rmtree(aside, ignore_errors=True)
 
     def touch(self) -> None:
-        """Mark the entry as used now (for least-recently-used eviction)."""
-        with contextlib.suppress(FileNotFoundError):
+        """Mark the entry as used now (for least-recently-used eviction); in a read-only cache the
+        entry is used all the same (logged), it just keeps its old last-use time."""
+        try:
             os.utime(self.record_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.info("cache entry %s used without updating its last use (%s)", self.path, exc.strerror)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
         locks = self.root / self.kind / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{self.key}.lock", "a+") as handle:
+        try:
+            locks.mkdir(parents=True, exist_ok=True)
+            handle = open(locks / f"{self.key}.lock", "a+")  # noqa: SIM115 (closed below)
+        except OSError as exc:
+            raise _storage_error(self, exc) from exc
+        with handle:
             waited = time.monotonic()
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -170,7 +226,7 @@ class CacheEntry:
                 "created": time.time(),
                 "build_seconds": round(time.perf_counter() - started, 3),
                 "info": info,
-                "files": _files(tmp, self.hashed),
+                "files": _files(tmp, self.verify),
             }
             (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
             try:
@@ -197,6 +253,12 @@ def _storage_error(entry: CacheEntry, exc: OSError) -> CacheError:
         return CacheError(
             f"disk full while building cache entry {entry.path} ({free / 2**20:.0f} MiB free): free space "
             "on that volume, lower the cache size limit (`gfocal gc`), or point work_dir elsewhere"
+        )
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return CacheError(
+            f"cannot build cache entry {entry.path}: {exc.strerror or exc} ({exc.filename or where}); the "
+            f"cache {str(where)!r} holds no valid entry for this key and cannot be written: make it "
+            f"writable for this worker, or turn this cache off for the run (cache_{entry.kind}=false)"
         )
     return CacheError(
         f"cannot build cache entry {entry.path}: {exc.strerror or exc} ({exc.filename or where}); "
@@ -238,8 +300,10 @@ class Cache:
     def __init__(self, work_dir: str | os.PathLike[str]) -> None:
         self.root = Path(work_dir) / "cache"
 
-    def entry(self, kind: str, key_inputs: dict[str, Any], hashed: bool = True) -> CacheEntry:
-        return CacheEntry(self.root, kind, cache_key(key_inputs), dict(key_inputs), hashed)
+    def entry(self, kind: str, key_inputs: dict[str, Any], verify: str = SHA256) -> CacheEntry:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"unknown verify mode {verify!r}; expected one of {sorted(VERIFY_MODES)}")
+        return CacheEntry(self.root, kind, cache_key(key_inputs), dict(key_inputs), verify)
 
     def entries(self) -> list[CacheEntry]:
         """Every complete entry of every kind."""

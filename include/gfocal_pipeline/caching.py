@@ -5,7 +5,10 @@ times), builds it through `cache.CacheEntry.get_or_build` when absent, and notes
 run directory (`uses/<kind>-<key>`, a small JSON saying whether it was reused). Keys:
 
 - `inputs`:    every image file's sha256 (with its id and name), the annotation file's sha256,
-               policy, dtype, input size, shard size, skip_bad_images, the preprocessing version.
+               policy, dtype, input size, shard size, skip_bad_images, the pixel budget
+               (max_pixels), the preprocessing version. Its files are recorded with a CRC-32 each
+               and checked on reuse (`cache.VERIFY_MODES`); the ONNX and reference entries with a
+               sha256 each.
 - `onnx`:      checkpoint sha256, variant, input size, dtype/normalization, batch mode, opset,
                torch + onnx versions, the parity limits, the export version.
 - `reference`: one entry per shard: checkpoint sha256, the shard's digest (its images' hashes and
@@ -24,18 +27,24 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gfocal_pipeline.cache import Cache, CacheEntry
+from gfocal_pipeline.cache import CRC32, SHA256, VERIFY_MODES, Cache, CacheEntry
+from gfocal_pipeline.constants import DEFAULT_MAX_PIXELS
 from gfocal_pipeline.errors import CheckpointError, GfocalError
 from gfocal_pipeline.fileio import atomic_path, sha256_file, write_json
 from gfocal_pipeline.layout import DONE_FILE, RunLayout
 from gfocal_pipeline.manifest import MANIFEST_VERSION, Manifest, load_manifest
 from gfocal_pipeline.sharding import ShardPlan, resolve_shard_size
 
+if TYPE_CHECKING:
+    from gfocal_pipeline.dataset import CocoDataset
+
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 2  # 2: truncated images are refused (or skipped), not preprocessed
+# 2: truncated images are refused (or skipped), not preprocessed; 3: the pixel budget, and a CRC-32
+# of every input in the record (older entries are never reused, nor linked from: not verifiable)
+PREPROCESS_VERSION = 3
 EXPORT_VERSION = 1
 REFERENCE_VERSION = 1
 KINDS = ("inputs", "onnx", "reference")
@@ -81,9 +90,29 @@ def _images_digest(images: list[tuple[int, str, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _donor(cache: Cache, shape: dict[str, Any]) -> Manifest | None:
-    """The most recently used inputs entry of the same input format: unchanged images link from it."""
-    best: tuple[float, Path] | None = None
+@dataclasses.dataclass(frozen=True)
+class _Donor:
+    """An inputs entry whose unchanged inputs a new entry links: its manifest and per-file record."""
+
+    path: Path
+    manifest: Manifest
+    files: dict[str, dict[str, Any]]
+
+    def check(self, source: Path) -> bool:
+        """Whether the donor's input file `source` still has the CRC-32 recorded at its build."""
+        info = self.files.get(str(source.relative_to(self.path)))
+        if not isinstance(info, dict) or CRC32 not in info:
+            return False
+        try:
+            return VERIFY_MODES[CRC32](source) == info[CRC32]
+        except OSError:
+            return False
+
+
+def _donor(cache: Cache, shape: dict[str, Any]) -> _Donor | None:
+    """The most recently used inputs entry of the same input format: unchanged images link from it
+    (each linked file checked against the donor's recorded CRC-32)."""
+    best: tuple[float, Path, dict[str, Any]] | None = None
     for entry in cache.entries():
         if entry.kind != "inputs":
             continue
@@ -92,14 +121,39 @@ def _donor(cache: Cache, shape: dict[str, Any]) -> Manifest | None:
             used = entry.record_path.stat().st_mtime
         except (OSError, ValueError):
             continue
+        if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+            continue
         if record.get("info", {}).get("shape") == shape and (best is None or used > best[0]):
-            best = (used, entry.path)
+            best = (used, entry.path, record["files"])
     if best is None:
         return None
     try:
-        return load_manifest(best[1] / "manifest.json")
+        return _Donor(best[1], load_manifest(best[1] / "manifest.json"), best[2])
     except GfocalError:
         return None
+
+
+def _inputs_key(
+    dataset: CocoDataset, hashes: dict[int, str], options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the input format an entry's inputs share with a donor, the entry's key inputs)."""
+    images = [(image.image_id, image.file_name, hashes[image.image_id]) for image in dataset.images]
+    shape = {
+        "version": PREPROCESS_VERSION,
+        "manifest": MANIFEST_VERSION,
+        **{name: options[name] for name in ("policy", "dtype", "height", "width")},
+    }
+    key_inputs = {
+        **shape,
+        "images": len(images),
+        "images_sha256": _images_digest(images),
+        "annotation_sha256": sha256_file(dataset.annotation_file),
+        "shard_size": options["shard_size"],
+        "skip_bad_images": bool(options.get("skip_bad_images", False)),
+        "max_pixels": options.get("max_pixels", DEFAULT_MAX_PIXELS),
+        "coco_root": str(dataset.root),  # the manifest names the source files, so the root is content
+    }
+    return shape, key_inputs
 
 
 def cached_inputs(
@@ -118,8 +172,8 @@ def cached_inputs(
     """Preprocess through the inputs cache; the run directory gets a manifest that points into it.
 
     `preprocess` is `preprocess.preprocess`; `options` are its policy, dtype, height, width,
-    shard_size (None: `shard_plan`'s), skip_bad_images. Returns the run's manifest and {"cached",
-    "cache_key"}.
+    shard_size (None: `shard_plan`'s), skip_bad_images, max_pixels. Returns the run's manifest and
+    {"cached", "cache_key"}.
     """
     from gfocal_pipeline.dataset import load_coco
     from gfocal_pipeline.preprocess import hash_images
@@ -130,25 +184,12 @@ def cached_inputs(
         options.get("shard_size"), len(dataset.images), *size, shard_plan
     )
     hashes = hash_images(dataset.images, workers or 2)
-    images = [(image.image_id, image.file_name, hashes[image.image_id]) for image in dataset.images]
-    shape = {
-        "version": PREPROCESS_VERSION,
-        "manifest": MANIFEST_VERSION,
-        **{name: options[name] for name in ("policy", "dtype", "height", "width")},
-    }
-    key_inputs = {
-        **shape,
-        "images": len(images),
-        "images_sha256": _images_digest(images),
-        "annotation_sha256": sha256_file(dataset.annotation_file),
-        "shard_size": options["shard_size"],
-        "skip_bad_images": bool(options.get("skip_bad_images", False)),
-        "coco_root": str(dataset.root),  # the manifest names the source files, so the root is content
-    }
+    shape, key_inputs = _inputs_key(dataset, hashes, options)
     cache = Cache(work_dir)
-    entry = cache.entry("inputs", key_inputs, hashed=False)
+    entry = cache.entry("inputs", key_inputs, verify=CRC32)
 
     def build(tmp: Path) -> dict[str, Any]:
+        donor = _donor(cache, shape)
         manifest = preprocess(
             coco_root,
             tmp,
@@ -157,7 +198,8 @@ def cached_inputs(
             max_images=max_images,
             workers=workers,
             image_hashes=hashes,
-            donor=_donor(cache, shape),
+            donor=donor.manifest if donor else None,
+            donor_check=donor.check if donor else None,
             **options,
         )
         return {"shape": shape, "images": len(manifest.images), "skipped": len(manifest.skipped)}
@@ -200,7 +242,7 @@ def cached_export(
         **{key: value for key, value in options.items() if value is not None},
     }
     key_inputs.setdefault("opset", DEFAULT_OPSET.get(variant))
-    entry = Cache(work_dir).entry("onnx", key_inputs, hashed=True)
+    entry = Cache(work_dir).entry("onnx", key_inputs, verify=SHA256)
 
     def build(tmp: Path) -> dict[str, Any]:
         try:
@@ -253,7 +295,7 @@ def reference_entry(
         "device_type": device,
         **{k: v for k, v in sorted(options.items()) if k not in ("device", "model", "num_threads", "warmup")},
     }
-    return Cache(work_dir).entry("reference", key_inputs, hashed=True)
+    return Cache(work_dir).entry("reference", key_inputs, verify=SHA256)
 
 
 def cached_reference(

@@ -8,6 +8,7 @@ validated the same way; relative paths are made absolute first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gfocal_pipeline.constants import DEFAULT_INPUT_NAME
+from gfocal_pipeline.constants import DEFAULT_INPUT_NAME, DEFAULT_MAX_PIXELS
 from gfocal_pipeline.errors import GfocalError, describe_os_error
 from gfocal_pipeline.options import Choice, check_option, plain
 from gfocal_pipeline.run_config import PREPROCESS_OPTIONS, form_options, option_spec
@@ -36,6 +37,7 @@ def add_run_options(parser: argparse.ArgumentParser, *names: str, required: Sequ
         kind = str if issubclass(spec.kind, Choice) else spec.kind
         choices = spec.kind.values() if issubclass(spec.kind, Choice) else None
         default = None if name in required or spec.path else DEFAULTS[name]
+        text = f"{spec.description} (default: {default})" if default is not None else spec.description
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
@@ -43,7 +45,7 @@ def add_run_options(parser: argparse.ArgumentParser, *names: str, required: Sequ
             choices=choices,
             default=default,
             required=name in required,
-            help=f"{spec.description} (default: {default})" if default is not None else spec.description,
+            help=text.replace("%", "%%"),  # argparse %-formats help: a literal % (e.g. "5%") must be %%
         )
 
 
@@ -112,7 +114,7 @@ def cmd_preprocess(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.steps import preprocess_step
 
     values = run_values(args, *PREPROCESS_OPTIONS)
-    extra = {"skip_bad_images": args.skip_bad_images, "workers": args.workers}
+    extra = {"skip_bad_images": args.skip_bad_images, "workers": args.workers, "max_pixels": args.max_pixels}
     return preprocess_step(values.pop("coco_root"), args.run_dir, **values, **extra)
 
 
@@ -187,7 +189,7 @@ def cmd_infer(args: argparse.Namespace) -> Any:
     }
     shards = args.shard or sorted(load_manifest(RunLayout.at(args.run_dir).manifest).shards)
     results = [infer_step(args.run_dir, shard, args.backend, **options) for shard in shards]
-    return {"shards": results, "timing": combined_timing(args.run_dir, args.backend)}
+    return {"shards": results, "timing": combined_timing(args.run_dir, args.backend, shards=shards)}
 
 
 def cmd_eval(args: argparse.Namespace) -> Any:
@@ -197,18 +199,41 @@ def cmd_eval(args: argparse.Namespace) -> Any:
     return evaluate_step(args.run_dir, args.backend, engine=engine, allow_missing=args.allow_missing)
 
 
+def _latest_run(folder: str) -> Path:
+    """The run directory under `folder` (a DAG's folder) whose summary.json is newest."""
+    if not Path(folder).is_dir():
+        raise GfocalError(
+            f"{folder!r} is not a directory; pass a DAG's folder of run directories, e.g. "
+            "<work_dir>/gfocal_onnxruntime"
+        )
+    found = []
+    for path in Path(folder).glob("*/summary.json"):
+        with contextlib.suppress(OSError):  # removed meanwhile (retention)
+            found.append((path.stat().st_mtime, path))
+    if not found:
+        raise GfocalError(f"no finished run (summary.json) under {folder!r}; run a DAG to its end first")
+    return max(found)[1].parent
+
+
 def cmd_summary(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.layout import RunLayout
     from gfocal_pipeline.steps import format_summary
 
-    run_dir = args.run_dir
-    if args.latest:
-        candidates = sorted(Path(args.run_dir).glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise GfocalError(f"no finished run (summary.json) under {args.run_dir!r}")
-        run_dir = candidates[-1].parent
-    summary = json.loads(RunLayout.at(run_dir).summary.read_text())
-    print(format_summary(summary))
+    run_dir = _latest_run(args.run_dir) if args.latest else Path(args.run_dir)
+    path = RunLayout.at(run_dir).summary
+    if not path.is_file():
+        raise GfocalError(
+            f"{str(path)!r} does not exist: {str(run_dir)!r} is not a finished run directory (its summary "
+            "task writes summary.json last); pass a finished run's directory, or a DAG's folder with --latest"
+        )
+    try:
+        text = format_summary(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise GfocalError(
+            f"summary {str(path)!r} is damaged ({type(exc).__name__}: {exc}); re-run the run's summary task "
+            "(clear it in Airflow) to write it again, or look at its eval/*/stats.json"
+        ) from None
+    print(text)
     return None
 
 
@@ -303,12 +328,34 @@ def add_gc(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_gc)
 
 
+def _pixels(text: str) -> int | None:
+    """`--max-pixels`: a positive integer (underscores allowed), or 0 for no budget."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels >= 0 (0: no budget), got {text!r}")
+    return value or None
+
+
 def add_preprocess_and_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess", help="COCO-format set -> manifest + sharded .bin inputs")
     p.add_argument("--run-dir", required=True)
     add_run_options(p, *PREPROCESS_OPTIONS, required=("coco_root",))
-    p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave unreadable images (and images over --max-pixels) out, listed in manifest.skipped",
+    )
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument(
+        "--max-pixels",
+        type=_pixels,
+        default=DEFAULT_MAX_PIXELS,
+        help="pixel budget of one image (width x height, from its header, before decoding); an image over "
+        f"it is a bad image; 0: no budget (default: {DEFAULT_MAX_PIXELS})",
+    )
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("convert", help="the Ascend ONNX -> <run-dir>/model/gfocal.om with atc (OM cache)")

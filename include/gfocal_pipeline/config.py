@@ -5,8 +5,13 @@ The run options themselves and their validation are in `gfocal_pipeline.run_conf
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+from gfocal_pipeline.errors import GfocalError
+
+log = logging.getLogger(__name__)
 
 WORK_DIR_ENV = "GFOCAL_WORK_DIR"
 DEMO_IMAGES = 24
@@ -27,12 +32,61 @@ def demo_paths(work_dir: str | Path | None = None) -> dict[str, Path]:
 
 
 def ensure_demo_data(work_dir: str | Path | None = None) -> dict[str, Path]:
-    """Generate the demo COCO set and random checkpoint if they are not there yet (idempotent)."""
-    from gfocal_pipeline.checkpoint import write_random_checkpoint
+    """Generate the demo COCO set and random checkpoint if they are not there yet, or are damaged
+    (idempotent; see `ensure_demo_checkpoint`)."""
     from gfocal_pipeline.demo_data import make_demo_coco
 
     paths = demo_paths(work_dir)
     make_demo_coco(paths["coco_root"], num_images=DEMO_IMAGES, seed=0)
-    if not paths["checkpoint"].is_file():
-        write_random_checkpoint(paths["checkpoint"], seed=0)
+    ensure_demo_checkpoint(paths["checkpoint"], seed=0)
     return paths
+
+
+def demo_checksum_path(checkpoint: Path) -> Path:
+    """Where the demo checkpoint's sha256 is recorded when it is written: `<checkpoint>.sha256`."""
+    return checkpoint.with_name(checkpoint.name + ".sha256")
+
+
+def _demo_checkpoint_problem(checkpoint: Path) -> str:
+    """Why the demo checkpoint cannot be used as it is ("" when its sha256 is the one recorded)."""
+    from gfocal_pipeline.fileio import sha256_file
+
+    if not checkpoint.is_file():
+        return "is missing"
+    try:
+        recorded = demo_checksum_path(checkpoint).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return "has no recorded sha256 (written by an older version), so it cannot be verified"
+    try:
+        found = sha256_file(checkpoint)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if found != recorded:
+        return f"is damaged: its sha256 is {found}, not the {recorded} recorded when it was written"
+    return ""
+
+
+def ensure_demo_checkpoint(checkpoint: Path, seed: int = 0) -> Path:
+    """The demo's RANDOM-weight checkpoint at `checkpoint`, checked against the sha256 recorded
+    beside it when it was written (~0.1 s); a missing, damaged or unverifiable one is written again
+    (the bytes are deterministic), so a cut or corrupted file is never reported as ready. A folder
+    that cannot be written is a `GfocalError` naming it."""
+    from gfocal_pipeline.checkpoint import write_random_checkpoint
+    from gfocal_pipeline.fileio import sha256_file, write_text_atomic
+
+    problem = _demo_checkpoint_problem(checkpoint)
+    if not problem:
+        return checkpoint
+    if checkpoint.exists():
+        log.warning("demo checkpoint %s %s; writing it again", checkpoint, problem)
+    try:
+        write_random_checkpoint(checkpoint, seed=seed)
+        write_text_atomic(demo_checksum_path(checkpoint), sha256_file(checkpoint) + "\n")
+    except (GfocalError, OSError) as exc:
+        if not checkpoint.exists():
+            raise
+        raise GfocalError(
+            f"demo checkpoint {str(checkpoint)!r} {problem}, and it cannot be written again ({exc}); make "
+            f"{str(checkpoint.parent)!r} writable (the demo data is generated there), or use another work_dir"
+        ) from None
+    return checkpoint

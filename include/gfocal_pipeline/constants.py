@@ -45,3 +45,6 @@ DEFAULT_MAX_UNEXPLAINED = 0
 # Deployment names shared by the DAG factory, docs and docker-compose.yaml
 ASCEND_QUEUE = "ascend"
 ASCEND_POOL = "ascend_npu"
+# the pixel budget of one source image (width x height), checked from its header before decoding;
+# COCO's largest images are under half a megapixel (see `preprocess`)
+DEFAULT_MAX_PIXELS = 100_000_000

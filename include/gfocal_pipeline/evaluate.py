@@ -47,7 +47,7 @@ import numpy as np
 
 from gfocal_pipeline.constants import MAX_PER_IMG, NMS_IOU, NUM_CLASSES, SCORE_THR
 from gfocal_pipeline.errors import DatasetError, EvaluationError
-from gfocal_pipeline.fileio import atomic_path, write_json
+from gfocal_pipeline.fileio import atomic_path, sha256_file, write_json
 from gfocal_pipeline.layout import KINDS, RunLayout, read_shard_outputs
 from gfocal_pipeline.manifest import ImageEntry, Manifest, load_manifest
 from gfocal_pipeline.postprocess import Detections, from_dets_rows, multiclass_nms
@@ -301,7 +301,40 @@ def read_detections(
 
     missing = [entry.image_id for entry in manifest.images if entry.image_id not in seen]
     _check_missing(missing, backend, by_id, allow_missing)
+    warn_unlisted(layout.outputs_dir(backend), manifest, f"output folder(s) of backend {backend!r}")
     return Collected(_concatenate(chunks), missing, _group_postprocess(per_shard))
+
+
+def unlisted_shards(folder: Path, manifest: Manifest, suffix: str = "") -> list[str]:
+    """Names in `folder` (`<shard><suffix>`) of shards the manifest does not list, sorted."""
+    if not folder.is_dir():
+        return []
+    names = (path.name for path in folder.iterdir() if not path.name.startswith("."))
+    return sorted(
+        name
+        for name in names
+        if name.endswith(suffix) and name[: len(name) - len(suffix)] not in manifest.shards
+    )
+
+
+def warn_unlisted(folder: Path, manifest: Manifest, what: str, suffix: str = "") -> list[str]:
+    """Log (and return) the shards in `folder` that the manifest does not list: stale ones, from an
+    earlier preprocess of the same run directory, that this step ignores."""
+    stale = unlisted_shards(folder, manifest, suffix)
+    if stale:
+        shown = ", ".join(stale[:_LIST_LIMIT]) + (
+            f" and {len(stale) - _LIST_LIMIT} more" if len(stale) > _LIST_LIMIT else ""
+        )
+        log.warning(
+            "ignoring %d %s in %s that are not shards of the manifest %s (stale, from an earlier preprocess "
+            "of this run directory): %s",
+            len(stale),
+            what,
+            folder,
+            manifest.path,
+            shown,
+        )
+    return stale
 
 
 def _shard_detections(
@@ -649,7 +682,8 @@ def _log_result(result: dict[str, Any]) -> None:
 
 
 def _manifest_and_annotations(layout: RunLayout, annotation_file: str | Path | None) -> tuple[Manifest, Path]:
-    """The run's manifest and the annotation file to score against (default: the manifest's)."""
+    """The run's manifest and the annotation file to score against (default: the manifest's), which
+    must be the file preprocessing recorded (`check_annotation_file`)."""
     try:
         manifest = load_manifest(layout.manifest)
     except DatasetError as exc:
@@ -660,4 +694,32 @@ def _manifest_and_annotations(layout: RunLayout, annotation_file: str | Path | N
             f"annotation file {str(path)!r} does not exist; pass annotation_file= or fix the "
             f"coco root of the manifest {str(manifest.path)!r}"
         )
+    check_annotation_file(manifest, path)
     return manifest, path
+
+
+def check_annotation_file(manifest: Manifest, path: Path) -> None:
+    """Refuse an annotation file whose sha256 is not the one the manifest recorded at preprocessing:
+    an edited or replaced file would be scored, and filed under the old dataset's history key.
+    A manifest without the hash (written by an older version) is only logged."""
+    if not manifest.annotation_sha256:
+        log.warning(
+            "manifest %s records no annotation sha256 (an older version wrote it): cannot check that %s "
+            "is the annotation file it was built from",
+            manifest.path,
+            path,
+        )
+        return
+    try:
+        found = sha256_file(path)
+    except OSError as exc:
+        raise EvaluationError(
+            f"annotation file {str(path)!r} cannot be read ({exc.strerror or exc})"
+        ) from exc
+    if found != manifest.annotation_sha256:
+        raise EvaluationError(
+            f"annotation file {str(path)!r} has sha256 {found} but the manifest {str(manifest.path)!r} was "
+            f"built from one with sha256 {manifest.annotation_sha256}: it was edited or replaced after "
+            "preprocessing; re-run preprocess (trigger a new run) to score against it, or restore the "
+            "original file"
+        )

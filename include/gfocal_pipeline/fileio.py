@@ -15,6 +15,7 @@ import socket
 import tempfile
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,18 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def crc32_file(path: str | os.PathLike[str]) -> str:
+    """CRC-32 of the file at `path` as 8 hex digits: a fast content check against accidental damage
+    (about 1.5x sha256's speed on SHA-NI CPUs; `zlib.crc32` releases the GIL, so threads scale)."""
+    value = 0
+    buffer = bytearray(_CHUNK * 4)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            value = zlib.crc32(view[:count], value)
+    return f"{value:08x}"
 
 
 def ensure_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
@@ -119,6 +132,14 @@ def write_json(target: str | os.PathLike[str], data: Any) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return target
+
+
+def write_text_atomic(target: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to `target` atomically and return the path."""
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return target
 
 
@@ -213,3 +234,25 @@ def step_lock(run_dir: str | os.PathLike[str], step: str) -> Iterator[None]:
             handle.seek(0)
             handle.truncate()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def held_step_locks(run_dir: str | os.PathLike[str]) -> list[str]:
+    """The steps of `run_dir` whose `step_lock` some live process holds now (sorted).
+
+    Each `.locks/<step>.lock` is probed with a non-blocking shared flock, released at once: it fails
+    only while a holder (this process included, through another open file) has the step's lock. A
+    killed holder's lock is gone with it, so a stale file never counts."""
+    locks = Path(run_dir) / ".locks"
+    held = []
+    for path in sorted(locks.glob("*.lock")) if locks.is_dir() else []:
+        try:
+            with open(path, "rb") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held.append(path.stem)
+                else:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        except OSError:  # removed meanwhile, or unreadable: not evidence of a live holder
+            continue
+    return held

@@ -138,8 +138,8 @@ class GateThresholds:
         """Parse thresholds from DAG params or a config file; numbers may be strings, fps_tolerance '5%'."""
         if not isinstance(data, Mapping):
             raise GateConfigError(f"gate thresholds must be a mapping, got {type(data).__name__}: {data!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = {f.name: spec_of(f).kind for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
         if unknown:
             raise GateConfigError(f"unknown gate threshold(s) {unknown}; known: {sorted(known)}")
         values: dict[str, Any] = {}
@@ -148,7 +148,7 @@ class GateThresholds:
                 if name in ("min_ap", "min_fps"):
                     values[name] = None
                 continue
-            values[name] = _parse_number(name, raw, integer=name == "baseline_runs")
+            values[name] = _parse_number(name, raw, integer=known[name] is int)
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:

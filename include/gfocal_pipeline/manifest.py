@@ -10,7 +10,8 @@
                  "resized_width", "resized_height", "pad": [left, top, right, bottom], "shard",
                  "sha256" (of the image file)}],
      "shards": {"00000": [image ids in order], ...},
-     "skipped": [{"file_name", "image_id", "reason"}]}
+     "skipped": [{"file_name", "image_id", "reason"}],
+     "max_pixels": the pixel budget the images were checked with (null: none; absent: the default)}
 
 Boxes in input pixels map back to the original image as x = (x_in - pad_left) / scale_x,
 y = (y_in - pad_top) / scale_y.
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gfocal_pipeline.constants import DEFAULT_MAX_PIXELS
 from gfocal_pipeline.errors import DatasetError
 from gfocal_pipeline.fileio import sha256_file, write_json
 from gfocal_pipeline.options import Dtype, Policy
@@ -91,6 +93,7 @@ class Manifest:
     annotation_sha256: str = ""
     inputs_root: str | None = None  # folder of the `<shard>/` input folders; None: `inputs/` beside it
     per_task_inputs: bool = False  # no inputs written: each inference task builds its shard's
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # the pixel budget preprocessing checked images with
     version: int = MANIFEST_VERSION
     path: Path | None = None
     _sha256: str | None = field(default=None, repr=False, compare=False)
@@ -172,6 +175,8 @@ def load_manifest(path: str | Path) -> Manifest:
         raise DatasetError(f"manifest {str(path)!r} does not exist; run the preprocess step first")
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"it holds a JSON {type(data).__name__}, not an object")
         if data.get("version") not in READABLE_VERSIONS:
             raise DatasetError(
                 f"manifest {str(path)!r} has version {data.get('version')!r}, expected {MANIFEST_VERSION}; "
@@ -181,5 +186,5 @@ def load_manifest(path: str | Path) -> Manifest:
         images = [ImageEntry.from_dict(e) for e in data.pop("images")]
         data["version"] = MANIFEST_VERSION
         return Manifest(**data, images=images, path=path, _sha256=sha256_file(path))
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DatasetError(f"manifest {str(path)!r} is malformed ({exc}); re-run preprocessing") from exc

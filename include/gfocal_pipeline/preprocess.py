@@ -36,10 +36,15 @@ one does not is reset), and the file is written from that buffer (`os.write`, no
 
 Image files are checked before decoding: a JPEG whose marker structure never reaches its end-of-image
 marker (0xFFD9) or a PNG without its IEND chunk is truncated (OpenCV would decode a truncated JPEG
-into a partly grey image with only a libjpeg warning on stderr) and counts as unreadable, like a
-file OpenCV cannot decode: an error naming it, or with `skip_bad_images` listed in
-`manifest.skipped` with the reason. Grayscale, CMYK and EXIF-rotated JPEGs, PNGs (whatever their
-extension) and 1x1 images decode as `cv2.imread(path, cv2.IMREAD_COLOR)` does.
+into a partly grey image with only a libjpeg warning on stderr), and an image whose header (JPEG
+frame header SOFn, PNG IHDR) claims more than `max_pixels` pixels (default `DEFAULT_MAX_PIXELS`,
+100 megapixels: COCO's largest images are under half a megapixel) is over the pixel budget: a
+631-byte JPEG claiming 20000x20000 would otherwise decode into 1.2 GB. Both count as unreadable, like
+a file OpenCV cannot decode or refuses (its own limit, `cv2.error`): an error naming it, or with
+`skip_bad_images` listed in `manifest.skipped` with the reason. Other formats have no header check:
+OpenCV's limit (2^30 pixels) bounds their decode and the budget is checked right after it.
+Grayscale, CMYK and EXIF-rotated JPEGs, PNGs (whatever their extension) and 1x1 images decode as
+`cv2.imread(path, cv2.IMREAD_COLOR)` does.
 
 Images are processed by a pool of threads in the calling process (OpenCV's decode, resize and
 table look-up and the writes release the GIL; memory per worker is one image and its canvas): no
@@ -61,7 +66,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,13 +76,20 @@ import numpy as np
 
 from gfocal_pipeline.constants import (
     DEFAULT_HEIGHT,
+    DEFAULT_MAX_PIXELS,
     DEFAULT_WIDTH,
     MEAN_RGB,
     MMDET_SCALE,
     SIZE_DIVISOR,
     STD_RGB,
 )
-from gfocal_pipeline.dataset import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR, CocoImage, load_coco
+from gfocal_pipeline.dataset import (
+    DEFAULT_ANNOTATION_FILE,
+    DEFAULT_IMAGE_DIR,
+    CocoDataset,
+    CocoImage,
+    load_coco,
+)
 from gfocal_pipeline.errors import DatasetError, os_error_fix
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file
 from gfocal_pipeline.layout import RunLayout, input_file_name, shard_name
@@ -97,6 +109,8 @@ _JPEG_SOI = b"\xff\xd8"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # the end of a JPEG scan: 0xFF followed by neither 0x00 (a stuffed byte) nor RST0..7
 _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+# JPEG frame headers (SOF0..SOF15 but DHT 0xC4, JPG 0xC8 and DAC 0xCC): precision, height, width
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 def letterbox_size(width: int, height: int, canvas_h: int, canvas_w: int) -> tuple[int, int, float]:
@@ -352,27 +366,84 @@ def _png_truncation(data: bytes) -> str:
     return f"truncated PNG: the file ({size} bytes) ends before its IEND chunk"
 
 
-def read_image(path: str | os.PathLike[str]) -> tuple[np.ndarray | None, str]:
-    """(BGR uint8 image, "") as `cv2.imread(path, cv2.IMREAD_COLOR)` decodes it (EXIF orientation,
-    grayscale and CMYK to BGR, any extension), or (None, why it is unusable) - a truncated JPEG or
-    PNG included, which OpenCV would decode into a partly grey image."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        return None, f"cannot read it ({exc.strerror or exc})"
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the JPEG's frame header (SOFn), or None when no frame header comes before
+    its first scan. Segments are skipped by their length (an EXIF thumbnail's own markers too)."""
+    size, pos = len(data), 2
+    while (pos := data.find(b"\xff", pos)) >= 0 and pos + 1 < size:
+        marker = data[pos + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01, 0xD8):
+            pos += 1 if marker == 0xFF else 2  # fill byte, or a marker without a length
+            continue
+        if marker in (0xD9, 0xDA) or pos + 4 > size:
+            return None
+        if marker in _SOF_MARKERS and pos + 9 <= size:
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            return int.from_bytes(data[pos + 7 : pos + 9], "big"), height
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) an image file's header claims (JPEG SOFn, PNG IHDR), read without decoding;
+    None for other formats or a header that says nothing."""
+    if data.startswith(_JPEG_SOI):
+        return _jpeg_size(data)
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
+def _over_budget(width: int, height: int, max_pixels: int | None, claimed: bool) -> str:
+    """Why a `width` x `height` image is over the pixel budget `max_pixels`, or "" (None: no budget)."""
+    if max_pixels is None or width * height <= max_pixels:
+        return ""
+    source = "its header claims" if claimed else "it decodes to"
+    pixels = width * height
+    return (
+        f"{source} {width}x{height} pixels ({pixels / 1e6:.1f} megapixels, {pixels * 3 / 2**30:.2f} GiB "
+        f"decoded), over the pixel budget of {max_pixels / 1e6:g} megapixels (max_pixels; raise it if "
+        "the image is genuine)"
+    )
+
+
+def _problem(data: bytes, max_pixels: int | None) -> str:
+    """Why an image file is unusable before decoding it (truncated, over the pixel budget), or ""."""
     if data.startswith(_JPEG_SOI):
         problem = _jpeg_truncation(data)
     elif data.startswith(_PNG_SIGNATURE):
         problem = _png_truncation(data)
     else:
         problem = ""
+    claimed = header_size(data) if not problem else None
+    return problem or (_over_budget(*claimed, max_pixels, claimed=True) if claimed else "")
+
+
+def read_image(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray | None, str]:
+    """(BGR uint8 image, "") as `cv2.imread(path, cv2.IMREAD_COLOR)` decodes it (EXIF orientation,
+    grayscale and CMYK to BGR, any extension), or (None, why it is unusable): a truncated JPEG or PNG
+    (which OpenCV would decode into a partly grey image), one whose header claims more than
+    `max_pixels` pixels (checked before decoding; None: no budget), or one OpenCV cannot decode or
+    refuses (`cv2.error`, e.g. its own pixel limit)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        return None, f"cannot read it ({exc.strerror or exc})"
+    problem = _problem(data, max_pixels)
     if problem:
         return None, problem
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
+    except cv2.error as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return None, f"OpenCV refused to decode it ({detail})"
     if img is None:
         return None, "OpenCV cannot decode it (corrupt, truncated or not an image)"
-    return img, ""
+    problem = _over_budget(img.shape[1], img.shape[0], max_pixels, claimed=False)
+    return (None, problem) if problem else (img, "")
 
 
 def _write_input(target: str, array: np.ndarray) -> None:
@@ -408,6 +479,7 @@ class _Job:
     dtype: str
     height: int
     width: int
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 _Result = tuple[int, Geometry | None, str]
@@ -428,7 +500,7 @@ def _single_threaded_cv2() -> Iterator[None]:
 def _run_job(job: _Job, canvases: _Canvases | None = None) -> _Result:
     """Read, preprocess and atomically write one image; (id, geometry, "") or (id, None, reason).
     `canvases` lends the thread its reusable output buffer (none: a fresh one)."""
-    img, reason = read_image(job.source)
+    img, reason = read_image(job.source, job.max_pixels)
     if img is None:
         return job.image_id, None, reason
     h, w = img.shape[:2]
@@ -629,12 +701,19 @@ def _link(source: Path, target: Path) -> None:
 
 
 def _reuse_from(
-    donor: Manifest | None, images: list[CocoImage], hashes: dict[int, str], staging: Path
+    donor: Manifest | None,
+    images: list[CocoImage],
+    hashes: dict[int, str],
+    staging: Path,
+    check: Callable[[Path], bool] | None = None,
 ) -> dict[int, Geometry]:
     """Inputs of `donor` (same policy, dtype and size) whose source image has the same sha256 are
-    linked into `staging` instead of being computed again: a changed image is the only one redone."""
+    linked into `staging` instead of being computed again: a changed image is the only one redone.
+    `check(input file)` (the donor entry's recorded checksum) must pass too: a damaged input of the
+    donor is computed again, never linked."""
     if donor is None:
         return {}
+    check = check or (lambda path: True)
     by_sha = {entry.sha256: entry for entry in donor.images if entry.sha256}
     reused: dict[int, Geometry] = {}
     for image in images:
@@ -643,7 +722,7 @@ def _reuse_from(
             continue
         source = donor.input_dir(entry.shard) / input_file_name(entry.image_id)
         try:
-            if source.stat().st_size != donor.bytes_per_image:
+            if source.stat().st_size != donor.bytes_per_image or not check(source):
                 continue
             _link(source, staging / input_file_name(image.image_id))
         except OSError:
@@ -692,13 +771,94 @@ def _place(
 
 
 def _check_arguments(
-    policy: str, dtype: str, height: int, width: int, shard_size: object, workers: object
+    policy: str, dtype: str, height: int, width: int, shard_size: object, workers: object, max_pixels: object
 ) -> None:
     _check_options(policy, dtype, height, width)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise DatasetError(f"shard_size={shard_size!r} must be a positive integer (images per shard)")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise DatasetError(f"workers={workers!r} must be a positive integer or None (all CPU cores)")
+    check_max_pixels(max_pixels)
+
+
+def check_max_pixels(value: object, source: str = "max_pixels") -> int | None:
+    """`value` as a pixel budget (an integer >= 1, or None for none), else a DatasetError naming it."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise DatasetError(
+        f"{source}={value!r} must be a positive integer (the most pixels, width x height, one image may "
+        f"have; default {DEFAULT_MAX_PIXELS:_} = {DEFAULT_MAX_PIXELS / 1e6:g} megapixels)"
+    )
+
+
+@dataclass(frozen=True)
+class _Format:
+    """How one preprocess call turns images into inputs."""
+
+    policy: str
+    dtype: str
+    height: int
+    width: int
+    max_pixels: int | None
+
+    def job(self, image: CocoImage, target: str) -> _Job:
+        """The job of one image (`target` "": decode and place it only)."""
+        options = (self.policy, self.dtype, self.height, self.width, self.max_pixels)
+        return _Job(image.image_id, str(image.path), target, *options)
+
+
+def _all_hashes(images: list[CocoImage], known: dict[int, str] | None, workers: int) -> dict[int, str]:
+    """sha256 of every image: those in `known` (the inputs cache hashed them for its key), the others now."""
+    hashes = dict(known or {})
+    missing = [image for image in images if image.image_id not in hashes]
+    if missing:
+        hashes.update(hash_images(missing, workers))
+    return hashes
+
+
+def _drop_staging(layout: RunLayout, staging: Path) -> None:
+    """Remove the staging folder, and `inputs/` when that leaves it empty (a plan writes nothing)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        layout.inputs_dir.rmdir()
+
+
+def _decode_all(
+    dataset: CocoDataset,
+    layout: RunLayout,
+    staging: Path | None,
+    fmt: _Format,
+    run: tuple[int, float, bool],
+    reused: dict[int, Geometry],
+) -> tuple[dict[int, Geometry], list[CocoImage], dict[int, str]]:
+    """Decode and place (into `staging`, unless None) every image not `reused`: (geometry by id,
+    the bad images, their reasons). `run` is (workers, progress interval, skip_bad_images)."""
+    n_workers, progress_interval_s, skip_bad_images = run
+    images = dataset.images
+    log.info(
+        "preprocess: %d of %d images from %s -> %s (policy=%s dtype=%s %dx%d, %d workers%s)",
+        len(images),
+        dataset.total_images,
+        dataset.root,
+        layout.inputs_dir if staging is not None else "a manifest only",
+        fmt.policy,
+        fmt.dtype,
+        fmt.height,
+        fmt.width,
+        n_workers,
+        f", {len(reused)} reused" if reused else "",
+    )
+    jobs = (
+        fmt.job(image, str(staging / input_file_name(image.image_id)) if staging is not None else "")
+        for image in images
+        if image.image_id not in reused
+    )
+    geometries, bad = _run_all(jobs, n_workers, len(images) - len(reused), progress_interval_s)
+    geometries.update(reused)
+    bad_images = _check_bad(images, bad, dataset.image_dir, skip_bad_images)
+    if not any(image.image_id in geometries for image in images):
+        raise DatasetError(f"none of the {len(images)} images in {str(dataset.image_dir)!r} can be read")
+    return geometries, bad_images, bad
 
 
 def preprocess(
@@ -717,21 +877,27 @@ def preprocess(
     progress_interval_s: float = 10.0,
     *,
     shard_plan: ShardPlan | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     write_inputs: bool = True,
     image_hashes: dict[int, str] | None = None,
     donor: Manifest | None = None,
+    donor_check: Callable[[Path], bool] | None = None,
 ) -> Manifest:
     """Preprocess a COCO set into `run_dir` (manifest.json + inputs/<shard>/<id:012d>.bin).
 
-    Undecodable images raise `DatasetError` naming them, or with `skip_bad_images` are listed in
-    `manifest.skipped` and left out. `workers` defaults to the usable CPU cores. The manifest records
-    each image file's sha256 (`image_hashes` when the caller already has them) and the annotation
-    file's. `write_inputs=False` writes only the manifest (every image decoded and placed, no
-    inputs: each inference task then builds its own shard, see `materialize_shard`). Inputs of
-    `donor` whose image is unchanged are linked instead of recomputed. `shard_size` None: the
-    `shard_plan` rule (`sharding`) on the images read.
+    Undecodable images and images over the pixel budget `max_pixels` (None: none) raise
+    `DatasetError` naming them, or with `skip_bad_images` are listed in `manifest.skipped` and left
+    out. `workers` defaults to the usable CPU cores. The manifest records each image file's sha256
+    (`image_hashes` when the caller already has them) and the annotation file's. `write_inputs=False`
+    writes only the manifest (every image decoded and placed, no inputs: each inference task then
+    builds its own shard, see `materialize_shard`). Inputs of `donor` whose image is unchanged (and
+    that pass `donor_check`, the donor entry's content check) are linked instead of recomputed.
+    `shard_size` None: the `shard_plan` rule (`sharding`) on the images read.
     """
-    _check_arguments(policy, dtype, height, width, 1 if shard_size is None else shard_size, workers)
+    _check_arguments(
+        policy, dtype, height, width, 1 if shard_size is None else shard_size, workers, max_pixels
+    )
+    fmt = _Format(policy, dtype, height, width, max_pixels)
     dataset = load_coco(coco_root, image_dir, annotation_file, max_images)
     images = dataset.images
     shard_size = resolve_shard_size(shard_size, len(images), height, width, shard_plan)
@@ -742,66 +908,45 @@ def preprocess(
     staging = _fresh_inputs(layout, len(images) * per_image if write_inputs else 0)
     try:
         n_workers = max(1, min(workers or _default_workers(), len(images)))
-        hashes = dict(image_hashes or {})  # the inputs cache hashed them for its key already
-        missing = [image for image in images if image.image_id not in hashes]
-        if missing:
-            hashes.update(hash_images(missing, n_workers))
-        reused = _reuse_from(donor, images, hashes, staging) if write_inputs else {}
-        shape = (
-            f"policy={policy} dtype={dtype} {height}x{width}, shard_size={shard_size}, {n_workers} workers"
-        )
-        log.info(
-            "preprocess: %d of %d images from %s -> %s (%s%s)",
-            len(images),
-            dataset.total_images,
-            dataset.root,
-            layout.inputs_dir if write_inputs else "a manifest only",
-            shape,
-            f", {len(reused)} reused" if reused else "",
-        )
-        job_options = (policy, dtype, height, width)
-        jobs = (
-            _Job(
-                image.image_id,
-                str(image.path),
-                str(staging / input_file_name(image.image_id)) if write_inputs else "",
-                *job_options,
-            )
-            for image in images
-            if image.image_id not in reused
-        )
-        geometries, bad = _run_all(jobs, n_workers, len(images) - len(reused), progress_interval_s)
-        geometries.update(reused)
-        bad_images = _check_bad(images, bad, dataset.image_dir, skip_bad_images)
+        hashes = _all_hashes(images, image_hashes, n_workers)
+        reused = _reuse_from(donor, images, hashes, staging, donor_check) if write_inputs else {}
+        target = staging if write_inputs else None
+        run = (n_workers, progress_interval_s, skip_bad_images)
+        geometries, bad_images, bad = _decode_all(dataset, layout, target, fmt, run, reused)
         kept = [image for image in images if image.image_id in geometries]
-        if not kept:
-            raise DatasetError(f"none of the {len(images)} images in {str(dataset.image_dir)!r} can be read")
-        entries, shards = _place(
-            kept, geometries, staging if write_inputs else None, layout, shard_size, hashes
-        )
+        entries, shards = _place(kept, geometries, target, layout, shard_size, hashes)
     except BaseException:  # a refused or failed run leaves no half-written inputs behind
-        shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            layout.inputs_dir.rmdir()
+        _drop_staging(layout, staging)
         raise
-    shutil.rmtree(staging, ignore_errors=True)
-    with contextlib.suppress(OSError):  # nothing written (a plan): no empty inputs/ folder either
-        layout.inputs_dir.rmdir()
+    _drop_staging(layout, staging)
     skipped = [
         {"image_id": i.image_id, "file_name": i.file_name, "reason": bad[i.image_id]} for i in bad_images
     ]
+    return _write_manifest(layout, dataset, fmt, shard_size, (entries, shards, skipped))
+
+
+def _write_manifest(
+    layout: RunLayout,
+    dataset: CocoDataset,
+    fmt: _Format,
+    shard_size: int,
+    found: tuple[list[ImageEntry], dict[str, list[int]], list[dict[str, object]]],
+) -> Manifest:
+    """Write the run's manifest (last: a run directory with a manifest is complete) and return it."""
+    entries, shards, skipped = found
     paths = (str(dataset.root), str(dataset.annotation_file), str(dataset.image_dir))
     manifest = Manifest(
-        policy,
-        dtype,
-        height,
-        width,
+        fmt.policy,
+        fmt.dtype,
+        fmt.height,
+        fmt.width,
         shard_size,
         *paths,
         entries,
         shards,
         skipped,
         annotation_sha256=sha256_file(dataset.annotation_file),
+        max_pixels=fmt.max_pixels,
     )
     manifest.write(layout.manifest)
     log.info(
@@ -809,7 +954,7 @@ def preprocess(
         layout.manifest,
         len(entries),
         len(shards),
-        len(bad_images),
+        len(skipped),
     )
     return manifest
 
@@ -817,7 +962,8 @@ def preprocess(
 def materialize_shard(manifest: Manifest, shard: str, target: Path, workers: int | None = None) -> Path:
     """Build `shard`'s inputs into `target` from the source images (for a manifest written with
     `write_inputs=False`): the same bytes preprocessing would have written. An image that changed
-    since the manifest was written (sha256 or size) is an error, never silently used."""
+    since the manifest was written (sha256 or size) is an error, never silently used. The pixel
+    budget is the one preprocessing used (recorded in the manifest; the default for older ones)."""
     entries = [entry for entry in manifest.images if entry.shard == shard]
     if not entries:
         raise DatasetError(f"shard {shard!r} is not in manifest {str(manifest.path)!r}")
@@ -833,7 +979,13 @@ def materialize_shard(manifest: Manifest, shard: str, target: Path, workers: int
                     f"image {str(source)!r} changed since preprocessing wrote {str(manifest.path)!r}; "
                     "re-run preprocessing (trigger a new run)"
                 )
-        opts = (manifest.policy, manifest.dtype, manifest.input_height, manifest.input_width)
+        opts = (
+            manifest.policy,
+            manifest.dtype,
+            manifest.input_height,
+            manifest.input_width,
+            manifest.max_pixels,
+        )
         jobs = (
             _Job(e.image_id, str(image_dir / e.file_name), str(staging / input_file_name(e.image_id)), *opts)
             for e in entries

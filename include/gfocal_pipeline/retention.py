@@ -10,9 +10,11 @@ DAG whole and prunes older ones to what the history, the trend page and a post-m
 
 A pruned directory gets `pruned.json` (when, what, bytes freed); a later pass skips it, and a late
 retry of one of its tasks fails clearly (`check_not_pruned`). A run directory is never touched when
-it is protected (the current run) or in use: not finished (no summary.json) and changed within
-`grace_s`. `gc` then evicts least-recently-used cache entries down to a size, never one that a run
-in use names in its `uses/`, and removes what killed cache builders left behind.
+it is protected (the current run) or in use: a live process holds one of its step locks
+(`.locks/<step>.lock`, `fileio.step_lock`), whatever its file times, or it is not finished (no
+summary.json) and changed within `grace_s`. `gc` then evicts least-recently-used cache entries down
+to a size, never one that a run in use names in its `uses/`, and removes what killed cache builders
+left behind. A work directory that does not exist is an error (a misspelt path frees nothing).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 from gfocal_pipeline.cache import Cache, dir_size, reclaim_stale
 from gfocal_pipeline.errors import ConfigError, GfocalError
-from gfocal_pipeline.fileio import write_json
+from gfocal_pipeline.fileio import held_step_locks, write_json
 from gfocal_pipeline.layout import DONE_FILE, OUTPUTS_FILE
 
 log = logging.getLogger(__name__)
@@ -170,7 +172,12 @@ class RunDir:
         return record if record is not None and record.get("complete") else None
 
     def in_use(self, grace_s: float, now: float) -> bool:
-        """Not finished and changed within `grace_s`: a run in progress (or one being retried)."""
+        """A live process holds one of its step locks (whatever its file times), or it is not finished
+        and changed within `grace_s`: a run in progress (or one being retried)."""
+        held = held_step_locks(self.path)
+        if held:
+            log.info("run directory %s is in use: a live process holds the lock of %s", self.path, held)
+            return True
         return not self.finished and _changed_since(self.path, now - grace_s)
 
 
@@ -407,6 +414,7 @@ def gc(
     "bytes_before", "bytes_after"}. With `dry_run` it says what would go and removes nothing.
     """
     keep_runs = check_keep_runs(keep_runs)
+    check_work_dir(work_dir)
     if isinstance(cache_max_bytes, bool) or not isinstance(cache_max_bytes, int) or cache_max_bytes < 0:
         raise ConfigError(
             f"cache_max_bytes: expected an integer >= 0, got {cache_max_bytes!r}; "
@@ -435,6 +443,19 @@ def gc(
         "bytes_before": runs["bytes_before"] + cache["bytes_before"],
         "bytes_after": runs["bytes_after"] + cache["bytes_after"],
     }
+
+
+def check_work_dir(work_dir: str | os.PathLike[str]) -> Path:
+    """`work_dir` as a Path when it is a directory, else a ConfigError naming it and the fix (retention
+    of a misspelt work directory would otherwise report "0 B freed" and succeed)."""
+    path = Path(work_dir)
+    if path.is_dir():
+        return path
+    state = "is not a directory" if path.exists() else "does not exist"
+    raise ConfigError(
+        f"work directory {str(path)!r} {state}; pass the work directory the runs use (--work-dir, "
+        "[gfocal] work_dir, $GFOCAL_WORK_DIR; it holds one folder per DAG and cache/)"
+    )
 
 
 def human_bytes(size: float) -> str:

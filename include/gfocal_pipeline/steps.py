@@ -260,31 +260,55 @@ def _infer_locked(
         return cached_reference(layout.root, work_dir, usable, shard, run, options["model"], options)
 
 
-def combined_timing(run_dir: str | Path, backend: str) -> dict[str, Any]:
-    """Timing over every shard of a backend.
+def _shard_timing(layout: RunLayout, backend: str, shard: str, images: int) -> dict[str, Any]:
+    """The timing file of one shard of the manifest, checked: present, whole, and for its `images`."""
+    path = layout.timing_file(backend, shard)
+    rerun = (
+        "run the inference of shard {} (again): a retried infer task redoes exactly the shards not complete"
+    )
+    if not path.is_file():
+        raise DatasetError(
+            f"the timing of shard {shard!r} of backend {backend!r} is missing: {str(path)!r} does not exist; "
+            + rerun.format(repr(shard))
+        )
+    data = read_state_json(path, "timing file")
+    summary = data.get("summary") if isinstance(data, dict) else None
+    if not isinstance(summary, dict) or not summary.get("images"):
+        raise DatasetError(f"timing file {str(path)!r} is damaged; " + rerun.format(repr(shard)))
+    if summary["images"] != images:
+        raise DatasetError(
+            f"timing file {str(path)!r} records {summary['images']} images but shard {shard!r} of the "
+            f"manifest has {images}: it is from an earlier preprocess of this run directory; "
+            + rerun.format(repr(shard))
+        )
+    return data
+
+
+def combined_timing(run_dir: str | Path, backend: str, shards: list[str] | None = None) -> dict[str, Any]:
+    """Timing over the manifest's shards of a backend (`shards`: only those).
+
+    Only the shards the manifest lists count: a timing file of another shard (stale, from an earlier
+    preprocess of the same run directory) is ignored and named in a warning; a listed shard's
+    missing, damaged or stale (another image count) timing file is an error naming the shard.
 
     fps = all images / sum over shards of (shard images / shard fps): each shard's fps comes from its
     backend's own formula (e.g. msame's chip count), and for in-process backends this equals images /
     total batch latency. Latency percentiles pool every shard's timed latencies.
     """
-    folder = RunLayout.at(run_dir).timing_dir(backend)
-    files = sorted(folder.glob("*.json"))
-    if not files:
-        raise DatasetError(f"no timing files under {str(folder)!r}; run inference first")
+    from gfocal_pipeline.evaluate import warn_unlisted
+
+    layout = RunLayout.at(run_dir)
+    manifest = load_manifest(layout.manifest)
+    warn_unlisted(layout.timing_dir(backend), manifest, "timing file(s)", suffix=".json")
     latencies: list[float] = []
     images = 0
     seconds = 0.0
     batch_sizes = set()
     shard_fps = []
     extra: dict[str, Any] = {}
-    for path in files:
-        data = read_state_json(path, "timing file")
-        summary = data.get("summary") if isinstance(data, dict) else None
-        if not isinstance(summary, dict) or not summary.get("images"):
-            raise DatasetError(
-                f"timing file {str(path)!r} is damaged; run the inference of shard {path.stem!r} again "
-                "(a retried infer task redoes exactly the shards that are not complete)"
-            )
+    for shard in sorted(manifest.shards) if shards is None else shards:
+        data = _shard_timing(layout, backend, shard, len(manifest.shards.get(shard, [])))
+        summary = data["summary"]
         batch_sizes.add(summary.get("batch_size"))
         shard_fps.append(summary["fps"])
         images += summary["images"]

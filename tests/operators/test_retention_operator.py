@@ -44,7 +44,7 @@ def make_run(work: Path, run_id: str, days_ago: float, *, uses: tuple[str, ...] 
 
 
 def cache_entry(work: Path, name: str, size: int) -> str:
-    entry = Cache(work).entry("inputs", {"n": name}, hashed=False)
+    entry = Cache(work).entry("inputs", {"n": name}, verify="crc32")
 
     def build(tmp: Path) -> None:
         (tmp / "data.bin").write_bytes(b"\1" * size)

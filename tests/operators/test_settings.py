@@ -51,9 +51,19 @@ def test_retention_defaults_and_values(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().cache_max_gb == 2.5
 
 
+def test_max_pixels_default_value_and_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().max_pixels == 100_000_000
+    monkeypatch.setenv("AIRFLOW__GFOCAL__MAX_PIXELS", "2000000")
+    assert load_settings().max_pixels == 2_000_000
+    monkeypatch.setenv("AIRFLOW__GFOCAL__MAX_PIXELS", "0")  # no budget
+    assert load_settings().max_pixels is None
+
+
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
+        ("MAX_PIXELS", "-1", r"\[gfocal\] max_pixels = '-1': expected an integer >= 0"),
+        ("MAX_PIXELS", "1e8", r"\[gfocal\] max_pixels = '1e8': expected an integer >= 0.* e\.g\. 100000000"),
         ("KEEP_RUNS", "0", r"\[gfocal\] keep_runs = '0': expected an integer >= 1"),
         ("KEEP_RUNS", "-2", r"\[gfocal\] keep_runs = '-2': expected an integer >= 1"),
         ("KEEP_RUNS", "two", r"\[gfocal\] keep_runs = 'two': expected an integer >= 1.* e\.g\. 14"),
@@ -63,7 +73,7 @@ def test_retention_defaults_and_values(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CACHE_MAX_GB", "inf", r"\[gfocal\] cache_max_gb = 'inf'"),
     ],
 )
-def test_bad_retention_values_name_the_key(
+def test_bad_retention_and_pixel_budget_values_name_the_key(
     monkeypatch: pytest.MonkeyPatch, key: str, value: str, expected: str
 ) -> None:
     from gfocal_pipeline.errors import ConfigError

@@ -1,21 +1,31 @@
-"""Image files preprocessing must refuse (truncated JPEG/PNG), files it must accept (grayscale, CMYK,
-EXIF-rotated, PNG named .jpg, 1x1, bytes after the EOI), and model sizes that are not multiples of 32."""
+"""Image files preprocessing must refuse (truncated JPEG/PNG, a header claiming more pixels than the
+budget, OpenCV's own refusals), files it must accept (grayscale, CMYK, EXIF-rotated, PNG named .jpg,
+1x1, bytes after the EOI), and model sizes that are not multiples of 32."""
 
 from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from support import image_claiming
 
 from gfocal_pipeline import steps
 from gfocal_pipeline.demo_data import COCO_CATEGORIES
 from gfocal_pipeline.errors import DatasetError
+from gfocal_pipeline.layout import input_file_name
 from gfocal_pipeline.manifest import load_manifest
-from gfocal_pipeline.preprocess import preprocess, preprocess_image, read_image
+from gfocal_pipeline.preprocess import (
+    header_size,
+    materialize_shard,
+    preprocess,
+    preprocess_image,
+    read_image,
+)
 
 RNG = np.random.default_rng(3)
 
@@ -174,6 +184,103 @@ def test_truncated_images_are_named_or_skipped(tmp_path: Path, skip: bool) -> No
     assert {s["file_name"] for s in summary["skipped"]["images"]} == {"b_cut.jpg", "d_cut.png"}
     assert "b_cut.jpg: truncated JPEG" in steps.format_summary(summary)
     assert json.loads((run / "summary.json").read_text())["skipped"] == summary["skipped"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the pixel budget: checked from the header, before decoding
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_header_size_reads_what_the_header_claims(ext: str) -> None:
+    assert header_size(image_claiming(20000, 12345, ext)) == (20000, 12345)
+    real = jpeg(37, 23) if ext == ".jpg" else png(37, 23)
+    assert header_size(real) == (23, 37)
+
+
+def test_header_size_skips_an_exif_thumbnail_and_knows_progressive_frames() -> None:
+    # the thumbnail's own SOF (8x8) sits inside the APP1 payload: the frame header that counts follows it
+    assert header_size(with_exif(jpeg(40, 70), orientation=1, thumbnail=jpeg(8, 8))) == (70, 40)
+    assert header_size(jpeg(50, 70, progressive=True)) == (70, 50)  # SOF2
+    assert header_size(b"this is not an image") is None and header_size(b"") is None
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+@pytest.mark.parametrize("side", [20000, 50000])
+def test_an_image_claiming_too_many_pixels_is_refused_before_decoding(
+    tmp_path: Path, ext: str, side: int
+) -> None:
+    path = tmp_path / f"bomb{ext}"
+    path.write_bytes(image_claiming(side, side, ext))
+    assert path.stat().st_size < 1000
+    tracemalloc.start()
+    try:
+        img, reason = read_image(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert img is None and peak < 10 * 2**20, peak  # decoding 20000x20000 would allocate 1.2 GB
+    assert f"its header claims {side}x{side} pixels" in reason
+    assert "over the pixel budget of 100 megapixels" in reason and "max_pixels" in reason
+
+
+def test_the_budget_is_configurable_and_counts_width_times_height(tmp_path: Path) -> None:
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg(48, 64))  # 3072 pixels
+    assert read_image(path, max_pixels=3072)[0] is not None
+    img, reason = read_image(path, max_pixels=3071)
+    assert img is None and "64x48 pixels" in reason and "budget of 0.003071 megapixels" in reason
+    assert read_image(path, max_pixels=None)[0] is not None
+
+
+def test_opencv_s_own_limit_is_a_bad_image_not_an_exception(tmp_path: Path) -> None:
+    """Without a budget a 50000x50000 claim reaches OpenCV, whose limit (2^30 pixels) raises cv2.error."""
+    path = tmp_path / "huge.jpg"
+    path.write_bytes(image_claiming(50000, 50000))
+    with pytest.raises(cv2.error):
+        cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    img, reason = read_image(path, max_pixels=None)
+    assert (
+        img is None
+        and reason.startswith("OpenCV refused to decode it")
+        and "CV_IO_MAX_IMAGE_PIXELS" in reason
+    )
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_over_budget_images_are_named_or_skipped(tmp_path: Path, skip: bool) -> None:
+    files = {
+        "a.jpg": jpeg(),
+        "bomb.jpg": image_claiming(20000, 20000),
+        "c.png": png(),
+        "huge.jpg": image_claiming(50000, 50000),
+    }
+    root = coco(tmp_path / "coco", files)
+    run = tmp_path / "run"
+    if not skip:
+        with pytest.raises(DatasetError) as err:
+            preprocess(root, run, height=64, width=96, workers=2)
+        message = str(err.value)
+        assert "2 image(s)" in message and "bomb.jpg (its header claims 20000x20000 pixels" in message
+        assert "huge.jpg (its header claims 50000x50000 pixels" in message and "skip_bad_images" in message
+        assert not (run / "manifest.json").exists() and not (run / "inputs").exists()
+        return
+    manifest = preprocess(root, run, height=64, width=96, workers=2, skip_bad_images=True)
+    assert [e.file_name for e in manifest.images] == ["a.jpg", "c.png"]
+    skipped = {s["file_name"]: s["reason"] for s in load_manifest(run / "manifest.json").skipped}
+    assert set(skipped) == {"bomb.jpg", "huge.jpg"} and "20000x20000" in skipped["bomb.jpg"]
+    assert load_manifest(run / "manifest.json").max_pixels == 100_000_000
+
+
+def test_a_raised_budget_is_recorded_and_used_to_rebuild_a_shard(tmp_path: Path) -> None:
+    root = coco(tmp_path / "coco", {"a.jpg": jpeg(48, 64)})
+    with pytest.raises(DatasetError, match="over the pixel budget"):
+        preprocess(root, tmp_path / "run", height=64, width=96, max_pixels=1000)
+    manifest = preprocess(root, tmp_path / "run", height=64, width=96, max_pixels=None, write_inputs=False)
+    assert load_manifest(tmp_path / "run" / "manifest.json").max_pixels is None
+    built = materialize_shard(load_manifest(tmp_path / "run" / "manifest.json"), "00000", tmp_path / "shard")
+    assert [p.name for p in built.iterdir()] == [input_file_name(manifest.images[0].image_id)]
+    with pytest.raises(DatasetError, match="max_pixels=0 must be a positive integer"):
+        preprocess(root, tmp_path / "run", max_pixels=0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,11 +10,15 @@ adds the CLI-level assertions: exit code, message, no traceback, no artifact.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +29,15 @@ import torch
 from emulators.models import tiny_dets_model
 from emulators.runs import H, W, write_run
 from emulators.toolkit import Toolkit, make_toolkit
-from support import mounted, read_only, run_with_file_size_limit
+from support import (
+    image_claiming,
+    lock_held_by_a_child,
+    mounted,
+    peak_rss_of_gfocal,
+    read_only,
+    read_only_tree,
+    run_with_file_size_limit,
+)
 from torch import nn
 
 from gfocal_pipeline import cli
@@ -184,8 +196,6 @@ def demo_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _copy_coco(source: Path, target: Path) -> Path:
-    import shutil
-
     shutil.copytree(source, target)
     return target
 
@@ -676,3 +686,344 @@ def test_infer_msame_with_a_missing_model(
     err = refused(capsys, *argv, "--model", tmp_path / "none.om")
     check(err, "gfocal infer: error:", "none.om")
     assert artifacts(run16 / "outputs") == []
+
+
+# --------------------------------------------------------------------------------------------------
+# issue #18: every --help, damaged state files, read-only caches, gc, what a step reads is what the
+# earlier step recorded, the pixel budget, the demo checkpoint
+
+
+def _subcommands() -> list[str]:
+    """Every `gfocal` subcommand, discovered from the parser (not a hand-kept list)."""
+    parser = cli.build_parser()
+    return sorted(
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    )
+
+
+def test_every_subcommand_s_help_exits_0_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    names = _subcommands()
+    assert "gate" in names and "gc" in names  # discovery works (gate's help had a bare '%')
+    for argv in (["--help"], *([name, "--help"] for name in names)):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        out = capsys.readouterr()
+        assert info.value.code == 0, (argv, out.err[-3000:])
+        assert TRACEBACK not in out.err and out.out.startswith("usage: gfocal"), argv
+
+
+def test_gate_help_through_the_console_script() -> None:
+    result = console("gate", "--help")
+    assert result.returncode == 0 and TRACEBACK not in result.stderr, result.stderr[-3000:]
+    assert "--fps-tolerance" in result.stdout and "%" in result.stdout
+
+
+SUMMARIES = {
+    "summary-cut-short": '{"run_dir": "/x", "backe',
+    "summary-not-a-summary": "[]",
+    "summary-empty": "",
+}
+
+
+@pytest.mark.parametrize("latest", [False, True], ids=["run-dir", "latest"])
+@pytest.mark.parametrize("case", list(SUMMARIES), ids=list(SUMMARIES))
+def test_summary_of_a_damaged_summary_json(
+    case: str, latest: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "gfocal_onnxruntime" / "manual__1"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(SUMMARIES[case])
+    argv = ("summary", "--latest", run.parent) if latest else ("summary", run)
+    err = refused(capsys, *argv)
+    check(err, "gfocal summary: error:", f"summary {str(run / 'summary.json')!r} is damaged", "summary task")
+
+
+def test_summary_of_a_run_without_summary_or_a_missing_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "dag" / "running").mkdir(parents=True)
+    err = refused(capsys, "summary", tmp_path / "dag" / "running")
+    check(err, "gfocal summary: error:", "summary.json' does not exist", "not a finished run directory")
+    err = refused(capsys, "summary", "--latest", tmp_path / "dag")
+    check(err, "gfocal summary: error:", "no finished run (summary.json)", str(tmp_path / "dag"))
+    err = refused(capsys, "summary", "--latest", tmp_path / "no-such-dag")
+    check(err, "gfocal summary: error:", "no-such-dag", "is not a directory")
+
+
+def test_damaged_summary_through_the_console_script(tmp_path: Path) -> None:
+    (tmp_path / "summary.json").write_text('{"run_dir": ')
+    result = console("summary", tmp_path)
+    assert result.returncode == 2 and TRACEBACK not in result.stderr, result.stderr[-3000:]
+    check(result.stderr, "gfocal summary: error:", "is damaged")
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["gc", "gc-dry-run"])
+def test_gc_on_a_missing_work_dir_is_an_error(
+    dry_run: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "work" / "gfocal_onnxruntime").mkdir(parents=True)
+    typo = tmp_path / "wrok"
+    err = refused(capsys, "gc", "--work-dir", typo, *(["--dry-run"] if dry_run else []))
+    check(err, "gfocal gc: error:", f"work directory {str(typo)!r} does not exist", "--work-dir")
+    assert "freed" not in err and not typo.exists()
+
+
+def _old_run(work: Path, name: str, days: float) -> Path:
+    """A finished run directory `days` old with bulk inputs (what gc prunes)."""
+    run = work / "gfocal_onnxruntime" / name
+    (run / "inputs" / "00000").mkdir(parents=True)
+    (run / "inputs" / "00000" / "000000000001.bin").write_bytes(b"\0" * 50_000)
+    created = time.time() - days * 86400
+    (run / "run.json").write_text(json.dumps({"created": created}))
+    (run / "summary.json").write_text("{}")
+    _age(run, created)
+    return run
+
+
+def _age(run: Path, when: float) -> None:
+    for path in [run, *run.rglob("*")]:
+        os.utime(path, (when, when))
+
+
+def test_gc_keeps_a_run_whose_step_lock_a_live_process_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "work"
+    _old_run(work, "new", 1)
+    busy = _old_run(work, "busy", 9)
+    with lock_held_by_a_child(busy, "infer-onnxruntime-00000"):
+        _age(busy, time.time() - 9 * 86400)
+        capsys.readouterr()
+        assert cli.main(["gc", "--work-dir", str(work), "--keep-runs", "1"]) == 0
+        out = capsys.readouterr()
+        assert json.loads(out.out)["runs"]["in_use"] == [str(busy)], out.err[-3000:]
+        assert (busy / "inputs" / "00000" / "000000000001.bin").is_file()
+    assert cli.main(["gc", "--work-dir", str(work), "--keep-runs", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [item["path"] for item in report["runs"]["pruned"]] == [str(busy)]
+    assert not (busy / "inputs").exists()
+
+
+def test_convert_reuses_a_valid_om_from_a_read_only_cache(
+    kit: Toolkit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx_file = tiny_dets_model(tmp_path / "tiny.onnx", H, W)
+    cache = tmp_path / "cache"
+    argv = ["--onnx", onnx_file, "--cache-dir", cache, "--soc-version", "Ascend310P3", "--cann-set-env"]
+    assert cli.main(["convert", "--run-dir", str(tmp_path / "r1"), *map(str, argv), str(kit.set_env)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    with read_only_tree(cache):
+        assert (
+            cli.main(["convert", "--run-dir", str(tmp_path / "r2"), *map(str, argv), str(kit.set_env)]) == 0
+        )
+        out = capsys.readouterr()
+    second = json.loads(out.out)
+    assert TRACEBACK not in out.err and second["cached"] is True and second["om_sha256"] == first["om_sha256"]
+    assert (tmp_path / "r2" / "model" / "gfocal.om").read_bytes() == Path(first["om_path"]).read_bytes()
+
+
+def test_convert_with_a_read_only_cache_lacking_the_om_names_the_cache(
+    kit: Toolkit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    onnx_file = tiny_dets_model(tmp_path / "tiny.onnx", H, W)
+    argv = ["convert", "--run-dir", tmp_path / "run", "--onnx", onnx_file, "--cache-dir", cache]
+    with read_only_tree(cache):
+        err = refused(capsys, *argv, "--soc-version", "Ascend310P3", "--cann-set-env", kit.set_env)
+    check(err, "gfocal convert: error:", f"OM cache directory {str(cache)!r} is not writable")
+    assert artifacts(tmp_path / "run", cache) == []
+
+
+@pytest.fixture
+def scored(tmp_path: Path, demo_coco: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Path]:
+    """(COCO root, run directory): 3 images preprocessed into 3 one-image shards and inferred
+    (onnxruntime, a tiny dets model), ready for `gfocal eval`."""
+    root = _copy_coco(demo_coco, tmp_path / "coco")
+    run = tmp_path / "run"
+    model = tiny_dets_model(tmp_path / "tiny.onnx", 64, 96)
+    size = (*SIZE, "--shard-size", "1")
+    assert cli.main(["preprocess", "--coco-root", str(root), "--run-dir", str(run), *size]) == 0
+    assert cli.main(["infer", "--run-dir", str(run), "--model", str(model)]) == 0
+    capsys.readouterr()
+    return root, run
+
+
+def test_eval_refuses_an_annotation_file_edited_after_preprocess(
+    scored: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, run = scored
+    annotation = root / ANNOTATION
+    recorded = hashlib.sha256(annotation.read_bytes()).hexdigest()
+
+    def change(document: dict) -> None:
+        document["annotations"][0]["bbox"][2] += 3
+
+    _edit(root, change)
+    edited = hashlib.sha256(annotation.read_bytes()).hexdigest()
+    err = refused(capsys, "eval", "--run-dir", run)
+    check(
+        err,
+        "gfocal eval: error:",
+        str(annotation),
+        f"sha256 {edited}",
+        f"sha256 {recorded}",
+        "re-run preprocess",
+    )
+    assert artifacts(run / "eval") == []
+
+
+def test_eval_counts_only_the_manifest_s_shards_and_names_stale_ones(
+    scored: tuple[Path, Path], capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    root, run = scored
+    size = (*SIZE, "--shard-size", "1", "--max-images", "2")
+    assert cli.main(["preprocess", "--coco-root", str(root), "--run-dir", str(run), *size]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--run-dir", str(run)]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert (
+        result["images"] == 2 and result["timing"]["images"] == 2 and len(result["timing"]["shard_fps"]) == 2
+    )
+    check(caplog.text, "ignoring 1 timing file(s)", "00002.json", "ignoring 1 output folder(s)", "00002")
+    assert TRACEBACK not in out.err
+
+
+def test_eval_names_a_listed_shard_whose_timing_is_missing(
+    scored: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, run = scored
+    (run / "timing" / "onnxruntime" / "00001.json").unlink()
+    err = refused(capsys, "eval", "--run-dir", run)
+    check(err, "gfocal eval: error:", "timing of shard '00001' of backend 'onnxruntime' is missing")
+    check(err, "run the inference of shard '00001'")
+    assert artifacts(run / "eval") == []
+
+
+@pytest.mark.parametrize("side", [20000, 50000])
+def test_preprocess_refuses_an_image_over_the_pixel_budget_without_decoding_it(
+    side: int, tmp_path: Path, demo_coco: Path
+) -> None:
+    root = _copy_coco(demo_coco, tmp_path / "coco")
+    victim = sorted((root / "val2017").iterdir())[0]
+    victim.write_bytes(image_claiming(side, side))
+    run = tmp_path / "run"
+    result, growth = peak_rss_of_gfocal(["preprocess", "--coco-root", root, "--run-dir", run, *SIZE])
+    assert result.returncode == 2 and TRACEBACK not in result.stderr, result.stderr[-3000:]
+    check(result.stderr, "gfocal preprocess: error:", victim.name, f"{side}x{side} pixels", "max_pixels")
+    check(result.stderr, "skip-bad-images")
+    assert growth < 256 * 2**20, growth  # decoding the 20000x20000 claim alone allocates 1.2 GB
+    assert artifacts(run) == []
+
+
+def test_an_image_over_the_pixel_budget_is_skipped_and_listed(
+    tmp_path: Path, demo_coco: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _copy_coco(demo_coco, tmp_path / "coco")
+    victim = sorted((root / "val2017").iterdir())[0]
+    victim.write_bytes(image_claiming(20000, 20000))
+    run = tmp_path / "run"
+    argv = ["preprocess", "--coco-root", str(root), "--run-dir", str(run), *SIZE, "--skip-bad-images"]
+    assert cli.main(argv) == 0
+    assert TRACEBACK not in capsys.readouterr().err
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [s["file_name"] for s in manifest["skipped"]] == [victim.name]
+    assert "its header claims 20000x20000 pixels" in manifest["skipped"][0]["reason"]
+    assert len(manifest["images"]) == 2 and manifest["max_pixels"] == 100_000_000
+
+
+def test_opencv_s_own_limit_without_a_budget_is_a_bad_image(
+    tmp_path: Path, demo_coco: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _copy_coco(demo_coco, tmp_path / "coco")
+    victim = sorted((root / "val2017").iterdir())[0]
+    victim.write_bytes(image_claiming(50000, 50000))
+    run = tmp_path / "run"
+    argv = ("preprocess", "--coco-root", root, "--run-dir", run, *SIZE, "--max-pixels", "0")
+    err = refused(capsys, *argv)
+    check(err, "gfocal preprocess: error:", victim.name, "OpenCV refused to decode it")
+    assert artifacts(run) == []
+    assert cli.main([*map(str, argv), "--skip-bad-images"]) == 0
+    skipped = json.loads((run / "manifest.json").read_text())["skipped"]
+    assert [s["file_name"] for s in skipped] == [victim.name] and "OpenCV refused" in skipped[0]["reason"]
+
+
+def test_preprocess_refuses_a_bad_max_pixels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = refused(
+        capsys, "preprocess", "--coco-root", tmp_path, "--run-dir", tmp_path / "r", "--max-pixels", "-5"
+    )
+    check(err, "--max-pixels", "'-5'", "0: no budget")
+
+
+@pytest.fixture(scope="module")
+def demo_work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A work directory with the demo data generated once, and its checkpoint's sha256."""
+    work = tmp_path_factory.mktemp("demo-work")
+    assert cli.main(["demo-data", "--work-dir", str(work)]) == 0
+    checkpoint = work / "demo" / "gfocal_r50_fpn_1x_RANDOM.pth"
+    return work, hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+
+def _cut(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _flipped(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x10]) + data[middle + 1 :]
+
+
+@pytest.mark.parametrize("damage", [_cut, _flipped], ids=["ckpt-cut-short", "ckpt-same-size-corruption"])
+def test_demo_data_writes_a_damaged_demo_checkpoint_again(
+    damage: Callable[[bytes], bytes],
+    demo_work: tuple[Path, str],
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    work, good = demo_work
+    checkpoint = work / "demo" / "gfocal_r50_fpn_1x_RANDOM.pth"
+    checkpoint.write_bytes(damage(checkpoint.read_bytes()))
+    capsys.readouterr()
+    assert cli.main(["demo-data", "--work-dir", str(work)]) == 0
+    assert TRACEBACK not in capsys.readouterr().err
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == good
+    assert f"demo checkpoint {checkpoint} is damaged" in caplog.text and "writing it again" in caplog.text
+
+
+def test_a_damaged_demo_checkpoint_that_cannot_be_written_again_is_an_error(
+    demo_work: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, good = demo_work
+    work = tmp_path / "work"
+    shutil.copytree(source, work)
+    checkpoint = work / "demo" / "gfocal_r50_fpn_1x_RANDOM.pth"
+    checkpoint.write_bytes(_flipped(checkpoint.read_bytes()))
+    with read_only_tree(work / "demo"):
+        err = refused(capsys, "demo-data", "--work-dir", work)
+    check(err, "gfocal demo-data: error:", f"demo checkpoint {str(checkpoint)!r} is damaged", "writable")
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() != good
+
+
+MANIFESTS = {
+    "manifest-a-list": "[]",
+    "manifest-null": "null",
+    "manifest-images-not-a-list": '{"version": 2, "images": 5}',
+}
+
+
+@pytest.mark.parametrize("command", ["eval", "infer"])
+@pytest.mark.parametrize("case", list(MANIFESTS), ids=list(MANIFESTS))
+def test_a_damaged_manifest_is_named(
+    case: str, command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(MANIFESTS[case])
+    extra = ("--model", tmp_path / "m.onnx") if command == "infer" else ()
+    err = refused(capsys, command, "--run-dir", run, *extra)
+    check(err, f"gfocal {command}: error:", f"manifest {str(run / 'manifest.json')!r} is malformed", "re-run")

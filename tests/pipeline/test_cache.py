@@ -7,11 +7,13 @@ import json
 import multiprocessing
 import os
 import time
+import zlib
 from pathlib import Path
 
 import pytest
+from support import read_only_tree
 
-from gfocal_pipeline.cache import Cache, CacheError, cache_key, dir_size, reclaim_stale
+from gfocal_pipeline.cache import CRC32, SHA256, Cache, CacheError, cache_key, dir_size, reclaim_stale
 
 KEY = {"checkpoint_sha256": "ab" * 32, "variant": "portable", "height": 320}
 
@@ -50,38 +52,88 @@ def test_key_changes_with_any_input() -> None:
     assert cache_key(KEY) != cache_key({**KEY, "opset": 17})
 
 
+@pytest.mark.parametrize("verify", [SHA256, CRC32])
 @pytest.mark.parametrize(
     "damage",
-    ["truncate", "change", "no-record", "garbage-record", "delete-file"],
+    ["truncate", "change", "no-record", "garbage-record", "delete-file", "no-checksum"],
 )
-def test_damaged_entry_is_rebuilt_never_used(tmp_path: Path, damage: str) -> None:
-    entry = Cache(tmp_path).entry("onnx", KEY)
+def test_damaged_entry_is_rebuilt_never_used(
+    tmp_path: Path, damage: str, verify: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = Cache(tmp_path).entry("onnx", KEY, verify=verify)
     build, calls = _writer()
-    entry.get_or_build(build)
+    record, _ = entry.get_or_build(build)
+    assert set(record["files"]["model.onnx"]) == {"size", verify}
     target = entry.path / "model.onnx"
     if damage == "truncate":
         target.write_bytes(b"graph")
     elif damage == "change":
-        target.write_bytes(b"GRAPH BYTES")  # same size, other content
+        target.write_bytes(b"graph bytEs")  # same size, one byte other
     elif damage == "no-record":
         entry.record_path.unlink()
     elif damage == "garbage-record":
         entry.record_path.write_text("{not json")
+    elif damage == "no-checksum":  # a record of an older version: sizes only
+        for info in record["files"].values():
+            del info[verify]
+        entry.record_path.write_text(json.dumps(record))
     else:
         target.unlink()
     assert entry.record() is None
     _, cached = entry.get_or_build(build)
     assert not cached and len(calls) == 2
     assert target.read_bytes() == b"graph bytes"
+    if damage in ("change", "no-checksum"):
+        why = "has a changed model.onnx" if damage == "change" else f"has no recorded {verify} of model.onnx"
+        assert why in caplog.text and "discarding it and building again" in caplog.text
 
 
-def test_size_only_entries_notice_truncation(tmp_path: Path) -> None:
-    entry = Cache(tmp_path).entry("inputs", KEY, hashed=False)
-    build, _ = _writer()
+def test_a_crc32_entry_records_what_zlib_computes(tmp_path: Path) -> None:
+    payload = os.urandom(3 * 2**20 + 17)  # more than one read chunk
+    record, _ = Cache(tmp_path).entry("inputs", KEY, verify=CRC32).get_or_build(_writer(payload)[0])
+    assert record["files"]["model.onnx"] == {"size": len(payload), CRC32: f"{zlib.crc32(payload):08x}"}
+
+
+def test_unknown_verify_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown verify mode 'md5'"):
+        Cache(tmp_path).entry("inputs", KEY, verify="md5")
+
+
+def test_a_read_only_cache_serves_its_valid_entries(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    entry = cache.entry("inputs", KEY, verify=CRC32)
+    build, calls = _writer()
     record, _ = entry.get_or_build(build)
-    assert "sha256" not in record["files"]["model.onnx"]
-    (entry.path / "model.onnx").write_bytes(b"x")
-    assert entry.record() is None
+    used = entry.record_path.stat().st_mtime
+    with read_only_tree(cache.root):
+        again, cached = entry.get_or_build(build)
+        assert cached and again == record and len(calls) == 1
+        assert entry.record_path.stat().st_mtime == used  # its last use could not be written
+
+
+def test_a_damaged_entry_in_a_read_only_cache_is_a_clear_error(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    entry = cache.entry("inputs", KEY, verify=CRC32)
+    build, calls = _writer()
+    entry.get_or_build(build)
+    (entry.path / "model.onnx").write_bytes(b"GRAPH BYTES")
+    with read_only_tree(cache.root), pytest.raises(CacheError) as info:
+        entry.get_or_build(build)
+    message = str(info.value)
+    assert str(entry.path) in message and "has a changed model.onnx" in message
+    assert "cannot be set aside" in message and "cache_inputs=false" in message
+    assert len(calls) == 1 and (entry.path / "model.onnx").read_bytes() == b"GRAPH BYTES"
+
+
+def test_a_missing_entry_in_a_read_only_cache_is_a_clear_error(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    cache.entry("inputs", {**KEY, "n": 0}).get_or_build(_writer()[0])
+    build, calls = _writer()
+    with read_only_tree(cache.root), pytest.raises(CacheError) as info:
+        cache.entry("inputs", {**KEY, "n": 1}).get_or_build(build)
+    message = str(info.value)
+    assert "cannot be written" in message and str(cache.root) in message and "cache_inputs=false" in message
+    assert calls == []
 
 
 def test_failed_build_leaves_nothing(tmp_path: Path) -> None:

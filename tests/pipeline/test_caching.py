@@ -4,6 +4,7 @@ share one entry; with the inputs cache off the disk holds only the shard in flig
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -12,8 +13,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from support import read_only_tree
 
 from gfocal_pipeline import steps
+from gfocal_pipeline.cache import CacheError
 from gfocal_pipeline.demo_data import make_demo_coco
 from gfocal_pipeline.layout import RunLayout, input_file_name
 from gfocal_pipeline.manifest import load_manifest
@@ -115,6 +118,74 @@ def test_a_damaged_entry_is_rebuilt_not_used(coco: Path, tmp_path: Path) -> None
     second = preprocess(coco, work, "night2")
     assert second["cached"] is False and second["cache_key"] == first["cache_key"]
     assert victim.stat().st_size == load_manifest(work / "runs" / "night2" / "manifest.json").bytes_per_image
+
+
+def test_a_same_size_corruption_of_a_cached_input_is_found_and_rebuilt(
+    coco: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    work = tmp_path / "work"
+    first = preprocess(coco, work, "night1")
+    (entry,) = entries(work, "inputs")
+    victim = sorted((entry / "inputs").rglob("*.bin"))[2]
+    good = victim.read_bytes()
+    victim.write_bytes(good[:1000] + bytes([good[1000] ^ 0x01]) + good[1001:])  # one bit, same size
+    second = preprocess(coco, work, "night2")
+    assert second["cached"] is False and second["cache_key"] == first["cache_key"]
+    assert victim.read_bytes() == good
+    relative = victim.relative_to(entry).as_posix()
+    assert f"has a changed {relative} (its crc32 differs" in caplog.text
+
+
+def test_an_entry_recorded_without_checksums_is_rebuilt_once(coco: Path, tmp_path: Path) -> None:
+    """An entry of the size-only format (before content checks) cannot be verified: rebuilt, then reused."""
+    work = tmp_path / "work"
+    first = preprocess(coco, work, "night1")
+    (entry,) = entries(work, "inputs")
+    record = json.loads((entry / "cache.json").read_text())
+    for info in record["files"].values():
+        del info["crc32"]
+    (entry / "cache.json").write_text(json.dumps(record))
+    second = preprocess(coco, work, "night2")
+    third = preprocess(coco, work, "night3")
+    assert (second["cached"], third["cached"]) == (False, True)
+    assert first["cache_key"] == second["cache_key"] == third["cache_key"]
+    assert all("crc32" in info for info in json.loads((entry / "cache.json").read_text())["files"].values())
+
+
+def test_a_damaged_input_of_the_donor_entry_is_computed_again_not_linked(coco: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    preprocess(coco, work, "night1")
+    old = load_manifest(work / "runs" / "night1" / "manifest.json")
+    damaged, changed = old.images[1], old.images[4]
+    source = old.input_dir(damaged.shard) / input_file_name(damaged.image_id)
+    good = source.read_bytes()
+    source.write_bytes(bytes([good[0] ^ 0xFF]) + good[1:])  # the donor's copy, same size
+    change_image(coco, changed.file_name)
+    preprocess(coco, work, "night2")
+    new = load_manifest(work / "runs" / "night2" / "manifest.json")
+    rebuilt = new.input_dir(new.by_id()[damaged.image_id].shard) / input_file_name(damaged.image_id)
+    assert rebuilt.read_bytes() == good and os.stat(rebuilt).st_ino != os.stat(source).st_ino
+    other = old.images[0]
+    linked = new.input_dir(new.by_id()[other.image_id].shard) / input_file_name(other.image_id)
+    assert (
+        os.stat(linked).st_ino == os.stat(old.input_dir(other.shard) / input_file_name(other.image_id)).st_ino
+    )
+
+
+def test_a_read_only_inputs_cache_serves_its_valid_entry(coco: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    first = preprocess(coco, work, "night1")
+    (work / "runs").mkdir(exist_ok=True)
+    with read_only_tree(work / "cache"):
+        second = preprocess(coco, work, "night2")
+        assert second["cached"] is True and second["cache_key"] == first["cache_key"]
+        manifest = load_manifest(work / "runs" / "night2" / "manifest.json")
+        assert all(
+            (manifest.input_dir(e.shard) / input_file_name(e.image_id)).is_file() for e in manifest.images
+        )
+        with pytest.raises(CacheError) as info:  # another format: a new entry, which cannot be written
+            preprocess(coco, work, "night3", dtype="uint8")
+        assert "cannot be written" in str(info.value) and "cache_inputs=false" in str(info.value)
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,7 @@ def test_cli_gc_dry_run_then_for_real_through_the_console_script(
 
     work = tmp_path / "work"
     runs = [_old_run(work, f"scheduled__{n}", 10 - n) for n in range(3)]
-    entry = Cache(work).entry("inputs", {"n": 1}, hashed=False)
+    entry = Cache(work).entry("inputs", {"n": 1}, verify="crc32")
 
     def build(tmp: Path) -> None:
         (tmp / "x.bin").write_bytes(b"\1" * 20_000)
@@ -249,7 +249,7 @@ def test_cli_infer_keep_candidates_reaches_the_backend(
 
     calls: list[dict] = []
     monkeypatch.setattr(steps, "infer_step", lambda run_dir, shard, backend, **options: calls.append(options))
-    monkeypatch.setattr(steps, "combined_timing", lambda run_dir, backend: {})
+    monkeypatch.setattr(steps, "combined_timing", lambda run_dir, backend, **_: {})
     base = ["infer", "--run-dir", str(tmp_path), "--model", str(tmp_path / "m.onnx"), "--shard", "00000"]
     assert cli.main([*base, "--keep-candidates"]) == 0
     assert cli.main(base) == 0

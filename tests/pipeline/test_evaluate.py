@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -13,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gfocal_pipeline.errors import EvaluationError
+from gfocal_pipeline.errors import DatasetError, EvaluationError
 from gfocal_pipeline.evaluate import evaluate_outputs
 from gfocal_pipeline.layout import RunLayout, write_shard_outputs
 from gfocal_pipeline.manifest import Geometry, ImageEntry, Manifest
+from gfocal_pipeline.steps import combined_timing
 
 # COCO's 80 ids (1..90 with ten gaps), written to the annotation file in shuffled order
 COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
@@ -333,6 +335,105 @@ def test_annotation_file_without_the_80_classes(run: tuple, tmp_path: Path) -> N
     for engine in ("faster-coco-eval", "pycocotools"):
         with pytest.raises(EvaluationError, match=r"broken\.json.*not a readable COCO annotation file"):
             evaluate_outputs(layout, "npu", annotation_file=broken, engine=engine)
+
+
+def _record_annotation_hash(layout: RunLayout, manifest: Manifest) -> str:
+    """Record the annotation file's sha256 in the manifest, as preprocessing does."""
+    digest = hashlib.sha256(Path(manifest.annotation_file).read_bytes()).hexdigest()
+    manifest.annotation_sha256 = digest
+    manifest.write(layout.manifest)
+    return digest
+
+
+def test_an_annotation_file_edited_after_preprocessing_is_refused(run: tuple) -> None:
+    layout, manifest = run
+    recorded = _record_annotation_hash(layout, manifest)
+    write_perfect(layout, manifest)
+    assert evaluate_outputs(layout, "npu")["stats"]["AP"] == pytest.approx(1.0)
+    annotation = Path(manifest.annotation_file)
+    document = json.loads(annotation.read_text())
+    document["annotations"][0]["bbox"][0] += 5  # a corrected box: another file, another dataset
+    annotation.write_text(json.dumps(document))
+    edited = hashlib.sha256(annotation.read_bytes()).hexdigest()
+    for stale in ("stats.json", "per_class.csv"):
+        (layout.eval_dir("npu") / stale).unlink()
+    with pytest.raises(EvaluationError) as info:
+        evaluate_outputs(layout, "npu")
+    message = str(info.value)
+    assert f"annotation file {str(annotation)!r} has sha256 {edited}" in message
+    assert f"built from one with sha256 {recorded}" in message and "re-run preprocess" in message
+    assert not (layout.eval_dir("npu") / "stats.json").exists()
+
+
+def test_another_annotation_file_than_the_recorded_one_is_refused(run: tuple, tmp_path: Path) -> None:
+    layout, manifest = run
+    _record_annotation_hash(layout, manifest)
+    write_perfect(layout, manifest)
+    other = tmp_path / "other.json"
+    other.write_text(Path(manifest.annotation_file).read_text() + "\n")  # same content but one byte
+    with pytest.raises(EvaluationError, match=r"other\.json' has sha256 .* but the manifest"):
+        evaluate_outputs(layout, "npu", annotation_file=other)
+
+
+def test_a_manifest_without_the_annotation_hash_is_evaluated_with_a_warning(
+    run: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout, manifest = run  # written as an older version would: no annotation_sha256
+    write_perfect(layout, manifest)
+    assert evaluate_outputs(layout, "npu")["stats"]["AP"] == pytest.approx(1.0)
+    assert "records no annotation sha256" in caplog.text
+
+
+def test_outputs_of_shards_the_manifest_does_not_list_are_ignored_and_named(
+    run: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout, manifest = run
+    write_perfect(layout, manifest)
+    first = evaluate_outputs(layout, "npu")
+    stale = dataclasses.replace(manifest, shards={"00002": [7]})  # an earlier preprocess's shard
+    write_dets(layout, stale, "00002", {7: perfect(7)})
+    again = evaluate_outputs(layout, "npu")
+    assert again["detections"] == first["detections"] and again["stats"] == first["stats"]
+    assert "ignoring 1 output folder(s) of backend 'npu'" in caplog.text and "00002" in caplog.text
+
+
+def _timing(layout: RunLayout, shard: str, images: int, latencies_ms: list[float]) -> None:
+    fps = images / (sum(latencies_ms) / 1000)
+    summary = {"fps": fps, "images": images, "batch_size": 1, "latency_ms": {}}
+    path = layout.timing_file("npu", shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"latencies_ms": latencies_ms, "batch_size": 1, "summary": summary}))
+
+
+def test_combined_timing_counts_the_manifest_s_shards_only(
+    run: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout, _ = run  # shards 00000 (2 images), 00001 (1 image)
+    _timing(layout, "00000", 2, [100.0, 100.0])  # 10 fps
+    _timing(layout, "00001", 1, [50.0])  # 20 fps
+    _timing(layout, "00002", 4, [1000.0] * 4)  # stale: from an earlier preprocess of this run dir
+    timing = combined_timing(layout.root, "npu")
+    assert timing["images"] == 3 and timing["fps"] == pytest.approx(3 / (2 / 10 + 1 / 20))
+    assert sorted(timing["shard_fps"]) == pytest.approx([10.0, 20.0])
+    assert timing["latency_ms"]["max"] == pytest.approx(100.0)
+    assert "ignoring 1 timing file(s)" in caplog.text and "00002.json" in caplog.text
+
+
+def test_combined_timing_names_a_listed_shard_without_timing_or_with_another_image_count(run: tuple) -> None:
+    layout, _ = run
+    _timing(layout, "00000", 2, [100.0, 100.0])
+    with pytest.raises(
+        DatasetError, match=r"timing of shard '00001' of backend 'npu' is missing.*00001\.json"
+    ):
+        combined_timing(layout.root, "npu")
+    _timing(layout, "00001", 5, [50.0] * 5)  # a shard of the same name, from another preprocess
+    with pytest.raises(DatasetError, match=r"records 5 images but shard '00001' of the manifest has 1"):
+        combined_timing(layout.root, "npu")
+    layout.timing_file("npu", "00001").write_text('{"summary": ')
+    with pytest.raises(DatasetError, match=r"00001\.json' is damaged; run the inference of shard '00001'"):
+        combined_timing(layout.root, "npu")
+    _timing(layout, "00001", 1, [50.0])
+    assert combined_timing(layout.root, "npu", shards=["00000"])["images"] == 2
 
 
 def test_unknown_engine(run: tuple) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import lock_held_by_a_child
 
 from gfocal_pipeline.cache import Cache, dir_size
 from gfocal_pipeline.errors import ConfigError, GfocalError
@@ -314,7 +315,7 @@ def make_entries(work: Path, sizes: dict[str, int], last_used: dict[str, float])
     entries = {}
     for name, size in sizes.items():
         kind = "reference" if name.startswith("ref") else "inputs"
-        entry = cache.entry(kind, {"n": name}, hashed=False)
+        entry = cache.entry(kind, {"n": name}, verify="crc32")
 
         def build(tmp: Path, size: int = size) -> None:
             _write(tmp / "00000" / "payload.bin", b"\1" * size)
@@ -407,8 +408,32 @@ def test_small_report_caps_its_lists(tmp_path: Path) -> None:
     assert len(json.dumps(small)) < 6000
 
 
-def test_gc_on_an_empty_or_missing_work_dir(tmp_path: Path) -> None:
-    report = gc(tmp_path / "missing", keep_runs=3, cache_max_bytes=0)
+def test_gc_on_an_empty_work_dir_frees_nothing_and_a_missing_one_is_an_error(tmp_path: Path) -> None:
+    report = gc(tmp_path, keep_runs=3, cache_max_bytes=0)
     assert report["totals"]["bytes_freed"] == 0 and report["bytes_before"] == 0
+    for missing in (tmp_path / "missing", tmp_path / "a-file"):
+        if missing.name == "a-file":
+            missing.write_text("x")
+        with pytest.raises(ConfigError) as info:
+            gc(missing, keep_runs=3, cache_max_bytes=0, dry_run=True)
+        assert f"work directory {str(missing)!r}" in str(info.value) and "--work-dir" in str(info.value)
     with pytest.raises(ConfigError, match="cache_max_bytes"):
         gc(tmp_path, keep_runs=3, cache_max_bytes=-1)
+
+
+def test_a_run_whose_step_lock_a_live_process_holds_is_in_use_whatever_its_file_times(tmp_path: Path) -> None:
+    entry = make_entries(tmp_path, {"busy": 1000}, {"busy": NOW - 5 * DAY})["busy"]
+    make_run(tmp_path, "newest", NOW - DAY)
+    busy = make_run(tmp_path, "busy", NOW - 5 * DAY, finished=False, uses=(f"inputs-{entry.key}",))
+    with lock_held_by_a_child(busy, "evaluate-onnxruntime"):
+        _set_mtime(busy, NOW - 5 * DAY)  # the lock file is as old as the rest: only the lock tells
+        before = snapshot(busy)
+        report = gc(tmp_path, keep_runs=1, cache_max_bytes=0)
+        assert report["runs"]["in_use"] == [str(busy)] and report["runs"]["pruned"] == []
+        assert snapshot(busy) == before
+        assert report["cache"]["in_use"] == [entry.key] and entry.path.is_dir()
+    _set_mtime(busy, NOW - 5 * DAY)  # released: as old as before, and no process holds its lock
+    report = gc(tmp_path, keep_runs=1, cache_max_bytes=0)
+    assert [item["path"] for item in report["runs"]["pruned"]] == [str(busy)]
+    assert not (busy / "inputs").exists() and (busy / PRUNED_FILE).is_file()
+    assert [item["key"] for item in report["cache"]["evicted"]] == [entry.key]

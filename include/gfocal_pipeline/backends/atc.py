@@ -263,7 +263,6 @@ def convert_onnx(
     check_safe_value(stem, "OM name", "/")
 
     onnx_sha = sha256_file(onnx_path)
-    cache_dir = ensure_writable_dir(cache_dir, "OM cache directory")
     options = _atc_options(
         plan, input_name, soc_version, dynamic_batch_sizes, precision_mode, log_level, out_nodes
     )
@@ -343,11 +342,13 @@ def _cached_or_convert(
     aipp_text: str | None,
     options: dict[str, Any],
 ) -> tuple[dict[str, Any], float, bool]:
-    """(metadata of cache entry `entry`, seconds atc ran, whether it was cached); converts on a miss."""
+    """(metadata of cache entry `entry`, seconds atc ran, whether it was cached); converts on a miss.
+    A valid entry is reused from a read-only cache too; only a conversion needs it writable."""
     meta = _load_entry(entry)
     if meta is not None:
         log.info("OM for %s found in cache %s (key %s); atc not run", onnx_path.name, entry, entry.name[:12])
         return meta, 0.0, True
+    ensure_writable_dir(entry.parent, "OM cache directory")
     meta, seconds = _convert(tool, onnx_path, onnx_sha, entry, aipp_text, options)
     return meta, seconds, False
 
