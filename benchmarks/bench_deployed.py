@@ -30,6 +30,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -210,6 +211,87 @@ def pairs(args: argparse.Namespace, data: dict[str, Any]) -> list[Pair]:
     ]
 
 
+PHASES = ("delivery", "start", "parse", "render", "execute", "finish")
+_RECEIVED = re.compile(r"^(\S+)Z .*Task execute_workload\[([0-9a-f-]+)\] received")
+_EXECUTING = re.compile(r"^\S+ .*\[([0-9a-f-]+)\] Executing workload in Celery: .*log_path='([^']+)'")
+
+
+def _stamp(text: str) -> float:
+    return dt.datetime.fromisoformat(text.rstrip("Z")).replace(tzinfo=dt.UTC).timestamp()
+
+
+def received_times(worker_logs: list[Path]) -> dict[str, float]:
+    """{task log path (relative): when its worker received the Celery message} from the workers' logs."""
+    received: dict[str, float] = {}
+    paths: dict[str, str] = {}
+    for log in worker_logs:
+        for line in log.read_text(errors="replace").splitlines():
+            if match := _RECEIVED.match(line):
+                received[match[2]] = _stamp(match[1])
+            elif match := _EXECUTING.match(line):
+                paths[match[1]] = match[2]
+    return {path: received[celery_id] for celery_id, path in paths.items() if celery_id in received}
+
+
+def _task_log_marks(path: Path) -> dict[str, float]:
+    """Timestamps of the task runner's landmarks in one task log."""
+    marks: dict[str, float] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        event, stamp = str(entry.get("event", "")), entry.get("timestamp")
+        if not stamp:
+            continue
+        when = _stamp(stamp)
+        marks.setdefault("first", when)
+        if event.startswith("Worker startup parse complete"):
+            marks.setdefault("parsed", when)
+        elif event == "::endgroup::" and "parsed" in marks:
+            marks.setdefault("rendered", when)
+        elif event == "::group::Post Execute":
+            marks.setdefault("executed", when)
+    return marks
+
+
+def task_phases(ti: dict[str, Any], logs: Path, received: dict[str, float]) -> dict[str, float] | None:
+    """Where one task instance's queued -> end went (see `PHASES`), or None without its logs."""
+    mapped = f"map_index={ti['map_index']}/" if ti["map_index"] >= 0 else ""
+    task = f"dag_id={ti['dag_id']}/run_id={ti['run_id']}/task_id={ti['task_id']}"
+    rel = f"{task}/{mapped}attempt={ti['try_number']}.log"
+    marks = _task_log_marks(logs / rel) if (logs / rel).is_file() else {}
+    if rel not in received or not {"first", "parsed", "rendered", "executed"} <= set(marks):
+        return None
+    points = [
+        ti["queued"],
+        received[rel],
+        marks["first"],
+        marks["parsed"],
+        marks["rendered"],
+        marks["executed"],
+    ]
+    points.append(ti["end"])
+    return {phase: max(0.0, b - a) for phase, a, b in zip(PHASES, points[:-1], points[1:], strict=True)}
+
+
+def phase_medians(runs: list[dict[str, Any]], task_id: str, cluster: Any) -> dict[str, float]:
+    """Median seconds per phase over every instance of `task_id` in `runs`."""
+    received = received_times(sorted(cluster.logs.glob("worker-*.log")))
+    logs = cluster.home / "logs"
+    found = [
+        phases
+        for run in runs
+        for ti in run["tis"]
+        if ti["task_id"] == task_id and ti["queued"]
+        for phases in [task_phases({**ti, "dag_id": run["dag_id"], "run_id": run["run_id"]}, logs, received)]
+        if phases
+    ]
+    if not found:
+        return {}
+    return {"n": len(found), **{phase: statistics.median(f[phase] for f in found) for phase in PHASES}}
+
+
 def overhead_rounds(apis: Any, cluster: Any, args: argparse.Namespace, data: dict[str, Any]) -> dict:
     """Round 0 warms the workers up (discarded); then alternating floor / gfocal runs per pair."""
     results: dict[str, Any] = {}
@@ -236,6 +318,11 @@ def overhead_rounds(apis: Any, cluster: Any, args: argparse.Namespace, data: dic
                 flush=True,
             )
         result = {"floor": stats(floor), "infer": stats(infer), "runs": runs}
+        measured = runs[2:]  # not the warm-up round
+        result["phases"] = {
+            "floor": phase_medians(measured[0::2], "noop", cluster),
+            "infer": phase_medians(measured[1::2], DEVICE_TASK, cluster),
+        }
         result["ratio"] = result["infer"]["median"] / result["floor"]["median"]
         if pair.serial:
             result["slot"] = {name: stats(values) for name, values in slots.items()}
@@ -268,6 +355,7 @@ def measure_night(apis: Any, cluster: Any, index: int, conf: dict[str, Any]) -> 
         "wall_s": run["end"] - run["queued"],
         "wall_ratio": (run["end"] - run["queued"]) / device_s,
         "per_task": per_task(run),
+        "device_task_phases": phase_medians([run], DEVICE_TASK, cluster),
     }
     print(
         f"night {index}: {night['tasks']} tasks ({len(device)} device), wall {night['wall_s']:.1f} s, "
@@ -364,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = time.time() - started
     result["machine_after"] = {"load_avg": [round(v, 2) for v in os.getloadavg()]}
     dump(out / "bench_deployed.json", result)
+    for name, pair in result["overhead"].items():
+        for side in ("floor", "infer"):
+            phases = pair["phases"][side]
+            text = ", ".join(f"{k} {phases[k]:.2f}" for k in PHASES if k in phases)
+            print(f"{name}: {side} task phases (median s, n={phases.get('n', 0)}): {text}")
     for goal in result["goals"]:
         print(
             f"{'PASS' if goal['met'] else 'MISS'}  {goal['goal']}: {goal['value']:.2f} (<= {goal['limit']})"

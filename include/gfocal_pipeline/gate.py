@@ -101,8 +101,8 @@ class GateThresholds:
     fps_noise: float = option(
         3.0,
         title="fps noise factor",
-        description="fps fails only below baseline - max(fps tolerance x baseline, this x the baseline "
-        "runs' spread (1.4826 x median absolute deviation)). 0 = the tolerance alone.",
+        description="fps fails only below baseline - max(fps tolerance x baseline, this x the standard "
+        "deviation of the baseline runs' fps). 0 = the tolerance alone.",
         kind=float,
         minimum=0,
         maximum=100,
@@ -231,16 +231,15 @@ def _check(
     }
 
 
-MAD_TO_SIGMA = 1.4826  # the median absolute deviation of normal noise times this is its sigma
-
-
 def fps_limit(values: Sequence[float], t: GateThresholds) -> dict[str, Any]:
     """The fps rule: the lowest fps that passes against a baseline window of passing runs' fps.
 
-    limit = median - max(fps_tolerance x median, fps_noise x 1.4826 x MAD), MAD being the window's
-    median absolute deviation; the larger allowance wins and is recorded (`by`: tolerance | noise)."""
+    limit = median - max(fps_tolerance x median, fps_noise x stdev), stdev being the window's sample
+    standard deviation (its spread); the larger allowance wins and is recorded (`by`: tolerance |
+    noise). The standard deviation, not the median absolute deviation: CPU timings are bimodal (a
+    quiet and a busy machine), where the MAD of a few runs is the spread of one mode only."""
     baseline = float(statistics.median(values))
-    spread = MAD_TO_SIGMA * float(statistics.median(abs(v - baseline) for v in values))
+    spread = float(statistics.stdev(values)) if len(values) > 1 else 0.0
     by_tolerance, by_noise = t.fps_tolerance * baseline, t.fps_noise * spread
     allowed = max(by_tolerance, by_noise)
     return {
