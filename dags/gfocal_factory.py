@@ -249,6 +249,7 @@ def _finish(spec: PipelineSpec, branches: dict[str, Branch], budgets: Budgets) -
     retention = RetentionOperator(
         task_id=ids.RETENTION,
         trigger_rule="all_done",  # also after a failed task: the disk must stay bounded
+        require_work_dir=False,  # a run that failed in prepare may not have created it
         work_dir="{{ params.work_dir }}",
         run_dir="{{ (ti.xcom_pull(task_ids='" + ids.PREPARE + "') or {}).get('run_dir') }}",
         **budgets("retention"),
@@ -296,6 +297,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
         },
         deadline=_deadline(spec),
         render_template_as_native_obj=True,
+        user_defined_macros=ids.MACROS,  # `prepared(key)`: one XCom read of prepare per task
         doc_md=__doc__,
     ) as dag:
         prepare = PrepareRunOperator(

@@ -12,7 +12,7 @@ from airflow.sdk import BaseOperator
 from gfocal_pipeline import retention
 from gfocal_pipeline.config import default_work_dir
 from gfocal_pipeline.errors import ConfigError
-from operators.base import project_errors
+from operators.base import fail_without_retry, project_errors
 from operators.settings import GfocalSettings, load_settings
 
 XCOM_LIST_CAP = 20
@@ -26,6 +26,8 @@ class RetentionOperator(BaseOperator):
     `[gfocal] work_dir`, else the default work directory. The current run's directory (`run_dir`,
     else `<work_dir>/<dag_id>/<run_id>`) and the cache entries it uses are never touched, nor runs in
     progress. Returns a small report for XCom (counts, bytes, lists of at most 20 items).
+    A missing `work_dir` is an error naming it, unless `require_work_dir` is off (the DAGs: a run
+    that failed before its first write has nothing to prune); a bad setting fails without retries.
     """
 
     template_fields: Sequence[str] = ("work_dir", "run_dir", "keep_runs", "cache_max_gb")
@@ -38,10 +40,12 @@ class RetentionOperator(BaseOperator):
         keep_runs: int | None = None,
         cache_max_gb: float | None = None,
         dry_run: bool = False,
+        require_work_dir: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.work_dir, self.run_dir, self.dry_run = work_dir, run_dir, dry_run
+        self.require_work_dir = require_work_dir
         self.keep_runs, self.cache_max_gb = keep_runs, cache_max_gb
 
     def _limits(self) -> tuple[int, float]:
@@ -74,13 +78,22 @@ class RetentionOperator(BaseOperator):
 
     @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
-        keep_runs, max_gb = self._limits()
-        work_dir = self._work_dir()
-        if not os.path.isabs(work_dir):
-            raise ConfigError(
-                f"RetentionOperator({self.task_id!r}) work_dir {work_dir!r}: expected an absolute path "
-                "(the work directory every worker mounts, e.g. the prepare task's work_dir)"
-            )
+        with fail_without_retry():  # a bad setting or path stays bad: no retry
+            keep_runs, max_gb = self._limits()
+            work_dir = self._work_dir()
+            if not os.path.isabs(work_dir):
+                raise ConfigError(
+                    f"RetentionOperator({self.task_id!r}) work_dir {work_dir!r}: expected an absolute path "
+                    "(the work directory every worker mounts, e.g. the prepare task's work_dir)"
+                )
+            if not self.require_work_dir and not self.run_dir and not os.path.isdir(work_dir):
+                self.log.info(
+                    "work directory %s does not exist (nothing was written): nothing to prune", work_dir
+                )
+                return {"skipped": f"no work directory {work_dir}"}
+            return self._gc(work_dir, keep_runs, max_gb, context)
+
+    def _gc(self, work_dir: str, keep_runs: int, max_gb: float, context: Any) -> dict[str, Any]:
         report = retention.gc(
             work_dir,
             keep_runs,

@@ -5,6 +5,8 @@ Every module that names a task or pulls its value imports it from here, so the i
 
 from __future__ import annotations
 
+from typing import Any
+
 PREPARE = "prepare"
 EXPORT = "export"
 EXPORT_PORTABLE = "export_portable"
@@ -28,9 +30,29 @@ def pulled(task_id: str, key: str | None = None) -> str:
     return "{{ " + (value if key is None else f"{value}['{key}']") + " }}"
 
 
+_PREPARED: dict[str, Any] = {}  # task instance id -> the prepare task's value, read once per task
+
+
+def prepared_values(ti: Any) -> Any:
+    """The prepare task's value for the task instance `ti`, read from XCom once per task instance.
+
+    A task renders many `prepared(key)` fields (preprocess: 11); each `ti.xcom_pull` is a call to
+    the API server, so the first read is kept for the others (the DAGs' `user_defined_macros`)."""
+    key = str(getattr(ti, "id", None) or id(ti))
+    if key not in _PREPARED:
+        if len(_PREPARED) > 64:  # `dag.test()` runs every task instance in one process
+            _PREPARED.clear()
+        _PREPARED[key] = ti.xcom_pull(task_ids=PREPARE)
+    return _PREPARED[key]
+
+
+MACROS = {"gfocal_prepared": prepared_values}  # the DAGs' user_defined_macros
+
+
 def prepared(key: str | None = None) -> str:
     """Jinja for one validated run option (or all of them), as the prepare task pushed it."""
-    return pulled(PREPARE, key)
+    value = "gfocal_prepared(ti)"
+    return "{{ " + (value if key is None else f"{value}['{key}']") + " }}"
 
 
 def from_prepare(*names: str, **renamed: str) -> dict[str, str]:

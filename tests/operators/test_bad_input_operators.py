@@ -321,9 +321,15 @@ def test_evaluate_task_ignores_and_names_a_stale_timing_shard(
 def test_retention_task_on_a_missing_work_dir_names_it(tmp_path: Path) -> None:
     typo = tmp_path / "wrok"
     operator = RetentionOperator(task_id="retention", work_dir=str(typo), keep_runs=1, cache_max_gb=1.0)
-    with pytest.raises(ConfigError, match=f"work directory {str(typo)!r} does not exist"):
+    # a bad path stays bad: the task fails without retries
+    with pytest.raises(
+        AirflowFailException, match=f"ConfigError: work directory {str(typo)!r} does not exist"
+    ):
         operator.execute(context={})
     assert not typo.exists()
+    # the DAGs' retention after a run that failed before creating its work directory: nothing to do
+    dag_task = RetentionOperator(task_id="retention", work_dir=str(typo), require_work_dir=False)
+    assert "no work directory" in dag_task.execute(context={})["skipped"]
 
 
 def test_retention_task_keeps_a_run_whose_step_lock_a_live_process_holds(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 
 from gfocal_pipeline.cache import Cache
-from gfocal_pipeline.errors import ConfigError
 from operators import RetentionOperator
 
 DAG_ID = "gfocal_onnxruntime"
@@ -91,11 +91,14 @@ def test_dry_run_and_bad_limits(tmp_path: Path) -> None:
     op = RetentionOperator(task_id="retention", work_dir=str(tmp_path), keep_runs=1, dry_run=True)
     assert op.execute(context={})["runs_pruned"] == 2
     assert all((run / "inputs").is_dir() and not (run / "pruned.json").exists() for run in runs)
-    with pytest.raises(ConfigError, match=r"RetentionOperator\('retention'\) keep_runs: expected an integer"):
+    with pytest.raises(
+        AirflowFailException,
+        match=r"ConfigError: RetentionOperator\('retention'\) keep_runs: expected an integer",
+    ):
         RetentionOperator(task_id="retention", work_dir=str(tmp_path), keep_runs=0).execute(context={})
-    with pytest.raises(ConfigError, match=r"cache_max_gb: expected a size in GB >= 0"):
+    with pytest.raises(AirflowFailException, match=r"cache_max_gb: expected a size in GB >= 0"):
         RetentionOperator(task_id="retention", work_dir=str(tmp_path), cache_max_gb=-1).execute(context={})
-    with pytest.raises(ConfigError, match=r"work_dir 'work': expected an absolute path"):
+    with pytest.raises(AirflowFailException, match=r"work_dir 'work': expected an absolute path"):
         RetentionOperator(task_id="retention", work_dir="work", keep_runs=1).execute(context={})
     assert all((run / "inputs").is_dir() for run in runs)
     assert set(RetentionOperator.template_fields) >= {"work_dir", "run_dir", "keep_runs", "cache_max_gb"}
