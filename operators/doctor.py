@@ -12,10 +12,15 @@ from gfocal_pipeline.errors import ConfigError
 from operators.base import project_errors
 
 
+def _given(value: object) -> object:
+    """A rendered argument, None when not given: a template renders None as "None", empty as ""."""
+    return None if value is None or str(value).strip() in ("", "None") else value
+
+
 def _count(operator: DoctorOperator, name: str, default: int) -> int:
     """A rendered integer argument (templates render to text), or a ConfigError naming it."""
-    value = getattr(operator, name)
-    if value is None or value == "":
+    value = _given(getattr(operator, name))
+    if value is None:
         return default
     try:
         number = int(value)
@@ -95,13 +100,15 @@ class DoctorOperator(BaseOperator):
         smtp = self._smtp(gfocal)
         notes = {"broker": f"executor {executor or 'unknown'}: no Celery broker", **smtp.pop("notes", {})}
         return DoctorSettings(
-            set_env=self.set_env or None,
-            tool=str(self.tool or "msame"),
-            work_dir=str(self.work_dir or dict(gfocal.run_defaults).get("work_dir") or default_work_dir()),
+            set_env=_given(self.set_env),
+            tool=str(_given(self.tool) or "msame"),
+            work_dir=str(
+                _given(self.work_dir) or dict(gfocal.run_defaults).get("work_dir") or default_work_dir()
+            ),
             images=_count(self, "images", DEFAULT_IMAGES),
             height=_count(self, "height", DEFAULT_HEIGHT),
             width=_count(self, "width", DEFAULT_WIDTH),
-            dtype=str(self.dtype),
+            dtype=str(_given(self.dtype) or "float32"),
             metadata_url=conf.get("database", "sql_alchemy_conn", fallback=None),
             history_url=gfocal.history_url,
             broker_url=conf.get("celery", "broker_url", fallback=None) if celery else None,

@@ -515,33 +515,46 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# `gfocal doctor`'s text options (default: not given, then the Airflow environment decides)
+DOCTOR_TEXT_OPTIONS = (
+    (
+        "--set-env",
+        "CANN set_env.sh (default: $GFOCAL_CANN_SET_ENV, else /usr/local/Ascend/ascend-toolkit/set_env.sh)",
+    ),
+    (
+        "--work-dir",
+        "the shared work directory (default: [gfocal] work_dir, $GFOCAL_WORK_DIR, else $AIRFLOW_HOME/gfocal)",
+    ),
+    (
+        "--metadata-url",
+        "Airflow's metadata DB (default: $AIRFLOW__DATABASE__SQL_ALCHEMY_CONN, else airflow.cfg)",
+    ),
+    (
+        "--history-url",
+        "the results history DB (default: [gfocal] history_url, $GFOCAL_HISTORY_URL, else SQLite)",
+    ),
+    ("--broker-url", "the Celery broker (default: $AIRFLOW__CELERY__BROKER_URL, else airflow.cfg)"),
+    ("--smtp-host", "SMTP server (default: the Airflow connection --smtp-conn-id, from $AIRFLOW_CONN_<ID>)"),
+    ("--smtp-conn-id", "Airflow SMTP connection (default: [gfocal] smtp_conn_id, else smtp_default)"),
+)
+
+
 def add_doctor(sub: argparse._SubParsersAction) -> None:
     from gfocal_pipeline.doctor import CHECKS, DEFAULT_IMAGES, DEFAULT_TIMEOUT_S, SMTP_SECURITY, TOOLS
 
-    groups = ", ".join(dict.fromkeys(check.group for check in CHECKS))
     p = sub.add_parser(
         "doctor",
         help="check this worker host for a night: CANN, NPU, work dir, databases, broker, SMTP, versions",
         description="One line per check: OK, WARN, SKIP, or FAIL with the fix; exit status 1 when a check "
         "a night needs FAILs. See docs/doctor.md.",
     )
-    p.add_argument(
-        "--set-env",
-        default=None,
-        help="CANN set_env.sh (default: $GFOCAL_CANN_SET_ENV, else "
-        "/usr/local/Ascend/ascend-toolkit/set_env.sh)",
-    )
+    for flag, text in DOCTOR_TEXT_OPTIONS:
+        p.add_argument(flag, default=None, help=text.replace("%", "%%"))
     p.add_argument(
         "--tool",
         default="msame",
         choices=TOOLS,
         help="the night's inference tool: missing, it FAILs; the other one only WARNs (default: msame)",
-    )
-    p.add_argument(
-        "--work-dir",
-        default=None,
-        help="the shared work directory (default: [gfocal] work_dir, "
-        "$GFOCAL_WORK_DIR, else $AIRFLOW_HOME/gfocal)",
     )
     p.add_argument(
         "--images",
@@ -551,36 +564,10 @@ def add_doctor(sub: argparse._SubParsersAction) -> None:
     )
     add_run_options(p, *DOCTOR_OPTIONS)
     p.add_argument(
-        "--metadata-url",
-        default=None,
-        help="Airflow's metadata DB (default: $AIRFLOW__DATABASE__SQL_ALCHEMY_CONN, else airflow.cfg)",
-    )
-    p.add_argument(
-        "--history-url",
-        default=None,
-        help="the results history DB (default: [gfocal] history_url, "
-        "$GFOCAL_HISTORY_URL, else the SQLite file in $AIRFLOW_HOME)",
-    )
-    p.add_argument(
-        "--broker-url",
-        default=None,
-        help="the Celery broker (default: $AIRFLOW__CELERY__BROKER_URL, else airflow.cfg)",
-    )
-    p.add_argument(
-        "--smtp-host",
-        default=None,
-        help="SMTP server (default: the Airflow connection --smtp-conn-id from $AIRFLOW_CONN_<ID>)",
-    )
-    p.add_argument(
         "--smtp-port", type=int, default=None, help="default: 465 with --smtp-security ssl, else 25"
     )
     p.add_argument(
         "--smtp-security", default="plain", choices=SMTP_SECURITY, help="with --smtp-host (default: plain)"
-    )
-    p.add_argument(
-        "--smtp-conn-id",
-        default=None,
-        help="Airflow SMTP connection (default: [gfocal] smtp_conn_id, else smtp_default)",
     )
     p.add_argument(
         "--timeout",
@@ -588,6 +575,7 @@ def add_doctor(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds per network operation (default: {DEFAULT_TIMEOUT_S:g})",
     )
+    groups = ", ".join(dict.fromkeys(check.group for check in CHECKS))
     p.add_argument(
         "--only",
         action="append",
@@ -595,7 +583,7 @@ def add_doctor(sub: argparse._SubParsersAction) -> None:
         help=f"comma-separated checks or groups ({groups}); repeatable (default: all)",
     )
     p.add_argument(
-        "--json", action="store_true", help="also print the results as JSON (stdout; the lines go to stderr)"
+        "--json", action="store_true", help="also print the results as JSON (stdout; lines: stderr)"
     )
     p.set_defaults(func=cmd_doctor)
 

@@ -39,11 +39,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_WIDTH
 from gfocal_pipeline.errors import ConfigError, GfocalError, os_error_fix
+
+if TYPE_CHECKING:
+    from gfocal_pipeline.backends.cann_env import CannEnv
 
 OK, WARN, SKIP, FAIL = "OK", "WARN", "SKIP", "FAIL"
 DEFAULT_IMAGES = 5000  # COCO val2017, the nightly's default set
@@ -152,11 +155,11 @@ class Doctor:
 
     def __init__(self, settings: DoctorSettings) -> None:
         self.settings = settings
-        self._cann: Any = None
+        self._cann: CannEnv | None = None
         self._cann_error: str | None = None
         self._lock = threading.Lock()
 
-    def load_cann(self) -> Any:
+    def load_cann(self) -> CannEnv:
         """The CannEnv of the settings' set_env.sh (a GfocalError when it cannot be sourced)."""
         from gfocal_pipeline.backends.cann_env import load_cann_env
 
@@ -170,7 +173,7 @@ class Doctor:
                 raise GfocalError(self._cann_error)
             return self._cann
 
-    def cann(self) -> Any:
+    def cann(self) -> CannEnv:
         """The CannEnv for a tool check, or _Skip when the environment could not be loaded."""
         try:
             return self.load_cann()
@@ -231,11 +234,15 @@ def tool_check(tool: str) -> Callable[[Doctor], CheckResult]:
     return check
 
 
-_AIS_BENCH_PROBE = (
-    "import importlib.util, sys\n"
-    "spec = importlib.util.find_spec('ais_bench.__main__')\n"
-    "print(spec.origin if spec else 'missing')\n"
-)
+# prints where `python3 -m ais_bench` would start, or "missing: <why>" (never a traceback)
+_AIS_BENCH_PROBE = """
+import importlib.util
+try:
+    spec = importlib.util.find_spec("ais_bench.__main__")
+    print(spec.origin if spec else "missing: the package ais_bench has no __main__")
+except Exception as exc:
+    print(f"missing: {type(exc).__name__}: {exc}")
+"""
 
 
 def check_ais_bench(doctor: Doctor) -> CheckResult:
@@ -251,9 +258,9 @@ def check_ais_bench(doctor: Doctor) -> CheckResult:
     argv = [python, "-c", _AIS_BENCH_PROBE]
     result = run_tool(argv, env=env.environ(), name="ais_bench probe", timeout_s=TOOL_TIMEOUT_S)
     found = result.lines[-1].strip() if result.lines else ""
-    if result.returncode != 0 or not found or found == "missing":
-        why = result.tail(1) if result.returncode != 0 else "no module ais_bench"
-        return _missing_tool(doctor, "ais_bench", f"{python} -m ais_bench cannot run ({why})")
+    if result.returncode != 0 or not found or found.startswith("missing: "):
+        why = found.removeprefix("missing: ") if result.returncode == 0 else result.tail(1)
+        return _missing_tool(doctor, "ais_bench", f"{python} -m ais_bench cannot run ({why or 'no output'})")
     return CheckResult("ais_bench", OK, f"{python} -m ais_bench ({found})")
 
 
@@ -499,10 +506,14 @@ def probe_database(url: str, timeout_s: float, table: str | None = None) -> str:
 
 def _sqlite_missing(url: str) -> tuple[str, bool]:
     """For a SQLite URL whose file does not exist yet: (why it cannot be created, or '', True);
-    (``, False) when there is a file to connect to (connecting would create a missing one)."""
+    ('', False) when there is a file to connect to (or a URL `probe_database` will refuse)."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    database = make_url(url).database
+    try:
+        database = make_url(url).database
+    except ArgumentError:
+        return "", False
     if not database or database == ":memory:" or Path(database).exists():
         return "", False
     folder = Path(database).parent

@@ -43,6 +43,7 @@ def deployment(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
 
 def test_a_healthy_worker(kit: Toolkit, tmp_path: Path, deployment: int) -> None:
     op = DoctorOperator(task_id="doctor", set_env=str(kit.set_env), work_dir=str(tmp_path), images="10")
+    op.dtype = "None"  # a template of an unset param renders "None": the default (float32)
     xcom = op.execute(context={})
     assert xcom["ready"] is True
     statuses = {check["check"]: check["status"] for check in xcom["checks"]}
@@ -50,7 +51,9 @@ def test_a_healthy_worker(kit: Toolkit, tmp_path: Path, deployment: int) -> None
     details = {check["check"]: check["detail"] for check in xcom["checks"]}
     assert details["broker"].startswith(f"{REDIS} answered PING")
     assert f"127.0.0.1:{deployment} (plain, from the Airflow connection 'smtp_default')" in details["smtp"]
-    assert details["disk_space"].endswith("(inputs 0.1 + outputs 0.0 + models 2.0)")
+    assert details["disk_space"].endswith(
+        "images at 800x1216 float32 needs about 2.1 GiB (inputs 0.1 + outputs 0.0 + models 2.0)"
+    )
 
 
 def test_a_fail_fails_the_task(
