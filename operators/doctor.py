@@ -70,7 +70,7 @@ class DoctorOperator(BaseOperator):
 
     def _smtp(self, settings: Any) -> dict[str, Any]:
         """{"smtp": target} from the `[gfocal] smtp_conn_id` connection, else why there is none."""
-        from gfocal_pipeline.doctor import smtp_target
+        from gfocal_pipeline.probes import smtp_target
 
         if "smtp" not in settings.alert_channels:
             return {"notes": {"smtp": f"smtp is not an alert channel ({', '.join(settings.alert_channels)})"}}

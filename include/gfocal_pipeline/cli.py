@@ -455,7 +455,7 @@ DOCTOR_OPTIONS = ("height", "width", "dtype")
 
 
 def _doctor_smtp(args: argparse.Namespace) -> Any:
-    from gfocal_pipeline.doctor import SmtpTarget
+    from gfocal_pipeline.probes import SmtpTarget
 
     if not args.smtp_host:
         return None
@@ -540,7 +540,8 @@ DOCTOR_TEXT_OPTIONS = (
 
 
 def add_doctor(sub: argparse._SubParsersAction) -> None:
-    from gfocal_pipeline.doctor import CHECKS, DEFAULT_IMAGES, DEFAULT_TIMEOUT_S, SMTP_SECURITY, TOOLS
+    from gfocal_pipeline.doctor import CHECKS, DEFAULT_IMAGES, DEFAULT_TIMEOUT_S, TOOLS
+    from gfocal_pipeline.probes import SMTP_SECURITY
 
     p = sub.add_parser(
         "doctor",

@@ -16,9 +16,10 @@ Every check runs in a thread with a bound (network: `3 x timeout_s + 2` s; tools
 120 s), so a dead host or a hung mount becomes a FAIL line, never a hang. docs/doctor.md says what
 each check proves and what it cannot (the same path on other hosts, above all).
 
-No Airflow import here: the URLs are parameters. `settings_from_environment` reads the Airflow
-environment variables and airflow.cfg (a plain INI read) for the CLI; the operator
-(`operators.doctor.DoctorOperator`) asks Airflow's own configuration and connections.
+The network and database probes are in `gfocal_pipeline.probes`. No Airflow import here: the URLs
+are parameters. `settings_from_environment` reads the Airflow environment variables and airflow.cfg
+(a plain INI read) for the CLI; the operator (`operators.doctor.DoctorOperator`) asks Airflow's own
+configuration and connections.
 """
 
 from __future__ import annotations
@@ -40,10 +41,21 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import urlsplit
 
 from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_WIDTH
 from gfocal_pipeline.errors import ConfigError, GfocalError, os_error_fix
+from gfocal_pipeline.probes import (
+    SmtpTarget,
+    first_line,
+    probe_database,
+    redis_ping,
+    safe_url,
+    smtp_hello,
+    smtp_target_from_connection,
+    sqlite_missing,
+    url_port,
+)
 
 if TYPE_CHECKING:
     from gfocal_pipeline.backends.cann_env import CannEnv
@@ -63,7 +75,6 @@ OUTPUT_BYTES_PER_IMAGE = 1 << 20
 MODEL_BYTES = 2 << 30
 GIB = 1 << 30
 TOOLS = ("msame", "ais_bench")
-SMTP_SECURITY = ("plain", "starttls", "ssl")
 _HOST_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -102,16 +113,6 @@ class CheckResult:
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class SmtpTarget:
-    """Where alerts are mailed: host, port, `security` (plain, starttls, ssl) and where it came from."""
-
-    host: str
-    port: int
-    security: str = "plain"
-    source: str = "--smtp-host"
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class Doctor:
                 try:
                     self._cann = load_cann_env(self.settings.set_env, timeout_s=TOOL_TIMEOUT_S)
                 except GfocalError as exc:
-                    self._cann_error = _first_line(exc)
+                    self._cann_error = first_line(exc)
             if self._cann_error is not None:
                 raise GfocalError(self._cann_error)
             return self._cann
@@ -187,14 +188,6 @@ class Doctor:
         from gfocal_pipeline.config import default_work_dir
 
         return default_work_dir()
-
-
-def _first_line(exc: BaseException) -> str:
-    """An error message on one line: its first line, without a dangling "Output:" lead-in."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    for lead in (" Last output:", " Output:"):
-        text = text.removesuffix(lead)
-    return text.rstrip(" :")
 
 
 # --- CANN and the NPU ----------------------------------------------------------------------------
@@ -443,87 +436,6 @@ def check_same_path(doctor: Doctor) -> CheckResult:
 # --- databases, broker, SMTP ---------------------------------------------------------------------
 
 
-def safe_url(url: str) -> str:
-    """`url` with its password replaced by ***."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    user = parts.username or ""
-    netloc = f"{user}:***@{parts.hostname or ''}" + (f":{parts.port}" if _port(parts) else "")
-    return parts._replace(netloc=netloc).geturl()
-
-
-def _port(parts: Any) -> int | None:
-    try:
-        return parts.port
-    except ValueError:
-        return None
-
-
-def _connect_args(drivername: str, timeout_s: float) -> dict[str, Any]:
-    """The driver's own connect timeout (libpq counts whole seconds, at least 2)."""
-    if drivername.startswith("postgresql"):
-        return {"connect_timeout": max(2, round(timeout_s))}
-    if drivername.startswith("mysql"):
-        return {"connect_timeout": max(1, round(timeout_s))}
-    if drivername.startswith("sqlite"):
-        return {"timeout": timeout_s}
-    return {}
-
-
-def probe_database(url: str, timeout_s: float, table: str | None = None) -> str:
-    """Connect, run SELECT 1, and say what answered (a GfocalError naming the URL when it fails)."""
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
-    from sqlalchemy.pool import NullPool
-
-    try:
-        parsed = make_url(url)
-        engine = sa.create_engine(
-            parsed, poolclass=NullPool, connect_args=_connect_args(parsed.drivername, timeout_s)
-        )
-    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
-        raise GfocalError(f"{safe_url(url)!r} cannot be used: {_first_line(exc)}") from None
-    shown = parsed.render_as_string(hide_password=True)
-    try:
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-            version = ".".join(str(v) for v in (connection.dialect.server_version_info or ()))
-            has_table = table is not None and sa.inspect(connection).has_table(table)
-    except SQLAlchemyError as exc:
-        reason = _first_line(getattr(exc, "orig", None) or exc)
-        raise GfocalError(f"cannot connect to {shown}: {reason}") from None
-    finally:
-        engine.dispose()
-    detail = f"{shown} answered SELECT 1 ({parsed.get_backend_name()} {version})".replace(" )", ")")
-    if table is not None:
-        detail += f"; table {table} " + (
-            "present" if has_table else "not created yet (the first run creates it)"
-        )
-    return detail
-
-
-def _sqlite_missing(url: str) -> tuple[str, bool]:
-    """For a SQLite URL whose file does not exist yet: (why it cannot be created, or '', True);
-    ('', False) when there is a file to connect to (or a URL `probe_database` will refuse)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        database = make_url(url).database
-    except ArgumentError:
-        return "", False
-    if not database or database == ":memory:" or Path(database).exists():
-        return "", False
-    folder = Path(database).parent
-    if not folder.is_dir():
-        return f"neither {database!r} nor its folder {str(folder)!r} exists", True
-    if not os.access(folder, os.W_OK):
-        return f"{database!r} does not exist and its folder {str(folder)!r} is not writable", True
-    return "", True
-
-
 def _database_check(
     name: str, url: str | None, doctor: Doctor, *, setting: str, table: str | None
 ) -> CheckResult:
@@ -534,7 +446,7 @@ def _database_check(
         f"driver, user, password and database ({setting})"
     )
     sqlite = url.startswith("sqlite")
-    problem, missing = _sqlite_missing(url) if sqlite else ("", False)
+    problem, missing = sqlite_missing(url) if sqlite else ("", False)
     if problem:
         return CheckResult(name, FAIL, f"{safe_url(url)!r}: {problem}", fix)
     try:
@@ -569,55 +481,6 @@ def check_history_db(doctor: Doctor) -> CheckResult:
     )
 
 
-def _resp(*words: str) -> bytes:
-    """A Redis command in RESP."""
-    out = [f"*{len(words)}\r\n".encode()]
-    for word in words:
-        data = word.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _reply(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(1024)
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        data += chunk
-        if len(data) > 65536:
-            raise ConnectionError("no RESP reply (is this a Redis server?)")
-    return data.decode("utf-8", "replace").strip()
-
-
-def redis_ping(url: str, timeout_s: float) -> str:
-    """AUTH (when the URL has a password), SELECT its database, PING; the server's replies."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "localhost", _port(parts) or 6379
-    commands = []
-    if parts.password:
-        user = unquote(parts.username or "")
-        commands.append(
-            ("AUTH", user, unquote(parts.password)) if user else ("AUTH", unquote(parts.password))
-        )
-    database = parts.path.strip("/")
-    if database:
-        commands.append(("SELECT", database))
-    commands.append(("PING",))
-    with socket.create_connection((host, port), timeout=timeout_s) as raw:
-        sock = raw
-        if parts.scheme == "rediss":
-            sock = ssl.create_default_context().wrap_socket(raw, server_hostname=host)
-        replies = []
-        for command in commands:
-            sock.sendall(_resp(*command))
-            reply = _reply(sock)
-            if reply.startswith("-"):
-                raise ConnectionError(f"{command[0]} answered {reply[1:]}")
-            replies.append(reply)
-    return replies[-1]
-
-
 _BROKER_PORTS = {"amqp": 5672, "pyamqp": 5672, "amqps": 5671, "librabbitmq": 5672}
 
 
@@ -638,72 +501,12 @@ def check_broker(doctor: Doctor) -> CheckResult:
             reply = redis_ping(first.strip(), doctor.settings.timeout_s)
             return CheckResult("broker", OK, f"{shown} answered PING ({reply}){more}")
         if parts.scheme in _BROKER_PORTS:
-            address = (parts.hostname or "localhost", _port(parts) or _BROKER_PORTS[parts.scheme])
+            address = (parts.hostname or "localhost", url_port(parts) or _BROKER_PORTS[parts.scheme])
             socket.create_connection(address, timeout=doctor.settings.timeout_s).close()
             return CheckResult("broker", OK, f"{shown} accepts TCP connections (protocol not checked){more}")
     except (OSError, ssl.SSLError) as exc:
         return CheckResult("broker", FAIL, f"cannot use {shown}: {exc.strerror or exc}", fix)
     raise _Skip(f"cannot check a {parts.scheme or 'scheme-less'} broker URL ({shown}); only redis and amqp")
-
-
-def _truthy(value: object) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def smtp_target_from_connection(value: str, source: str) -> SmtpTarget:
-    """An Airflow SMTP connection (URI or JSON, as in AIRFLOW_CONN_SMTP_DEFAULT) as an SmtpTarget."""
-    try:
-        if value.strip().startswith("{"):
-            data = json.loads(value)
-            host, port, extra = data.get("host"), data.get("port"), data.get("extra") or {}
-            extra = json.loads(extra) if isinstance(extra, str) else extra
-        else:
-            parts = urlsplit(value.strip())
-            host, port = parts.hostname, parts.port
-            extra = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-            extra.update(json.loads(extra.pop("__extra__", "{}")))
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ConfigError(
-            f"{source} is not an Airflow connection URI or JSON ({exc}); e.g. "
-            "smtp://mail.example.com:25?disable_tls=true&disable_ssl=true"
-        ) from None
-    return smtp_target(host, port, extra, source)
-
-
-def smtp_target(host: object, port: object, extra: Mapping[str, Any], source: str) -> SmtpTarget:
-    """An SMTP connection's host, port and extras as the SMTP provider uses them: implicit TLS unless
-    `disable_ssl`, else STARTTLS unless `disable_tls`; the port defaults to 465 (TLS) or 25."""
-    if not host:
-        raise ConfigError(f"{source} names no host; e.g. smtp://mail.example.com:25?disable_ssl=true")
-    use_ssl = not _truthy(extra.get("disable_ssl", False))
-    security = "ssl" if use_ssl else ("plain" if _truthy(extra.get("disable_tls", False)) else "starttls")
-    try:
-        number = int(port or (465 if use_ssl else 25))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source} port {port!r} is not a number") from None
-    return SmtpTarget(str(host), number, security, source)
-
-
-def smtp_hello(target: SmtpTarget, timeout_s: float) -> str:
-    """Connect, EHLO (and STARTTLS when asked), QUIT; the server's EHLO greeting."""
-    context = ssl.create_default_context()
-    if target.security == "ssl":
-        server: smtplib.SMTP = smtplib.SMTP_SSL(target.host, target.port, timeout=timeout_s, context=context)
-    else:
-        server = smtplib.SMTP(target.host, target.port, timeout=timeout_s)
-    try:
-        code, message = server.ehlo()
-        if code != 250:
-            raise smtplib.SMTPException(f"EHLO answered {code} {message.decode(errors='replace')}")
-        if target.security == "starttls":
-            if not server.has_extn("starttls"):
-                raise smtplib.SMTPException("the server does not offer STARTTLS (set disable_tls=true?)")
-            server.starttls(context=context)
-            code, message = server.ehlo()
-        server.quit()
-    finally:
-        server.close()
-    return f"{code} {message.decode(errors='replace').splitlines()[0]}"
 
 
 def check_smtp(doctor: Doctor) -> CheckResult:
@@ -772,7 +575,7 @@ def library_check(name: str) -> Callable[[Doctor], CheckResult]:
             return CheckResult(
                 name,
                 FAIL,
-                f"cannot import {module_name} ({type(exc).__name__}: {_first_line(exc)})",
+                f"cannot import {module_name} ({type(exc).__name__}: {first_line(exc)})",
                 f"install it into {sys.executable}: pip install '{_declared(distribution)}'",
             )
         version = str(getattr(module, "__version__", "unknown version"))
@@ -845,14 +648,14 @@ def _guarded(check: Check, doctor: Doctor) -> CheckResult:
     except _Skip as skip:
         return CheckResult(check.name, SKIP, str(skip))
     except GfocalError as exc:
-        return CheckResult(check.name, FAIL, _first_line(exc))
+        return CheckResult(check.name, FAIL, first_line(exc))
     except OSError as exc:
         return CheckResult(
             check.name, FAIL, f"{exc.filename or ''} {exc.strerror or exc}".strip(), os_error_fix(exc)
         )
     except Exception as exc:
         return CheckResult(
-            check.name, FAIL, f"unexpected {type(exc).__name__}: {_first_line(exc)}", "please report it"
+            check.name, FAIL, f"unexpected {type(exc).__name__}: {first_line(exc)}", "please report it"
         )
 
 

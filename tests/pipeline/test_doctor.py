@@ -23,6 +23,7 @@ from support import closed_port, mounted, read_only_tree, silent_port, smtp_serv
 from gfocal_pipeline import doctor
 from gfocal_pipeline.cli import main
 from gfocal_pipeline.errors import ConfigError
+from gfocal_pipeline.probes import SmtpTarget
 
 POSTGRES = os.environ.get("GFOCAL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("GFOCAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -498,7 +499,7 @@ def test_settings_from_the_airflow_environment(tmp_path: Path) -> None:
     assert settings.metadata_url == "postgresql+psycopg://a@db/airflow"  # airflow.cfg
     assert settings.broker_url == "redis://other:6379/1"  # the environment wins over airflow.cfg
     assert settings.work_dir == "/data/gfocal" and settings.tool == "ais_bench"
-    assert settings.smtp == doctor.SmtpTarget("mx", 25, "starttls", "AIRFLOW_CONN_MAIL")
+    assert settings.smtp == SmtpTarget("mx", 25, "starttls", "AIRFLOW_CONN_MAIL")
     assert settings.history_url == "postgresql+psycopg://h@db/history"
     given = doctor.settings_from_environment(env, history_url="sqlite:////h.db", metadata_url="x://")
     assert given.history_url == "sqlite:////h.db" and given.metadata_url == "x://"
