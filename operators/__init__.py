@@ -6,6 +6,7 @@ backend registry names its classes without importing them; `tests/dags/test_dag_
 """
 
 from operators.ascend import AtcConvertOperator
+from operators.doctor import DoctorOperator
 from operators.export import OnnxExportOperator
 from operators.infer import InferOperator, MsameInferOperator
 from operators.pipeline import (
@@ -21,6 +22,7 @@ __all__ = [
     "AtcConvertOperator",
     "CocoEvalOperator",
     "CocoPreprocessOperator",
+    "DoctorOperator",
     "InferOperator",
     "MsameInferOperator",
     "OnnxExportOperator",

@@ -175,3 +175,46 @@ def peak_rss_of_gfocal(argv: list[str]) -> tuple[subprocess.CompletedProcess[str
     growth = [line for line in done.stderr.splitlines() if line.startswith("PEAK_RSS_GROWTH_KB=")]
     assert growth, done.stderr[-3000:]
     return done, int(growth[-1].split("=")[1]) * 1024
+
+
+def closed_port() -> int:
+    """A loopback TCP port nothing listens on (bound, then released): a service that is down."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A loopback port that accepts connections (the kernel's backlog) but never answers: a hung
+    service, or a firewall that lets the handshake through and drops the rest."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def smtp_server() -> Iterator[tuple[int, list[Any]]]:
+    """A real SMTP server on loopback (aiosmtpd): yields its port and the list of envelopes it got."""
+    from aiosmtpd.controller import Controller
+
+    class Keep:
+        def __init__(self) -> None:
+            self.envelopes: list[Any] = []
+
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            self.envelopes.append(envelope)
+            return "250 OK"
+
+    handler, port = Keep(), closed_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield port, handler.envelopes
+    finally:
+        controller.stop()

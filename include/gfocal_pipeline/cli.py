@@ -451,12 +451,151 @@ def add_results(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo_data)
 
 
+DOCTOR_OPTIONS = ("height", "width", "dtype")
+
+
+def _doctor_smtp(args: argparse.Namespace) -> Any:
+    from gfocal_pipeline.probes import SmtpTarget
+
+    if not args.smtp_host:
+        return None
+    port = args.smtp_port or (465 if args.smtp_security == "ssl" else 25)
+    return SmtpTarget(args.smtp_host, port, args.smtp_security, "--smtp-host")
+
+
+def cmd_doctor(args: argparse.Namespace) -> Any:
+    """Check this host for a night: one line per check (stdout; stderr with --json), exit 1 on a FAIL."""
+    from gfocal_pipeline.doctor import DoctorFailed, run_doctor, settings_from_environment, verdict_line
+
+    if not args.verbose:  # the tools' output lines are for -v; the report is the check lines
+        logging.getLogger().setLevel(logging.WARNING)
+    settings = settings_from_environment(
+        set_env=args.set_env,
+        tool=args.tool,
+        work_dir=os.path.abspath(args.work_dir) if args.work_dir else None,
+        images=args.images,
+        metadata_url=args.metadata_url,
+        history_url=args.history_url,
+        broker_url=args.broker_url,
+        smtp=_doctor_smtp(args),
+        smtp_conn_id=args.smtp_conn_id,
+        timeout_s=args.timeout,
+        **run_values(args, *DOCTOR_OPTIONS),
+    )
+    stream = sys.stderr if args.json else sys.stdout
+    results = run_doctor(
+        settings, args.only, on_result=lambda result: print(result.line(), file=stream, flush=True)
+    )
+    print(verdict_line(results), file=stream, flush=True)
+    failed = [result for result in results if result.failed]
+    if args.json:
+        _print_json({"ready": not failed, "checks": [result.to_dict() for result in results]})
+    if failed:
+        raise DoctorFailed(failed, with_lines=False)
+    return None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+# `gfocal doctor`'s text options (default: not given, then the Airflow environment decides)
+DOCTOR_TEXT_OPTIONS = (
+    (
+        "--set-env",
+        "CANN set_env.sh (default: $GFOCAL_CANN_SET_ENV, else /usr/local/Ascend/ascend-toolkit/set_env.sh)",
+    ),
+    (
+        "--work-dir",
+        "the shared work directory (default: [gfocal] work_dir, $GFOCAL_WORK_DIR, else $AIRFLOW_HOME/gfocal)",
+    ),
+    (
+        "--metadata-url",
+        "Airflow's metadata DB (default: $AIRFLOW__DATABASE__SQL_ALCHEMY_CONN, else airflow.cfg)",
+    ),
+    (
+        "--history-url",
+        "the results history DB (default: [gfocal] history_url, $GFOCAL_HISTORY_URL, else SQLite)",
+    ),
+    ("--broker-url", "the Celery broker (default: $AIRFLOW__CELERY__BROKER_URL, else airflow.cfg)"),
+    ("--smtp-host", "SMTP server (default: the Airflow connection --smtp-conn-id, from $AIRFLOW_CONN_<ID>)"),
+    ("--smtp-conn-id", "Airflow SMTP connection (default: [gfocal] smtp_conn_id, else smtp_default)"),
+)
+
+
+def add_doctor(sub: argparse._SubParsersAction) -> None:
+    from gfocal_pipeline.doctor import CHECKS, DEFAULT_IMAGES, DEFAULT_TIMEOUT_S, TOOLS
+    from gfocal_pipeline.probes import SMTP_SECURITY
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this worker host for a night: CANN, NPU, work dir, databases, broker, SMTP, versions",
+        description="One line per check: OK, WARN, SKIP, or FAIL with the fix; exit status 1 when a check "
+        "a night needs FAILs. See docs/doctor.md.",
+    )
+    for flag, text in DOCTOR_TEXT_OPTIONS:
+        p.add_argument(flag, default=None, help=text.replace("%", "%%"))
+    p.add_argument(
+        "--tool",
+        default="msame",
+        choices=TOOLS,
+        help="the night's inference tool: missing, it FAILs; the other one only WARNs (default: msame)",
+    )
+    p.add_argument(
+        "--images",
+        type=_positive_int,
+        default=DEFAULT_IMAGES,
+        help=f"images of the next night, for the free space it needs (default: {DEFAULT_IMAGES})",
+    )
+    add_run_options(p, *DOCTOR_OPTIONS)
+    p.add_argument(
+        "--smtp-port", type=int, default=None, help="default: 465 with --smtp-security ssl, else 25"
+    )
+    p.add_argument(
+        "--smtp-security", default="plain", choices=SMTP_SECURITY, help="with --smtp-host (default: plain)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds per network operation (default: {DEFAULT_TIMEOUT_S:g})",
+    )
+    groups = ", ".join(dict.fromkeys(check.group for check in CHECKS))
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        help=f"comma-separated checks or groups ({groups}); repeatable (default: all)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="also print the results as JSON (stdout; lines: stderr)"
+    )
+    p.set_defaults(func=cmd_doctor)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_export,
     add_preprocess_and_convert,
     add_infer_and_eval,
     add_results,
     add_gc,
+    add_doctor,
 ]
 
 

@@ -54,7 +54,9 @@ def test_a_dag_file_imports_no_numerical_library(dag_file: str) -> None:
         assert result["tasks"], f"{dag_file}.py built no DAG"
 
 
-@pytest.mark.parametrize("module", ["operators", "gfocal_plugin", "gfocal_pipeline.run_config"])
+@pytest.mark.parametrize(
+    "module", ["operators", "gfocal_plugin", "gfocal_pipeline.run_config", "gfocal_pipeline.doctor"]
+)
 def test_the_operators_and_the_plugin_import_no_numerical_library(module: str) -> None:
     assert _import_in_fresh_interpreter(module)["loaded"] == []
 

@@ -49,8 +49,8 @@ def parse_npu_smi_info(text: str) -> list[NpuDevice]:
     return devices
 
 
-def detect_soc_version(env: CannEnv, timeout_s: float = 60.0, handle: ProcessHandle | None = None) -> str:
-    """Run `npu-smi info` and return the soc version of the NPUs on this host."""
+def list_npus(env: CannEnv, timeout_s: float = 60.0, handle: ProcessHandle | None = None) -> list[NpuDevice]:
+    """Run `npu-smi info` and return its NPUs (at least one; none is a BackendError)."""
     tool = env.which("npu-smi")
     if tool is None:
         raise BackendError(
@@ -71,6 +71,12 @@ def detect_soc_version(env: CannEnv, timeout_s: float = 60.0, handle: ProcessHan
             "be detected; check that the NPU driver sees the card, or pass soc_version explicitly "
             f"(e.g. 'Ascend310P3'). Output:\n{result.tail()}"
         )
+    return devices
+
+
+def detect_soc_version(env: CannEnv, timeout_s: float = 60.0, handle: ProcessHandle | None = None) -> str:
+    """Run `npu-smi info` and return the soc version of the NPUs on this host."""
+    devices = list_npus(env, timeout_s, handle)
     names = sorted({device.name for device in devices})
     if len(names) > 1:
         raise BackendError(
