@@ -36,5 +36,6 @@ dag: DAG = build_dag(
         tags=("ascend", "nightly"),
         deadline=settings.nightly_deadline,
         seconds_per_image=NPU_SECONDS_PER_IMAGE,
+        doctor=settings.nightly_doctor,
     )
 )

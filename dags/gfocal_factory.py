@@ -33,6 +33,7 @@ from operators import (
     AtcConvertOperator,
     CocoEvalOperator,
     CocoPreprocessOperator,
+    DoctorOperator,
     InferOperator,
     MsameInferOperator,
     OnnxExportOperator,
@@ -66,6 +67,7 @@ class PipelineSpec:
     deadline: timedelta | None = None  # alert when a run has not finished this long after queueing
     # the device's time per image at 800x1216, for the default shard size (`gfocal_pipeline.sharding`)
     seconds_per_image: float = CPU_SECONDS_PER_IMAGE
+    doctor: bool = False  # `gfocal doctor` as the first task, on `queue` (docs/doctor.md)
 
     def shard_plan(self, settings: GfocalSettings) -> ShardPlan:
         return ShardPlan(slots=settings.device_slots, seconds_per_image=self.seconds_per_image)
@@ -275,6 +277,24 @@ def _deadline(spec: PipelineSpec) -> Any:
     )
 
 
+def _doctor(spec: PipelineSpec, budgets: Budgets) -> BaseOperator:
+    """`gfocal doctor` on the device worker before anything else (`[gfocal] nightly_doctor`): a host
+    without CANN, NPU, shared work directory, databases or broker fails the night in seconds."""
+    return DoctorOperator(
+        task_id=ids.DOCTOR,
+        queue=spec.queue,
+        retries=0,  # a broken host stays broken for the night; the failure alert says what to fix
+        set_env="{{ params.cann_set_env }}",
+        tool="{{ params.tool }}",
+        work_dir="{{ params.work_dir }}",
+        images="{{ params.max_images }}",
+        height="{{ params.height }}",
+        width="{{ params.width }}",
+        dtype="{{ params.dtype }}",
+        **budgets("doctor"),
+    )
+
+
 def build_dag(spec: PipelineSpec) -> DAG:
     """Build the DAG described by `spec` (see module docstring)."""
     family = FAMILIES[spec.family]
@@ -317,5 +337,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
         if spec.reference:
             branches["reference"] = reference_branch(shards, preprocess, budgets)
         prepare >> [task for task in dag.tasks if task is not prepare and not task.upstream_list]
+        if spec.doctor and spec.queue:
+            _doctor(spec, budgets) >> prepare
         _finish(spec, branches, budgets)
     return dag

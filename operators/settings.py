@@ -11,6 +11,9 @@ base_url                public Airflow URL for links (default: [api] base_url)
 nightly_cron            the Ascend nightly's schedule (default: 02:00 UTC)
 nightly_deadline_hours  alert when a nightly has not finished this long after it was queued
                         (default 6; 0 disables the deadline)
+nightly_doctor          true: the nightly's first task is `gfocal doctor` on the `ascend` queue
+                        (docs/doctor.md): a host missing CANN, the NPU, the shared work directory,
+                        the databases or the broker fails the night at once (default false)
 checkpoint, coco_root, images_dir, annotations, work_dir
                         the deployment's data: the trigger forms' defaults, so a scheduled run
                         (and a manual one left untouched) uses these files, not the demo's; a manual
@@ -93,6 +96,7 @@ class GfocalSettings:
     base_url: str = ""
     nightly_cron: str = "0 2 * * *"
     nightly_deadline_hours: float = 6.0
+    nightly_doctor: bool = False
     preprocess_workers: int | None = None
     device_slots: int = 1
     max_pixels: int | None = DEFAULT_MAX_PIXELS
@@ -198,6 +202,16 @@ def _positive(key: str, text: str, default: float) -> float:
     return value
 
 
+def _flag(key: str, text: str) -> bool:
+    """`text` as a boolean setting (empty: false), else a ConfigError naming `key`."""
+    value = text.strip().lower()
+    if value in ("", "false", "no", "off", "0"):
+        return False
+    if value in ("true", "yes", "on", "1"):
+        return True
+    raise ConfigError(f"[gfocal] {key} = {text!r}: expected true or false (or leave it empty for false)")
+
+
 def _count(key: str, text: str, default: int) -> int:
     """`text` as an integer >= 0 (empty: `default`), else a ConfigError naming `key`."""
     if not text.strip():
@@ -257,6 +271,7 @@ def load_settings() -> GfocalSettings:
         base_url=get("base_url", "") or conf.get("api", "base_url", fallback="") or "",
         nightly_cron=get("nightly_cron", defaults.nightly_cron),
         nightly_deadline_hours=float(get("nightly_deadline_hours", str(defaults.nightly_deadline_hours))),
+        nightly_doctor=_flag("nightly_doctor", get("nightly_doctor", "")),
         preprocess_workers=_positive_int_or_none("preprocess_workers", get("preprocess_workers", "")),
         device_slots=_positive_int_or_none("device_slots", get("device_slots", "")) or defaults.device_slots,
         max_pixels=_max_pixels(get("max_pixels", "")),

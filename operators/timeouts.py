@@ -48,6 +48,7 @@ BUDGETS: dict[str, TaskBudget] = {
     "record": TaskBudget(10),
     "gate": TaskBudget(10),
     "retention": TaskBudget(60),
+    "doctor": TaskBudget(10),
 }
 KINDS = tuple(BUDGETS)
 

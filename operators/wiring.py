@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+DOCTOR = "doctor"
 PREPARE = "prepare"
 EXPORT = "export"
 EXPORT_PORTABLE = "export_portable"

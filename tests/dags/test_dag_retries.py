@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from support import ROOT, load_dag_file
 
+from gfocal_pipeline.errors import ConfigError
 from operators.settings import load_settings
 from operators.timeouts import sized_timeout
 
@@ -69,3 +70,17 @@ def test_settings_reach_every_task(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tasks["record"].retries == tasks["gate"].retries == 0
     assert tasks["convert"].execution_timeout == timedelta(minutes=7)
     assert tasks["summary"].execution_timeout == timedelta(minutes=5)
+
+
+def test_the_nightly_starts_with_the_doctor_when_the_setting_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "doctor" not in _load("gfocal_ascend_nightly.py").task_ids  # default: off
+    monkeypatch.setenv("AIRFLOW__GFOCAL__NIGHTLY_DOCTOR", "true")
+    tasks = _load("gfocal_ascend_nightly.py").task_dict
+    doctor = tasks["doctor"]
+    assert (doctor.queue, doctor.retries, doctor.upstream_task_ids) == ("ascend", 0, set())
+    assert tasks["prepare"].upstream_task_ids == {"doctor"}
+    assert doctor.execution_timeout == timedelta(minutes=10)
+    assert "doctor" not in _load("gfocal_onnxruntime.py").task_ids  # no device queue, no doctor
+    monkeypatch.setenv("AIRFLOW__GFOCAL__NIGHTLY_DOCTOR", "sometimes")
+    with pytest.raises(ConfigError, match=r"\[gfocal\] nightly_doctor = 'sometimes': expected true or false"):
+        _load("gfocal_ascend_nightly.py")
