@@ -27,7 +27,7 @@ from airflow.sdk import DAG, BaseOperator, Param, XComArg
 
 from gfocal_pipeline.errors import ConfigError
 from gfocal_pipeline.options import check_option
-from gfocal_pipeline.run_config import PREPROCESS_OPTIONS, form_options
+from gfocal_pipeline.run_config import DEFAULT_SECTION, PREPROCESS_OPTIONS, SECTION_OF, form_options
 from gfocal_pipeline.sharding import CPU_SECONDS_PER_IMAGE, ShardPlan
 from operators import (
     AtcConvertOperator,
@@ -105,6 +105,12 @@ class Branch:
     also_before_summary: tuple[BaseOperator, ...] = ()
 
 
+def _section(name: str) -> dict[str, str]:
+    """The `section` of a form field; none for Airflow's default section (the one shown open)."""
+    section = SECTION_OF.get(name, "Advanced")
+    return {} if section == DEFAULT_SECTION else {"section": section}
+
+
 def form_params(ascend: bool, overrides: Mapping[str, Any] | None = None) -> dict[str, Param]:
     """The trigger form, generated from `RunConfig` (validated by Airflow before a run is created).
 
@@ -121,7 +127,13 @@ def form_params(ascend: bool, overrides: Mapping[str, Any] | None = None) -> dic
                 f"[gfocal] {name} (airflow.cfg or AIRFLOW__GFOCAL__{name.upper()}): {exc}"
             ) from None
     return {
-        name: Param(defaults[name], title=spec.title, description=spec.description, **spec.schema())
+        name: Param(
+            defaults[name],
+            title=spec.title,
+            description=spec.description,
+            **_section(name),
+            **spec.schema(),
+        )
         for name, (_, spec) in options.items()
     }
 

@@ -274,9 +274,44 @@ def _group_fields(ascend: bool) -> Iterator[tuple[str, Any]]:
             yield from ((group, item) for item in fields(cls))
 
 
+# The trigger forms' sections, in form order (Airflow Params' `section`). Every run option is in
+# exactly one (tests/dags/test_dag_forms.py). Airflow's form opens only its default section, "Run
+# Parameters" (the params without a section): it holds the fields set on most runs; the named
+# sections below it start collapsed, "Advanced" last.
+DEFAULT_SECTION = "Run Parameters"
+FORM_SECTIONS: dict[str, tuple[str, ...]] = {
+    DEFAULT_SECTION: ("checkpoint", "coco_root", "max_images", "tool", "precision_mode"),
+    "Data": ("images_dir", "annotations", "work_dir"),
+    "Model": ("height", "width", "policy", "dtype"),
+    "Inference": ("batch_size", "shard_size"),
+    "Gate & alerts": (
+        "min_ap",
+        "min_fps",
+        "ap_tolerance",
+        "fps_tolerance",
+        "baseline_runs",
+        "fps_noise",
+        "fps_min_runs",
+    ),
+    "Ascend": ("soc_version", "cann_set_env", "device", "chips", "outfmt"),
+    "Advanced": (
+        "parity_threshold",
+        "max_unexplained",
+        "engine",
+        "cache_inputs",
+        "cache_onnx",
+        "cache_reference",
+        "keep_candidates",
+    ),
+}
+SECTION_OF = {name: section for section, names in FORM_SECTIONS.items() for name in names}
+
+
 def form_options(ascend: bool = False) -> dict[str, tuple[Any, OptionSpec]]:
-    """{name: (default, spec)} of a DAG's trigger form, in form order."""
-    return {item.name: (plain(default_of(item)), spec_of(item)) for _, item in _group_fields(ascend)}
+    """{name: (default, spec)} of a DAG's trigger form, in form order (by `FORM_SECTIONS`)."""
+    found = {item.name: (plain(default_of(item)), spec_of(item)) for _, item in _group_fields(ascend)}
+    order = [name for names in FORM_SECTIONS.values() for name in names if name in found]
+    return {name: found[name] for name in order + [n for n in found if n not in SECTION_OF]}
 
 
 def option_spec(name: str) -> OptionSpec:

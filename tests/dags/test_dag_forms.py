@@ -112,3 +112,22 @@ def test_a_bad_data_setting_fails_the_parse_naming_it(monkeypatch: pytest.Monkey
 
     with pytest.raises(ConfigError, match=r"\[gfocal\] coco_root .*AIRFLOW__GFOCAL__COCO_ROOT.*absolute"):
         _reload_dags_with(monkeypatch, coco_root="datasets/coco")
+
+
+def test_the_form_is_in_sections_with_every_option_in_one() -> None:
+    from gfocal_pipeline.run_config import FORM_SECTIONS
+
+    named = [name for names in FORM_SECTIONS.values() for name in names]
+    assert len(named) == len(set(named))
+    assert set(form_options(ascend=True)) == set(named)  # none unsectioned, none unknown
+
+
+def test_each_field_carries_its_section(dag: Any) -> None:
+    # no section: Airflow's default "Run Parameters", the one the form shows open
+    sections = [dag.params.get_param(name).schema.get("section", "") for name in dag.params]
+    order = ["", "Data", "Model", "Inference", "Gate & alerts", "Ascend", "Advanced"]
+    firsts = list(dict.fromkeys(sections))  # the form shows them in this order, each once
+    assert firsts == [s for s in order if s in firsts] and sorted(sections, key=order.index) == sections
+    assert ("Ascend" in firsts) == ("tool" in dag.params)
+    opened = [name for name, section in zip(dag.params, sections, strict=True) if not section]
+    assert opened[:3] == ["checkpoint", "coco_root", "max_images"]

@@ -122,9 +122,17 @@ def test_trigger_form_submits_with_its_defaults(
 ) -> None:
     import airflow_client.client as client
 
+    from gfocal_pipeline.run_config import FORM_SECTIONS
+
     before = run_ids(paused, dag_id)
     button = open_trigger_form(browser, cluster, dag_id)
     form_screenshot(browser, FORMS[dag_id])
+    lines = "\n".join(e.text for e in browser.find_elements(By.CSS_SELECTOR, "[role=dialog]")).splitlines()
+    shown = [line for line in lines if line in FORM_SECTIONS]  # the sections' headers, in page order
+    expected = [s for s in FORM_SECTIONS if s != "Ascend" or dag_id == "gfocal_ascend_nightly"]
+    assert shown == expected, f"the form's sections: {shown}"
+    # the default section is open: its first field can be typed into
+    assert browser.find_element(By.NAME, "element_checkpoint").is_displayed()
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
     button.click()
     try:
