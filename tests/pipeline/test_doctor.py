@@ -250,7 +250,8 @@ def test_a_work_dir_that_does_not_exist(
 def test_free_space_against_the_night(
     kit: Toolkit, work: Path, smtp_port: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # README: 5000 val2017 inputs at 800x1216 are 58.4 GB in float32 (54.4 GiB), 14.6 GB in uint8 (13.6 GiB)
+    # docs/caches-and-retention.md: 5000 val2017 inputs at 800x1216 are 58.4 GB in float32 (54.4 GiB),
+    # 14.6 GB in uint8 (13.6 GiB)
     for dtype, inputs in (("float32", "inputs 54.4"), ("uint8", "inputs 13.6")):
         _, lines, _ = run(
             capsys,

@@ -369,5 +369,5 @@ def open_through_menu(browser: webdriver.Chrome, server: Server) -> None:
                 box[key] += dy
     path = save_screenshot(browser, "trend_page_airflow.png")
     check_screenshot(path, charts)
-    if os.environ.get("GFOCAL_DOCS_SCREENSHOT"):  # regenerate the README image: =docs/trend-page.png
+    if os.environ.get("GFOCAL_DOCS_SCREENSHOT"):  # regenerate docs/quality.md's image: =docs/trend-page.png
         shutil.copyfile(path, ROOT / os.environ["GFOCAL_DOCS_SCREENSHOT"])
