@@ -89,7 +89,9 @@ def deliver(
                 notifier.notify(context or {})
                 sent.append(channel)
         except ImportError:
-            log.error("alert channel %r needs its Airflow provider installed (see README)", channel)
+            log.error(
+                "alert channel %r needs its Airflow provider installed (see docs/quality.md#alerts)", channel
+            )
         except Exception:  # delivery must never raise out of a failure callback
             log.exception("alert channel %r failed to deliver %r", channel, content.subject)
     return sent

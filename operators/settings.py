@@ -45,13 +45,11 @@ retry_delay_seconds     the first retry's delay, doubled at each further retry (
 max_retry_delay_minutes the longest delay between retries (default 30; >= the first delay)
 task_timeout_scale      multiplies every task's sized timeout (default 1; a number > 0), e.g. 3 on a
                         slow host. Each task's `execution_timeout` is scale * (minutes + seconds per
-                        image * the images it handles) of its kind (`operators.timeouts.BUDGETS`):
-                        prepare/summary/record/gate 10 min, export 60, convert 120, retention 60,
-                        preprocess and evaluate 15 min + 0.5 s/image, infer 15 min + 15 s/image of
-                        its shard, infer_reference (PyTorch) 15 min + 30 s/image. The images are the
-                        form's defaults when the DAG is parsed (max_images, else 5000 = val2017;
-                        shard_size for an infer task) and the real count when the task starts
-                        (the shard's, the manifest's, the run's max_images)
+                        image * the images it handles) of its kind (`operators.timeouts.BUDGETS`,
+                        the table in docs/failures.md#timeouts). The images are the form's
+                        defaults when the DAG is parsed (max_images, else 5000 = val2017; an infer
+                        task's shard) and the real count when the task starts (the shard's, the
+                        manifest's, the run's max_images)
 task_timeout_minutes    fixed timeouts in minutes for some kinds, replacing their sized default
                         (never scaled nor resized): "<kind>=<minutes>, ...", e.g. "convert=240,
                         infer=30" (default: empty)
