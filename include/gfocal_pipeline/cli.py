@@ -20,7 +20,7 @@ from typing import Any
 from gfocal_pipeline.constants import DEFAULT_INPUT_NAME, DEFAULT_MAX_PIXELS
 from gfocal_pipeline.errors import GfocalError, describe_os_error
 from gfocal_pipeline.options import Choice, check_option, plain
-from gfocal_pipeline.run_config import PREPROCESS_OPTIONS, form_options, option_spec
+from gfocal_pipeline.run_config import FORM_SECTIONS, PREPROCESS_OPTIONS, form_options, option_spec
 
 DEFAULTS = {name: default for name, (default, _) in form_options(ascend=True).items()}
 INFER_BACKENDS = ("onnxruntime", "torch", "msame", "ais_bench")
@@ -237,15 +237,7 @@ def cmd_summary(args: argparse.Namespace) -> Any:
     return None
 
 
-GATE_OPTIONS = (
-    "min_ap",
-    "min_fps",
-    "ap_tolerance",
-    "fps_tolerance",
-    "baseline_runs",
-    "fps_noise",
-    "fps_min_runs",
-)
+GATE_OPTIONS = FORM_SECTIONS["Gate & alerts"]  # the gate's thresholds (`GateThresholds`)
 
 
 def _send_alert(args: argparse.Namespace, verdict: dict[str, Any]) -> None:

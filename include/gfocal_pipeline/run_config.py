@@ -284,15 +284,7 @@ FORM_SECTIONS: dict[str, tuple[str, ...]] = {
     "Data": ("images_dir", "annotations", "work_dir"),
     "Model": ("height", "width", "policy", "dtype"),
     "Inference": ("batch_size", "shard_size"),
-    "Gate & alerts": (
-        "min_ap",
-        "min_fps",
-        "ap_tolerance",
-        "fps_tolerance",
-        "baseline_runs",
-        "fps_noise",
-        "fps_min_runs",
-    ),
+    "Gate & alerts": tuple(item.name for item in fields(GateThresholds)),
     "Ascend": ("soc_version", "cann_set_env", "device", "chips", "outfmt"),
     "Advanced": (
         "parity_threshold",
