@@ -13,10 +13,10 @@ once per task in the device phase. The rule:
 so every task holds at least `per_task` images (its fixed cost is at most `overhead_fraction`, 5 %, of
 its work) unless that would leave a device slot idle: there are at least as many shards as device tasks
 can run at once (`slots`). `seconds_per_image` is the device's time per image at
-the recipe's 800x1216 input (the Ascend 310P: 29 ms, 34.49 fps; ONNX Runtime on a CPU: about 1 s),
+the recipe's 800x1216 input (the Ascend 310P: 29 ms, 34.49 fps; ONNX Runtime on a 2-core CPU: 2.2 s),
 scaled by the input's pixels. Examples (5 s per task): val2017 (5,000 images) at 800x1216 on one NPU
 -> 1 shard (at least 3,449 images per task); on two NPUs -> 2 shards of 2,500; ONNX Runtime on a CPU
-at 800x1216 -> 50 shards of 100.
+at 800x1216 -> 100 shards of 50.
 An explicit `shard_size` always wins.
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 REFERENCE_PIXELS = 800 * 1216  # the recipe's input, at which `seconds_per_image` is stated
 NPU_SECONDS_PER_IMAGE = 1 / 34.49  # Ascend 310P, batch 1, 800x1216 (the recipe's figure)
-CPU_SECONDS_PER_IMAGE = 1.0  # ONNX Runtime on a 2-core CPU at 800x1216 (order of magnitude)
+CPU_SECONDS_PER_IMAGE = 2.0  # ONNX Runtime on a 2-core CPU at 800x1216 (measured: p50 2215 ms)
 TASK_OVERHEAD_S = 5.0  # a task's fixed cost on the Celery deployment (bench_deployed.py: 4-5 s)
 OVERHEAD_FRACTION = 0.05
 
