@@ -1,12 +1,14 @@
-"""A run's conf with a key that is none of the DAG's params (a typo) fails in the first task, naming
-the key and the nearest param, before any work; a valid conf runs as before (the DAG tests)."""
+"""Bad inputs at the DAG level: a run's conf with a key that is none of the DAG's params (a typo) fails
+in the first task, naming the key and the nearest param, before any work (a valid conf runs as before:
+the DAG tests); an image whose header claims more pixels than the budget fails preprocess naming it,
+before anything is decoded."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from support import ROOT, load_dag_file
+from support import ROOT, image_claiming, load_dag_file
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
@@ -52,3 +54,28 @@ def test_a_misspelt_key_fails_prepare_naming_it(
     assert "unknown run parameter(s) ['hieght', 'shardsize']" in text, text[-3000:]
     assert "'hieght' (did you mean 'height'?)" in text and "'shardsize' (did you mean 'shard_size'?)" in text
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("manifest.json"))
+
+
+def test_an_image_over_the_pixel_budget_fails_preprocess_naming_it(
+    airflow_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    import json
+
+    from gfocal_pipeline.demo_data import make_demo_coco
+
+    monkeypatch.setenv("AIRFLOW__GFOCAL__TASK_RETRIES", "0")  # the same image fails every retry
+    coco = make_demo_coco(tmp_path / "coco", num_images=3)
+    first = json.loads((coco / "annotations" / "instances_val2017.json").read_text())["images"][0]
+    bomb = coco / "val2017" / first["file_name"]
+    bomb.write_bytes(image_claiming(20000, 20000))
+    load_dag_file(ROOT / "dags" / "gfocal_factory.py")
+    dag = load_dag_file(ROOT / "dags" / "gfocal_onnxruntime.py").dag
+    conf = {"work_dir": str(tmp_path / "work"), "coco_root": str(coco), "height": 64, "width": 64}
+    dag_run = dag.test(run_conf=conf)
+    assert dag_run.state == "failed"
+    states = _states(dag.dag_id, dag_run.run_id)
+    assert (states["prepare"], states["preprocess"]) == ("success", "failed")
+    assert states["infer"] in (None, "upstream_failed")
+    output = capfd.readouterr()
+    text = output.out + output.err
+    assert f"{bomb} (its header claims 20000x20000 pixels" in text and "pixel budget" in text, text[-3000:]
