@@ -79,6 +79,7 @@ def test_preprocess_workers_come_from_the_workers_own_setting(
         return {
             "images": 1,
             "shards": ["00000"],
+            "shard_size": 1,
             "policy": "letterbox",
             "dtype": "float32",
             "cached": False,
