@@ -257,6 +257,7 @@ def _finish(spec: PipelineSpec, branches: dict[str, Branch], budgets: Budgets) -
         record_task=ids.RECORD,
         evaluate_task=branches["device"].role["eval_task"],
         thresholds=prepared("thresholds"),
+        run_dir=prepared("run_dir"),  # the regression report is written there
         **NO_RETRIES,
         **budgets("gate"),
     )

@@ -14,8 +14,10 @@ from airflow.sdk import BaseNotifier
 from gfocal_pipeline.alerts import (
     AlertContent,
     airflow_run_url,
+    alert_message,
     build_alert,
     build_failure_alert,
+    report_page_url,
     trend_page_url,
 )
 from operators.settings import GfocalSettings, load_settings
@@ -30,21 +32,48 @@ def _links(settings: GfocalSettings, dag_id: str, run_id: str) -> tuple[str | No
     return airflow_run_url(settings.base_url, dag_id, run_id), trend_page_url(settings.base_url)
 
 
+def verdict_alert(verdict: dict[str, Any], settings: GfocalSettings) -> AlertContent:
+    """The alert of a verdict with its run's regression report (when the gate could write one)."""
+    from gfocal_pipeline.report import load_report
+
+    dag_id, run_id = verdict.get("dag_id", ""), verdict.get("run_id", "")
+    run_url, trend_url = _links(settings, dag_id, run_id)
+    report = load_report(verdict["run_dir"]) if verdict.get("run_dir") else None
+    report_url = report_page_url(settings.base_url, dag_id, run_id) if report and settings.base_url else None
+    return build_alert(verdict, run_url=run_url, trend_url=trend_url, report=report, report_url=report_url)
+
+
+class _SmtpAlert:
+    """The alert as one e-mail (text + HTML + inline pictures, `alerts.alert_message`), sent through
+    the Airflow SMTP connection `[gfocal] smtp_conn_id` with the provider's SmtpHook, which handles
+    the connection's TLS/SSL, login or OAuth2. (The provider's SmtpNotifier sends HTML only, with
+    pictures as plain attachments; an alert needs its text part and inline pictures.)"""
+
+    def __init__(self, content: AlertContent, settings: GfocalSettings) -> None:
+        self.content, self.settings = content, settings
+
+    def notify(self, context: dict[str, Any]) -> None:
+        from airflow.providers.smtp.hooks.smtp import SmtpHook
+
+        with SmtpHook(smtp_conn_id=self.settings.smtp_conn_id) as hook:
+            sender = self.settings.alert_from or hook.from_email
+            if not sender:
+                raise ValueError("no sender: set [gfocal] alert_from or from_email in the SMTP connection")
+            message = alert_message(self.content, sender, list(self.settings.alert_to))
+            client = hook._smtp_client  # the hook's logged-in client; it has no public send of a message
+            if client is None:
+                raise ConnectionError(f"SMTP connection {self.settings.smtp_conn_id!r} did not open")
+            client.send_message(message)
+        log.info("alert %r e-mailed to %s", self.content.subject, ", ".join(self.settings.alert_to))
+
+
 def _smtp(content: AlertContent, settings: GfocalSettings) -> Any:
     if not settings.alert_to:
         log.warning(
             "no [gfocal] alert_to recipients: alert not e-mailed:\n%s\n%s", content.subject, content.text
         )
         return None
-    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
-
-    return SmtpNotifier(
-        to=list(settings.alert_to),
-        from_email=settings.alert_from,
-        subject=content.subject,
-        html_content=content.html,
-        smtp_conn_id=settings.smtp_conn_id,
-    )
+    return _SmtpAlert(content, settings)
 
 
 def _slack(content: AlertContent, settings: GfocalSettings) -> Any:
@@ -112,7 +141,7 @@ class GfocalAlertNotifier(BaseNotifier):
         verdict = ti.xcom_pull(task_ids=GATE, key=VERDICT_KEY) if ti.task_id == GATE else None
         error = context.get("exception")
         if verdict:
-            content = build_alert(verdict, run_url=run_url, trend_url=trend_url)
+            content = verdict_alert(verdict, settings)
         else:
             content = build_failure_alert(
                 dag_id=dag_id,

@@ -12,7 +12,7 @@ from gfocal_pipeline.gate import RegressionError, format_verdict_table, run_gate
 from gfocal_pipeline.history import HistoryStore, RunRecord
 from operators.base import project_errors
 from operators.settings import load_settings
-from operators.wiring import VERDICT_KEY
+from operators.wiring import REPORT_KEY, VERDICT_KEY
 
 
 class RecordResultsOperator(BaseOperator):
@@ -67,14 +67,16 @@ class RecordResultsOperator(BaseOperator):
 
 
 class RegressionGateOperator(BaseOperator):
-    """Judge the device run against floors and the median of recent passing runs.
+    """Judge the device run against floors and the median of recent passing runs, then write the run's
+    regression report (`gfocal_pipeline.report`, in `<run_dir>/report/`).
 
-    The verdict is pushed (XCom key `verdict` and the return value); a failed gate fails the task
-    without retries, and the DAG's failure notifier turns the verdict into an alert. The fps
-    windows are the shard fps of `evaluate_task`.
+    The verdict is pushed (XCom key `verdict` and the return value), the report's summary under key
+    `report`; a failed gate fails the task without retries, and the DAG's failure notifier turns the
+    verdict and the report into an alert. A report that cannot be made is logged, never hides the
+    verdict. The fps windows are the shard fps of `evaluate_task`.
     """
 
-    template_fields: Sequence[str] = ("thresholds",)
+    template_fields: Sequence[str] = ("thresholds", "run_dir")
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class RegressionGateOperator(BaseOperator):
         record_task: str,
         evaluate_task: str,
         thresholds: dict[str, Any] | str,
+        run_dir: str | None = None,
         role: str = "device",
         **kwargs: Any,
     ) -> None:
@@ -92,16 +95,32 @@ class RegressionGateOperator(BaseOperator):
             thresholds,
             role,
         )
+        self.run_dir = run_dir
 
     @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
         record = RunRecord.from_dict(ti.xcom_pull(task_ids=self.record_task)[self.role])
         shard_fps = (ti.xcom_pull(task_ids=self.evaluate_task) or {}).get("timing", {}).get("shard_fps")
+        run_dir = str(self.run_dir) if self.run_dir else None
         with HistoryStore(load_settings().history_url) as store:
-            verdict = run_gate(store, record, dict(self.thresholds), fps_windows=shard_fps or None)
+            verdict = run_gate(
+                store, record, dict(self.thresholds), fps_windows=shard_fps or None, run_dir=run_dir
+            )
         ti.xcom_push(key=VERDICT_KEY, value=verdict)
         self.log.info("gate verdict:\n%s", format_verdict_table(verdict))
+        if run_dir:
+            ti.xcom_push(key=REPORT_KEY, value=self._report(run_dir, verdict))
         if not verdict["passed"]:
             raise AirflowFailException(str(RegressionError(verdict)))
         return verdict
+
+    def _report(self, run_dir: str, verdict: dict[str, Any]) -> dict[str, Any] | None:
+        from gfocal_pipeline.report import ReportOptions, write_report
+
+        try:
+            options = ReportOptions(score_thr=load_settings().report_score_thr)
+            return write_report(run_dir, verdict=verdict, options=options)
+        except Exception:  # the verdict stands without its report; say why in the log
+            self.log.exception("the regression report of %s could not be written", run_dir)
+            return None

@@ -28,6 +28,9 @@ max_pixels              the pixel budget of one source image (width x height, re
                         before decoding), read on the worker that runs the preprocess task: an image
                         over it is a bad image (refused, or skipped with skip_bad_images) (default:
                         empty = 100000000, 100 megapixels; 0 = no budget)
+report_score_thr        the regression report's "confident" score: boxes at or above it are matched
+                        in the image ranking and drawn in its pictures (docs/quality.md#reports)
+                        (default 0.3; a number in (0, 1])
 keep_runs               retention (the DAGs' last task, `gfocal gc`): the newest run directories of
                         each DAG kept whole; older ones are pruned to their small results (summary,
                         eval, timing, final detections) (default 14; an integer >= 1)
@@ -98,6 +101,7 @@ class GfocalSettings:
     preprocess_workers: int | None = None
     device_slots: int = 1
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    report_score_thr: float = 0.3
     keep_runs: int = DEFAULT_KEEP_RUNS
     cache_max_gb: float = DEFAULT_CACHE_MAX_GB
     run_defaults: tuple[tuple[str, str], ...] = ()  # (option, value) of the data keys that are set
@@ -273,6 +277,9 @@ def load_settings() -> GfocalSettings:
         preprocess_workers=_positive_int_or_none("preprocess_workers", get("preprocess_workers", "")),
         device_slots=_positive_int_or_none("device_slots", get("device_slots", "")) or defaults.device_slots,
         max_pixels=_max_pixels(get("max_pixels", "")),
+        report_score_thr=_positive(
+            "report_score_thr", get("report_score_thr", ""), defaults.report_score_thr
+        ),
         keep_runs=_keep_runs(get("keep_runs", str(defaults.keep_runs))),
         cache_max_gb=_cache_max_gb(get("cache_max_gb", str(defaults.cache_max_gb))),
         run_defaults=tuple((key, get(key, "").strip()) for key in DATA_KEYS if get(key, "").strip()),

@@ -22,6 +22,7 @@ RECORD = "record"
 GATE = "gate"
 RETENTION = "retention"
 VERDICT_KEY = "verdict"  # XCom key of the gate's verdict (read by the failure notifier)
+REPORT_KEY = "report"  # XCom key of the regression report's summary (gfocal_pipeline.report)
 MANIFEST_KEY = "manifest"  # XCom key of the preprocess task's manifest facts
 
 

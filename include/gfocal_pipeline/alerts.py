@@ -1,9 +1,12 @@
 """Regression alerts: channel-agnostic content from a gate verdict, and a plain smtplib sender.
 
-`build_alert` returns (subject, text, html) for any channel (Airflow's SMTP notifier, Slack, ...);
-`send_alert` delivers it over SMTP without Airflow. A server that cannot be reached raises
-SmtpConnectionError, which operators should treat as non-retryable (retrying an alert minutes later
-does not fix a wrong host and delays the task's failure).
+`build_alert` returns (subject, text, html, pictures) for any channel (e-mail, Slack, ...): the
+verdict table, and from the run's regression report (`gfocal_pipeline.report`) the classes that
+changed most and, for a failed verdict, the report's pictures (capped in number and bytes).
+`alert_message` makes the e-mail: text and HTML alternatives, the pictures as content-id parts
+related to the HTML. `send_alert` delivers it over SMTP without Airflow. A server that cannot be
+reached raises SmtpConnectionError, which operators should treat as non-retryable (retrying an alert
+minutes later does not fix a wrong host and delays the task's failure).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
+from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
@@ -45,6 +49,15 @@ class AlertContent(NamedTuple):
     subject: str
     text: str
     html: str
+    # (content id, PNG path): pictures the HTML shows inline as `cid:<content id>`
+    pictures: tuple[tuple[str, str], ...] = ()
+
+
+ALERT_CLASS_ROWS = 10  # worst per-class rows of the report in an alert
+ALERT_PICTURES = 6
+ALERT_PICTURE_BYTES = (
+    1_500_000  # all pictures of one alert together; a huge dataset never makes a huge e-mail
+)
 
 
 def airflow_run_url(base_url: str, dag_id: str, run_id: str) -> str:
@@ -55,6 +68,11 @@ def airflow_run_url(base_url: str, dag_id: str, run_id: str) -> str:
 def trend_page_url(base_url: str) -> str:
     """Link to the gfocal trend page that plugins/gfocal_plugin.py mounts."""
     return f"{base_url.rstrip('/')}{TREND_URL_PREFIX}/"
+
+
+def report_page_url(base_url: str, dag_id: str, run_id: str) -> str:
+    """Link to a run's regression report page (served by the plugin beside the trend page)."""
+    return f"{trend_page_url(base_url)}runs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}/report/"
 
 
 def _metric_summary(metric: str, checks: Sequence[Mapping[str, Any]]) -> str:
@@ -74,13 +92,58 @@ def _metric_summary(metric: str, checks: Sequence[Mapping[str, Any]]) -> str:
     return f"{metric} {value_text} below floor {limit_text}"
 
 
+def _fmt_delta(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.4f}"
+
+
+def report_rows(report: Mapping[str, Any], limit: int = ALERT_CLASS_ROWS) -> list[list[str]]:
+    """The report's worst per-class rows as table cells (header first)."""
+    rows = [["class", "AP", "Δ reference", "Δ baseline", "boxes", "boxes reference"]]
+    for row in report.get("per_class", [])[:limit]:
+        ref_boxes = row.get("boxes_reference")
+        rows.append(
+            [
+                str(row["name"]),
+                "-" if row["AP"] is None else f"{row['AP']:.4f}",
+                _fmt_delta(row.get("delta_reference")),
+                _fmt_delta(row.get("delta_baseline")),
+                str(row.get("boxes", "")),
+                "-" if ref_boxes is None else str(ref_boxes),
+            ]
+        )
+    return rows
+
+
+def alert_pictures(report: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(content id, path) of the report's pictures, at most ALERT_PICTURES within ALERT_PICTURE_BYTES."""
+    folder = Path(str(report.get("run_dir", ""))) / "report"
+    chosen, total = [], 0
+    for item in report.get("images", []):
+        if not item.get("picture") or len(chosen) >= ALERT_PICTURES:
+            continue
+        path = folder / item["picture"]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        if total + size > ALERT_PICTURE_BYTES:
+            break
+        total += size
+        chosen.append((f"{path.stem}@gfocal.report", str(path)))
+    return tuple(chosen)
+
+
 def build_alert(
     verdict: Mapping[str, Any],
     *,
     run_url: str | None = None,
     trend_url: str | None = None,
+    report: Mapping[str, Any] | None = None,
+    report_url: str | None = None,
 ) -> AlertContent:
-    """Subject naming the regressed metric(s), plain-text and HTML bodies with the verdict table."""
+    """Subject naming the regressed metric(s), plain-text and HTML bodies with the verdict table and,
+    from the run's `report`, the classes that changed most; a failed verdict's HTML also shows the
+    report's pictures inline (AlertContent.pictures)."""
     label = verdict.get("label", "")
     run_id = verdict.get("run_id", "")
     regressed = list(verdict.get("regressed", []))
@@ -94,34 +157,70 @@ def build_alert(
         subject = f"[gfocal] OK | {label} | run {run_id}"
     subject = " ".join(subject.split())  # no CR/LF in a header
 
-    links = [(name, url) for name, url in (("Airflow run", run_url), ("Trend page", trend_url)) if url]
+    named = (("Airflow run", run_url), ("Report", report_url), ("Trend page", trend_url))
+    links = [(name, url) for name, url in named if url]
     text_parts = [format_verdict_table(verdict)]
     if verdict.get("baseline_runs"):
         text_parts.append("baseline runs: " + ", ".join(verdict["baseline_runs"]))
+    if report:
+        text_parts.append(f"Classes that changed most ({report.get('backend')} vs {report.get('against')}):")
+        text_parts.append(_text_table(report_rows(report)))
     if links:
         text_parts.append("\n".join(f"{name}: {url}" for name, url in links))
     text = "\n\n".join(text_parts) + "\n"
+    pictures = alert_pictures(report) if report and not verdict.get("passed") else ()
+    return AlertContent(subject, text, _html_body(verdict, links, report, pictures), pictures)
 
-    return AlertContent(subject, text, _html_body(verdict, links))
+
+def _text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
-def _html_body(verdict: Mapping[str, Any], links: list[tuple[str, str]]) -> str:
+def _html_table(rows: list[list[str]], fail_column: int | None = None) -> str:
     esc = html.escape
-    rows = verdict_rows(verdict)
-    status = "PASS" if verdict.get("passed") else "FAIL"
-    color = "#1a7f37" if verdict.get("passed") else "#cf222e"
     cell = "border:1px solid #d0d7de;padding:4px 8px;text-align:left"
     head = "".join(f'<th style="{cell}">{esc(c)}</th>' for c in rows[0])
     body = []
     for row in rows[1:]:
-        style = cell + (";color:#cf222e;font-weight:bold" if row[-1] == "FAIL" else "")
+        bad = fail_column is not None and row[fail_column] == "FAIL"
+        style = cell + (";color:#cf222e;font-weight:bold" if bad else "")
         body.append("<tr>" + "".join(f'<td style="{style}">{esc(c)}</td>' for c in row) + "</tr>")
-    table = (
+    return (
         f'<table style="border-collapse:collapse;font-family:monospace"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
-        if len(rows) > 1
-        else "<p>No checks were run.</p>"
     )
+
+
+def _report_html(report: Mapping[str, Any], pictures: tuple[tuple[str, str], ...]) -> list[str]:
+    esc = html.escape
+    parts = [
+        f"<h3>Classes that changed most ({esc(str(report.get('backend')))} vs "
+        f"{esc(str(report.get('against')))})</h3>",
+        _html_table(report_rows(report)),
+    ]
+    if pictures:
+        parts.append(
+            "<h3>Images that disagree most</h3><p>ground truth green, reference blue dashed, device red</p>"
+        )
+        parts += [
+            f'<img src="cid:{esc(cid, quote=True)}" alt="{esc(Path(path).stem)}" style="margin:4px">'
+            for cid, path in pictures
+        ]
+    return parts
+
+
+def _html_body(
+    verdict: Mapping[str, Any],
+    links: list[tuple[str, str]],
+    report: Mapping[str, Any] | None = None,
+    pictures: tuple[tuple[str, str], ...] = (),
+) -> str:
+    esc = html.escape
+    rows = verdict_rows(verdict)
+    status = "PASS" if verdict.get("passed") else "FAIL"
+    color = "#1a7f37" if verdict.get("passed") else "#cf222e"
+    table = _html_table(rows, fail_column=-1) if len(rows) > 1 else "<p>No checks were run.</p>"
     notes = [
         *verdict.get("notes", []),
         *(f"{c['name']}: {c['note']}" for c in verdict.get("checks", []) if c.get("note")),
@@ -140,6 +239,8 @@ def _html_body(verdict: Mapping[str, Any], links: list[tuple[str, str]]) -> str:
             + ", ".join(f"<code>{esc(r)}</code>" for r in verdict["baseline_runs"])
             + "</p>"
         )
+    if report:
+        parts += _report_html(report, pictures)
     if links:
         parts.append(
             "<p>"
@@ -201,21 +302,27 @@ class SmtpSettings:
             raise AlertDeliveryError(f"bad SMTP settings {sorted(values)}: {exc}") from exc
 
 
-def _message(content: AlertContent, settings: SmtpSettings) -> EmailMessage:
+def alert_message(content: AlertContent, sender: str, recipients: Sequence[str]) -> EmailMessage:
+    """multipart/alternative: the text, and the HTML with its pictures as content-id parts (related)."""
     message = EmailMessage()
     message["Subject"] = content.subject
-    message["From"] = settings.sender
-    message["To"] = ", ".join(settings.recipients)
+    message["From"] = sender
+    message["To"] = ", ".join(recipients)
     message["Date"] = formatdate(localtime=False)
-    message["Message-ID"] = make_msgid(domain=settings.sender.rsplit("@", 1)[-1])
+    message["Message-ID"] = make_msgid(domain=sender.rsplit("@", 1)[-1])
     message.set_content(content.text)
     message.add_alternative(content.html, subtype="html")
+    html_part = message.get_payload()[-1]
+    for cid, path in content.pictures:
+        html_part.add_related(
+            Path(path).read_bytes(), maintype="image", subtype="png", cid=f"<{cid}>", filename=Path(path).name
+        )
     return message
 
 
 def send_alert(content: AlertContent, settings: SmtpSettings) -> None:
     """Deliver one multipart (text + HTML) message, or raise AlertDeliveryError / SmtpConnectionError."""
-    message = _message(content, settings)
+    message = alert_message(content, settings.sender, settings.recipients)
     where = f"{settings.host}:{settings.port}"
     client_class = smtplib.SMTP_SSL if settings.use_ssl else smtplib.SMTP
     try:
@@ -255,12 +362,13 @@ def alert_on_failure(
     *,
     run_url: str | None = None,
     trend_url: str | None = None,
+    report: Mapping[str, Any] | None = None,
 ) -> bool:
     """Send the alert only when the verdict failed; returns whether a message was sent."""
     if verdict.get("passed"):
         log.info("gate passed for run %s: no alert", verdict.get("run_id"))
         return False
-    send_alert(build_alert(verdict, run_url=run_url, trend_url=trend_url), settings)
+    send_alert(build_alert(verdict, run_url=run_url, trend_url=trend_url, report=report), settings)
     return True
 
 

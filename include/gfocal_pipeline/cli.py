@@ -240,15 +240,15 @@ def cmd_summary(args: argparse.Namespace) -> Any:
 GATE_OPTIONS = FORM_SECTIONS["Gate & alerts"]  # the gate's thresholds (`GateThresholds`)
 
 
-def _send_alert(args: argparse.Namespace, verdict: dict[str, Any]) -> None:
-    """E-mail a failed verdict; a lost alert is reported, the verdict stands."""
+def _send_alert(args: argparse.Namespace, verdict: dict[str, Any], report: dict[str, Any] | None) -> None:
+    """E-mail a failed verdict (with its report); a lost alert is reported, the verdict stands."""
     from gfocal_pipeline.alerts import AlertDeliveryError, SmtpSettings, alert_on_failure
 
     try:
         settings = SmtpSettings.from_mapping(
             {"host": args.smtp_host, "port": args.smtp_port, "from": args.alert_from, "to": args.alert_to}
         )
-        alert_on_failure(verdict, settings)
+        alert_on_failure(verdict, settings, report=report)
     except AlertDeliveryError as exc:
         print(f"gfocal gate: warning: alert not sent: {exc}", file=sys.stderr)
 
@@ -263,14 +263,52 @@ def cmd_gate(args: argparse.Namespace) -> Any:
     record, evaluation = cli_history_record(
         args.run_dir, args.backend, run_id=args.run_id, device=args.device, precision=args.precision
     )
+    run_dir = os.path.abspath(args.run_dir)
     with HistoryStore(args.history_url or default_history_url()) as store:
         store.record(record)
-        verdict = run_gate(store, record, thresholds, fps_windows=evaluation["timing"].get("shard_fps"))
+        verdict = run_gate(
+            store, record, thresholds, fps_windows=evaluation["timing"].get("shard_fps"), run_dir=run_dir
+        )
     print(format_verdict_table(verdict), file=sys.stderr)
+    report = _gate_report(run_dir, verdict)
     if args.smtp_host:
-        _send_alert(args, verdict)
+        _send_alert(args, verdict, report)
     raise_for_verdict(verdict)  # a failed gate exits with status 1
     return verdict
+
+
+def _gate_report(run_dir: str, verdict: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's regression report beside the verdict; one that cannot be made is a warning."""
+    from gfocal_pipeline.report import load_report, write_report
+
+    try:
+        summary = write_report(run_dir, verdict=verdict)
+    except GfocalError as exc:
+        print(f"gfocal gate: warning: no regression report: {exc}", file=sys.stderr)
+        return None
+    print(f"gfocal gate: report {summary['report_html']}", file=sys.stderr)
+    return load_report(run_dir)
+
+
+def cmd_report(args: argparse.Namespace) -> Any:
+    """Write `<run-dir>/report/` for a run done with or without Airflow."""
+    from gfocal_pipeline.report import ReportOptions, write_report
+
+    if not os.path.isdir(args.run_dir):
+        raise GfocalError(f"run directory {args.run_dir!r} does not exist; pass a finished run's directory")
+    baseline = [
+        {"dag_id": "-", "run_id": os.path.basename(os.path.abspath(d)), "run_dir": d} for d in args.baseline
+    ]
+    missing = [d for d in args.baseline if not os.path.isdir(d)]
+    if missing:
+        raise GfocalError(f"--baseline run directories {missing} do not exist")
+    options = ReportOptions(top_images=args.top_images, score_thr=args.score_thr, iou_thr=args.iou_thr)
+    reference = None if args.reference == "none" else args.reference
+    summary = write_report(
+        args.run_dir, backend=args.backend, reference=reference, baseline=baseline, options=options
+    )
+    print(f"gfocal report: {summary['report_html']}", file=sys.stderr)
+    return summary
 
 
 def cmd_demo_data(args: argparse.Namespace) -> Any:
@@ -437,6 +475,28 @@ def add_results(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alert-from", default="gfocal@localhost")
     p.add_argument("--alert-to", default=None, help="comma-separated recipients")
     p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser(
+        "report",
+        help="write a run's regression report (report/report.json, report.html, pictures)",
+        description="Compare a run's device backend with its PyTorch reference (or the ground truth) and "
+        "with baseline runs: per-class AP sorted by the largest drop, AP by object size, the images that "
+        "disagree most, with pictures. Written to <run-dir>/report/; the gate writes the same report.",
+    )
+    p.add_argument("--run-dir", required=True)
+    p.add_argument(
+        "--backend", default=None, help="device backend (default: the run's one non-torch evaluation)"
+    )
+    p.add_argument(
+        "--reference", default="auto", help="reference backend: auto (torch when evaluated), a name, or none"
+    )
+    p.add_argument("--baseline", action="append", default=[], help="a baseline run directory (repeatable)")
+    p.add_argument("--top-images", type=int, default=6, help="pictures drawn (default: 6)")
+    p.add_argument(
+        "--score-thr", type=float, default=0.3, help="confident boxes for the image ranking (default: 0.3)"
+    )
+    p.add_argument("--iou-thr", type=float, default=0.5, help="IoU of a match (default: 0.5)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo-data", help="generate the demo COCO set and RANDOM checkpoint")
     p.add_argument("--work-dir", default=None)

@@ -354,6 +354,11 @@ def evaluate(
         "checks": checks,
         "regressed": regressed,
         "baseline_runs": [r.run_id for r in base],
+        # where each baseline run's results are (the report reads their per-class AP)
+        "baseline": [
+            {"dag_id": r.dag_id, "run_id": r.run_id, "run_dir": (r.verdict_detail or {}).get("run_dir")}
+            for r in base
+        ],
         "first_run": not base,
         "notes": notes,
         "thresholds": t.as_dict(),
@@ -373,9 +378,11 @@ def run_gate(
     thresholds: GateThresholds | Mapping[str, Any],
     *,
     fps_windows: Sequence[float] | None = None,
+    run_dir: str | None = None,
 ) -> dict[str, Any]:
     """Read the baseline from `store`, judge `record` (already recorded) and store the verdict on its row.
 
+    `run_dir` is kept in the verdict (the report page and later reports find the run's files by it).
     A HistoryError (database unreachable) propagates and fails the task (its alert names the error).
     """
     t = thresholds if isinstance(thresholds, GateThresholds) else GateThresholds.from_mapping(thresholds)
@@ -383,6 +390,8 @@ def run_gate(
         record.config, limit=t.baseline_runs, exclude=(record.dag_id, record.run_id)
     )
     verdict = evaluate(record, history, t, fps_windows=fps_windows)
+    if run_dir is not None:
+        verdict["run_dir"] = str(run_dir)
     store.set_verdict(record.dag_id, record.run_id, record.config, verdict)
     return verdict
 

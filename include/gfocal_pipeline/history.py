@@ -599,6 +599,17 @@ class HistoryStore:
             rows = conn.execute(query).mappings().all()
         return [_record_from_row(row) for row in rows]
 
+    def run_records(self, dag_id: str, run_id: str) -> list[RunRecord]:
+        """Every row of run `run_id` of DAG `dag_id` (any configuration), newest first."""
+        query = (
+            sa.select(results_table)
+            .where(results_table.c.dag_id == dag_id, results_table.c.run_id == run_id)
+            .order_by(results_table.c.finished_at.desc(), results_table.c.id.desc())
+        )
+        with self._transaction(f"reading run {run_id!r} of {dag_id!r}") as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_record_from_row(row) for row in rows]
+
     def count(self) -> int:
         with self._transaction("counting rows") as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(results_table)).scalar_one())

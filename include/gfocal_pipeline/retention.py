@@ -3,7 +3,7 @@
 `prune_runs` keeps the newest `keep_runs` run directories (`<work_dir>/<dag_id>/<run_id>/`) of each
 DAG whole and prunes older ones to what the history, the trend page and a post-mortem read:
 
-    KEPT      run.json, manifest.json, summary.json, pruned.json, uses/**, eval/**, timing/**,
+    KEPT      run.json, manifest.json, summary.json, pruned.json, uses/**, eval/**, timing/**, report/**,
               outputs/<backend>/<shard>/{outputs.npz,done.json}, model/*.json, *.log, logs/**
     REMOVED   everything else: inputs/, model/*.onnx, model/*.om, candidates.npz, temporaries
               (dot-files, *.tmp) even inside the kept folders, ...
@@ -43,7 +43,7 @@ RUN_FILES = ("run.json", "manifest.json", "summary.json")  # any of them makes a
 SUMMARY_FILE = "summary.json"
 USES_DIR = "uses"
 KEPT_TOP_FILES = frozenset({*RUN_FILES, PRUNED_FILE})
-KEPT_TREES = frozenset({USES_DIR, "eval", "timing", "logs"})
+KEPT_TREES = frozenset({USES_DIR, "eval", "timing", "logs", "report"})
 KEPT_SHARD_FILES = frozenset({OUTPUTS_FILE, DONE_FILE})
 CACHE_DIR = "cache"
 

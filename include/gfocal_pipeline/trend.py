@@ -8,14 +8,21 @@ offline machines and inside the Airflow UI's iframe. Links are relative: the pag
 `<airflow>/gfocal/`, so `../dags/<dag_id>/runs/<run_id>` reaches the Airflow run whatever
 `[api] base_url` prefix the deployment uses. `create_app` builds the FastAPI app; FastAPI is imported
 there only, so the rest of the library does not need it.
+
+The app also serves each gated run's regression report (`<run_dir>/report/report.html` and its
+`pictures/`, written by the gate) at `runs/<dag_id>/<run_id>/report/`, linked from the "Recent runs"
+table. The run directory is read from the run's history row (`verdict_detail["run_dir"]`), never
+from the URL; a run without one (older or un-gated runs) has no report.
 """
 
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -23,6 +30,7 @@ from gfocal_pipeline.history import LEGACY_DATASET, ConfigKey, HistoryError, His
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from starlette.responses import Response
 
 LEGACY_NOTE = (
     f"dataset {LEGACY_DATASET!r}: these runs were recorded before the history keyed runs by dataset; "
@@ -30,11 +38,20 @@ LEGACY_NOTE = (
 )
 SERIES = (("AP", "AP", "{:.4f}"), ("fps", "fps", "{:.2f}"))
 VERDICT_COLORS = {"pass": "#1a7f37", "fail": "#cf222e", None: "#6e7781"}
+REPORT_DIR, REPORT_HTML, PICTURES_DIR = "report", "report.html", "pictures"
+PICTURE_NAME = re.compile(r"[0-9]{2}_[0-9]+\.png")  # <rank>_<image id>.png, matched whole
+# report.html is self-contained: inline CSS, pictures from this server; no script, nothing else
+REPORT_CSP = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'"
 
 
 def run_path(dag_id: str, run_id: str) -> str:
     """Path of a DAG run in the Airflow 3 UI, relative to the UI root."""
     return f"dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
+
+
+def report_path(dag_id: str, run_id: str) -> str:
+    """Path of a run's regression report, relative to the trend page."""
+    return f"runs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}/{REPORT_DIR}/"
 
 
 def _run_point(record: RunRecord) -> dict[str, Any]:
@@ -53,6 +70,7 @@ def _run_point(record: RunRecord) -> dict[str, Any]:
         "verdict": record.verdict,
         "regressed": list(detail.get("regressed", [])),
         "run_path": run_path(record.dag_id, record.run_id),
+        "report_path": report_path(record.dag_id, record.run_id) if detail.get("run_dir") else None,
     }
 
 
@@ -242,6 +260,11 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _report_link(path: str | None) -> str:
+    """A relative link to the run's report (opened in the same frame), or '-' if it has none."""
+    return "-" if path is None else f'<a class="report" href="{html.escape(path, quote=True)}">report</a>'
+
+
 def render_page(data: Mapping[str, Any], *, airflow_root: str = "../", title: str = "GFocal trends") -> str:
     """The HTML page for `data` (from trend_data). `airflow_root` is the relative path from the page
     to the Airflow UI root, used for run links."""
@@ -278,7 +301,7 @@ def render_page(data: Mapping[str, Any], *, airflow_root: str = "../", title: st
         out.append(
             "<h2>Recent runs</h2><table><thead><tr><th>finished (UTC)</th><th>run</th><th>configuration</th>"
             "<th>AP</th><th>AP Δ</th><th>fps</th><th>p50 ms</th><th>p99 ms</th><th>verdict</th>"
-            "</tr></thead><tbody>"
+            "<th>report</th></tr></thead><tbody>"
         )
         for run in data["recent_runs"]:
             href = esc(airflow_root + run["run_path"], quote=True)
@@ -291,7 +314,7 @@ def render_page(data: Mapping[str, Any], *, airflow_root: str = "../", title: st
                 f'<td class="num">{_num(run["fps"], "{:.2f}")}</td>'
                 f'<td class="num">{_num(run["latency_p50_ms"], "{:.2f}")}</td>'
                 f'<td class="num">{_num(run["latency_p99_ms"], "{:.2f}")}</td>'
-                f"<td>{_badge(run['verdict'])}</td></tr>"
+                f"<td>{_badge(run['verdict'])}</td><td>{_report_link(run['report_path'])}</td></tr>"
             )
         out.append("</tbody></table>")
     out.append(f'<p class="notes">Generated {esc(data["generated_at"][:19])} UTC.</p></body></html>')
@@ -340,4 +363,115 @@ def create_app(
         except HistoryError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=503)
 
+    _add_report_routes(app, get_store)
     return app
+
+
+class ReportUnavailable(Exception):
+    """Why a run's report cannot be served: the HTTP status and a message that names the fix."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def report_dir(store: HistoryStore, dag_id: str, run_id: str) -> Path:
+    """`<run_dir>/report` of a run, the run directory taken from its history rows only (never from
+    a request). ReportUnavailable(404) if the run is unknown or no row of it names a run directory;
+    HistoryError if the database fails."""
+    records = store.run_records(dag_id, run_id)
+    if not records:
+        raise ReportUnavailable(
+            404,
+            f"run {run_id!r} of DAG {dag_id!r} is not in the history database {store.url}: "
+            "it was not recorded (its record task did not succeed), or the link is wrong",
+        )
+    details = [r.verdict_detail for r in records if isinstance(r.verdict_detail, dict)]
+    run_dir = next((d["run_dir"] for d in details if d.get("run_dir")), None)
+    if run_dir is None:
+        raise ReportUnavailable(
+            404,
+            f"run {run_id!r} of DAG {dag_id!r} has no report: its history row names no run directory "
+            "(the run predates reports, or its gate did not run); write one with "
+            f"`gfocal report --run-dir <work_dir>/{dag_id}/{run_id}`",
+        )
+    return Path(run_dir) / REPORT_DIR
+
+
+def read_report(folder: Path) -> bytes:
+    """The bytes of `folder`/report.html; ReportUnavailable (404 missing, 503 unreadable) if none."""
+    path = folder / REPORT_HTML
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ReportUnavailable(
+            404,
+            f"no report at {path}: the run predates reports, or its gate did not run; "
+            f"write one with `gfocal report --run-dir {folder.parent}`",
+        ) from None
+    except OSError as exc:
+        raise ReportUnavailable(
+            503,
+            f"cannot read {path}: {exc}; the api-server needs read access to the work directory "
+            "(the same shared volume as the workers)",
+        ) from None
+
+
+def check_picture_name(name: str) -> None:
+    """ReportUnavailable(404) unless `name` is a report picture's name: no path, no other file."""
+    if not PICTURE_NAME.fullmatch(name):
+        raise ReportUnavailable(404, f"{name!r} is not the name of a report picture (NN_<image id>.png)")
+
+
+def picture_file(folder: Path, name: str) -> Path:
+    """The picture `name` of the report in `folder`: a name of the report's pictures
+    (`NN_<image id>.png`) whose resolved file lies directly in `folder`/pictures; else
+    ReportUnavailable(404)."""
+    check_picture_name(name)
+    pictures = (folder / PICTURES_DIR).resolve()
+    path = (pictures / name).resolve()
+    if path.parent != pictures or not path.is_file():
+        raise ReportUnavailable(404, f"no picture {name!r} in {pictures}")
+    return path
+
+
+def _message_page(title: str, message: str, status: int) -> Response:
+    from fastapi.responses import HTMLResponse
+
+    body = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+    body += f"<body><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p></body></html>"
+    return HTMLResponse(body, status_code=status)
+
+
+def _add_report_routes(app: FastAPI, get_store: Callable[[], HistoryStore]) -> None:
+    """`runs/{dag_id}/{run_id}/report/` (report.html) and its `pictures/{name}` (PNG), both found
+    through the history; the app's dependencies (authentication) apply to them."""
+    from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+
+    title = "GFocal report"
+
+    @app.get("/runs/{dag_id}/{run_id}/report", include_in_schema=False)
+    def report_without_slash(dag_id: str, run_id: str) -> RedirectResponse:
+        # relative, so any mount prefix is kept; report.html's relative picture links need the slash
+        return RedirectResponse(f"{REPORT_DIR}/", status_code=308)
+
+    @app.get("/runs/{dag_id}/{run_id}/report/", response_class=HTMLResponse)
+    def report(dag_id: str, run_id: str) -> Response:
+        try:
+            content = read_report(report_dir(get_store(), dag_id, run_id))
+        except HistoryError as exc:
+            return _message_page(title, str(exc), 503)
+        except ReportUnavailable as exc:
+            return _message_page(title, str(exc), exc.status)
+        return HTMLResponse(content, headers={"Content-Security-Policy": REPORT_CSP})
+
+    @app.get("/runs/{dag_id}/{run_id}/report/pictures/{name}", response_class=FileResponse)
+    def picture(dag_id: str, run_id: str, name: str) -> Response:
+        try:
+            check_picture_name(name)  # before any database read
+            path = picture_file(report_dir(get_store(), dag_id, run_id), name)
+        except HistoryError as exc:
+            return _message_page(title, str(exc), 503)
+        except ReportUnavailable as exc:
+            return _message_page(title, str(exc), exc.status)
+        return FileResponse(path, media_type="image/png")

@@ -1,5 +1,5 @@
-"""Authentication of the deployed API server (the integration cluster of conftest.py): the trend page
-and its JSON refuse anonymous requests and bad tokens, and a JWT signed with the secret that
+"""Authentication of the deployed API server (the integration cluster of conftest.py): the trend page,
+its JSON and the run reports refuse anonymous requests and bad tokens, and a JWT signed with the secret that
 docker-compose.yaml once shipped as its default is refused like any forged token."""
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 OLD_PUBLIC_DEFAULT = "change-me-in-production"  # docker-compose.yaml's former AIRFLOW_JWT_SECRET default
 TREND_PATHS = ("/gfocal/", "/gfocal/api/trends")  # the page and its JSON (plugins/gfocal_plugin.py)
+# a run's report and one of its pictures; no such run is recorded, so a logged-in request gets 404
+REPORT = "/gfocal/runs/gfocal_onnxruntime/manual__2026-12-06T01%3A02%3A03.456%2B00%3A00/report/"
+REPORT_PATHS = (REPORT, f"{REPORT}pictures/01_42.png")
 
 
 def _status(cluster: Cluster, path: str, token: str | None) -> int:
@@ -39,11 +42,15 @@ def _resigned(token: str, secret: str) -> str:
         return jwt.encode(claims, secret, algorithm=header["alg"], headers=extra)
 
 
-@pytest.mark.parametrize("path", TREND_PATHS)
-def test_the_trend_page_and_its_json_refuse_unauthenticated_requests(cluster: Cluster, path: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "logged_in"), [*((p, 200) for p in TREND_PATHS), *((p, 404) for p in REPORT_PATHS)]
+)
+def test_the_trend_page_and_its_json_refuse_unauthenticated_requests(
+    cluster: Cluster, path: str, logged_in: int
+) -> None:
     assert _status(cluster, path, None) in (401, 403)
     assert _status(cluster, path, "not-a-jwt") in (401, 403)
-    assert _status(cluster, path, cluster.token()) == 200  # the same request, logged in
+    assert _status(cluster, path, cluster.token()) == logged_in  # the same request, logged in
 
 
 def test_a_token_signed_with_the_old_public_default_secret_is_refused(cluster: Cluster) -> None:
@@ -53,5 +60,5 @@ def test_a_token_signed_with_the_old_public_default_secret_is_refused(cluster: C
     # control: re-signing with the deployment's secret keeps the token valid, so only the key differs
     assert _status(cluster, "/gfocal/api/trends", _resigned(token, secret)) == 200
     forged = _resigned(token, OLD_PUBLIC_DEFAULT)
-    for path in (*TREND_PATHS, "/api/v2/dags"):
+    for path in (*TREND_PATHS, *REPORT_PATHS, "/api/v2/dags"):
         assert _status(cluster, path, forged) in (401, 403), path

@@ -1,5 +1,6 @@
-"""Alerts through the product's real path: gate/task failure -> GfocalAlertNotifier -> Airflow's
-SmtpNotifier -> a real SMTP server (aiosmtpd) on loopback. The DAG runs under `dag.test()`."""
+"""Alerts through the product's real path: gate/task failure -> GfocalAlertNotifier -> the Airflow SMTP
+connection (the provider's SmtpHook) -> a real SMTP server (aiosmtpd) on loopback. The DAG runs under
+`dag.test()`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import email
 import email.policy
 import logging
 import os
+import re
 import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +23,7 @@ from gfocal_pipeline.history import ConfigKey, HistoryStore, RunRecord
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 DAG_ID = "gfocal_onnxruntime"
+DAG_ID_ASCEND = "gfocal_ascend_nightly"
 BASE_URL = "http://airflow.example.test/prefix"
 
 
@@ -188,3 +191,55 @@ def xcoms_verdict(run_id: str) -> dict:
             .one()
         )
         return row.value
+
+
+CHAIR = 56  # a class the demo checkpoint is confident about (DEMO_CONFIDENT_CLASSES), index into the 80
+
+
+def test_a_device_that_loses_a_class_gets_a_report_and_an_alert_with_pictures(
+    inbox: Inbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Ascend nightly on the emulated toolkit, whose NPU never finds chairs (it zeroes that class's
+    scores before its NMS): the report's first class is chair, and the failed gate's e-mail has text and
+    HTML parts and the report's pictures as content-id parts that the HTML cites."""
+    from airflow.models.pool import Pool
+    from emulators.toolkit import make_toolkit
+
+    from gfocal_pipeline.checkpoint import DEMO_CONFIDENT_CLASSES
+    from gfocal_pipeline.constants import ASCEND_POOL
+    from gfocal_pipeline.report import load_report
+
+    assert CHAIR in DEMO_CONFIDENT_CLASSES
+    monkeypatch.setenv("AIRFLOW__GFOCAL__NIGHTLY_DEADLINE_HOURS", "0")  # dag.test() cannot run deadlines
+    monkeypatch.setenv("GFOCAL_EMULATOR_DROP_CLASS", str(CHAIR))
+    # random weights score about 0.3 at best: count the report's boxes from 0.05 (its setting)
+    monkeypatch.setenv("AIRFLOW__GFOCAL__REPORT_SCORE_THR", "0.05")
+    Pool.create_or_update_pool(ASCEND_POOL, slots=1, description="Ascend NPUs", include_deferred=False)
+    toolkit = make_toolkit(tmp_path / "cann")
+    load_dag_file(ROOT / "dags" / "gfocal_factory.py")
+    dag = load_dag_file(ROOT / "dags" / "gfocal_ascend_nightly.py").dag
+    conf = {
+        "work_dir": str(tmp_path / "work"),
+        **{"height": 128, "width": 160, "max_images": 6, "shard_size": 6},
+        "cann_set_env": str(toolkit.set_env),
+        "min_ap": 0.4,  # random weights: the gate fails, so the alert goes out
+    }
+    dag_run = dag.test(run_conf=conf)
+    assert dag_run.state == "failed"
+    values = xcoms(dag.dag_id, dag_run.run_id)
+    report = load_report(values["prepare"]["run_dir"])
+    assert report is not None and report["against"] == "reference"
+    first = report["per_class"][0]
+    assert first["name"] == "chair" and first["boxes"] == 0 and first["boxes_reference"] > 0
+    assert report["images"][0]["missed"] > 0 and report["images"][0].get("picture")
+
+    assert len(inbox.messages) == 1
+    message = inbox.messages[0]
+    assert "REGRESSION" in message["Subject"]
+    assert message.get_body(("plain",)) is not None and "chair" in message.get_body(("plain",)).get_content()
+    html = message.get_body(("html",)).get_content()
+    cited = set(re.findall(r'src="cid:([^"]+)"', html))
+    pictures = [part for part in message.walk() if part.get_content_type() == "image/png"]
+    assert cited and len(pictures) == len(cited)
+    assert {part["Content-ID"].strip("<>") for part in pictures} == cited
+    assert f"{BASE_URL}/gfocal/runs/{DAG_ID_ASCEND}/" in html  # the report page link

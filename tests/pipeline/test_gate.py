@@ -316,3 +316,16 @@ def test_fps_is_not_judged_before_the_minimum_window():
     assert any("fewer than fps_min_runs=3" in note for note in verdict["notes"])
     floor = evaluate(rec("now", 0.4, 10.0), fps_history([30.0, 30.0]), replace(NOISE_DEFAULTS, min_fps=20.0))
     assert floor["regressed"] == ["fps"]  # an absolute floor still applies from the first run
+
+
+def test_the_verdict_names_where_the_run_and_its_baseline_runs_are(tmp_path) -> None:
+    """The regression report finds the baseline runs' per-class AP through these directories."""
+    with HistoryStore(f"sqlite:///{tmp_path / 'h.sqlite'}") as store:
+        first = rec("b0", 0.40, verdict=None)
+        store.record(first)
+        run_gate(store, first, LOOSE, run_dir="/work/d/b0")
+        nxt = rec("b1", 0.40, day=1, verdict=None)
+        store.record(nxt)
+        verdict = run_gate(store, nxt, LOOSE, run_dir="/work/d/b1")
+    assert verdict["run_dir"] == "/work/d/b1"
+    assert verdict["baseline"] == [{"dag_id": first.dag_id, "run_id": "b0", "run_dir": "/work/d/b0"}]

@@ -1,8 +1,10 @@
-"""Trend page: data shaping, inline SVG charts, the FastAPI app (TestClient) and the Airflow plugin
-mounted in Airflow's own API app (subprocess with its own AIRFLOW_HOME and migrated SQLite DB)."""
+"""Trend page: data shaping, inline SVG charts, the FastAPI app (TestClient), the run reports it serves
+from the run directories named in the history, and the Airflow plugin mounted in Airflow's own API app
+(subprocess with its own AIRFLOW_HOME and migrated SQLite DB)."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import subprocess
@@ -13,11 +15,13 @@ from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from gfocal_pipeline.history import LEGACY_DATASET, ConfigKey, HistoryStore, RunRecord
-from gfocal_pipeline.trend import create_app, svg_chart
+from gfocal_pipeline.trend import REPORT_CSP, create_app, svg_chart
 
 ROOT = Path(__file__).resolve().parents[2]
 SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
@@ -256,3 +260,143 @@ def test_plugin_is_mounted_by_airflow_behind_a_base_url_prefix(tmp_path):
     assert plugin["fastapi_apps"][0]["url_prefix"] == "/gfocal"
     view = plugin["external_views"][0]
     assert (view["href"], view["url_route"], view["destination"]) == ("gfocal/", "gfocal-trends", "nav")
+
+
+# --- run reports -------------------------------------------------------------------------------------
+
+DAG = "gfocal_onnxruntime"
+REPORTED_RUN = "manual__2026-12-06T01:02:03.456+00:00"  # ':' and '+' must survive the URL round trip
+REPORT_URL = "/runs/gfocal_onnxruntime/manual__2026-12-06T01%3A02%3A03.456%2B00%3A00/report/"
+REPORT_HTML = (
+    "<!DOCTYPE html><html><head><meta charset='utf-8'><title>GFocal regression report</title>"
+    "<style>body{font-family:sans-serif}</style></head><body><h1>Regression report</h1>"
+    "<img src='pictures/01_42.png' alt='image 42'></body></html>"
+)
+
+
+def write_report(run_dir: Path) -> bytes:
+    """A report folder as the gate writes it (report.html + one real PNG); returns the PNG's bytes."""
+    pictures = run_dir / "report" / "pictures"
+    pictures.mkdir(parents=True)
+    image = np.zeros((30, 40, 3), np.uint8)
+    image[:, :20] = (0, 0, 255)
+    ok, png = cv2.imencode(".png", image)
+    assert ok
+    (pictures / "01_42.png").write_bytes(png.tobytes())
+    (run_dir / "report" / "report.html").write_text(REPORT_HTML, encoding="utf-8")
+    return png.tobytes()
+
+
+def text_of(response) -> str:
+    """The response body with HTML entities decoded (the message pages escape quotes)."""
+    return html.unescape(response.text)
+
+
+def record_run(store: HistoryStore, run_id: str, hours: int, detail: dict | None) -> None:
+    store.record(RunRecord(DAG, run_id, ORT, {"AP": 0.4}, T0 + timedelta(hours=hours), fps=100.0))
+    if detail is not None:
+        store.set_verdict(DAG, run_id, ORT, detail)
+
+
+@pytest.fixture
+def reported(tmp_path):
+    """A history with a gated run that has a report, a gated run of before reports and an un-gated
+    run; yields (store, the reported run's run directory, its picture's bytes)."""
+    run_dir = tmp_path / "work" / DAG / REPORTED_RUN
+    png = write_report(run_dir)
+    with HistoryStore(f"sqlite:///{tmp_path / 'history.sqlite'}") as s:
+        record_run(s, REPORTED_RUN, 3, {"passed": True, "regressed": [], "run_dir": str(run_dir)})
+        record_run(s, "scheduled__before-reports", 2, {"passed": True, "regressed": []})
+        record_run(s, "manual__not-gated", 1, None)
+        yield s, run_dir, png
+
+
+def test_run_records_are_every_row_of_one_run_newest_first(reported):
+    store, run_dir, _ = reported
+    store.record(RunRecord(DAG, REPORTED_RUN, MSAME, {"AP": 0.39}, T0 + timedelta(hours=4), fps=30.0))
+    records = store.run_records(DAG, REPORTED_RUN)
+    assert [(r.run_id, r.config) for r in records] == [(REPORTED_RUN, MSAME), (REPORTED_RUN, ORT)]
+    assert records[1].verdict_detail["run_dir"] == str(run_dir)
+    assert store.run_records(DAG, "no-such-run") == []
+    assert store.run_records("gfocal_ascend_nightly", REPORTED_RUN) == []
+
+
+def test_report_and_its_pictures_are_served_from_the_run_dir_in_the_history(reported):
+    _, _, png = reported
+    client = TestClient(create_app(reported[0]))
+    response = client.get(REPORT_URL)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert response.text == REPORT_HTML
+    assert response.headers["content-security-policy"] == REPORT_CSP
+    picture = client.get(REPORT_URL + "pictures/01_42.png")
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    assert picture.content == png
+    decoded = cv2.imdecode(np.frombuffer(picture.content, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == (30, 40, 3) and tuple(decoded[0, 0]) == (0, 0, 255)
+    # without the trailing slash: a relative redirect, so that pictures/... resolves under report/
+    bare = client.get(REPORT_URL.rstrip("/"), follow_redirects=False)
+    assert bare.status_code == 308 and bare.headers["location"] == "report/"
+    assert client.get(REPORT_URL.rstrip("/")).text == REPORT_HTML
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["..%2F..%2Fetc%2Fpasswd", "..%2Freport.html", "x.png", "1_42.png", "01_42.png.html", "01_42.PNG"],
+)
+def test_a_picture_name_outside_the_report_pictures_is_404(reported, name):
+    response = TestClient(create_app(reported[0])).get(REPORT_URL + "pictures/" + name)
+    assert response.status_code == 404
+    assert response.content != reported[2] and "root:" not in response.text
+
+
+def test_a_picture_that_links_out_of_its_folder_or_is_missing_is_404(reported, tmp_path):
+    _, run_dir, _ = reported
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for the web")
+    (run_dir / "report" / "pictures" / "02_7.png").symlink_to(secret)
+    client = TestClient(create_app(reported[0]))
+    for name in ("02_7.png", "03_8.png"):
+        response = client.get(REPORT_URL + "pictures/" + name)
+        assert response.status_code == 404 and f"no picture {name!r}" in text_of(response)
+    assert b"not for the web" not in client.get(REPORT_URL + "pictures/02_7.png").content
+
+
+def test_runs_without_a_report_are_404_pages_that_say_why(reported):
+    store, run_dir, _ = reported
+    client = TestClient(create_app(store))
+    unknown = client.get("/runs/gfocal_onnxruntime/no-such-run/report/")
+    assert unknown.status_code == 404 and "'no-such-run'" in text_of(unknown)
+    assert "is not in the history database" in text_of(unknown)
+    assert client.get("/runs/gfocal_onnxruntime/no-such-run/report/pictures/01_42.png").status_code == 404
+    for run_id in ("scheduled__before-reports", "manual__not-gated"):
+        response = client.get(f"/runs/gfocal_onnxruntime/{run_id}/report/")
+        assert response.status_code == 404 and response.headers["content-type"].startswith("text/html")
+        assert "names no run directory" in text_of(response) and "gfocal report --run-dir" in text_of(
+            response
+        )
+    (run_dir / "report" / "report.html").unlink()
+    missing = client.get(REPORT_URL)
+    assert missing.status_code == 404
+    assert f"no report at {run_dir / 'report' / 'report.html'}" in text_of(missing)
+    assert f"gfocal report --run-dir {run_dir}`" in text_of(missing)
+
+
+def test_report_routes_answer_503_when_the_history_is_down():
+    down = TestClient(create_app(lambda: HistoryStore("postgresql+psycopg://postgres@127.0.0.1:1/test")))
+    for path in (REPORT_URL, REPORT_URL + "pictures/01_42.png"):
+        response = down.get(path)
+        assert response.status_code == 503 and "127.0.0.1:1" in response.text
+
+
+def test_trend_page_links_the_report_of_runs_that_have_one(reported):
+    client = TestClient(create_app(reported[0]))
+    runs = {r["run_id"]: r for r in client.get("/api/trends").json()["recent_runs"]}
+    assert runs[REPORTED_RUN]["report_path"] == REPORT_URL.lstrip("/")
+    assert runs["scheduled__before-reports"]["report_path"] is None
+    assert runs["manual__not-gated"]["report_path"] is None
+    parser = SvgCollector()
+    parser.feed(client.get("/").text)
+    reports = [a for a in parser.links if a.get("class") == "report"]
+    assert [a["href"] for a in reports] == [REPORT_URL.lstrip("/")]
+    assert "target" not in reports[0]  # the report opens in the page's own frame
+    assert client.get("/" + reports[0]["href"]).text == REPORT_HTML  # the link resolves from the page

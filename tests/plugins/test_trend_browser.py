@@ -2,8 +2,9 @@
 migrated SQLite, `[api] base_url` with a path prefix, simple auth manager) serves the plugin on a free
 loopback port; headless Debian Chromium, driven by Selenium through /usr/bin/chromedriver, logs in
 through Airflow's login page, opens the page directly and through the Airflow UI's Browse menu,
-checks both plots against the recorded history (DOM and screenshot pixels) and saves screenshots
-under test-artifacts/.
+checks both plots against the recorded history (DOM and screenshot pixels), opens one run's
+regression report (a real report folder, found through the run's history row) from its link and
+directly, and saves screenshots under test-artifacts/.
 
 Chromium comes from the system packages (`apt-get install chromium chromium-driver`), never from a
 download: the driver path is passed explicitly, so Selenium Manager is not used.
@@ -26,10 +27,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import cv2
 import pytest
 from browser import headless_chromium, log_in
+from report_fixtures import make_report_run
 from selenium import webdriver  # the dev extra; a missing install must fail, not skip
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
@@ -65,6 +68,16 @@ RUNS = [
 ]
 RUN_IDS = [f"scheduled__{(T0 + timedelta(days=i)).isoformat()}" for i in range(len(RUNS))]
 FAILED_RUN = RUN_IDS[7]
+REPORT_PATH = f"gfocal/runs/{DAG_ID}/{quote(FAILED_RUN, safe='')}/report/"  # the failed night has one
+# the failed night's gate verdict (the keys of gate.evaluate that the report shows)
+FAILED_VERDICT = {
+    "passed": False,
+    "dag_id": DAG_ID,
+    "run_id": FAILED_RUN,
+    "label": CONFIG.label,
+    "regressed": ["AP", "fps"],
+    "notes": [],
+}
 
 
 @dataclass(frozen=True)
@@ -75,8 +88,9 @@ class Server:
     log: Path
 
 
-def record_history(url: str) -> None:
-    """The recorded runs the page must show (plain data, independent of the page code)."""
+def record_history(url: str, report_run_dir: Path) -> None:
+    """The recorded runs the page must show (plain data, independent of the page code); the failed
+    night's verdict names `report_run_dir`, whose report/ the report page serves."""
     with HistoryStore(url) as store:
         for i, (run_id, (ap, fps, passed)) in enumerate(zip(RUN_IDS, RUNS, strict=True)):
             store.record(
@@ -93,6 +107,8 @@ def record_history(url: str) -> None:
                 )
             )
             detail = {"passed": passed, "regressed": [] if passed else ["AP", "fps"], "notes": []}
+            if run_id == FAILED_RUN:
+                detail = {**FAILED_VERDICT, "run_dir": str(report_run_dir)}
             store.set_verdict(DAG_ID, run_id, CONFIG, detail)
 
 
@@ -144,7 +160,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home.mkdir()
     dags.mkdir()
     history_url = f"sqlite:///{tmp / 'history.sqlite'}"
-    record_history(history_url)
+    record_history(history_url, make_report_run(tmp / "report-run", verdict=FAILED_VERDICT))
     password = secrets.token_urlsafe(12)
     (tmp / "passwords.json").write_text(json.dumps({"admin": password}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "GFOCAL_"))}
@@ -371,3 +387,57 @@ def open_through_menu(browser: webdriver.Chrome, server: Server) -> None:
     check_screenshot(path, charts)
     if os.environ.get("GFOCAL_DOCS_SCREENSHOT"):  # regenerate docs/quality.md's image: =docs/trend-page.png
         shutil.copyfile(path, ROOT / os.environ["GFOCAL_DOCS_SCREENSHOT"])
+
+
+IMAGES_SCRIPT = """
+return Array.from(document.images).map(i => ({
+  src: i.getAttribute('src'), complete: i.complete, width: i.naturalWidth, height: i.naturalHeight}));
+"""
+
+
+def check_report(driver: webdriver.Chrome, base: str) -> list[dict]:
+    """The report of FAILED_RUN is shown at its URL under `base` with every picture loaded; returns
+    the pictures."""
+    url = f"{base}/{REPORT_PATH}"
+    wait = WebDriverWait(driver, WAIT_S)
+    wait.until(lambda d: d.current_url == url)
+    wait.until(lambda d: all(i["complete"] for i in d.execute_script(IMAGES_SCRIPT)))
+    assert FAILED_RUN in driver.title
+    assert driver.find_element(By.TAG_NAME, "h1").text == f"Regression report: {DAG_ID} / {FAILED_RUN}"
+    # the report's own relative links resolve from where the page serves it
+    hrefs = {a.text: a.get_attribute("href") for a in driver.find_elements(By.TAG_NAME, "a")}
+    assert hrefs["Trend page"] == f"{base}/gfocal/"
+    assert hrefs["Airflow run"] == f"{base}/dags/{DAG_ID}/runs/{quote(FAILED_RUN, safe='')}"
+    images = driver.execute_script(IMAGES_SCRIPT)
+    assert images, "the report shows no pictures"
+    for image in images:
+        assert image["src"].startswith("pictures/"), image  # relative: resolved under .../report/
+        assert image["width"] > 0 and image["height"] > 0, f"picture not loaded: {image}"
+    return images
+
+
+def test_report_page_of_a_run_from_its_link_and_directly(browser: webdriver.Chrome, server: Server):
+    url = f"{server.base}/{REPORT_PATH}"
+    browser.get(f"{server.base}/gfocal/")
+    links = browser.find_elements(By.CSS_SELECTOR, "table a.report")
+    assert [a.get_attribute("href") for a in links] == [url]  # only the run whose history names a run dir
+    links[0].click()
+    check_report(browser, server.base)
+    browser.get(url.rstrip("/"))  # redirected to the slash form, where the relative pictures resolve
+    check_report(browser, server.base)
+    browser.get(url)
+    set_viewport(browser)
+    try:
+        images = check_report(browser, server.base)
+        path = save_screenshot(browser, "report_page.png")
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape[1] == 1280 and float(image.std()) > 10
+    if os.environ.get("GFOCAL_DOCS_REPORT_SCREENSHOT"):  # regenerate the docs image: =docs/report-page.png
+        shutil.copyfile(path, ROOT / os.environ["GFOCAL_DOCS_REPORT_SCREENSHOT"])
+    picture = f"{url}{images[0]['src']}"
+    for anonymous in (url, picture):  # the report and its pictures are behind Airflow's login too
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(anonymous, timeout=10)
+        assert info.value.code == 401, anonymous

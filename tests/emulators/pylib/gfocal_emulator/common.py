@@ -12,6 +12,14 @@ FAULT_VARIABLE = "GFOCAL_EMULATOR_FAULT"
 CALL_LOG_VARIABLE = "GFOCAL_EMULATOR_CALL_LOG"
 MSAME_VERSION_VARIABLE = "GFOCAL_EMULATOR_MSAME_VERSION"  # "2021" (padded folder, old success line) | "2022"
 CHIP_VARIABLE = "GFOCAL_EMULATOR_CHIP"  # npu-smi Name column, default 310P3
+# a device that is worse on purpose: the class index (0..79) whose scores it zeroes before its NMS
+DROP_CLASS_VARIABLE = "GFOCAL_EMULATOR_DROP_CLASS"
+
+
+def dropped_class() -> int | None:
+    text = os.environ.get(DROP_CLASS_VARIABLE, "").strip()
+    return int(text) if text else None
+
 
 FAULTS = {
     "atc_e10001": "atc fails with a parameter error (E10001) and exit 1",
