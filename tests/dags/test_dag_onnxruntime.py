@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from support import ROOT, load_dag_file, xcoms
 
+from gfocal_pipeline.report import ReportOptions
+
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
 
@@ -119,8 +121,15 @@ def test_the_run_directory_holds_no_inputs_graphs_or_candidates(run: tuple[str, 
     assert not [n for n in names if n.endswith((".onnx", ".bin")) or n.endswith("candidates.npz")]
     assert {"manifest.json", "run.json", "summary.json"} <= set(names)
     images = values["evaluate"]["images"]
-    outside_caches = sum((run_dir / n).stat().st_size for n in names)
+    per_run = [n for n in names if not n.startswith("report/")]
+    outside_caches = sum((run_dir / n).stat().st_size for n in per_run)
     assert outside_caches / images < 20_000  # the budget per image (detections.json included)
+    # the regression report is bounded per run, not per image: its pictures plus report.json/index.html
+    report_bytes = sum((run_dir / n).stat().st_size for n in names if n.startswith("report/"))
+    pictures = [n for n in names if n.startswith("report/") and n.endswith(".png")]
+    options = ReportOptions()
+    assert len(pictures) <= options.top_images
+    assert report_bytes < options.top_images * options.picture_bytes + 500_000
 
 
 def test_invalid_form_values_are_rejected_before_a_run_exists(airflow_db: Path) -> None:

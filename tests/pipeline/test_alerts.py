@@ -183,16 +183,18 @@ def test_unreachable_history_is_loud_but_alert_content_is_still_built():
     with pytest.raises(HistoryError) as info:
         down.record(run)
     # the gate task fails with that error; its failure alert names the task and the database
-    subject, text, html = build_failure_alert(
+    content = build_failure_alert(
         dag_id=run.dag_id, run_id=run.run_id, what="task gate", error=str(info.value)
     )
+    subject, text, html = content.subject, content.text, content.html
     assert "r-db-down" in subject and "gate" in subject
     assert "127.0.0.1:1" in text and "127.0.0.1:1" in html
 
 
 def test_passing_verdict_builds_an_ok_subject_and_html_is_escaped():
     run = RunRecord("gfocal_onnxruntime", "<script>x</script>", CONFIG, {"AP": 0.41}, fps=100.0)
-    subject, _text, html = build_alert(evaluate(run, [], THRESHOLDS), run_url='http://x/"><b>')
+    content = build_alert(evaluate(run, [], THRESHOLDS), run_url='http://x/"><b>')
+    subject, html = content.subject, content.html
     assert subject.startswith("[gfocal] OK")
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert 'href="http://x/&quot;&gt;&lt;b&gt;"' in html
