@@ -82,7 +82,8 @@ def _detections(records: list[dict], cats: list[int], rng: np.random.Generator) 
 def _write_eval(run: Path, backend: str, dets: list, cats: list[int]) -> None:
     folder = run / "eval" / backend
     folder.mkdir(parents=True)
-    (folder / "detections.json").write_text(json.dumps(dets))
+    # compact, keys in evaluate's order: the format `evaluate` writes (report.py parses it as numbers)
+    (folder / "detections.json").write_text(json.dumps(dets, separators=(",", ":")))
     per_class = [{"category_id": c, "name": str(c), "AP": 0.5} for c in cats]
     stats = dict.fromkeys(
         ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"), 0.4
