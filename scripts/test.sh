@@ -20,4 +20,5 @@ fi
 "$venv/bin/ruff" format --check .
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" check --select C901 .  # complexity <= 12 ([tool.ruff.lint.mccabe])
+"$venv/bin/lint-imports"  # import contracts ([tool.importlinter] in pyproject.toml)
 exec "$venv/bin/pytest" -q "$@"

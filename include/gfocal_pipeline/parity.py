@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gfocal_pipeline.constants import NMS_PRE
+from gfocal_pipeline.constants import NMS_PRE, STRIDES
 from gfocal_pipeline.decode import level_sizes
 
 LEVEL_NAMES = ("P3", "P4", "P5", "P6", "P7")
@@ -161,12 +161,19 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def level_blocks(height: int, width: int, nms_pre: int = NMS_PRE) -> list[tuple[int, int, int]]:
-    """Per level: (number of anchors, number kept, offset of the level's first kept candidate)."""
+def level_blocks(
+    height: int,
+    width: int,
+    nms_pre: int = NMS_PRE,
+    anchors_per_location: int = 1,
+    strides: tuple[int, ...] = STRIDES,
+) -> list[tuple[int, int, int]]:
+    """Per level: (number of anchors H*W*A, number kept, offset of the level's first kept candidate)."""
     blocks, offset = [], 0
-    for h, w in level_sizes(height, width):
-        kept = min(h * w, nms_pre)
-        blocks.append((h * w, kept, offset))
+    for h, w in level_sizes(height, width, strides):
+        anchors = h * w * anchors_per_location
+        kept = min(anchors, nms_pre)
+        blocks.append((anchors, kept, offset))
         offset += kept
     return blocks
 
@@ -313,11 +320,14 @@ def compare_candidates(
     height: int,
     width: int,
     nms_pre: int = NMS_PRE,
+    anchors_per_location: int = 1,
+    strides: tuple[int, ...] = STRIDES,
     **tolerances: float,
 ) -> ParityReport:
     """The graph's candidates `got` = (boxes (B,K,4) or (B,K,1,4), scores (B,K,C)) against PyTorch's
-    decode of every anchor `reference` = (boxes (B,A,4), scores (B,A,81)); the first C score columns
-    are compared, the key is the max over all of `reference`'s columns. Nothing is compared when any
+    decode of every anchor `reference` = (boxes (B,A,4), scores (B,A,81)), cut into levels of
+    H*W*`anchors_per_location` anchors; the first C score columns are compared, the key is the max
+    over all of `reference`'s columns (the selection key of the deploy graph). Nothing is compared when any
     value of either side is NaN/Inf: the report then only counts them per output."""
     gb, gs = (np.asarray(a, np.float64) for a in got)
     rb, rs = (np.asarray(a, np.float64) for a in reference)
@@ -326,13 +336,16 @@ def compare_candidates(
     report = ParityReport(
         nonfinite={**nonfinite_outputs("onnxruntime", gb, gs), **nonfinite_outputs("pytorch", rb, rs)}
     )
-    blocks = level_blocks(height, width, nms_pre)
+    blocks = level_blocks(height, width, nms_pre, anchors_per_location, strides)
     expected_k = sum(kept for _, kept, _ in blocks)
     expected_a = sum(anchors for anchors, _, _ in blocks)
     if gb.shape[1] != expected_k or gs.shape[1] != expected_k or rb.shape[1] != expected_a:
+        per_location = (
+            f" with {anchors_per_location} anchors per location" if anchors_per_location > 1 else ""
+        )
         report.count_mismatch = (
             f"the graph returned {gb.shape[1]} candidates per image, expected {expected_k} "
-            f"for {height}x{width} (PyTorch decoded {rb.shape[1]} of {expected_a} anchors)"
+            f"for {height}x{width}{per_location} (PyTorch decoded {rb.shape[1]} of {expected_a} anchors)"
         )
         return report
     if not report.finite:

@@ -8,6 +8,7 @@ from torch import nn
 from gfocal_pipeline.constants import MAX_PER_IMG, MEAN_RGB, NMS_IOU, NUM_CLASSES, SCORE_THR, STD_RGB
 from gfocal_pipeline.decode import decode_candidates
 from gfocal_pipeline.model.detector import GFocalV2
+from gfocal_pipeline.model.layers import bgr_nhwc_to_normalized
 
 VARIANTS = ("portable", "ascend")
 PORTABLE_OUTPUTS = ("boxes", "scores")
@@ -80,8 +81,7 @@ class DeployModel(nn.Module):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC uint8 BGR -> NCHW float32 normalized RGB."""
-        x = x.permute(0, 3, 1, 2)[:, [2, 1, 0]].float()
-        return (x - self.mean) / self.std
+        return bgr_nhwc_to_normalized(x, self.mean, self.std)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.normalize_in_graph:

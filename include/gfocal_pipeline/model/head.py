@@ -17,7 +17,7 @@ from gfocal_pipeline.constants import (
     REG_TOPK,
     STRIDES,
 )
-from gfocal_pipeline.model.layers import ConvModule, Scale
+from gfocal_pipeline.model.layers import ConvModule, Scale, tower
 
 STACKED_CONVS = 4
 
@@ -70,12 +70,7 @@ class GFocalHead(nn.Module):
 
     def forward_single(self, x: torch.Tensor, scale: Scale) -> tuple[torch.Tensor, torch.Tensor]:
         """One level -> (cls_score (N,81,H,W) probabilities, bbox_pred (N,68,H,W) logits)."""
-        cls_feat = x
-        for conv in self.cls_convs:
-            cls_feat = conv(cls_feat)
-        reg_feat = x
-        for conv in self.reg_convs:
-            reg_feat = conv(reg_feat)
+        cls_feat, reg_feat = tower(self.cls_convs, x), tower(self.reg_convs, x)
         bbox_pred = scale(self.gfl_reg(reg_feat)).float()
         n, _, h, w = bbox_pred.shape
         # DGQP statistics; top-k taken on the last axis (Ascend's TopK only supports it) - same numbers

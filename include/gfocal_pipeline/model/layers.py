@@ -54,3 +54,17 @@ class Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale
+
+
+def bgr_nhwc_to_normalized(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """NHWC uint8 BGR (a cv2 image) -> NCHW float32 RGB normalized with (1,3,1,1) `mean` and `std`:
+    the in-graph normalization of an export that takes raw images."""
+    x = x.permute(0, 3, 1, 2)[:, [2, 1, 0]].float()
+    return (x - mean) / std
+
+
+def tower(convs: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """`x` through a head's stacked convs in order (a cls or reg tower)."""
+    for conv in convs:
+        x = conv(x)
+    return x

@@ -1,0 +1,1 @@
+"""Detector models beyond GFocalV2, each a self-contained plain-PyTorch package."""
