@@ -1,4 +1,5 @@
-"""Loading mmcv-style GFocalV2 checkpoints safely, and writing a deterministic random-weight one.
+"""Loading mmcv-style checkpoints safely into a model of a known layout (GFocalV2 by default; a model
+adapter passes its own `CheckpointLayout`), and writing a deterministic random-weight GFocalV2 one.
 
 torch 2.13 loads with `weights_only=True`. Official mmcv checkpoints keep numpy values in `meta`
 (e.g. an `np.float64` learning rate or an ndarray), which the safe unpickler rejects. We allow-list
@@ -14,14 +15,17 @@ import os
 import pickle
 import re
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from gfocal_pipeline.errors import CheckpointError
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir
-from gfocal_pipeline.model import GFocalV2, build_model
+from gfocal_pipeline.model import build_model
 
 
 def _numpy_globals() -> list:
@@ -146,7 +150,19 @@ def _check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
     )
 
 
-def layout_mismatch(model: GFocalV2, state: dict[str, torch.Tensor]) -> list[str]:
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """What a strict load checks a file against, and what its errors name."""
+
+    model_name: str  # e.g. "GFocalV2 R50-FPN"
+    official_file: str  # the released checkpoint in this layout, named in the fix
+    build: Callable[[], nn.Module]  # the network, in eval mode, whose state_dict is the layout
+
+
+GFOCALV2_LAYOUT = CheckpointLayout("GFocalV2 R50-FPN", "gfocal_r50_fpn_1x.pth", build_model)
+
+
+def layout_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Human-readable lines for every missing, unexpected or wrongly shaped key."""
     expected = model.state_dict()
     lines = []
@@ -164,7 +180,9 @@ def layout_mismatch(model: GFocalV2, state: dict[str, torch.Tensor]) -> list[str
 LAYOUT_SHOWN = 8  # problem lines shown per kind (missing / wrong shape / unexpected)
 
 
-def _layout_error(path: str | os.PathLike[str], problems: list[str], foreign: bool) -> CheckpointError:
+def _layout_error(
+    path: str | os.PathLike[str], problems: list[str], foreign: bool, layout: CheckpointLayout
+) -> CheckpointError:
     """The strict-load error: counts per kind and the first lines of each; `foreign` when no key fits."""
     by_kind: dict[str, list[str]] = {}
     for line in problems:
@@ -172,22 +190,26 @@ def _layout_error(path: str | os.PathLike[str], problems: list[str], foreign: bo
     counts = ", ".join(f"{len(lines)} {kind}" for kind, lines in by_kind.items())
     shown = [line for lines in by_kind.values() for line in lines[:LAYOUT_SHOWN]]
     more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-    other = "It has no key of GFocalV2 at all: this is the state dict of another model. " if foreign else ""
+    name = layout.model_name
+    other = f"It has no key of {name} at all: this is the state dict of another model. " if foreign else ""
     return CheckpointError(
-        f"checkpoint {str(path)!r} does not match the GFocalV2 R50-FPN layout "
+        f"checkpoint {str(path)!r} does not match the {name} layout "
         f"({len(problems)} problem(s): {counts}):\n  " + "\n  ".join(shown) + f"{more}\n{other}"
-        "Pass the official gfocal_r50_fpn_1x.pth (or one in its layout), or strict=False to load what fits"
+        f"Pass the official {layout.official_file} (or one in its layout), or strict=False to load what fits"
     )
 
 
-def load_model(path: str | os.PathLike[str], strict: bool = True) -> GFocalV2:
-    """Build GFocalV2 and load `path` into it; strict by default, mismatches listed by key and shape."""
+def load_model(
+    path: str | os.PathLike[str], strict: bool = True, layout: CheckpointLayout = GFOCALV2_LAYOUT
+) -> nn.Module:
+    """Build `layout`'s network (GFocalV2) and load `path` into it; strict by default, mismatches
+    listed by key and shape."""
     state, _ = read_state_dict(path)
-    model = build_model()
+    model = layout.build()
     problems = layout_mismatch(model, state)
     own = model.state_dict()
     if problems and strict:
-        raise _layout_error(path, problems, foreign=not any(k in own for k in state))
+        raise _layout_error(path, problems, not any(k in own for k in state), layout)
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(usable, strict=False)
     return model.eval()
