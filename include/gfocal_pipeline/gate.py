@@ -309,6 +309,14 @@ def _baseline_notes(runs: int, wanted: int, any_checks: bool) -> list[str]:
     return notes
 
 
+def _baseline_entries(base: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """Where each baseline run's results are (the regression report reads their per-class AP)."""
+    return [
+        {"dag_id": r.dag_id, "run_id": r.run_id, "run_dir": (r.verdict_detail or {}).get("run_dir")}
+        for r in base
+    ]
+
+
 def evaluate(
     record: RunRecord,
     history: Sequence[RunRecord],
@@ -354,11 +362,7 @@ def evaluate(
         "checks": checks,
         "regressed": regressed,
         "baseline_runs": [r.run_id for r in base],
-        # where each baseline run's results are (the report reads their per-class AP)
-        "baseline": [
-            {"dag_id": r.dag_id, "run_id": r.run_id, "run_dir": (r.verdict_detail or {}).get("run_dir")}
-            for r in base
-        ],
+        "baseline": _baseline_entries(base),
         "first_run": not base,
         "notes": notes,
         "thresholds": t.as_dict(),
