@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from gfocal_pipeline.backends.registry import get_backend
-from gfocal_pipeline.checkpoint import load_model, write_random_checkpoint
 from gfocal_pipeline.layout import RunLayout, input_file_name, shard_name
 from gfocal_pipeline.manifest import Geometry, ImageEntry, Manifest, load_manifest
-from gfocal_pipeline.model import DeployModel
+from gfocal_pipeline.models.gfocalv2 import DeployModel
+from gfocal_pipeline.models.gfocalv2.checkpoint import load_model, write_random_checkpoint
 
 
 def export_portable(checkpoint: Path, path: Path, height: int, width: int) -> Path:

@@ -38,11 +38,11 @@ from common import Bound, Figures, Ratio, Suite, dump, machine, quiet_logging, r
 
 from gfocal_pipeline import steps
 from gfocal_pipeline.backends.torch_backend import TorchBackend
-from gfocal_pipeline.checkpoint import write_random_checkpoint
 from gfocal_pipeline.demo_data import make_demo_coco
 from gfocal_pipeline.evaluate import evaluate_outputs
 from gfocal_pipeline.layout import DONE_FILE, RunLayout, read_shard_outputs
 from gfocal_pipeline.manifest import Manifest, load_manifest
+from gfocal_pipeline.models.gfocalv2.checkpoint import write_random_checkpoint
 
 GFLOP_PER_IMAGE = 395
 GOAL_B1, GOAL_B8, GOAL_E2E = 372.0, 623.0, 0.9

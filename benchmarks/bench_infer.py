@@ -74,7 +74,7 @@ def _generate(work: Path, config: dict[str, Any]) -> tuple[Path, Manifest, RunLa
     """Checkpoint, portable graph, and the two run directories (pair, command); returns the graph."""
     from bench_backends import build_run, export_portable
 
-    from gfocal_pipeline.checkpoint import write_random_checkpoint
+    from gfocal_pipeline.models.gfocalv2.checkpoint import write_random_checkpoint
 
     height, width = config["size"]
     checkpoint = write_random_checkpoint(work / "random.pth", seed=0)

@@ -125,7 +125,7 @@ def migrate_db() -> float:
 def prepare_data(data: Path, images: int) -> tuple[Path, Path, float]:
     """(coco_root, checkpoint, seconds): `images` generated demo images + the demo's random checkpoint."""
     from gfocal_pipeline import demo_data
-    from gfocal_pipeline.checkpoint import write_random_checkpoint
+    from gfocal_pipeline.models.gfocalv2.checkpoint import write_random_checkpoint
 
     started = time.perf_counter()
     # the product caps demo sets at MAX_DEMO_IMAGES (1,000): lifted here, for this process only

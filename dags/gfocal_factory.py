@@ -139,7 +139,7 @@ def form_params(ascend: bool, overrides: Mapping[str, Any] | None = None) -> dic
 
 
 def _export(task_id: str, variant: str, budgets: Budgets) -> OnnxExportOperator:
-    options = ("run_dir", "checkpoint", "height", "width", "dtype", "batch_size")
+    options = ("run_dir", "model", "checkpoint", "height", "width", "dtype", "batch_size")
     options = (*options, "parity_threshold", "max_unexplained", "work_dir", "cache_onnx")
     return OnnxExportOperator(task_id=task_id, variant=variant, **from_prepare(*options), **budgets("export"))
 
@@ -187,6 +187,7 @@ def ascend_family(spec: PipelineSpec, shards: XComArg, preprocess: BaseOperator,
         onnx_path=pulled(ids.EXPORT, "onnx_path"),
         **from_prepare("run_dir", "batch_size", "soc_version", "precision_mode"),
         **from_prepare(cache_dir="om_cache_dir", input_dtype="dtype", set_env="cann_set_env"),
+        input_name=pulled(ids.EXPORT, "input_name"),
         **device_tasks,
         **budgets("convert"),
     )
@@ -217,20 +218,24 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def reference_branch(shards: XComArg, preprocess: BaseOperator, budgets: Budgets) -> Branch:
-    """The PyTorch checkpoint itself on the same inputs (CUDA when present, else CPU)."""
+def reference_branch(
+    shards: XComArg, preprocess: BaseOperator, budgets: Budgets, portable: BaseOperator
+) -> Branch:
+    """The model's reference on the same inputs: its PyTorch checkpoint (CUDA when present, else CPU),
+    or, for a bring-your-own graph, ONNX Runtime on the CPU running the same (portable) graph."""
+    backend = prepared("reference_backend")
     infer = InferOperator.partial(
         task_id=ids.INFER_REFERENCE,
-        backend="torch",
+        backend=backend,
         run_dir=prepared("run_dir"),
-        model=prepared("checkpoint"),
+        model=ids.reference_model(portable.task_id),
         batch_size=1,
         options=from_prepare("work_dir", "cache_reference"),
         **budgets("infer_reference"),
     ).expand(shard=shards)
-    evaluate = _evaluate(ids.EVALUATE_REFERENCE, "torch", budgets)
-    preprocess >> infer >> evaluate
-    return Branch(evaluate, _role("torch", "auto", "fp32", ids.EVALUATE_REFERENCE))
+    evaluate = _evaluate(ids.EVALUATE_REFERENCE, backend, budgets)
+    [preprocess, portable] >> infer >> evaluate
+    return Branch(evaluate, _role(backend, "auto", "fp32", ids.EVALUATE_REFERENCE))
 
 
 def _finish(spec: PipelineSpec, branches: dict[str, Branch], budgets: Budgets) -> None:
@@ -348,7 +353,9 @@ def build_dag(spec: PipelineSpec) -> DAG:
         shards = XComArg(preprocess)
         branches = {"device": family.build(spec, shards, preprocess, budgets)}
         if spec.reference:
-            branches["reference"] = reference_branch(shards, preprocess, budgets)
+            # the portable graph a bring-your-own reference runs: the Ascend family's parity export
+            portable = dag.task_dict.get(ids.EXPORT_PORTABLE) or dag.get_task(ids.EXPORT)
+            branches["reference"] = reference_branch(shards, preprocess, budgets, portable)
         prepare >> [task for task in dag.tasks if task is not prepare and not task.upstream_list]
         if spec.doctor and spec.queue:
             _doctor(spec, budgets) >> prepare

@@ -30,6 +30,7 @@ class AtcConvertOperator(KillableMixin, BaseOperator):
         "input_dtype",
         "precision_mode",
         "set_env",
+        "input_name",
     )
     ui_color = "#fde2c8"
 

@@ -18,7 +18,8 @@ from operators.base import attributes, project_errors
 
 
 class OnnxExportOperator(BaseOperator):
-    """Export a GFocalV2 checkpoint to ONNX (through the ONNX cache) and check its parity.
+    """Export a checkpoint of model adapter `model` (default gfocalv2) to ONNX (through the ONNX cache)
+    and check its parity.
 
     For: the first model step of every DAG (`portable` for ONNX Runtime, `ascend` for atc); `dtype`
     and `batch_size` decide the graph's input and batch axis (see `steps.export_step`). XCom:
@@ -32,6 +33,7 @@ class OnnxExportOperator(BaseOperator):
 
     template_fields: Sequence[str] = (
         "run_dir",
+        "model",
         "checkpoint",
         "height",
         "width",
@@ -49,6 +51,7 @@ class OnnxExportOperator(BaseOperator):
         *,
         run_dir: str,
         checkpoint: str,
+        model: str = "gfocalv2",
         variant: str = "portable",
         height: int = DEFAULT_HEIGHT,
         width: int = DEFAULT_WIDTH,
@@ -63,7 +66,7 @@ class OnnxExportOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.run_dir, self.checkpoint, self.variant = run_dir, checkpoint, variant
+        self.run_dir, self.checkpoint, self.variant, self.model = run_dir, checkpoint, variant, model
         self.height, self.width, self.opset = height, width, opset
         self.dtype, self.batch_size = dtype, batch_size
         self.parity_threshold, self.max_unexplained = parity_threshold, max_unexplained
@@ -74,7 +77,7 @@ class OnnxExportOperator(BaseOperator):
         from gfocal_pipeline import steps
 
         names = ("dtype", "batch_size", "height", "width", "opset", "input_name", "parity_threshold")
-        options = attributes(self, (*names, "max_unexplained", "work_dir", "cache_onnx"))
+        options = attributes(self, (*names, "max_unexplained", "work_dir", "cache_onnx", "model"))
         result = steps.export_step(self.run_dir, self.variant, self.checkpoint, **options)
         self.log.info(
             "%s %s (sha256 %s), parity max abs err %.3g",

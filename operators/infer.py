@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 
 from gfocal_pipeline.backends.registry import CHEAP_TO_BUILD, backend_class, check_backend_name, get_backend
 from operators.base import KillableMixin, fail_without_retry, manifest_images, project_errors
-from operators.timeouts import SizedTimeoutMixin
+from operators.timeout_mixin import SizedTimeoutMixin
 
 
 def _literal(value: Any) -> bool:

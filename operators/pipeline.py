@@ -16,7 +16,7 @@ from gfocal_pipeline.run_config import PREPROCESS_OPTIONS
 from gfocal_pipeline.sharding import ShardPlan
 from operators.base import attributes, fail_without_retry, manifest_images, project_errors
 from operators.settings import load_settings
-from operators.timeouts import SizedTimeoutMixin
+from operators.timeout_mixin import SizedTimeoutMixin
 from operators.wiring import MANIFEST_KEY
 
 

@@ -19,7 +19,8 @@ class RecordResultsOperator(BaseOperator):
     """Write one history row per evaluated backend of this run (idempotent per run id).
 
     `roles` maps a role to {eval_task, backend, device, precision}; `export_task` / `convert_task`
-    provide hashes and tool versions, `summary_task` the AP_delta. Returns {role: record dict}.
+    provide hashes and tool versions, `summary_task` the AP_delta. `model` overrides the history's
+    model name (default: the history name of the run's model adapter). Returns {role: record dict}.
     """
 
     template_fields: Sequence[str] = ("config", "roles")
@@ -32,7 +33,7 @@ class RecordResultsOperator(BaseOperator):
         export_task: str,
         summary_task: str,
         convert_task: str | None = None,
-        model: str = "gfocalv2_r50_fpn_1x",
+        model: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

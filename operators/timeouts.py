@@ -5,10 +5,11 @@ or the fixed minutes `[gfocal] task_timeout_minutes` names for that kind (see `o
 
 `images` is what the task handles: at DAG-parse time the form's defaults (`max_images`, else
 `FULL_SET_IMAGES`; an infer task one shard of `shard_size`), and at execute time the real count
-when the operator knows it (`SizedTimeoutMixin.timeout_images`: the shard's images, the manifest's
-images, the rendered `max_images`), so a run triggered with bigger shards or the full set gets a
-budget for what it really does. The external tools keep their own, shorter timeouts
-(`backends.process.run_tool`); this bounds the whole task, a hung in-process step included.
+when the operator knows it (`timeout_images` of `operators.timeout_mixin.SizedTimeoutMixin`: the
+shard's images, the manifest's images, the rendered `max_images`), so a run triggered with bigger
+shards or the full set gets a budget for what it really does. The external tools keep their own,
+shorter timeouts (`backends.process.run_tool`); this bounds the whole task, a hung in-process step
+included.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 from gfocal_pipeline.errors import ConfigError
 
@@ -85,34 +85,3 @@ def sized_timeout(
         return timedelta(minutes=minutes)
     budget = BUDGETS[kind]
     return timedelta(seconds=round(scale * budget.seconds(FULL_SET_IMAGES if images is None else images)))
-
-
-class SizedTimeoutMixin:
-    """Resizes the task's `execution_timeout` in `pre_execute` (before Airflow arms it) to the images
-    the task really handles, from this worker's `[gfocal]` settings; `timeout_kind` names the budget.
-    A kind with fixed minutes in `task_timeout_minutes` keeps them."""
-
-    timeout_kind: str = ""
-    execution_timeout: timedelta | None
-    log: Any
-
-    def timeout_images(self) -> int | None:
-        """The images this execution handles, None when not known (the parse-time timeout stays)."""
-        return None
-
-    def pre_execute(self, context: Any) -> None:
-        from operators.settings import load_settings
-
-        images = self.timeout_images()
-        if images is None or not self.timeout_kind:
-            return
-        settings = load_settings()
-        if self.timeout_kind in dict(settings.task_timeout_minutes):
-            return
-        self.execution_timeout = settings.task_timeout(self.timeout_kind, images)
-        self.log.info(
-            "execution_timeout %s (%s budget for %d images)",
-            self.execution_timeout,
-            self.timeout_kind,
-            images,
-        )

@@ -57,6 +57,16 @@ def prepared(key: str | None = None) -> str:
     return "{{ " + (value if key is None else f"{value}['{key}']") + " }}"
 
 
+def reference_model(portable_task: str = EXPORT_PORTABLE) -> str:
+    """Jinja for what the reference branch loads: the checkpoint (torch), or the path of the portable
+    graph `portable_task` exported when the run's reference is ONNX Runtime (a bring-your-own graph)."""
+    portable = f"ti.xcom_pull(task_ids='{portable_task}')['onnx_path']"
+    run = "gfocal_prepared(ti)"
+    return (
+        "{{ " + f"{portable} if {run}['reference_backend'] == 'onnxruntime' else {run}['checkpoint']" + " }}"
+    )
+
+
 def from_prepare(*names: str, **renamed: str) -> dict[str, str]:
     """Keyword arguments read from the prepare task: `names` as they are, `renamed` as arg=option."""
     return {

@@ -261,8 +261,9 @@ def _values(spec: Any) -> str:
     from gfocal_pipeline.options import Choice
 
     parts = []
-    if issubclass(spec.kind, Choice):
-        parts.append(", ".join(f"`{v}`" for v in spec.kind.values()))
+    if issubclass(spec.kind, Choice) or spec.choices:
+        choices = spec.kind.values() if issubclass(spec.kind, Choice) else spec.choices
+        parts.append(", ".join(f"`{v}`" for v in choices))
     elif spec.kind is bool:
         parts.append("true / false")
     elif spec.path:

@@ -33,7 +33,7 @@ os.environ.update(
 @pytest.fixture(scope="session")
 def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The deterministic RANDOM-weight checkpoint in the official layout."""
-    from gfocal_pipeline.checkpoint import write_random_checkpoint
+    from gfocal_pipeline.models.gfocalv2.checkpoint import write_random_checkpoint
 
     return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "gfocal_random.pth", seed=0)
 

@@ -46,6 +46,27 @@ def xcoms(dag_id: str, run_id: str, key: str = "return_value") -> dict[str, Any]
 
 
 @contextlib.contextmanager
+def both_dags(cann_dir: Path) -> Iterator[tuple[Any, Any, Any]]:
+    """(gfocal_onnxruntime, gfocal_ascend_nightly, the CANN tool emulators in `cann_dir`) ready for
+    `dag.test()` runs: the Ascend pool exists and, meanwhile, the nightly has no DeadlineAlert (Airflow
+    3.3's `dag.test()` cannot run one; test_dag_ascend_nightly.py checks the deadline itself)."""
+    from airflow.models.pool import Pool
+    from emulators.toolkit import make_toolkit
+
+    from gfocal_pipeline.constants import ASCEND_POOL
+
+    os.environ["AIRFLOW__GFOCAL__NIGHTLY_DEADLINE_HOURS"] = "0"
+    try:
+        Pool.create_or_update_pool(ASCEND_POOL, slots=1, description="Ascend NPUs", include_deferred=False)
+        load_dag_file(ROOT / "dags" / "gfocal_factory.py")
+        embedded = load_dag_file(ROOT / "dags" / "gfocal_onnxruntime.py").dag
+        nightly = load_dag_file(ROOT / "dags" / "gfocal_ascend_nightly.py").dag
+        yield embedded, nightly, make_toolkit(cann_dir)
+    finally:
+        os.environ.pop("AIRFLOW__GFOCAL__NIGHTLY_DEADLINE_HOURS", None)
+
+
+@contextlib.contextmanager
 def mounted(target: Path, options: str) -> Iterator[bool]:
     """A tmpfs at `target` (root only); yields False when mounting is not possible here."""
     target.mkdir(parents=True, exist_ok=True)

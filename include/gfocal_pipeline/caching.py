@@ -217,19 +217,26 @@ def cached_inputs(
 
 
 def cached_export(
-    run_dir: str | Path, work_dir: str | Path, variant: str, checkpoint: str | Path, **options: Any
+    run_dir: str | Path,
+    work_dir: str | Path,
+    variant: str,
+    checkpoint: str | Path,
+    spec: dict[str, Any] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """`export.export_onnx` through the ONNX cache: the graph stays in the cache entry.
 
-    `options` are export_onnx's (height, width, dynamic_batch, normalize_in_graph, opset,
-    parity_threshold, max_unexplained). A refused graph is kept in the run's model folder as
-    `<name>.rejected.onnx`, as without the cache. Returns the export's XCom dict + cached, cache_key.
+    `options` are export_onnx's (model, height, width, dynamic_batch, normalize_in_graph, opset,
+    parity_threshold, max_unexplained); `spec`, the run's recorded model spec, is part of the key. A
+    refused graph is kept in the run's model folder as `<name>.rejected.onnx`, as without the cache.
+    Returns the export's XCom dict + cached, cache_key.
     """
     import onnx
     import torch
 
     from gfocal_pipeline.export import DEFAULT_OPSET, ExportResult, export_onnx, rejected_path
 
+    options.setdefault("model", "gfocalv2")
     checkpoint = Path(checkpoint)
     layout = RunLayout.at(run_dir)
     name = layout.onnx(variant).name
@@ -240,6 +247,7 @@ def cached_export(
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         **{key: value for key, value in options.items() if value is not None},
+        **({"model_spec": spec} if spec else {}),
     }
     key_inputs.setdefault("opset", DEFAULT_OPSET.get(variant))
     entry = Cache(work_dir).entry("onnx", key_inputs, verify=SHA256)

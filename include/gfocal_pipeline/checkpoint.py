@@ -1,5 +1,5 @@
-"""Loading mmcv-style checkpoints safely into a model of a known layout (GFocalV2 by default; a model
-adapter passes its own `CheckpointLayout`), and writing a deterministic random-weight GFocalV2 one.
+"""Loading mmcv-style checkpoints safely into a model of a known layout (each model adapter passes its
+own `CheckpointLayout`), and writing generated random-weight checkpoints atomically.
 
 torch 2.13 loads with `weights_only=True`. Official mmcv checkpoints keep numpy values in `meta`
 (e.g. an `np.float64` learning rate or an ndarray), which the safe unpickler rejects. We allow-list
@@ -10,7 +10,6 @@ of one load, instead of switching safe loading off.
 from __future__ import annotations
 
 import io
-import math
 import os
 import pickle
 import re
@@ -25,7 +24,6 @@ from torch import nn
 
 from gfocal_pipeline.errors import CheckpointError
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir
-from gfocal_pipeline.model import build_model
 
 
 def _numpy_globals() -> list:
@@ -44,7 +42,6 @@ def _numpy_globals() -> list:
 
 
 SAFE_NUMPY_GLOBALS = _numpy_globals()
-DEMO_CONFIDENT_CLASSES = (0, 2, 56)  # person, car, chair
 RANDOM_CHECKPOINT_NOTE = "RANDOM WEIGHTS - generated for tests and the demo, not a trained model"
 
 
@@ -159,9 +156,6 @@ class CheckpointLayout:
     build: Callable[[], nn.Module]  # the network, in eval mode, whose state_dict is the layout
 
 
-GFOCALV2_LAYOUT = CheckpointLayout("GFocalV2 R50-FPN", "gfocal_r50_fpn_1x.pth", build_model)
-
-
 def layout_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Human-readable lines for every missing, unexpected or wrongly shaped key."""
     expected = model.state_dict()
@@ -199,10 +193,10 @@ def _layout_error(
     )
 
 
-def load_model(
-    path: str | os.PathLike[str], strict: bool = True, layout: CheckpointLayout = GFOCALV2_LAYOUT
+def load_with_layout(
+    path: str | os.PathLike[str], layout: CheckpointLayout, strict: bool = True
 ) -> nn.Module:
-    """Build `layout`'s network (GFocalV2) and load `path` into it; strict by default, mismatches
+    """Build `layout`'s network and load `path` into it, in eval mode; strict by default, mismatches
     listed by key and shape."""
     state, _ = read_state_dict(path)
     model = layout.build()
@@ -215,59 +209,13 @@ def load_model(
     return model.eval()
 
 
-def random_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
-    """Deterministic weights in the official layout with activations of sane magnitude.
-
-    Convs: He-normal; frozen BN: mild statistics, the last BN of each block scaled down so residual
-    sums stay bounded; head: mmdet's init (std 0.01, classifier prior 0.01).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    model = build_model()
-    state = OrderedDict()
-    for key, tensor in model.state_dict().items():
-        shape = tensor.shape
-        if key.endswith("num_batches_tracked"):
-            value = torch.zeros((), dtype=torch.int64)
-        elif key.endswith("integral.project"):
-            value = tensor.clone()
-        elif key.endswith("scale"):
-            value = torch.tensor(1.0 + 0.1 * torch.rand((), generator=generator).item())
-        elif key.endswith("running_mean"):
-            value = 0.1 * torch.randn(shape, generator=generator)
-        elif key.endswith("running_var"):
-            value = 0.5 + torch.rand(shape, generator=generator)
-        elif tensor.dim() == 1 and (".bn" in key or "downsample.1" in key or key.startswith("backbone.bn1")):
-            gain = 0.2 if (key.rsplit(".", 2)[-2] in ("bn3", "1")) else 1.0
-            value = (
-                gain * (0.5 + 0.5 * torch.rand(shape, generator=generator))
-                if key.endswith("weight")
-                else 0.05 * torch.randn(shape, generator=generator)
-            )
-        elif ".gn." in key:
-            value = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
-        elif key.startswith("bbox_head.") and key.endswith("weight"):
-            value = 0.01 * torch.randn(shape, generator=generator)
-        elif key == "bbox_head.gfl_cls.bias":
-            # mmdet's prior (0.01) for most classes; a few "confident" classes so the demo produces
-            # detections and exercises NMS, evaluation and the detection files end to end
-            value = torch.full(shape, -math.log((1 - 0.01) / 0.01))
-            value[list(DEMO_CONFIDENT_CLASSES)] = -math.log((1 - 0.3) / 0.3)
-        elif key.endswith("weight"):
-            fan_in = int(np.prod(shape[1:]))
-            value = torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in)
-        else:  # conv biases
-            value = 0.01 * torch.randn(shape, generator=generator)
-        state[key] = value.to(tensor.dtype).reshape(shape).contiguous()
-    return state
-
-
-def write_random_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write an mmcv-style `{'meta', 'state_dict'}` file with random weights (atomically)."""
+def write_checkpoint(path: str | os.PathLike[str], state: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write an mmcv-style `{'meta', 'state_dict'}` file atomically; the same arguments give the same
+    bytes (the archive is built in memory, so its name is fixed)."""
     path = Path(path)
     ensure_writable_dir(path.parent, "checkpoint directory")
-    meta = {"note": RANDOM_CHECKPOINT_NOTE, "seed": seed, "config": "gfocal_r50_fpn_1x", "random": True}
-    buffer = io.BytesIO()  # saving to a buffer keeps the archive name (and so the bytes) fixed
-    torch.save({"meta": meta, "state_dict": random_state_dict(seed)}, buffer)
+    buffer = io.BytesIO()
+    torch.save({"meta": meta, "state_dict": state}, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
     return path

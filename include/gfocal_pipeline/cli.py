@@ -35,7 +35,7 @@ def add_run_options(parser: argparse.ArgumentParser, *names: str, required: Sequ
     for name in names:
         spec = option_spec(name)
         kind = str if issubclass(spec.kind, Choice) else spec.kind
-        choices = spec.kind.values() if issubclass(spec.kind, Choice) else None
+        choices = spec.kind.values() if issubclass(spec.kind, Choice) else spec.choices
         default = None if name in required or spec.path else DEFAULTS[name]
         text = f"{spec.description} (default: {default})" if default is not None else spec.description
         parser.add_argument(
@@ -63,7 +63,7 @@ def run_values(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.export import export_onnx
 
-    options = run_values(args, "height", "width", "parity_threshold", "max_unexplained")
+    options = run_values(args, "model", "height", "width", "parity_threshold", "max_unexplained")
     result = export_onnx(
         checkpoint=args.checkpoint,
         output=args.output,
@@ -79,10 +79,24 @@ def cmd_export(args: argparse.Namespace) -> Any:
 
 
 def cmd_random_checkpoint(args: argparse.Namespace) -> Any:
-    from gfocal_pipeline.checkpoint import RANDOM_CHECKPOINT_NOTE, write_random_checkpoint
+    from gfocal_pipeline.adapters import load_adapter
+    from gfocal_pipeline.checkpoint import RANDOM_CHECKPOINT_NOTE
 
-    path = write_random_checkpoint(args.output, seed=args.seed)
-    return {"checkpoint": str(path), "seed": args.seed, "note": RANDOM_CHECKPOINT_NOTE}
+    model = run_values(args, "model")["model"]
+    path = load_adapter(model).write_random_checkpoint(args.output, seed=args.seed)
+    return {"checkpoint": str(path), "model": model, "seed": args.seed, "note": RANDOM_CHECKPOINT_NOTE}
+
+
+def cmd_models(args: argparse.Namespace) -> Any:
+    """The registered model adapters and their specs (no torch import)."""
+    from gfocal_pipeline.adapters import model_names, model_spec
+
+    specs = [model_spec(name) for name in model_names()]
+    if args.json:
+        return {spec.name: spec.to_dict() for spec in specs}
+    for spec in specs:
+        print(spec.describe())
+    return None
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
@@ -90,7 +104,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="mmcv-style .pth (official layout)")
     p.add_argument("--output", required=True, help="path of the .onnx file to write")
     p.add_argument("--variant", default="portable", choices=["portable", "ascend"])
-    add_run_options(p, "height", "width", "parity_threshold", "max_unexplained")
+    add_run_options(p, "model", "height", "width", "parity_threshold", "max_unexplained")
     p.add_argument("--batch", type=int, default=1, help="static batch (ignored with --dynamic-batch)")
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch axis dynamic")
     p.add_argument("--opset", type=int, default=None, help="default: 17 portable, 11 ascend")
@@ -107,7 +121,12 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=0)
+    add_run_options(p, "model")
     p.set_defaults(func=cmd_random_checkpoint)
+
+    p = sub.add_parser("models", help="list the model adapters and their specs")
+    p.add_argument("--json", action="store_true", help="the full specs as JSON")
+    p.set_defaults(func=cmd_models)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> Any:
@@ -165,12 +184,15 @@ def _torch_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of `--backend`'s own constructor taken from the command line."""
+    if args.adapter and args.backend != "torch":
+        raise GfocalError(f"--adapter only applies to --backend torch, not {args.backend!r}; drop it")
     extra = {"keep_candidates": True} if args.keep_candidates else {}
     torch_options = _torch_options(args)
     if args.backend == "onnxruntime":
         return {"providers": args.providers, **extra}
     if args.backend == "torch":
-        return {"device": args.device or "auto", **torch_options, **extra}
+        adapter = {"adapter": args.adapter} if args.adapter else {}
+        return {"device": args.device or "auto", **adapter, **torch_options, **extra}
     args.device = 0 if args.device is None else args.device
     values = run_values(args, "device", "outfmt", "chips", "cann_set_env")
     values["set_env"] = values.pop("cann_set_env")
@@ -314,7 +336,8 @@ def cmd_report(args: argparse.Namespace) -> Any:
 def cmd_demo_data(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.config import ensure_demo_data
 
-    return {k: str(v) for k, v in ensure_demo_data(args.work_dir).items()}
+    model = run_values(args, "model")["model"]
+    return {k: str(v) for k, v in ensure_demo_data(args.work_dir, model).items()}
 
 
 def cmd_gc(args: argparse.Namespace) -> Any:
@@ -397,7 +420,7 @@ def add_preprocess_and_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert)
 
 
-def add_infer_and_eval(sub: argparse._SubParsersAction) -> None:
+def add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="run shards of a run directory through a backend")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--backend", default="onnxruntime", choices=INFER_BACKENDS)
@@ -408,6 +431,12 @@ def add_infer_and_eval(sub: argparse._SubParsersAction) -> None:
         "ais_bench); default: the run's model/gfocal_portable.onnx or model/gfocal.om",
     )
     p.add_argument("--shard", action="append", help="shard name (repeatable); default: all")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        choices=option_spec("model").choices,
+        help="torch: the checkpoint's model adapter (default: the model the run recorded, else gfocalv2)",
+    )
     add_run_options(p, "batch_size", "outfmt", "chips", "cann_set_env")
     p.add_argument("--providers", default=None, help="onnxruntime providers, e.g. cpu or cuda,cpu")
     p.add_argument(
@@ -446,6 +475,8 @@ def add_infer_and_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_infer)
 
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="postprocess + COCO evaluation of a backend's outputs")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--backend", default="onnxruntime", choices=INFER_BACKENDS)
@@ -498,8 +529,9 @@ def add_results(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iou-thr", type=float, default=0.5, help="IoU of a match (default: 0.5)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo-data", help="generate the demo COCO set and RANDOM checkpoint")
+    p = sub.add_parser("demo-data", help="generate the demo COCO set and a model's RANDOM checkpoint")
     p.add_argument("--work-dir", default=None)
+    add_run_options(p, "model")
     p.set_defaults(func=cmd_demo_data)
 
 
@@ -644,7 +676,8 @@ def add_doctor(sub: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_export,
     add_preprocess_and_convert,
-    add_infer_and_eval,
+    add_infer,
+    add_eval,
     add_results,
     add_gc,
     add_doctor,

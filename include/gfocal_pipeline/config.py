@@ -9,6 +9,7 @@ import logging
 import os
 from pathlib import Path
 
+from gfocal_pipeline.adapters import DEFAULT_MODEL, model_spec
 from gfocal_pipeline.errors import GfocalError
 
 log = logging.getLogger(__name__)
@@ -25,20 +26,23 @@ def default_work_dir() -> Path:
     return Path(airflow_home) / "gfocal"
 
 
-def demo_paths(work_dir: str | Path | None = None) -> dict[str, Path]:
-    """Where the generated demo dataset and the random-weight checkpoint live."""
+def demo_paths(work_dir: str | Path | None = None, model: str = DEFAULT_MODEL) -> dict[str, Path]:
+    """Where the generated demo dataset and `model`'s random-weight checkpoint live (no "checkpoint"
+    for a model without generated weights: a bring-your-own graph)."""
     base = Path(work_dir or default_work_dir()) / "demo"
-    return {"coco_root": base / "coco", "checkpoint": base / "gfocal_r50_fpn_1x_RANDOM.pth"}
+    name = model_spec(model).demo_checkpoint
+    return {"coco_root": base / "coco", **({"checkpoint": base / name} if name else {})}
 
 
-def ensure_demo_data(work_dir: str | Path | None = None) -> dict[str, Path]:
-    """Generate the demo COCO set and random checkpoint if they are not there yet, or are damaged
-    (idempotent; see `ensure_demo_checkpoint`)."""
+def ensure_demo_data(work_dir: str | Path | None = None, model: str = DEFAULT_MODEL) -> dict[str, Path]:
+    """Generate the demo COCO set and `model`'s random checkpoint if they are not there yet, or are
+    damaged (idempotent; see `ensure_demo_checkpoint`)."""
     from gfocal_pipeline.demo_data import make_demo_coco
 
-    paths = demo_paths(work_dir)
+    paths = demo_paths(work_dir, model)
     make_demo_coco(paths["coco_root"], num_images=DEMO_IMAGES, seed=0)
-    ensure_demo_checkpoint(paths["checkpoint"], seed=0)
+    if "checkpoint" in paths:
+        ensure_demo_checkpoint(paths["checkpoint"], seed=0, model=model)
     return paths
 
 
@@ -66,12 +70,12 @@ def _demo_checkpoint_problem(checkpoint: Path) -> str:
     return ""
 
 
-def ensure_demo_checkpoint(checkpoint: Path, seed: int = 0) -> Path:
+def ensure_demo_checkpoint(checkpoint: Path, seed: int = 0, model: str = DEFAULT_MODEL) -> Path:
     """The demo's RANDOM-weight checkpoint at `checkpoint`, checked against the sha256 recorded
     beside it when it was written (~0.1 s); a missing, damaged or unverifiable one is written again
     (the bytes are deterministic), so a cut or corrupted file is never reported as ready. A folder
     that cannot be written is a `GfocalError` naming it."""
-    from gfocal_pipeline.checkpoint import write_random_checkpoint
+    from gfocal_pipeline.adapters import load_adapter
     from gfocal_pipeline.fileio import sha256_file, write_text_atomic
 
     problem = _demo_checkpoint_problem(checkpoint)
@@ -80,7 +84,7 @@ def ensure_demo_checkpoint(checkpoint: Path, seed: int = 0) -> Path:
     if checkpoint.exists():
         log.warning("demo checkpoint %s %s; writing it again", checkpoint, problem)
     try:
-        write_random_checkpoint(checkpoint, seed=seed)
+        load_adapter(model).write_random_checkpoint(checkpoint, seed=seed)
         write_text_atomic(demo_checksum_path(checkpoint), sha256_file(checkpoint) + "\n")
     except (GfocalError, OSError) as exc:
         if not checkpoint.exists():

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from gfocal_pipeline.coco_classes import COCO_CATEGORIES
 from gfocal_pipeline.constants import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR, NUM_CLASSES
 from gfocal_pipeline.errors import ConfigError, DatasetError
 
@@ -577,8 +578,6 @@ def _check_boxes(columns: _Columns, images: list[ImageRow], findings: _Findings)
 @cache
 def _coco_classes() -> tuple[tuple[int, ...], tuple[str, ...]]:
     """(ids, lower-case names) of COCO's 80 categories in model class order."""
-    from gfocal_pipeline.demo_data import COCO_CATEGORIES  # lazy: demo_data imports this module
-
     return tuple(cat[0] for cat in COCO_CATEGORIES), tuple(cat[1] for cat in COCO_CATEGORIES)
 
 

@@ -94,6 +94,18 @@ def geometry_arrays(entries: list[ImageEntry]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(offset, np.float64).reshape(-1, 4), np.array(scale, np.float64).reshape(-1, 4)
 
 
+def _nms_settings(
+    layout: RunLayout, score_thr: float | None, iou_thr: float | None, max_per_img: int | None
+) -> tuple[float, float, int]:
+    """The host NMS settings: those given, else the run's recorded model's, else GFocalV2's."""
+    post = layout.recorded_model().get("postprocess") or {}
+    return (
+        float(post.get("score_thr", SCORE_THR)) if score_thr is None else score_thr,
+        float(post.get("nms_iou", NMS_IOU)) if iou_thr is None else iou_thr,
+        int(post.get("max_per_img", MAX_PER_IMG)) if max_per_img is None else max_per_img,
+    )
+
+
 def rescale_boxes(boxes: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """(k,4) xyxy boxes in input pixels -> original-image pixels (float64), undoing pad then scale;
     `offset`/`scale` hold each box's image row of `geometry_arrays` (or one row for all)."""
@@ -585,17 +597,17 @@ def evaluate_outputs(
     annotation_file: str | Path | None = None,
     engine: str = "faster-coco-eval",
     allow_missing: bool = False,
-    score_thr: float = SCORE_THR,
-    iou_thr: float = NMS_IOU,
-    max_per_img: int = MAX_PER_IMG,
+    score_thr: float | None = None,
+    iou_thr: float | None = None,
+    max_per_img: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `outputs/<backend>/` of a run against COCO ground truth; write `eval/<backend>/`.
-
-    Writes detections.json, per_class.csv and stats.json (last) atomically and returns a small dict for
-    XCom: backend, engine, images, detections, missing_images, stats (the 12 COCO numbers by name)
-    and the three paths. `annotation_file` defaults to the one recorded in the manifest.
-    """
+    """Evaluate `outputs/<backend>/` of a run against COCO ground truth; write `eval/<backend>/`:
+    detections.json, per_class.csv, stats.json (last), atomically. Returns the XCom dict: backend,
+    engine, images, detections, missing_images, stats (the 12 COCO numbers by name), the three paths.
+    `annotation_file` defaults to the manifest's; the host NMS settings (for candidate shards) to the
+    run's recorded model spec, else GFocalV2's."""
     layout = run_dir if isinstance(run_dir, RunLayout) else RunLayout.at(run_dir)
+    score_thr, iou_thr, max_per_img = _nms_settings(layout, score_thr, iou_thr, max_per_img)
     coco = _CocoEngine(engine)
     manifest, annotation_file = _manifest_and_annotations(layout, annotation_file)
     gt = coco.load_gt(annotation_file)
@@ -630,18 +642,12 @@ def evaluate_outputs(
         "per_class_path": str(per_class_path),
         "stats_path": str(eval_dir / STATS_FILE),
     }
-    facts = {"annotation_file": str(annotation_file), "manifest_sha256": manifest.sha256}
     # score_thr/iou_thr/max_per_img: this step's host NMS (kind "candidates" only); "postprocess" says
     # which NMS and thresholds produced the detections of each group of shards
-    thresholds = {"score_thr": score_thr, "iou_thr": iou_thr, "max_per_img": max_per_img}
-    stats_file = {
-        **result,
-        **facts,
-        **thresholds,
-        "postprocess": collected.postprocess,
-        "per_class": per_class,
-    }
-    write_json(eval_dir / STATS_FILE, stats_file)
+    facts = {"annotation_file": str(annotation_file), "manifest_sha256": manifest.sha256}
+    nms = {"score_thr": score_thr, "iou_thr": iou_thr, "max_per_img": max_per_img}
+    extra = {"postprocess": collected.postprocess, "per_class": per_class}
+    write_json(eval_dir / STATS_FILE, {**result, **facts, **nms, **extra})
     _log_result(result)
     return result
 

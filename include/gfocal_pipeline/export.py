@@ -1,12 +1,14 @@
-"""ONNX export of GFocalV2, two variants from one code path, with an ONNX Runtime parity check.
+"""ONNX export of any model adapter, two variants from one code path, with an ONNX Runtime parity check.
 
-- `portable`: standard ops only; outputs `boxes` (N,K,4) in input pixels and `scores` (N,K,80), the
-  pre-NMS candidates (K = 3267 for 800x1216: per level min(H*W, 1000)); NMS runs on the host.
-- `ascend`: NMS inside the graph as Ascend's `BatchMultiClassNMS` (outputs `dets` (N,100,5),
-  `labels` (N,100)), the form `atc` converts. ONNX Runtime cannot run that op, so the parity check
-  runs the graph cut just before the NMS (its float32 inputs) and compares that with PyTorch.
+- `portable`: standard ops only; outputs `boxes` (N,K,4) in input pixels and `scores` (N,K,C), the
+  pre-NMS candidates; NMS runs on the host.
+- `ascend`: NMS inside the graph as Ascend's `BatchMultiClassNMS` (outputs `dets` (N,max_per_img,5),
+  `labels` (N,max_per_img)), the form `atc` converts. ONNX Runtime cannot run that op, so the parity
+  check runs the graph cut just before the NMS (its float32 inputs) and compares that with PyTorch.
 
-The file is written to a temporary name, checked, and renamed only when everything passed.
+`export_onnx` picks the adapter by name (`gfocal_pipeline.adapters`); the adapter builds its export
+module and parity check, and `export_graph` here traces, checks and records it. The file is written
+to a temporary name, checked, and renamed only when everything passed.
 """
 
 from __future__ import annotations
@@ -18,31 +20,30 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
-from gfocal_pipeline.checkpoint import load_model
+from gfocal_pipeline.adapters import DEFAULT_MODEL, load_adapter
 from gfocal_pipeline.constants import (
-    CLS_OUT_CHANNELS,
     DEFAULT_HEIGHT,
     DEFAULT_INPUT_NAME,
     DEFAULT_MAX_UNEXPLAINED,
     DEFAULT_PARITY_THRESHOLD,
     DEFAULT_WIDTH,
-    MAX_PER_IMG,
-    NUM_CLASSES,
     SIZE_DIVISOR,
 )
-from gfocal_pipeline.decode import candidates_per_image
 from gfocal_pipeline.errors import ExportError, os_error_fix
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file, write_json
-from gfocal_pipeline.model.deploy import NMS_OP, VARIANTS, DeployModel
-from gfocal_pipeline.parity import ParityReport, compare_candidates
+from gfocal_pipeline.nets.ascend_nms import NMS_OP, VARIANTS
+from gfocal_pipeline.parity import ParityReport
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class ExportResult:
     unexplained_allowed: bool = False  # True when max_unexplained let unexplained candidates through
     candidates_per_image: int = 0
     export_seconds: float = 0.0
+    model: dict[str, Any] = field(default_factory=dict)  # the adapter's ModelSpec
     torch_version: str = torch.__version__
     onnx_version: str = onnx.__version__
 
@@ -89,6 +91,7 @@ class ExportResult:
             "torch_version",
         )
         small = {k: getattr(self, k) for k in keys}
+        small["model"] = self.model.get("name", "")
         small["parity_ties"] = self.parity.get("boundary_ties", 0)
         small["parity_unexplained"] = self.parity.get("unexplained", 0)
         return small
@@ -184,43 +187,6 @@ def _session(model: onnx.ModelProto) -> Any:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def reference_anchors(deploy: DeployModel, feed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """PyTorch's decode of every anchor (no top-k): boxes (B,A,4) and all 81 scores (B,A,81)."""
-    from gfocal_pipeline.decode import decode_candidates
-
-    with torch.inference_mode():
-        tensor = torch.from_numpy(feed)
-        if deploy.normalize_in_graph:
-            tensor = deploy.normalize(tensor)
-        boxes, scores = decode_candidates(
-            *deploy.model(tensor),
-            deploy.height,
-            deploy.width,
-            nms_pre=ALL_ANCHORS,
-            project=deploy.model.bbox_head.integral.project,
-        )
-    return boxes.numpy(), scores.numpy()
-
-
-def parity(deploy: DeployModel, model: onnx.ModelProto, *feeds: np.ndarray) -> ParityReport:
-    """ONNX Runtime's candidates of `model` against PyTorch's anchors on each feed (see
-    `gfocal_pipeline.parity`).
-
-    The portable graph is compared on its 80 output scores; the ascend graph is run cut just before
-    its NMS (float32 boxes and the 81 classifier channels, the appended zero column dropped).
-    """
-    graph = model if deploy.variant == "portable" else _nms_free_copy(model)[0]
-    columns = NUM_CLASSES if deploy.variant == "portable" else CLS_OUT_CHANNELS
-    session = _session(graph)
-    report = ParityReport()
-    for feed in feeds:
-        boxes, scores = session.run(None, {session.get_inputs()[0].name: feed})
-        reference = reference_anchors(deploy, feed)
-        got = (boxes, scores[..., :columns])
-        report.merge(compare_candidates(got, reference, deploy.height, deploy.width))
-    return report
-
-
 def _keep_rejected(tmp: Path, output: Path) -> Path:
     """Keep a graph that failed its checks beside the target, as `<name>.rejected.onnx`."""
     rejected = rejected_path(output)
@@ -276,7 +242,7 @@ def _positive_number(value: object) -> bool:
     )
 
 
-def _check_arguments(
+def check_export_arguments(
     variant: str,
     height: int,
     width: int,
@@ -317,7 +283,7 @@ def _os_error_in(exc: BaseException) -> OSError | None:
 
 
 def _trace(
-    deploy: DeployModel, feed: np.ndarray, path: Path, input_name: str, opset: int, batch_dim: int | str
+    deploy: nn.Module, feed: np.ndarray, path: Path, input_name: str, opset: int, batch_dim: int | str
 ) -> onnx.ModelProto:
     """`torch.onnx.export` of `deploy` to `path`; `batch_dim` "batch" makes the batch axis dynamic."""
     output_names = list(deploy.output_names)
@@ -347,43 +313,189 @@ def _trace(
         raise ExportError(f"torch.onnx.export failed for variant {deploy.variant!r}: {exc}") from exc
     graph = onnx.load(str(path))
     if deploy.variant == "ascend":  # the custom op hides its output shapes from ONNX: state them
-        _set_dims(graph.graph.output[0], [batch_dim, MAX_PER_IMG, 5])
-        _set_dims(graph.graph.output[1], [batch_dim, MAX_PER_IMG])
+        _set_dims(graph.graph.output[0], [batch_dim, deploy.max_per_img, 5])
+        _set_dims(graph.graph.output[1], [batch_dim, deploy.max_per_img])
         onnx.save(graph, str(path))
     return graph
 
 
+@dataclass(frozen=True)
+class ParityCheck:
+    """How an export is verified: `compare(graph, *feeds)` -> `ParityReport`, and its bounds."""
+
+    compare: Callable[..., ParityReport]
+    threshold: float = DEFAULT_PARITY_THRESHOLD
+    max_unexplained: int = DEFAULT_MAX_UNEXPLAINED
+    model_name: str = "model"  # named in a refusal, e.g. "GFocalV2 R50-FPN 1x"
+
+
 def _verify(
-    deploy: DeployModel,
+    module: nn.Module,
     graph: onnx.ModelProto,
     feeds: list[np.ndarray],
     tmp: Path,
     output: Path,
-    parity_threshold: float,
-    max_unexplained: int,
+    check: ParityCheck,
 ) -> ParityReport:
     """The checker and the parity check; a refused graph is moved from `tmp` to `*.rejected.onnx`."""
     try:
-        check_graph(graph, deploy.variant)
+        check_graph(graph, module.variant)
     except ExportError as exc:
         rejected = _keep_rejected(tmp, output)
         raise ExportError(f"{exc}\nThe graph was kept at {rejected} for inspection") from exc
-    report = parity(deploy, graph, *feeds)
+    report = check.compare(graph, *feeds)
     log.info("parity ONNX Runtime vs PyTorch per level:\n%s", report.describe())
-    refusal, fix = _verdict(report, parity_threshold, max_unexplained)
+    refusal, fix = _verdict(report, check.threshold, check.max_unexplained)
     if refusal:
         rejected = _keep_rejected(tmp, output)
         raise ExportError(
-            f"ONNX Runtime and PyTorch disagree for {output}: {refusal}.\n{report.describe()}\n"
-            f"The target was not written; the refused graph is kept at {rejected} for inspection. {fix}"
+            f"ONNX Runtime and PyTorch disagree on the {check.model_name} {module.variant} graph: "
+            f"{refusal}.\n{report.describe()}\n"
+            f"The target {output} was not written; the refused graph is kept at {rejected} for inspection. "
+            f"{fix}"
         )
     if report.unexplained:
         log.warning(
             "parity: %d unexplained candidate(s) let through by max_unexplained=%d",
             report.unexplained,
-            max_unexplained,
+            check.max_unexplained,
         )
     return report
+
+
+def export_target(output: str | os.PathLike[str]) -> Path:
+    """The .onnx path to write; a directory or an unwritable folder is refused before any work."""
+    path = Path(output)
+    if path.is_dir():
+        raise ExportError(f"output {str(path)!r} is a directory; give the path of the .onnx file to write")
+    ensure_writable_dir(path.parent, "output directory")
+    return path
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What an export records beside the graph: where it came from and what it is."""
+
+    checkpoint_sha256: str
+    candidates_per_image: int
+    model: dict[str, Any]  # the adapter's ModelSpec as data
+    started: float  # time.perf_counter() when the export began (model loading included)
+
+
+def export_graph(
+    module: nn.Module,
+    output: Path,
+    check: ParityCheck,
+    facts: GraphFacts,
+    *,
+    opset: int,
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    input_name: str = DEFAULT_INPUT_NAME,
+) -> ExportResult:
+    """Trace `module` (an adapter's export module: `variant`, `output_names`, `height`, `width`,
+    `normalize_in_graph`, `max_per_img`) to `output`, check and parity-check it, write
+    `<name>.export.json`. Arguments are checked first by `check_export_arguments`."""
+    height, width, uint8 = module.height, module.width, module.normalize_in_graph
+    feeds = [np.repeat(x, batch, axis=0) for x in sample_inputs(height, width, uint8)]
+    batch_dim: int | str = "batch" if dynamic_batch else batch
+    log.info(
+        "exporting %s %s graph %dx%d batch %s opset %d -> %s",
+        facts.model.get("name", "?"),
+        module.variant,
+        height,
+        width,
+        batch_dim,
+        opset,
+        output,
+    )
+    with atomic_path(output) as tmp:
+        graph = _trace(module, feeds[0], tmp, input_name, opset, batch_dim)
+        report = _verify(module, graph, feeds, tmp, output, check)
+        onnx_sha = sha256_file(tmp)
+    layout = [height, width, 3] if uint8 else [3, height, width]
+    result = ExportResult(
+        onnx_path=str(output),
+        onnx_sha256=onnx_sha,
+        checkpoint_sha256=facts.checkpoint_sha256,
+        variant=module.variant,
+        input_name=input_name,
+        input_shape=[batch_dim, *layout],
+        input_dtype="uint8" if uint8 else "float32",
+        output_names=list(module.output_names),
+        opset=opset,
+        parity_max_abs_err=report.numeric_error,
+        parity=report.summary(),
+        parity_levels=report.per_level(),
+        max_unexplained=check.max_unexplained,
+        unexplained_allowed=report.unexplained > 0,
+        candidates_per_image=facts.candidates_per_image,
+        export_seconds=round(time.perf_counter() - facts.started, 3),
+        model=facts.model,
+    )
+    with contextlib.suppress(FileNotFoundError):  # a graph refused earlier is superseded by this one
+        rejected_path(output).unlink()
+    write_json(output.with_suffix(".export.json"), result.to_dict())
+    return result
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The arguments of one export (see `export_onnx`); `check_export_arguments` bounds them."""
+
+    variant: str = "portable"
+    height: int = DEFAULT_HEIGHT
+    width: int = DEFAULT_WIDTH
+    batch: int = 1
+    dynamic_batch: bool = False
+    opset: int | None = None
+    input_name: str = DEFAULT_INPUT_NAME
+    normalize_in_graph: bool = False
+    parity_threshold: float = DEFAULT_PARITY_THRESHOLD
+    max_unexplained: int = DEFAULT_MAX_UNEXPLAINED
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What a model adapter brings to an export: its module, parity comparison and facts."""
+
+    build: Callable[[ExportOptions], nn.Module]  # the export module (loads the checkpoint)
+    compare: Callable[..., ParityReport]  # (module, graph, *feeds) -> report
+    candidates: Callable[[nn.Module], int]  # candidates per image of the portable outputs
+    spec: dict[str, Any]  # the adapter's ModelSpec as data
+    checkpoint_sha256: Callable[[], str]  # read after the checkpoint loaded (a bad file is named first)
+
+
+def export_model(plan: ExportPlan, output: str | os.PathLike[str], options: ExportOptions) -> ExportResult:
+    """Check the arguments and the target, build the adapter's module, then `export_graph` it."""
+    started = time.perf_counter()
+    opset = check_export_arguments(
+        options.variant,
+        options.height,
+        options.width,
+        options.batch,
+        options.opset,
+        options.input_name,
+        options.parity_threshold,
+        options.max_unexplained,
+    )
+    target = export_target(output)
+    module = plan.build(options).eval()
+    name = plan.spec.get("display_name", "model")
+    check = ParityCheck(
+        partial(plan.compare, module), options.parity_threshold, options.max_unexplained, name
+    )
+    facts = GraphFacts(plan.checkpoint_sha256(), plan.candidates(module), plan.spec, started)
+    return export_graph(
+        module,
+        target,
+        check,
+        facts,
+        opset=opset,
+        batch=options.batch,
+        dynamic_batch=options.dynamic_batch,
+        input_name=options.input_name,
+    )
 
 
 def export_onnx(
@@ -392,59 +504,15 @@ def export_onnx(
     variant: str = "portable",
     height: int = DEFAULT_HEIGHT,
     width: int = DEFAULT_WIDTH,
-    batch: int = 1,
-    dynamic_batch: bool = False,
-    opset: int | None = None,
-    input_name: str = DEFAULT_INPUT_NAME,
-    normalize_in_graph: bool = False,
-    parity_threshold: float = DEFAULT_PARITY_THRESHOLD,
-    max_unexplained: int = DEFAULT_MAX_UNEXPLAINED,
+    *,
+    model: str = DEFAULT_MODEL,
+    **options: Any,
 ) -> ExportResult:
-    """Export `checkpoint` to `output` (.onnx) and verify it; see the module docstring.
-
-    `parity_threshold` bounds the numeric error of matched candidates (px / score); `max_unexplained`
-    (default 0) is how many candidates that are no top-k tie may still differ - only for diagnosing a
-    graph, and recorded in the result when used. A refused graph is kept as `<name>.rejected.onnx`.
-    """
-    started = time.perf_counter()
-    args = (variant, height, width, batch, opset, input_name, parity_threshold, max_unexplained)
-    opset = _check_arguments(*args)
-    output = Path(output)
-    if output.is_dir():
-        raise ExportError(f"output {str(output)!r} is a directory; give the path of the .onnx file to write")
-    ensure_writable_dir(output.parent, "output directory")
-
-    deploy = DeployModel(load_model(checkpoint), variant, height, width, normalize_in_graph).eval()
-    feeds = [np.repeat(x, batch, axis=0) for x in sample_inputs(height, width, normalize_in_graph)]
-    batch_dim: int | str = "batch" if dynamic_batch else batch
-    log.info(
-        "exporting %s graph %dx%d batch %s opset %d -> %s", variant, height, width, batch_dim, opset, output
+    """Export `checkpoint` of adapter `model` to `output` (.onnx) and verify it; see the module
+    docstring. `options`: batch, dynamic_batch, opset, input_name, normalize_in_graph,
+    parity_threshold (bound on the numeric error of matched candidates, px / score), max_unexplained
+    (default 0: candidates that are no top-k tie but may still differ - only for diagnosing a graph,
+    recorded in the result when used). A refused graph is kept as `<name>.rejected.onnx`."""
+    return load_adapter(model).export(
+        checkpoint, output, variant=variant, height=height, width=width, **options
     )
-    with atomic_path(output) as tmp:
-        graph = _trace(deploy, feeds[0], tmp, input_name, opset, batch_dim)
-        report = _verify(deploy, graph, feeds, tmp, output, parity_threshold, max_unexplained)
-        onnx_sha = sha256_file(tmp)
-
-    layout = [height, width, 3] if normalize_in_graph else [3, height, width]
-    result = ExportResult(
-        onnx_path=str(output),
-        onnx_sha256=onnx_sha,
-        checkpoint_sha256=sha256_file(checkpoint),
-        variant=variant,
-        input_name=input_name,
-        input_shape=[batch_dim, *layout],
-        input_dtype="uint8" if normalize_in_graph else "float32",
-        output_names=list(deploy.output_names),
-        opset=opset,
-        parity_max_abs_err=report.numeric_error,
-        parity=report.summary(),
-        parity_levels=report.per_level(),
-        max_unexplained=max_unexplained,
-        unexplained_allowed=report.unexplained > 0,
-        candidates_per_image=candidates_per_image(height, width),
-        export_seconds=round(time.perf_counter() - started, 3),
-    )
-    with contextlib.suppress(FileNotFoundError):  # a graph refused earlier is superseded by this one
-        rejected_path(output).unlink()
-    write_json(output.with_suffix(".export.json"), result.to_dict())
-    return result

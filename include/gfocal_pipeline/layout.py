@@ -33,7 +33,9 @@ Shared output layout (`outputs/<backend>/<shard>/`):
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +62,7 @@ def input_file_name(image_id: int) -> str:
     return f"{int(image_id):012d}.bin"
 
 
-OM_NAME = "gfocal"
+OM_NAME = "gfocal"  # the OM's name when the run records no model (runs made before model adapters)
 
 
 def om_cache_dir(work_dir: str | Path) -> Path:
@@ -88,8 +90,26 @@ class RunLayout:
 
     @property
     def om(self) -> Path:
-        """The converted OM (written beside its convert.json)."""
-        return self.model_dir / f"{OM_NAME}.om"
+        """The converted OM (written beside its convert.json), `<model's om_name>.om`."""
+        return self.model_dir / f"{self.om_name()}.om"
+
+    def recorded_model(self) -> dict[str, Any]:
+        """The model spec `prepare` recorded in `run.json` ({} for a run without one: the CLI's, or
+        one made before model adapters; GFocalV2's facts apply there)."""
+        try:
+            recorded = json.loads(self.run_json.read_text(encoding="utf-8")).get("model")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return recorded if isinstance(recorded, dict) else {}
+
+    def om_name(self) -> str:
+        """The OM's name from the recorded model spec (`OM_NAME` when there is none)."""
+        recorded = self.recorded_model().get("om_name")
+        return (
+            recorded
+            if isinstance(recorded, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,60}", recorded)
+            else OM_NAME
+        )
 
     @property
     def manifest(self) -> Path:

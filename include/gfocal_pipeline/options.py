@@ -7,6 +7,7 @@ the validation of a value (`check_option`) and the CLI's help. No Airflow import
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import posixpath
@@ -92,6 +93,7 @@ class OptionSpec:
     exclusive_maximum: float | None = None
     multiple_of: int | None = None
     pattern: str | None = None
+    choices: tuple[str, ...] | None = None  # allowed strings of a str option (e.g. registered models)
     hint: str = ""  # how to fix a bad value, added to error messages
 
     def schema(self) -> dict[str, Any]:
@@ -99,8 +101,9 @@ class OptionSpec:
         names = {bool: "boolean", int: "integer", float: "number", str: "string"}
         base = "string" if issubclass(self.kind, Choice) else names[self.kind]
         out: dict[str, Any] = {"type": ["null", base] if self.nullable else base}
-        if issubclass(self.kind, Choice):
-            out["enum"] = [*self.kind.values(), *([None] if self.nullable else [])]
+        if issubclass(self.kind, Choice) or self.choices:
+            allowed = self.kind.values() if issubclass(self.kind, Choice) else list(self.choices or ())
+            out["enum"] = [*allowed, *([None] if self.nullable else [])]
         keywords = {
             "minimum": self.minimum,
             "exclusiveMinimum": self.exclusive_minimum,
@@ -181,6 +184,14 @@ def _bounds(name: str, number: float, spec: OptionSpec) -> None:
         raise ConfigError(f"parameter {name!r} = {number:g} must be {floor} and {limit}{extra}{hint}")
 
 
+def _check_choice(name: str, text: str, spec: OptionSpec) -> None:
+    """A str option with `choices` must be one of them (the nearest is named)."""
+    if spec.choices and text not in spec.choices:
+        near = difflib.get_close_matches(text, spec.choices, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"parameter {name!r} = {text!r} must be one of: {', '.join(spec.choices)}{hint}")
+
+
 def check_option(name: str, value: Any, spec: OptionSpec) -> Any:
     """`value` checked against `spec` and converted to its kind (a Choice member, int, float or str)."""
     if value is None or (value == "" and spec.nullable):
@@ -208,6 +219,7 @@ def check_option(name: str, value: Any, spec: OptionSpec) -> Any:
         return check_path(name, text)
     if spec.subpath:
         return check_subpath(name, text)
+    _check_choice(name, text, spec)
     if spec.pattern and not re.match(spec.pattern, text):
         raise ConfigError(f"parameter {name!r} = {text!r} does not match {spec.pattern} ({spec.hint})")
     return text

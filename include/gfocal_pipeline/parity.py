@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gfocal_pipeline.constants import NMS_PRE, STRIDES
-from gfocal_pipeline.decode import level_sizes
+from gfocal_pipeline.nets.levels import level_sizes
 
 LEVEL_NAMES = ("P3", "P4", "P5", "P6", "P7")
 MATCH_PX = 1.0  # a candidate is an anchor's when its box is within this many pixels ...

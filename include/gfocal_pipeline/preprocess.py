@@ -919,10 +919,14 @@ def preprocess(
         _drop_staging(layout, staging)
         raise
     _drop_staging(layout, staging)
-    skipped = [
-        {"image_id": i.image_id, "file_name": i.file_name, "reason": bad[i.image_id]} for i in bad_images
+    return _write_manifest(layout, dataset, fmt, shard_size, (entries, shards, _skipped(bad_images, bad)))
+
+
+def _skipped(bad_images: list[CocoImage], reasons: dict[int, str]) -> list[dict[str, object]]:
+    """The manifest's record of the images left out (skip_bad_images), each with its reason."""
+    return [
+        {"image_id": i.image_id, "file_name": i.file_name, "reason": reasons[i.image_id]} for i in bad_images
     ]
-    return _write_manifest(layout, dataset, fmt, shard_size, (entries, shards, skipped))
 
 
 def _write_manifest(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gfocal_pipeline.adapters import DEFAULT_MODEL, check_model_name, model_names, run_model_spec
 from gfocal_pipeline.config import default_work_dir, demo_paths, ensure_demo_data
 from gfocal_pipeline.constants import (
     DEFAULT_ANNOTATION_FILE,
@@ -47,12 +48,23 @@ _SIZE = {"kind": int, "minimum": 64, "maximum": 4096, "multiple_of": SIZE_DIVISO
 class DataOptions:
     """What goes in: the checkpoint, the COCO-format set and how images become model inputs."""
 
-    checkpoint: str = option(
-        default_factory=lambda: str(demo_paths()["checkpoint"]),
-        title="Checkpoint (.pth)",
-        description="mmcv-style GFocalV2 R50-FPN checkpoint. Default: generated RANDOM weights.",
+    model: str = option(
+        DEFAULT_MODEL,
+        title="Model",
+        description="The model adapter (`gfocal models` lists them): its checkpoint layout, export, "
+        "classes and post-processing; its input size and resize policy are the defaults below.",
+        kind=str,
+        choices=model_names(),
+    )
+    checkpoint: str | None = option(
+        None,
+        title="Checkpoint (.pth) or ONNX graph",
+        description="mmcv-style checkpoint in the model's official layout; with model onnx, your .onnx "
+        "graph (its declaration <graph>.spec.yaml beside it). Empty: the model's generated RANDOM weights "
+        "(the demo).",
         kind=str,
         path=True,
+        nullable=True,
     )
     coco_root: str = option(
         default_factory=lambda: str(demo_paths()["coco_root"]),
@@ -280,7 +292,7 @@ def _group_fields(ascend: bool) -> Iterator[tuple[str, Any]]:
 # sections below it start collapsed, "Advanced" last.
 DEFAULT_SECTION = "Run Parameters"
 FORM_SECTIONS: dict[str, tuple[str, ...]] = {
-    DEFAULT_SECTION: ("checkpoint", "coco_root", "max_images", "tool", "precision_mode"),
+    DEFAULT_SECTION: ("model", "checkpoint", "coco_root", "max_images", "tool", "precision_mode"),
     "Data": ("images_dir", "annotations", "work_dir"),
     "Model": ("height", "width", "policy", "dtype"),
     "Inference": ("batch_size", "shard_size"),
@@ -326,26 +338,50 @@ def _check_batch(ascend: AscendOptions | None, batch_size: int) -> None:
         raise ConfigError(f"parameter 'batch_size' = {batch_size}: {exc}") from None
 
 
+MODEL_INPUT = ("policy", "height", "width")  # options whose default is the model adapter's
+
+
+def _model_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The chosen model (checked) and its adapter's input size and policy where the run sets none."""
+    values = dict(values)
+    model = check_model_name(values.get("model") or DEFAULT_MODEL, "parameter 'model'")
+    spec = run_model_spec(model, values.get("checkpoint"))
+    unsupported = spec.unsupported_preprocessing()
+    if unsupported:
+        raise ConfigError(
+            f"model {model!r} declares preprocessing this version cannot run: {'; '.join(unsupported)}; "
+            "see docs/models.md"
+        )
+    pre = spec.preprocessing
+    for name in MODEL_INPUT:
+        if values.get(name) is None:
+            values[name] = getattr(pre, name)
+    return {**values, "model": model}
+
+
 def _demo_in_work_dir(values: Mapping[str, Any]) -> dict[str, Any]:
     """A run without a checkpoint / COCO root uses the demo data of its own work directory."""
     values = dict(values)
     work_dir = values.get("work_dir") or str(default_work_dir())
+    demo = demo_paths(work_dir, values["model"])
     for key in ("checkpoint", "coco_root"):
-        if values.get(key) in (None, ""):
-            values[key] = str(demo_paths(work_dir)[key])
+        if values.get(key) in (None, "") and key in demo:
+            values[key] = str(demo[key])
     return values
 
 
 def _demo_defaults(values: dict[str, Any]) -> bool:
     """Generate the demo data when a run uses it (first use); True when the weights are RANDOM."""
     bases = {Path(values["work_dir"]), default_work_dir()}
+    model = values["model"]
     for base in bases:
-        if any(Path(values[key]) == demo_paths(base)[key] for key in ("checkpoint", "coco_root")):
-            ensure_demo_data(base)
+        demo = demo_paths(base, model)
+        if any(Path(values[key]) == demo.get(key) for key in ("checkpoint", "coco_root")):
+            ensure_demo_data(base, model)
     for key in ("checkpoint", "coco_root"):
         if not Path(values[key]).exists():
             raise ConfigError(f"parameter {key!r}: {values[key]!r} does not exist; pass an existing path")
-    return any(Path(values["checkpoint"]) == demo_paths(base)["checkpoint"] for base in bases)
+    return any(Path(values["checkpoint"]) == demo_paths(base, model).get("checkpoint") for base in bases)
 
 
 def check_known(values: Mapping[str, Any], names: set[str]) -> None:
@@ -379,7 +415,7 @@ class RunConfig:
     def from_mapping(cls, values: Mapping[str, Any], *, ascend: bool = False) -> RunConfig:
         """Validate a form's (or CLI's) values; missing or None ones take their defaults."""
         check_known(values, {item.name for _, item in _group_fields(ascend)})
-        values = _demo_in_work_dir(values)
+        values = _demo_in_work_dir(_model_defaults(values))
         checked: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
         for group, item in _group_fields(ascend):
             spec, raw = spec_of(item), values.get(item.name)

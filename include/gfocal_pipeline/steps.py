@@ -43,19 +43,27 @@ def run_directory(work_dir: str | Path, dag_id: str, run_id: str) -> Path:
 def prepare_step(values: dict[str, Any], dag_id: str, run_id: str, *, ascend: bool) -> dict[str, Any]:
     """Validate a run's options once (`RunConfig`) and create its run directory.
 
-    Returns the validated options plus `run_dir` and `om_cache_dir`: what every later task reads.
+    Returns the validated options plus `run_dir`, `om_cache_dir`, and from the run's model spec (also
+    recorded in `run.json`) `reference_backend` and `history_model`: what every later task reads.
     """
+    from gfocal_pipeline.adapters import run_model_spec
     from gfocal_pipeline.run_config import RunConfig
 
     config = RunConfig.from_mapping(values, ascend=ascend).to_dict()
+    spec = run_model_spec(config["model"], config["checkpoint"])
     run_dir = run_directory(config["work_dir"], dag_id, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     layout = RunLayout.at(run_dir)
     if not layout.run_json.is_file():  # a retried prepare keeps the run's creation time
-        write_json(
-            layout.run_json, {"dag_id": dag_id, "run_id": run_id, "created": time.time(), "config": config}
-        )
-    return {**config, "run_dir": str(run_dir), "om_cache_dir": str(om_cache_dir(config["work_dir"]))}
+        record = {"dag_id": dag_id, "run_id": run_id, "created": time.time(), "config": config}
+        write_json(layout.run_json, {**record, "model": spec.to_dict()})
+    return {
+        **config,
+        "run_dir": str(run_dir),
+        "om_cache_dir": str(om_cache_dir(config["work_dir"])),
+        "reference_backend": spec.reference_backend,  # what the nightly's reference branch runs
+        "history_model": spec.history_name,
+    }
 
 
 def om_batch_sizes(batch_size: int) -> tuple[int, ...]:
@@ -72,10 +80,12 @@ def export_step(
     batch_size: int = 1,
     work_dir: str | Path | None = None,
     cache_onnx: bool = True,
+    model: str = "gfocalv2",
     **options: Any,
 ) -> dict[str, Any]:
-    """Export `checkpoint` (see `export.export_onnx`): into the ONNX cache of `work_dir` (the graph
-    stays there; `cached` says whether it was reused), else to the run's `model/gfocal_<variant>.onnx`.
+    """Export `checkpoint` of adapter `model` (see `export.export_onnx`): into the ONNX cache of
+    `work_dir` (the graph stays there; `cached` says whether it was reused), else to the run's
+    `model/gfocal_<variant>.onnx`.
 
     The portable graph has a dynamic batch and, for uint8 inputs, normalizes in the graph; the
     Ascend graph stays float NCHW (AIPP normalizes on the NPU) with a dynamic batch only for
@@ -94,8 +104,10 @@ def export_step(
         if work_dir is not None and cache_onnx:
             from gfocal_pipeline.caching import cached_export
 
-            return cached_export(run_dir, work_dir, variant, checkpoint, **options)
-        result = export_onnx(checkpoint=checkpoint, output=target, variant=variant, **options)
+            # the run's model spec is part of the key (a bring-your-own graph's declaration with it)
+            spec = RunLayout.at(run_dir).recorded_model()
+            return cached_export(run_dir, work_dir, variant, checkpoint, model=model, spec=spec, **options)
+        result = export_onnx(checkpoint=checkpoint, output=target, variant=variant, model=model, **options)
     return {**result.to_xcom(), "cached": False}
 
 
@@ -222,9 +234,14 @@ def infer_step(
     """Run one shard through `backend` (see `backends.registry`); returns its timing summary.
 
     The PyTorch reference (`torch`) goes through the reference cache of `work_dir` when
-    `cache_reference`: an unchanged checkpoint on unchanged inputs is not run again."""
+    `cache_reference`: an unchanged checkpoint on unchanged inputs is not run again. Its model
+    adapter (`adapter`) defaults to the one the run recorded in `run.json`."""
     from gfocal_pipeline.backends.registry import backend_class, get_backend
     from gfocal_pipeline.retention import check_not_pruned
+
+    if backend == "torch" and "adapter" not in options:
+        recorded = RunLayout.at(run_dir).recorded_model().get("name")
+        options = {**options, **({"adapter": recorded} if recorded else {})}
 
     backend_class(backend)  # an unknown backend or bad options fail before any file is read
     cached = backend == "torch" and work_dir is not None and cache_reference
@@ -353,7 +370,7 @@ def history_record(
     export_info: dict[str, Any],
     convert_info: dict[str, Any],
     ap_delta: float | None,
-    model: str = "gfocalv2_r50_fpn_1x",
+    model: str | None = None,
 ) -> Any:
     """The history row of one evaluated backend of a run.
 
@@ -362,8 +379,12 @@ def history_record(
     and resize policy + input size + dtype + image count (a 8-image smoke run never becomes the
     baseline of a full val2017 run).
     """
+    from gfocal_pipeline.adapters import DEFAULT_MODEL, model_spec
     from gfocal_pipeline.history import RunRecord
 
+    # the history key: the adapter's history name (GFocalV2's is the one used since the first release)
+    default = model_spec(run_config.get("model") or DEFAULT_MODEL).history_name
+    model = model or run_config.get("history_model") or default
     timing = evaluation.get("timing", {})
     device = role["device"]
     if device == "auto":
@@ -412,6 +433,7 @@ def cli_history_record(
         "dataset_id": manifest.dataset_id,
     }
     run_config = {
+        "history_model": layout.recorded_model().get("history_name"),
         "policy": manifest.policy,
         "dtype": manifest.dtype,
         "height": manifest.input_height,
@@ -433,8 +455,9 @@ def cli_history_record(
 def summary_step(run_dir: str | Path, evaluations: dict[str, dict[str, Any]], **facts: Any) -> dict[str, Any]:
     """Write `summary.json` (what the summary task prints) and return it.
 
-    With a `reference` evaluation (PyTorch) and a `device` one, AP_pytorch, AP_npu and AP_delta are
-    reported like the seed's 0.410 vs 0.406 table.
+    With a `reference` evaluation and a `device` one, AP_reference, AP_npu and AP_delta are reported
+    like the seed's 0.410 vs 0.406 table; AP_pytorch too when the reference is PyTorch (a
+    bring-your-own graph's reference is ONNX Runtime on the same graph).
     """
     from gfocal_pipeline.caching import reuse_summary
 
@@ -461,7 +484,9 @@ def summary_step(run_dir: str | Path, evaluations: dict[str, dict[str, Any]], **
     if "reference" in evaluations and "device" in evaluations:
         ap_ref = evaluations["reference"]["stats"]["AP"]
         ap_dev = evaluations["device"]["stats"]["AP"]
-        summary.update({"AP_pytorch": ap_ref, "AP_npu": ap_dev, "AP_delta": ap_dev - ap_ref})
+        summary.update({"AP_reference": ap_ref, "AP_npu": ap_dev, "AP_delta": ap_dev - ap_ref})
+        if evaluations["reference"].get("backend", "torch") == "torch":
+            summary["AP_pytorch"] = ap_ref
     write_json(layout.summary, summary)
     return summary
 
@@ -503,8 +528,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
         lines.append(f"\ncache: {reused}")
     if "AP_delta" in summary:
+        reference = summary["backends"].get("reference", {}).get("backend") or "torch"
+        name = "AP_pytorch" if reference == "torch" else f"AP_{reference}"
         lines.append(
-            f"\nAP_pytorch={summary['AP_pytorch']:.4f}  AP_npu={summary['AP_npu']:.4f}  "
+            f"\n{name}={summary.get('AP_reference', summary.get('AP_pytorch', 0.0)):.4f}  "
+            f"AP_npu={summary['AP_npu']:.4f}  "
             f"AP_delta={summary['AP_delta']:+.4f}"
         )
     return "\n".join(lines)

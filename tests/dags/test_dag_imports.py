@@ -55,7 +55,18 @@ def test_a_dag_file_imports_no_numerical_library(dag_file: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["operators", "gfocal_plugin", "gfocal_pipeline.run_config", "gfocal_pipeline.doctor"]
+    "module",
+    [
+        "operators",
+        "gfocal_plugin",
+        "gfocal_pipeline.run_config",
+        "gfocal_pipeline.doctor",
+        # choosing a model (the form's choices, a spec's defaults) imports no adapter's network code
+        "gfocal_pipeline.models.gfocalv2.spec",
+        "gfocal_pipeline.models.retinanet.spec",
+        "gfocal_pipeline.models.onnx.spec",
+        "gfocal_pipeline.models.onnx.declaration",
+    ],
 )
 def test_the_operators_and_the_plugin_import_no_numerical_library(module: str) -> None:
     assert _import_in_fresh_interpreter(module)["loaded"] == []

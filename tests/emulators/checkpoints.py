@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gfocal_pipeline.checkpoint import random_state_dict
+from gfocal_pipeline.models.gfocalv2.checkpoint import random_state_dict
 
 
 def confident_checkpoint(path: Path) -> Path:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from retinanet_weights import randomize
 
-from gfocal_pipeline.checkpoint import load_model, write_random_checkpoint
 from gfocal_pipeline.errors import CheckpointError
+from gfocal_pipeline.models.gfocalv2.checkpoint import load_model, write_random_checkpoint
 from gfocal_pipeline.models.retinanet import RETINANET_R50_FPN_1X, build_retinanet
 from gfocal_pipeline.models.retinanet.checkpoint import load_retinanet
+from gfocal_pipeline.models.retinanet.weights import randomize
 
 
 def _official_style(path: Path, state: dict[str, torch.Tensor]) -> Path:

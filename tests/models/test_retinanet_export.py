@@ -21,10 +21,8 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from retinanet_weights import randomize
 
 import gfocal_pipeline.models.retinanet.deploy as retina_deploy
-from gfocal_pipeline.decode import level_sizes
 from gfocal_pipeline.errors import ExportError
 from gfocal_pipeline.export import (
     ALL_ANCHORS,
@@ -34,7 +32,6 @@ from gfocal_pipeline.export import (
     rejected_path,
     sample_inputs,
 )
-from gfocal_pipeline.model.deploy import NMS_OP
 from gfocal_pipeline.models.retinanet import RETINANET_R50_FPN_1X, RetinaNet, RetinaNetDeploy, build_retinanet
 from gfocal_pipeline.models.retinanet.anchors import AnchorGenerator
 from gfocal_pipeline.models.retinanet.deploy import decode_candidates
@@ -50,6 +47,9 @@ from gfocal_pipeline.models.retinanet.parity import (
     retinanet_level_blocks,
 )
 from gfocal_pipeline.models.retinanet.spec import RetinaNetSpec
+from gfocal_pipeline.models.retinanet.weights import randomize
+from gfocal_pipeline.nets.ascend_nms import NMS_OP
+from gfocal_pipeline.nets.levels import level_sizes
 from gfocal_pipeline.parity import compare_candidates
 
 SPEC = RETINANET_R50_FPN_1X
@@ -260,7 +260,7 @@ def test_topk_ties_pass_the_tie_aware_check(flat_p3: RetinaNetExport, tmp_path: 
 
 def _assert_refused(message: str, variant: str, size: tuple[int, int]) -> None:
     """The refusal names the graph, the reason, every level (P3 with its top-k boundary), the fix."""
-    assert f"ONNX Runtime and PyTorch disagree on the RetinaNet {variant} graph: " in message
+    assert f"ONNX Runtime and PyTorch disagree on the RetinaNet R50-FPN 1x {variant} graph: " in message
     assert "are no top-k tie (> max_unexplained 0)" in message or "(> parity_threshold 0.001)" in message
     p3 = retinanet_level_blocks(*size)[0][0]
     for level in (f"P3: 1000 of {p3} anchors kept", "P4:", "P5:", "P6:", "P7:"):

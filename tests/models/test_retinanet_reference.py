@@ -18,7 +18,6 @@ import torch
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
 from mmengine.config import Config, ConfigDict
-from retinanet_weights import randomize
 
 from gfocal_pipeline.checkpoint import layout_mismatch
 from gfocal_pipeline.models.retinanet import RETINANET_R50_FPN_1X, RetinaNet, RetinaNetDeploy, build_retinanet
@@ -26,6 +25,7 @@ from gfocal_pipeline.models.retinanet import deploy as retina_deploy
 from gfocal_pipeline.models.retinanet.anchors import AnchorGenerator
 from gfocal_pipeline.models.retinanet.deploy import decode_candidates
 from gfocal_pipeline.models.retinanet.spec import RetinaNetSpec
+from gfocal_pipeline.models.retinanet.weights import randomize
 from gfocal_pipeline.postprocess import Detections, multiclass_nms
 
 pytestmark = pytest.mark.reference

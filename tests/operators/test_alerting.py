@@ -205,8 +205,8 @@ def test_a_device_that_loses_a_class_gets_a_report_and_an_alert_with_pictures(
     from airflow.models.pool import Pool
     from emulators.toolkit import make_toolkit
 
-    from gfocal_pipeline.checkpoint import DEMO_CONFIDENT_CLASSES
     from gfocal_pipeline.constants import ASCEND_POOL
+    from gfocal_pipeline.models.gfocalv2.checkpoint import DEMO_CONFIDENT_CLASSES
     from gfocal_pipeline.report import load_report
 
     assert CHAIR in DEMO_CONFIDENT_CLASSES

@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from gfocal_pipeline.checkpoint import random_state_dict
 from gfocal_pipeline.errors import CheckpointError
 from gfocal_pipeline.export import export_onnx
+from gfocal_pipeline.models.gfocalv2.checkpoint import random_state_dict
 
 H, W = 256, 320  # the smallest export size the export tests use
 

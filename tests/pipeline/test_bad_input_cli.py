@@ -41,8 +41,8 @@ from support import (
 from torch import nn
 
 from gfocal_pipeline import cli
-from gfocal_pipeline.checkpoint import random_state_dict
 from gfocal_pipeline.demo_data import COCO_CATEGORIES, make_demo_coco
+from gfocal_pipeline.models.gfocalv2.checkpoint import random_state_dict
 
 TRACEBACK = "Traceback (most recent call last)"
 GFOCAL = Path(sys.executable).parent / "gfocal"  # the installed console script

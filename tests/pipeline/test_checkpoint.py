@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from gfocal_pipeline.checkpoint import (
-    RANDOM_CHECKPOINT_NOTE,
-    load_model,
-    random_state_dict,
-    read_state_dict,
-    write_random_checkpoint,
-)
+from gfocal_pipeline.checkpoint import RANDOM_CHECKPOINT_NOTE, read_state_dict
 from gfocal_pipeline.errors import CheckpointError
 from gfocal_pipeline.fileio import sha256_file
+from gfocal_pipeline.models.gfocalv2.checkpoint import load_model, random_state_dict, write_random_checkpoint
 
 
 def test_random_checkpoint_is_deterministic_and_labelled(tmp_path: Path) -> None:

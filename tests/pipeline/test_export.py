@@ -10,11 +10,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from gfocal_pipeline.checkpoint import load_model, random_state_dict
-from gfocal_pipeline.decode import candidates_per_image
 from gfocal_pipeline.errors import CheckpointError, ExportError, GfocalError
 from gfocal_pipeline.export import export_onnx
-from gfocal_pipeline.model import DeployModel
+from gfocal_pipeline.models.gfocalv2 import DeployModel
+from gfocal_pipeline.models.gfocalv2.checkpoint import load_model, random_state_dict
+from gfocal_pipeline.models.gfocalv2.decode import candidates_per_image
 
 H, W = 256, 320  # small but with a level above nms_pre (32x40 = 1280 anchors)
 

@@ -20,13 +20,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gfocal_pipeline.decode as decode_module
-import gfocal_pipeline.export as export_module
-from gfocal_pipeline.checkpoint import load_model
+import gfocal_pipeline.models.gfocalv2.decode as decode_module
+import gfocal_pipeline.models.gfocalv2.export as export_module
 from gfocal_pipeline.errors import ExportError
-from gfocal_pipeline.export import PARITY_PICTURES, export_onnx, parity, rejected_path, sample_inputs
-from gfocal_pipeline.model import DeployModel
-from gfocal_pipeline.model.fpn import FPN
+from gfocal_pipeline.export import PARITY_PICTURES, export_onnx, rejected_path, sample_inputs
+from gfocal_pipeline.models.gfocalv2 import DeployModel
+from gfocal_pipeline.models.gfocalv2.checkpoint import load_model
+from gfocal_pipeline.models.gfocalv2.export import parity
+from gfocal_pipeline.nets.fpn import FPN
 
 SMALL = (320, 320)  # P3 has 1600 anchors: a real top-k boundary at a small size
 FULL = (800, 1216)
@@ -55,7 +56,7 @@ def foreign_state_dict(seed: int, scale: float = 0.05) -> dict[str, torch.Tensor
 
 
 def load_model_template() -> dict[str, torch.Tensor]:
-    from gfocal_pipeline.model import build_model
+    from gfocal_pipeline.models.gfocalv2 import build_model
 
     return build_model().state_dict()
 

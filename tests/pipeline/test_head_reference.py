@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from mmdet.models.dense_heads import GFLHead  # the reference extra; a missing install must fail
 
-from gfocal_pipeline.checkpoint import load_model, random_state_dict, read_state_dict
+from gfocal_pipeline.checkpoint import read_state_dict
+from gfocal_pipeline.models.gfocalv2.checkpoint import load_model, random_state_dict
 
 pytestmark = pytest.mark.reference
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gfocal_pipeline.model import build_model
+from gfocal_pipeline.models.gfocalv2 import build_model
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -72,7 +72,7 @@ def test_no_reference_framework_imported_at_run_time() -> None:
     import sys
 
     code = (
-        "import sys, gfocal_pipeline.model, gfocal_pipeline.export, gfocal_pipeline.postprocess;"
+        "import sys, gfocal_pipeline.models.gfocalv2, gfocal_pipeline.export, gfocal_pipeline.postprocess;"
         "bad=[m for m in sys.modules if m.split('.')[0] in ('mmdet','mmcv','mmengine','torchvision')];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

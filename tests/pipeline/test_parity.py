@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gfocal_pipeline.decode import candidates_per_image, level_sizes
+from gfocal_pipeline.models.gfocalv2.decode import candidates_per_image, level_sizes
 from gfocal_pipeline.parity import (
     LevelParity,
     ParityReport,

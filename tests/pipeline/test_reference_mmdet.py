@@ -18,9 +18,10 @@ from mmdet.models.dense_heads import GFLHead
 from mmdet.models.necks import FPN
 from mmengine.config import ConfigDict
 
-from gfocal_pipeline.checkpoint import load_model, read_state_dict
-from gfocal_pipeline.decode import decode_candidates, level_sizes
+from gfocal_pipeline.checkpoint import read_state_dict
 from gfocal_pipeline.demo_data import demo_image
+from gfocal_pipeline.models.gfocalv2.checkpoint import load_model
+from gfocal_pipeline.models.gfocalv2.decode import decode_candidates, level_sizes
 from gfocal_pipeline.postprocess import multiclass_nms
 from gfocal_pipeline.preprocess import preprocess_image
 

@@ -21,10 +21,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from gfocal_pipeline.constants import CLS_OUT_CHANNELS, NUM_CLASSES, REG_MAX, STRIDES
-from gfocal_pipeline.decode import decode_candidates, level_sizes
 from gfocal_pipeline.evaluate import STAT_NAMES, evaluate_outputs
 from gfocal_pipeline.layout import RunLayout, write_shard_outputs
 from gfocal_pipeline.manifest import Geometry, ImageEntry, Manifest
+from gfocal_pipeline.models.gfocalv2.decode import decode_candidates, level_sizes
 
 HEIGHT, WIDTH = 256, 320
 # the 80 COCO category ids: 1..90 without the ten unused ones (gaps exercise the label -> id mapping)

@@ -279,6 +279,7 @@ def convert_onnx(
             "onnx_sha256": onnx_sha,
             "input_dtype": input_dtype,  # what the tool is fed (uint8: AIPP or a uint8 graph)
             "input_format": plan.input_format,  # of input_shape (the ONNX input)
+            **_recorded_outputs(onnx_path),  # what msame / ais_bench read back (dets or candidates)
         }
         _write_output_meta(output_dir, result, meta, source, plan.aipp_text)
     return result
@@ -373,6 +374,16 @@ def _conversion_result(
         "convert_seconds": round(seconds, 3),
         "cache_key": key,
     }
+
+
+def _recorded_outputs(onnx_path: Path) -> dict[str, list[str]]:
+    """{"output_names": [...]} as the export recorded them beside the graph (`.export.json`), or {}."""
+    try:
+        names = json.loads(onnx_path.with_suffix(".export.json").read_text(encoding="utf-8"))["output_names"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    ok = isinstance(names, list) and all(isinstance(name, str) for name in names)
+    return {"output_names": names} if ok else {}
 
 
 def _write_output_meta(

@@ -51,6 +51,7 @@ from gfocal_pipeline.layout import (
     write_shard_outputs,
 )
 from gfocal_pipeline.manifest import Manifest
+from gfocal_pipeline.model_spec import ModelSpec
 from gfocal_pipeline.postprocess import multiclass_nms, pad_dets
 from gfocal_pipeline.timing import summarize
 
@@ -282,8 +283,19 @@ class Backend(ABC):
         """Run every image of `shard`, write outputs + timing in the shared layout."""
 
 
-def check_nms_options(score_thr: object, iou_thr: object, max_per_img: object) -> tuple[float, float, int]:
-    """The host NMS settings as (float, float, int), or a BackendError naming the bad one."""
+def check_nms_options(
+    score_thr: object, iou_thr: object, max_per_img: object, spec: ModelSpec | None = None
+) -> tuple[float, float, int]:
+    """The host NMS settings as (float, float, int), or a BackendError naming the bad one; a None
+    setting is the model's (`spec.postprocess`, GFocalV2's official values without a spec)."""
+    if spec is not None:
+        post = spec.postprocess
+        score_thr = post.score_thr if score_thr is None else score_thr
+        iou_thr = post.nms_iou if iou_thr is None else iou_thr
+        max_per_img = post.max_per_img if max_per_img is None else max_per_img
+    score_thr = SCORE_THR if score_thr is None else score_thr
+    iou_thr = NMS_IOU if iou_thr is None else iou_thr
+    max_per_img = MAX_PER_IMG if max_per_img is None else max_per_img
 
     def number(value: object, name: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -387,9 +399,10 @@ class InProcessBackend(Backend):
         batch_size: int = 1,
         warmup: int = 0,
         keep_candidates: bool = False,
-        score_thr: float = SCORE_THR,
-        iou_thr: float = NMS_IOU,
-        max_per_img: int = MAX_PER_IMG,
+        score_thr: float | None = None,
+        iou_thr: float | None = None,
+        max_per_img: int | None = None,
+        spec: ModelSpec | None = None,
     ) -> None:
         self.check_batch_size(batch_size)
         self.batch_size = batch_size
@@ -399,7 +412,10 @@ class InProcessBackend(Backend):
         if not isinstance(keep_candidates, bool):
             raise BackendError(f"keep_candidates must be true or false, got {keep_candidates!r}")
         self.keep_candidates = keep_candidates
-        self.score_thr, self.iou_thr, self.max_per_img = check_nms_options(score_thr, iou_thr, max_per_img)
+        self.spec = spec
+        self.score_thr, self.iou_thr, self.max_per_img = check_nms_options(
+            score_thr, iou_thr, max_per_img, spec
+        )
 
     def check_keep_candidates(self, where: str) -> None:
         """keep_candidates needs candidates: refuse it for a model that ends in NMS (call after

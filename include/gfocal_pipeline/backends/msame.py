@@ -60,7 +60,16 @@ from gfocal_pipeline.timing import latency_stats
 log = logging.getLogger(__name__)
 
 # (name, dtype, values per image) of the Ascend graph's outputs, in output order
-OUTPUTS = (("dets", np.dtype(np.float32), MAX_PER_IMG * 5), ("labels", np.dtype(np.int64), MAX_PER_IMG))
+# (name, dtype, values per row): an image's output holds max_per_img rows, the model's own (its spec's
+# postprocess.max_per_img, stated in the exported graph); every output of an OM must agree on it
+OUTPUTS = (("dets", np.dtype(np.float32), 5), ("labels", np.dtype(np.int64), 1))
+# an OM of a graph ending in candidates (a bring-your-own graph): `scores` rows hold the classes, as
+# many rows as `boxes` (0: the row width is read from the boxes); NMS then runs on the host
+CANDIDATE_OUTPUTS = {
+    "boxes": ("boxes", np.dtype(np.float32), 4),
+    "scores": ("scores", np.dtype(np.float32), 0),
+}
+OutputSpec = tuple[tuple[str, np.dtype, int], ...]
 MAX_DEVICE = 255
 _NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
@@ -143,6 +152,16 @@ def om_batch(om_path: Path, om_sha256: str) -> OmBatch | None:
     return None if found is None else _batch_of(*found)
 
 
+def om_outputs(om_path: Path, om_sha256: str) -> OutputSpec:
+    """The OM's outputs in file order: `boxes` + `scores` when its `convert.json` records a candidate
+    graph's output names, else `dets` + `labels` (every exported Ascend graph)."""
+    found = _om_meta(om_path, om_sha256)
+    names = found[0].get("output_names") if found is not None else None
+    if isinstance(names, list) and sorted(names) == sorted(CANDIDATE_OUTPUTS):
+        return tuple(CANDIDATE_OUTPUTS[name] for name in names)
+    return OUTPUTS
+
+
 def _atc_option(meta: dict[str, Any], name: str) -> str | None:
     prefix = f"--{name}="
     return next((a[len(prefix) :] for a in meta.get("atc_args") or () if str(a).startswith(prefix)), None)
@@ -187,7 +206,6 @@ def check_device(device: object) -> int:
 class AscendToolBackend(Backend):
     """Common code of the process-tool backends; subclasses describe their tool's contract."""
 
-    kind = "dets"
     outfmts: tuple[str, ...] = ("BIN", "TXT")
     success_marker: re.Pattern[str]
     success_hint: str  # the success line in words, for error messages
@@ -231,6 +249,19 @@ class AscendToolBackend(Backend):
         self.timeout_s = timeout_s
         self.keep_raw = keep_raw
         self.handle = handle or ProcessHandle()
+        self._outputs: OutputSpec | None = None
+
+    @property
+    def outputs(self) -> OutputSpec:
+        """(name, dtype, values per row) of each output file, from the OM's `convert.json`."""
+        if self._outputs is None:
+            self._outputs = om_outputs(self.om_path, self.model_sha256)
+        return self._outputs
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        """What outputs.npz holds: "dets" (NMS in the graph) or "candidates" (NMS on the host)."""
+        return "candidates" if self.outputs[0][0] in CANDIDATE_OUTPUTS else "dets"
 
     @classmethod
     def check_batch_size(cls, batch_size: object) -> None:
@@ -381,7 +412,9 @@ class AscendToolBackend(Backend):
 
     def match_outputs(self, run_dir: Path, stems: list[str]) -> dict[str, list[Path]]:
         """Exactly one file per input per model output; missing or extra files are named."""
-        expected = {self.output_file_name(stem, i): (stem, i) for stem in stems for i in range(len(OUTPUTS))}
+        expected = {
+            self.output_file_name(stem, i): (stem, i) for stem in stems for i in range(len(self.outputs))
+        }
         present = {p.name for p in run_dir.iterdir() if p.is_file()}
         missing = sorted(set(expected) - present)
         extra = sorted(present - set(expected))
@@ -393,24 +426,29 @@ class AscendToolBackend(Backend):
                 parts.append(f"unexpected {len(extra)} file(s): {extra[:8]}")
             raise BackendError(
                 f"{self.name} output folder {str(run_dir)!r} does not hold exactly one file per input per "
-                f"output ({len(stems)} inputs x {len(OUTPUTS)} outputs): {'; '.join(parts)}; the tool "
+                f"output ({len(stems)} inputs x {len(self.outputs)} outputs): {'; '.join(parts)}; the tool "
                 "stopped early or the OM's outputs are not the model's (dets, labels): check the tool log "
                 "and convert the Ascend ONNX again"
             )
-        files: dict[str, list[Path]] = {stem: [Path()] * len(OUTPUTS) for stem in stems}
+        files: dict[str, list[Path]] = {stem: [Path()] * len(self.outputs) for stem in stems}
         for name, (stem, index) in expected.items():
             files[stem][index] = run_dir / name
         return files
 
     def read_output(self, path: Path, index: int) -> np.ndarray:
-        name, dtype, count = OUTPUTS[index]
+        """One image's output `index`: (rows, width) for a width > 1, else flat (labels; scores, whose
+        rows `read_outputs` takes from the boxes)."""
+        name, dtype, width = self.outputs[index]
         try:
             if self.outfmt == "BIN":
                 size = path.stat().st_size
-                if size != count * dtype.itemsize:
+                if not size or size % (max(width, 1) * dtype.itemsize):
                     raise BackendError(
-                        f"{path.name}: {size} bytes, expected {count * dtype.itemsize} ({count} x {dtype}) "
-                        f"for output {name!r}; the OM's outputs differ from the exported Ascend graph"
+                        f"{path.name}: {size} bytes, expected rows of {max(width, 1)} x {dtype} "
+                        f"({max(width, 1) * dtype.itemsize} bytes each, e.g. "
+                        f"{MAX_PER_IMG * max(width, 1) * dtype.itemsize} "
+                        f"for {MAX_PER_IMG} rows) for output {name!r}; the OM's outputs differ from the "
+                        "exported Ascend graph"
                     )
                 values = np.fromfile(path, dtype=dtype)
             elif self.outfmt == "NPY":
@@ -419,11 +457,12 @@ class AscendToolBackend(Backend):
                 values = np.loadtxt(path, dtype=np.float64, ndmin=1).reshape(-1)
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot read {self.name} output {str(path)!r}: {exc}") from exc
-        if values.size != count:
+        if not values.size or values.size % max(width, 1):
             raise BackendError(
-                f"{path.name} holds {values.size} values, expected {count} for output {name!r} (one image)"
+                f"{path.name} holds {values.size} values, expected rows of {max(width, 1)} for output "
+                f"{name!r} (one image, e.g. {MAX_PER_IMG * max(width, 1)} for {MAX_PER_IMG} rows)"
             )
-        return values.astype(dtype).reshape((MAX_PER_IMG, 5) if name == "dets" else (MAX_PER_IMG,))
+        return values.astype(dtype).reshape((-1, width) if width > 1 else (-1,))
 
     def stage_inputs(
         self, layout: RunLayout, manifest: Manifest, shard: str, attempt: Path
@@ -512,10 +551,7 @@ class AscendToolBackend(Backend):
         input_dir, ids = self.stage_inputs(layout, manifest, shard, attempt)
         stems = [input_file_name(i).removesuffix(".bin") for i in ids]
         run = self.run_tool(input_dir, attempt / "out", stems)
-        arrays = {
-            name: np.stack([self.read_output(run.files[stem][index], index) for stem in stems])
-            for index, (name, _, _) in enumerate(OUTPUTS)
-        }
+        arrays = read_outputs(self, run.files, stems)
         summary = self.summary(run, len(ids))
         write_json(
             layout.timing_file(self.name, shard),
@@ -619,3 +655,33 @@ class MsameBackend(AscendToolBackend):
             float(m.group(1)) for line in result.lines if (m := self.per_input_line.match(line.strip()))
         ]
         return ToolTiming(mean, without_first, per_input)
+
+
+def read_outputs(
+    backend: AscendToolBackend, files: dict[str, list[Path]], stems: list[str]
+) -> dict[str, np.ndarray]:
+    """Every image's outputs stacked: dets (N, R, 5) + labels (N, R), or boxes (N, K, 4) + scores
+    (N, K, C); every image with the same rows, and the two outputs of an image too."""
+    arrays: dict[str, np.ndarray] = {}
+    for index, (name, _, _) in enumerate(backend.outputs):
+        per_image = [backend.read_output(files[stem][index], index) for stem in stems]
+        rows = {len(values) for values in per_image}
+        if len(rows) > 1:
+            raise BackendError(f"output {name!r} has different row counts across images: {sorted(rows)}")
+        arrays[name] = np.stack(per_image)
+    first, second = (arrays[name] for name, _, _ in backend.outputs)
+    if "boxes" in arrays:
+        first, second = arrays["boxes"], arrays["scores"]
+        if second.shape[1] % max(first.shape[1], 1):
+            raise BackendError(
+                f"scores hold {second.shape[1]} values per image, not a multiple of the {first.shape[1]} "
+                "boxes; the OM's outputs differ from the exported graph"
+            )
+        arrays["scores"] = second = second.reshape(len(second), first.shape[1], -1)
+    if first.shape[1] != second.shape[1]:
+        names = [name for name, _, _ in backend.outputs]
+        raise BackendError(
+            f"{names[0]} has {first.shape[1]} rows per image but {names[1]} {second.shape[1]}; "
+            "the OM's outputs differ from the exported graph"
+        )
+    return arrays

@@ -40,11 +40,12 @@ import numpy as np
 import onnxruntime as ort
 
 from gfocal_pipeline.backends.base import InProcessBackend, ShardResult
-from gfocal_pipeline.constants import MAX_PER_IMG, NMS_IOU, NUM_CLASSES, SCORE_THR
+from gfocal_pipeline.constants import NUM_CLASSES
 from gfocal_pipeline.errors import BackendError
 from gfocal_pipeline.fileio import owner_tag, sha256_file
 from gfocal_pipeline.layout import KINDS, RunLayout
 from gfocal_pipeline.manifest import Manifest
+from gfocal_pipeline.model_spec import spec_beside
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,15 @@ class OnnxRuntimeBackend(InProcessBackend):
         intra_op_num_threads: int | None = None,
         warmup: int = 0,
         keep_candidates: bool = False,
-        score_thr: float = SCORE_THR,
-        iou_thr: float = NMS_IOU,
-        max_per_img: int = MAX_PER_IMG,
+        score_thr: float | None = None,
+        iou_thr: float | None = None,
+        max_per_img: int | None = None,
         cache_optimized_graph: bool = True,
     ) -> None:
+        spec = spec_beside(model)  # the export's record of the model: its classes and NMS settings
+        self.num_classes = spec.num_classes if spec is not None else NUM_CLASSES
         super().__init__(
+            spec=spec,
             batch_size=batch_size,
             warmup=warmup,
             keep_candidates=keep_candidates,
@@ -186,16 +190,7 @@ class OnnxRuntimeBackend(InProcessBackend):
         self.providers = resolve_providers(providers)
         options = session_options(intra_op_num_threads)
         cpu_only = [_provider_name(p) for p in self.providers] == ["CPUExecutionProvider"]
-        keep = cache_optimized_graph and cpu_only
-        digest_file = optimized_graph_path(self.model_path).with_suffix(".sha256") if keep else None
-        known = _read_digest(digest_file)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-model-hash") as pool:
-            digest = None if known else pool.submit(sha256_file, self.model_path)  # releases the GIL
-            self.session = self._cached_session(options) if keep else self._create_session(options)
-            self._model_sha256 = known or digest.result()
-        if digest_file is not None and not known:
-            with contextlib.suppress(OSError):
-                digest_file.write_text(self._model_sha256 + "\n")
+        self._open_session(options, keep=cache_optimized_graph and cpu_only)
         wanted = [_provider_name(p) for p in self.providers]
         active = self.session.get_providers()
         missing = [p for p in wanted if p not in active]
@@ -215,6 +210,19 @@ class OnnxRuntimeBackend(InProcessBackend):
             self.batch_size,
             self.static_batch or "dynamic",
         )
+
+    def _open_session(self, options: ort.SessionOptions, keep: bool) -> None:
+        """`self.session` (from the optimized-graph cache when `keep`) and the model's sha256, hashed
+        beside the session's creation (its digest is cached beside the optimized graph)."""
+        digest_file = optimized_graph_path(self.model_path).with_suffix(".sha256") if keep else None
+        known = _read_digest(digest_file)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-model-hash") as pool:
+            digest = None if known else pool.submit(sha256_file, self.model_path)  # releases the GIL
+            self.session = self._cached_session(options) if keep else self._create_session(options)
+            self._model_sha256 = known or digest.result()
+        if digest_file is not None and not known:
+            with contextlib.suppress(OSError):
+                digest_file.write_text(self._model_sha256 + "\n")
 
     def _cached_session(self, options: ort.SessionOptions) -> ort.InferenceSession:
         """A session from the kept optimized graph, or a new one that keeps its optimized graph."""
@@ -281,10 +289,10 @@ class OnnxRuntimeBackend(InProcessBackend):
         if self.model_kind == "candidates":
             scores = next(o for o in self.session.get_outputs() if o.name == "scores")
             classes = scores.shape[-1] if scores.shape else None
-            if isinstance(classes, int) and classes != NUM_CLASSES:
+            if isinstance(classes, int) and classes != self.num_classes:
                 raise BackendError(
                     f"output 'scores' of {str(self.model_path)!r} has {classes} classes, expected "
-                    f"{NUM_CLASSES}; re-export the portable graph (it drops the padding class)"
+                    f"{self.num_classes}; re-export the portable graph (it drops the padding class)"
                 )
         batch = self.input.shape[0]
         self.static_batch = batch if isinstance(batch, int) and batch > 0 else None
@@ -345,10 +353,10 @@ class OnnxRuntimeBackend(InProcessBackend):
                 )
             outputs[name] = np.asarray(value[:count], dtype=OUTPUT_DTYPES[name])
         if self.model_kind == "candidates" and (
-            outputs["boxes"].shape[-1] != 4 or outputs["scores"].shape[-1] != NUM_CLASSES
+            outputs["boxes"].shape[-1] != 4 or outputs["scores"].shape[-1] != self.num_classes
         ):
             raise BackendError(
                 f"{str(self.model_path)!r} returned boxes {outputs['boxes'].shape} and scores "
-                f"{outputs['scores'].shape}; expected (N,K,4) and (N,K,{NUM_CLASSES})"
+                f"{outputs['scores'].shape}; expected (N,K,4) and (N,K,{self.num_classes})"
             )
         return outputs

@@ -1,11 +1,11 @@
-"""PyTorch reference backend (AP_pytorch): the exported forward (`DeployModel`, portable) run in PyTorch.
+"""PyTorch reference backend (AP_pytorch): a model adapter's portable forward run in PyTorch.
 
 On CPU it runs in float32 and is the reference the ONNX graph is compared with. On CUDA the options
 choose how the network runs (defaults in brackets):
 
 - `precision` ["fp16" on CUDA, "fp32" on CPU]: "fp16" runs backbone, neck and head towers under fp16
   autocast; the DGQP quality branch, score x quality, the distribution integral, top-k and box decode
-  stay in float32 (see `model.head.full_precision`), as does the host NMS, so the ranking is decided
+  stay in float32 (see `models.gfocalv2.head.full_precision`), as does the host NMS, so the ranking is decided
   in full precision. fp16 on CPU is refused.
 - `channels_last` [True on CUDA, False on CPU]: NHWC memory format for the network (allowed on CPU).
 - `compile` ["off"]: `torch.compile` with mode "default" or "max-autotune" (True means "default");
@@ -37,14 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from gfocal_pipeline.adapters import DEFAULT_MODEL, check_model_name, load_adapter
 from gfocal_pipeline.backends.base import InProcessBackend, ShardResult
-from gfocal_pipeline.checkpoint import load_model
-from gfocal_pipeline.constants import MAX_PER_IMG, NMS_IOU, SCORE_THR
 from gfocal_pipeline.errors import BackendError
 from gfocal_pipeline.fileio import sha256_file
 from gfocal_pipeline.layout import RunLayout
 from gfocal_pipeline.manifest import Manifest
-from gfocal_pipeline.model import DeployModel, GFocalV2
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +122,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 class NetworkRunner(nn.Module):
-    """A GFocalV2 fed in the chosen memory format, optionally under fp16 autocast, handing float32
+    """A detector fed in the chosen memory format, optionally under fp16 autocast, handing float32
     head outputs to the decode. `autocast_cache=False` is what CUDA graph capture needs."""
 
     def __init__(
         self,
-        model: GFocalV2,
+        model: nn.Module,
         half: bool,
         channels_last: bool,
         device_type: str = "cuda",
@@ -137,7 +135,9 @@ class NetworkRunner(nn.Module):
     ) -> None:
         super().__init__()
         self.inner = model
-        self.bbox_head = model.bbox_head  # DeployModel reads the integral projection from here
+        self.bbox_head = model.bbox_head  # GFocalV2's deploy reads the integral projection from here
+        if hasattr(model, "spec"):  # RetinaNet's deploy reads its spec
+            self.spec = model.spec
         self.half = half
         self.channels_last = channels_last
         self.device_type = device_type
@@ -157,11 +157,11 @@ class NetworkRunner(nn.Module):
 class HalfPrecisionNetwork(NetworkRunner):
     """The network under CUDA fp16 autocast (on CPU tensors it changes nothing)."""
 
-    def __init__(self, model: GFocalV2) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__(model, half=True, channels_last=False)
 
 
-def wrap_network(model: GFocalV2, options: TorchOptions, device_type: str) -> nn.Module:
+def wrap_network(model: nn.Module, options: TorchOptions, device_type: str) -> nn.Module:
     """The network as `options` run it; the plain module for fp32 without channels_last."""
     if options.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -174,11 +174,12 @@ def wrap_network(model: GFocalV2, options: TorchOptions, device_type: str) -> nn
 
 
 class NormalizedInput(nn.Module):
-    """NHWC uint8 BGR -> NCHW float32 normalized RGB ahead of a DeployModel built without it: the same
-    numbers as `DeployModel.normalize`, with a flip instead of its list index (a list index is copied
-    from host memory on every call, which a CUDA graph capture refuses)."""
+    """NHWC uint8 BGR -> NCHW float32 normalized RGB ahead of a reference module (with `mean` and
+    `std` buffers) built without it: the same numbers as the export's in-graph normalization, with a
+    flip instead of its list index (a list index is copied from host memory on every call, which a
+    CUDA graph capture refuses)."""
 
-    def __init__(self, deploy: DeployModel) -> None:
+    def __init__(self, deploy: nn.Module) -> None:
         super().__init__()
         self.deploy = deploy
 
@@ -239,7 +240,8 @@ def build_forward(deploy: nn.Module, options: TorchOptions, example: torch.Tenso
 
 
 class TorchBackend(InProcessBackend):
-    """GFocalV2 + decode in PyTorch, in `torch.inference_mode`, outputs numpy boxes/scores float32."""
+    """An adapter's network + decode in PyTorch (`adapter`, default GFocalV2), in
+    `torch.inference_mode`; outputs numpy boxes/scores float32."""
 
     name = "torch"
     model_kind = "candidates"
@@ -256,10 +258,12 @@ class TorchBackend(InProcessBackend):
         num_threads: int | None = None,
         warmup: int = 0,
         keep_candidates: bool = False,
-        score_thr: float = SCORE_THR,
-        iou_thr: float = NMS_IOU,
-        max_per_img: int = MAX_PER_IMG,
+        score_thr: float | None = None,
+        iou_thr: float | None = None,
+        max_per_img: int | None = None,
+        adapter: str = DEFAULT_MODEL,
     ) -> None:
+        self.adapter = load_adapter(check_model_name(adapter, "torch backend adapter"))
         super().__init__(
             batch_size=batch_size,
             warmup=warmup,
@@ -267,6 +271,7 @@ class TorchBackend(InProcessBackend):
             score_thr=score_thr,
             iou_thr=iou_thr,
             max_per_img=max_per_img,
+            spec=self.adapter.spec,
         )
         self.checkpoint = Path(model)
         self.device = resolve_device(device)
@@ -276,7 +281,7 @@ class TorchBackend(InProcessBackend):
                 raise BackendError(f"num_threads must be an integer >= 1, got {num_threads!r}")
             torch.set_num_threads(num_threads)
         self._checkpoint_sha256 = sha256_file(self.checkpoint) if self.checkpoint.is_file() else ""
-        network = load_model(self.checkpoint)  # CheckpointError names the file and the problem
+        network = self.adapter.load_network(self.checkpoint)  # CheckpointError names file and problem
         self.network = wrap_network(network, self.options, self.device.type).to(self.device).eval()
         self._deploy: nn.Module | None = None
         self._forward: Forward | None = None
@@ -308,6 +313,7 @@ class TorchBackend(InProcessBackend):
         return {
             **super().identity(),
             "model_sha256": self._checkpoint_sha256,
+            "adapter": self.adapter.spec.name,
             "device": self.device.type,
             "torch_options": asdict(self.options),
         }
@@ -319,12 +325,8 @@ class TorchBackend(InProcessBackend):
         key = (manifest.input_height, manifest.input_width, manifest.dtype)
         if self._deploy is None or self._forward is None or self._deploy_key != key:
             began = time.perf_counter()
-            deploy: nn.Module = DeployModel(
-                self.network,  # type: ignore[arg-type]  # GFocalV2 or a NetworkRunner around it
-                "portable",
-                manifest.input_height,
-                manifest.input_width,
-            )
+            # the network or a NetworkRunner around it
+            deploy = self.adapter.reference_module(self.network, manifest.input_height, manifest.input_width)
             if manifest.dtype == "uint8":
                 deploy = NormalizedInput(deploy)  # type: ignore[arg-type]
             deploy = deploy.to(self.device).eval()

@@ -21,12 +21,12 @@ from gfocal_pipeline.backends.base import CANDIDATES_FILE
 from gfocal_pipeline.backends.onnxruntime import OnnxRuntimeBackend, resolve_providers
 from gfocal_pipeline.backends.registry import get_backend
 from gfocal_pipeline.backends.torch_backend import HalfPrecisionNetwork, TorchBackend
-from gfocal_pipeline.checkpoint import load_model, write_random_checkpoint
-from gfocal_pipeline.decode import candidates_per_image
 from gfocal_pipeline.errors import BackendError
 from gfocal_pipeline.layout import RunLayout, input_file_name, read_shard_outputs
 from gfocal_pipeline.manifest import Geometry, ImageEntry, Manifest, load_manifest
-from gfocal_pipeline.model import DeployModel, GFocalV2
+from gfocal_pipeline.models.gfocalv2 import DeployModel, GFocalV2
+from gfocal_pipeline.models.gfocalv2.checkpoint import load_model, write_random_checkpoint
+from gfocal_pipeline.models.gfocalv2.decode import candidates_per_image
 
 H, W = 64, 96
 K = candidates_per_image(H, W)

@@ -19,11 +19,11 @@ from test_backends import SHARDS, H, W, export, make_run, ort_backend, tiny_grap
 
 from gfocal_pipeline.backends.base import CANDIDATES_FILE
 from gfocal_pipeline.backends.registry import get_backend
-from gfocal_pipeline.checkpoint import load_model
 from gfocal_pipeline.errors import BackendError
 from gfocal_pipeline.evaluate import evaluate_outputs
 from gfocal_pipeline.layout import RunLayout, read_shard_outputs, shard_done, write_shard_outputs
 from gfocal_pipeline.manifest import Manifest, load_manifest
+from gfocal_pipeline.models.gfocalv2.checkpoint import load_model
 
 # COCO's 80 category ids (1..90 with ten gaps); label k is the k-th smallest
 COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]

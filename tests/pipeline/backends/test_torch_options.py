@@ -24,14 +24,14 @@ from gfocal_pipeline.backends.torch_backend import (
     pad_batch,
     resolve_options,
 )
-from gfocal_pipeline.checkpoint import load_model, write_random_checkpoint
 from gfocal_pipeline.cli import build_parser
 from gfocal_pipeline.demo_data import make_demo_coco
 from gfocal_pipeline.errors import BackendError, GfocalError
 from gfocal_pipeline.evaluate import evaluate_outputs
 from gfocal_pipeline.layout import RunLayout, input_file_name, read_shard_outputs
 from gfocal_pipeline.manifest import Geometry, ImageEntry, Manifest, load_manifest
-from gfocal_pipeline.model import DeployModel
+from gfocal_pipeline.models.gfocalv2 import DeployModel
+from gfocal_pipeline.models.gfocalv2.checkpoint import load_model, write_random_checkpoint
 
 H, W = 64, 96
 SHARDS = {"00000": [139, 285, 632], "00001": [724, 776]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import cast
 
-from gfocal_pipeline.checkpoint import CheckpointLayout, load_model
+from gfocal_pipeline.checkpoint import CheckpointLayout, load_with_layout
 from gfocal_pipeline.models.retinanet.detector import RetinaNet, build_retinanet
 from gfocal_pipeline.models.retinanet.spec import RETINANET_R50_FPN_1X, RetinaNetSpec
 
@@ -19,4 +19,4 @@ def load_retinanet(
     path: str | os.PathLike[str], strict: bool = True, spec: RetinaNetSpec = RETINANET_R50_FPN_1X
 ) -> RetinaNet:
     """RetinaNet of `spec` in eval mode with `path`'s weights; strict by default, mismatches by key."""
-    return cast(RetinaNet, load_model(path, strict, checkpoint_layout(spec)))
+    return cast(RetinaNet, load_with_layout(path, checkpoint_layout(spec), strict))

@@ -7,13 +7,12 @@ and sigmoid scores (N, K, 80). Traceable tensor ops only.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from gfocal_pipeline.model.layers import bgr_nhwc_to_normalized
 from gfocal_pipeline.models.retinanet.anchors import AnchorGenerator
 from gfocal_pipeline.models.retinanet.coder import delta2bbox
 from gfocal_pipeline.models.retinanet.detector import RetinaNet
 from gfocal_pipeline.models.retinanet.spec import RETINANET_R50_FPN_1X, RetinaNetSpec
+from gfocal_pipeline.nets.layers import InputNormalization
 
 OUTPUT_NAMES = ("boxes", "scores")
 
@@ -57,7 +56,7 @@ def decode_candidates(
     return torch.cat(all_boxes, dim=1), torch.cat(all_scores, dim=1)
 
 
-class RetinaNetDeploy(nn.Module):
+class RetinaNetDeploy(InputNormalization):
     """What goes into a portable ONNX file for RetinaNet.
 
     Input: NCHW float32 normalized RGB of `height` x `width`, or with `normalize_in_graph` NHWC uint8
@@ -67,21 +66,12 @@ class RetinaNetDeploy(nn.Module):
     output_names = OUTPUT_NAMES
 
     def __init__(self, model: RetinaNet, height: int, width: int, normalize_in_graph: bool = False) -> None:
-        super().__init__()
+        super().__init__(model.spec.mean_rgb, model.spec.std_rgb, normalize_in_graph)
         self.model = model
         self.spec = model.spec
         self.height = height
         self.width = width
-        self.normalize_in_graph = normalize_in_graph
-        self.register_buffer("mean", torch.tensor(self.spec.mean_rgb).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(self.spec.std_rgb).view(1, 3, 1, 1), persistent=False)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """NHWC uint8 BGR -> NCHW float32 normalized RGB."""
-        return bgr_nhwc_to_normalized(x, self.mean, self.std)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.normalize_in_graph:
-            x = self.normalize(x)
-        cls_scores, bbox_preds = self.model(x)
+        cls_scores, bbox_preds = self.model(self.network_input(x))
         return decode_candidates(cls_scores, bbox_preds, self.height, self.width, self.spec)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gfocal_pipeline.model.fpn import FPN
-from gfocal_pipeline.model.resnet import ResNet50
 from gfocal_pipeline.models.retinanet.head import RetinaHead
 from gfocal_pipeline.models.retinanet.spec import RETINANET_R50_FPN_1X, RetinaNetSpec
+from gfocal_pipeline.nets.fpn import FPN
+from gfocal_pipeline.nets.resnet import ResNet50
 
 
 class RetinaNet(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gfocal_pipeline.model.layers import ConvModule, tower
 from gfocal_pipeline.models.retinanet.spec import RETINANET_R50_FPN_1X, RetinaNetSpec
+from gfocal_pipeline.nets.layers import ConvModule, tower
 
 
 class RetinaHead(nn.Module):

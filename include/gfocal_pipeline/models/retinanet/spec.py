@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gfocal_pipeline.model_spec import ModelSpec, Postprocess, Preprocessing
+
 
 @dataclass(frozen=True)
 class RetinaNetSpec:
@@ -46,3 +48,27 @@ class RetinaNetSpec:
 
 
 RETINANET_R50_FPN_1X = RetinaNetSpec()
+
+
+def _model_spec(spec: RetinaNetSpec) -> ModelSpec:
+    """What the generic pipeline needs of `spec` (its input as the ModelZoo recipe feeds it)."""
+    return ModelSpec(
+        name="retinanet",
+        display_name=spec.display_name,
+        history_name="retinanet_r50_fpn_1x",
+        om_name="retinanet",
+        num_classes=spec.num_classes,
+        outputs="candidates",
+        published_ap=spec.published_ap,
+        official_checkpoint=spec.official_checkpoint,
+        demo_checkpoint="retinanet_r50_fpn_1x_RANDOM.pth",
+        preprocessing=Preprocessing(
+            channel_order="rgb", mean=spec.mean_rgb, std=spec.std_rgb, size_divisor=spec.size_divisor
+        ),
+        postprocess=Postprocess(
+            score_thr=spec.score_thr, nms_iou=spec.nms_iou, max_per_img=spec.max_per_img, nms_pre=spec.nms_pre
+        ),
+    )
+
+
+SPEC = _model_spec(RETINANET_R50_FPN_1X)

@@ -8,8 +8,13 @@ selection and the parity checks all have real work to do.
 from __future__ import annotations
 
 import math
+import os
+from collections import OrderedDict
+from pathlib import Path
 
 import torch
+
+from gfocal_pipeline.checkpoint import RANDOM_CHECKPOINT_NOTE, write_checkpoint
 
 # classifier bias: a few hundred (anchor, class) pairs per level score > 0.05
 CLS_BIAS = -4.6
@@ -53,3 +58,23 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
             value = value * NECK_GAINS[int(key.split(".")[2])]
         state[key] = value.to(t.dtype)
     model.load_state_dict(state, strict=True)
+
+
+def random_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
+    """`randomize`d weights of our RetinaNet, in mmdet's checkpoint layout."""
+    from gfocal_pipeline.models.retinanet.detector import build_retinanet
+
+    model = build_retinanet()
+    randomize(model, seed)
+    return OrderedDict((key, value.clone()) for key, value in model.state_dict().items())
+
+
+def write_random_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """An mmcv-style file of RANDOM RetinaNet weights (deterministic bytes for a seed; tests, demo)."""
+    meta = {
+        "note": RANDOM_CHECKPOINT_NOTE,
+        "seed": seed,
+        "config": "retinanet_r50_fpn_1x_coco",
+        "random": True,
+    }
+    return write_checkpoint(path, random_state_dict(seed), meta)

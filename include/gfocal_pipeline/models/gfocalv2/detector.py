@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gfocal_pipeline.model.fpn import FPN
-from gfocal_pipeline.model.head import GFocalHead
-from gfocal_pipeline.model.resnet import ResNet50
+from gfocal_pipeline.models.gfocalv2.head import GFocalHead
+from gfocal_pipeline.nets.fpn import FPN
+from gfocal_pipeline.nets.resnet import ResNet50
 
 
 class GFocalV2(nn.Module):

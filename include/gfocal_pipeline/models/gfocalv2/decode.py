@@ -9,19 +9,7 @@ from __future__ import annotations
 import torch
 
 from gfocal_pipeline.constants import CLS_OUT_CHANNELS, NMS_PRE, REG_MAX, STRIDES
-
-
-def level_sizes(height: int, width: int, strides: tuple[int, ...] = STRIDES) -> list[tuple[int, int]]:
-    """Feature map sizes of P3..P7 for an input of `height`x`width` (conv arithmetic of the network)."""
-    sizes = []
-    h, w = height, width
-    # stem conv + maxpool + layer2 give /8; each further level halves with ceil (3x3, stride 2, pad 1)
-    for _ in range(3):
-        h, w = (h + 1) // 2, (w + 1) // 2
-    for _ in strides:
-        sizes.append((h, w))
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return sizes
+from gfocal_pipeline.nets.levels import level_sizes
 
 
 def candidates_per_image(height: int, width: int, nms_pre: int = NMS_PRE) -> int:

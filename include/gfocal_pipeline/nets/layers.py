@@ -63,6 +63,25 @@ def bgr_nhwc_to_normalized(x: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return (x - mean) / std
 
 
+class InputNormalization(nn.Module):
+    """Base of a deploy module whose input may be raw images: `mean` / `std` (1,3,1,1) buffers (not
+    in the state dict) and `network_input`, which normalizes NHWC uint8 BGR in the graph when
+    `normalize_in_graph`, else passes normalized NCHW float32 RGB through."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], normalize_in_graph: bool) -> None:
+        super().__init__()
+        self.normalize_in_graph = normalize_in_graph
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """NHWC uint8 BGR -> NCHW float32 normalized RGB."""
+        return bgr_nhwc_to_normalized(x, self.mean, self.std)
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x) if self.normalize_in_graph else x
+
+
 def tower(convs: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     """`x` through a head's stacked convs in order (a cls or reg tower)."""
     for conv in convs:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gfocal_pipeline.constants import FPN_IN_CHANNELS, FPN_OUT_CHANNELS
-from gfocal_pipeline.model.layers import ConvModule
+from gfocal_pipeline.nets.layers import ConvModule
 
 START_LEVEL = 1
 NUM_OUTS = 5

@@ -17,7 +17,7 @@ from gfocal_pipeline.constants import (
     REG_TOPK,
     STRIDES,
 )
-from gfocal_pipeline.model.layers import ConvModule, Scale, tower
+from gfocal_pipeline.nets.layers import ConvModule, Scale, tower
 
 STACKED_CONVS = 4
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gfocal_pipeline.constants import RESNET_BLOCKS
-from gfocal_pipeline.model.layers import FrozenBatchNorm2d
+from gfocal_pipeline.nets.layers import FrozenBatchNorm2d
 
 
 class Bottleneck(nn.Module):
