@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gfocal_pipeline.cache import CRC32, SHA256, Cache, CacheEntry, _checksums
+from gfocal_pipeline.cache_store import CRC32, SHA256, Cache, CacheEntry, _checksums
 
 SIZES = {"float32 800x1216": 3 * 800 * 1216 * 4, "uint8 800x1216": 3 * 800 * 1216, "uint8 64x96": 3 * 64 * 96}
 FULL_SET = 5000

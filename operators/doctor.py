@@ -90,8 +90,8 @@ class DoctorOperator(BaseOperator):
     def _settings(self) -> Any:
         from airflow.configuration import conf
 
-        from gfocal_pipeline.config import default_work_dir
         from gfocal_pipeline.doctor import DEFAULT_IMAGES, DoctorSettings
+        from gfocal_pipeline.workspace import default_work_dir
         from operators.settings import load_settings
 
         gfocal = load_settings()

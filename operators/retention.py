@@ -10,8 +10,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from gfocal_pipeline import retention
-from gfocal_pipeline.config import default_work_dir
 from gfocal_pipeline.errors import ConfigError
+from gfocal_pipeline.workspace import default_work_dir
 from operators.base import fail_without_retry, project_errors
 from operators.settings import GfocalSettings, load_settings
 

@@ -286,7 +286,7 @@ def _values(spec: Any) -> str:
 
 
 def _work_dir_rule() -> str:
-    from gfocal_pipeline.config import default_work_dir
+    from gfocal_pipeline.workspace import default_work_dir
 
     return " ".join((default_work_dir.__doc__ or "").split())
 

@@ -334,15 +334,15 @@ def cmd_report(args: argparse.Namespace) -> Any:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> Any:
-    from gfocal_pipeline.config import ensure_demo_data
+    from gfocal_pipeline.workspace import ensure_demo_data
 
     model = run_values(args, "model")["model"]
     return {k: str(v) for k, v in ensure_demo_data(args.work_dir, model).items()}
 
 
 def cmd_gc(args: argparse.Namespace) -> Any:
-    from gfocal_pipeline.config import default_work_dir
     from gfocal_pipeline.retention import GB, check_cache_max_gb, check_keep_runs, format_summary, gc
+    from gfocal_pipeline.workspace import default_work_dir
 
     keep_runs = check_keep_runs(args.keep_runs, f"--keep-runs {args.keep_runs}")
     max_gb = check_cache_max_gb(args.cache_max_gb, f"--cache-max-gb {args.cache_max_gb:g}")

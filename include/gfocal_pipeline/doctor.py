@@ -185,7 +185,7 @@ class Doctor:
     def work_dir(self) -> Path:
         if self.settings.work_dir:
             return Path(self.settings.work_dir)
-        from gfocal_pipeline.config import default_work_dir
+        from gfocal_pipeline.workspace import default_work_dir
 
         return default_work_dir()
 

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gfocal_pipeline.cache import Cache, dir_size, reclaim_stale
+from gfocal_pipeline.cache_store import Cache, dir_size, reclaim_stale
 from gfocal_pipeline.errors import ConfigError, GfocalError
 from gfocal_pipeline.fileio import held_step_locks, write_json
 from gfocal_pipeline.layout import DONE_FILE, OUTPUTS_FILE

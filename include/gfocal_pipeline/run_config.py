@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from gfocal_pipeline.adapters import DEFAULT_MODEL, check_model_name, model_names, run_model_spec
-from gfocal_pipeline.config import default_work_dir, demo_paths, ensure_demo_data
 from gfocal_pipeline.constants import (
     DEFAULT_ANNOTATION_FILE,
     DEFAULT_HEIGHT,
@@ -40,6 +39,7 @@ from gfocal_pipeline.options import (
     plain,
     spec_of,
 )
+from gfocal_pipeline.workspace import default_work_dir, demo_paths, ensure_demo_data
 
 _SIZE = {"kind": int, "minimum": 64, "maximum": 4096, "multiple_of": SIZE_DIVISOR}
 

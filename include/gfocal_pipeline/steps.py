@@ -102,7 +102,7 @@ def export_step(
     with step_lock(run_dir, f"export-{variant}"):
         reclaim_temps(target.parent, [target.name])
         if work_dir is not None and cache_onnx:
-            from gfocal_pipeline.caching import cached_export
+            from gfocal_pipeline.step_caches import cached_export
 
             # the run's model spec is part of the key (a bring-your-own graph's declaration with it)
             spec = RunLayout.at(run_dir).recorded_model()
@@ -160,7 +160,7 @@ def preprocess_step(
     with step_lock(layout.root, "preprocess"):
         reclaim_temps(layout.root, [layout.manifest.name])
         if work_dir is not None and cache_inputs:
-            from gfocal_pipeline.caching import cached_inputs
+            from gfocal_pipeline.step_caches import cached_inputs
 
             manifest, reuse = cached_inputs(preprocess, coco_root, layout.root, work_dir, **where, **options)
         elif work_dir is not None:
@@ -269,7 +269,7 @@ def _infer_locked(
     with shard_inputs(layout, manifest, shard, backend) as usable:
         if runner is not None:
             return {**runner.infer_shard(layout, usable, shard).to_dict(), "cached": False}
-        from gfocal_pipeline.caching import cached_reference
+        from gfocal_pipeline.step_caches import cached_reference
 
         def run(target: RunLayout) -> dict[str, Any]:
             return get_backend(backend, **options).infer_shard(target, usable, shard).to_dict()
@@ -459,7 +459,7 @@ def summary_step(run_dir: str | Path, evaluations: dict[str, dict[str, Any]], **
     like the seed's 0.410 vs 0.406 table; AP_pytorch too when the reference is PyTorch (a
     bring-your-own graph's reference is ONNX Runtime on the same graph).
     """
-    from gfocal_pipeline.caching import reuse_summary
+    from gfocal_pipeline.step_caches import reuse_summary
 
     layout = RunLayout.at(run_dir)
     summary: dict[str, Any] = {"run_dir": str(layout.root), **facts, "cache": reuse_summary(layout.root)}

@@ -130,4 +130,4 @@ def test_each_field_carries_its_section(dag: Any) -> None:
     assert firsts == [s for s in order if s in firsts] and sorted(sections, key=order.index) == sections
     assert ("Ascend" in firsts) == ("tool" in dag.params)
     opened = [name for name, section in zip(dag.params, sections, strict=True) if not section]
-    assert opened[:3] == ["checkpoint", "coco_root", "max_images"]
+    assert opened[:4] == ["model", "checkpoint", "coco_root", "max_images"]

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from gfocal_pipeline.cache import Cache
+from gfocal_pipeline.cache_store import Cache
 from operators import RetentionOperator
 
 DAG_ID = "gfocal_onnxruntime"

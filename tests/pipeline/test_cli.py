@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from gfocal_pipeline.config import ensure_demo_data
+from gfocal_pipeline.workspace import ensure_demo_data
 
 
 def _gfocal(*args: str) -> subprocess.CompletedProcess:
@@ -195,7 +195,7 @@ def test_cli_gc_dry_run_then_for_real_through_the_console_script(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from gfocal_pipeline import cli
-    from gfocal_pipeline.cache import Cache
+    from gfocal_pipeline.cache_store import Cache
 
     work = tmp_path / "work"
     runs = [_old_run(work, f"scheduled__{n}", 10 - n) for n in range(3)]

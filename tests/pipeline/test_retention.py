@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from support import lock_held_by_a_child
 
-from gfocal_pipeline.cache import Cache, dir_size
+from gfocal_pipeline.cache_store import Cache, dir_size
 from gfocal_pipeline.errors import ConfigError, GfocalError
 from gfocal_pipeline.retention import (
     PRUNED_FILE,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from gfocal_pipeline.backends.atc import PRECISION_MODES
-from gfocal_pipeline.config import ensure_demo_data
 from gfocal_pipeline.errors import ConfigError
 from gfocal_pipeline.options import PATH_PATTERN, SUBPATH_PATTERN, Policy, check_path
 from gfocal_pipeline.run_config import RunConfig, form_options
+from gfocal_pipeline.workspace import ensure_demo_data
 
 
 @pytest.fixture(scope="module")

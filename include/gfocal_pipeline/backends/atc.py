@@ -11,7 +11,7 @@ Success needs both the line `ATC run success, welcome to the next use.` and a pr
 Cache: key = sha256 of {onnx sha256, every atc argument except paths, AIPP config text, CANN
 version}. A conversion runs in a temporary directory inside the cache (atc's working files land
 there too) which is renamed to `<cache>/<key>/` only when complete, so an entry is whole or absent;
-one a killed conversion left (`.build-*`) is removed once stale (`cache.reclaim_stale`).
+one a killed conversion left (`.build-*`) is removed once stale (`cache_store.reclaim_stale`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from gfocal_pipeline.backends.process import (
     check_safe_value,
     run_tool,
 )
-from gfocal_pipeline.cache import reclaim_stale
+from gfocal_pipeline.cache_store import reclaim_stale
 from gfocal_pipeline.constants import DEFAULT_INPUT_NAME
 from gfocal_pipeline.errors import BackendError
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, owner_tag, sha256_file, write_json
@@ -471,7 +471,7 @@ def _convert(
 
     Returns (the entry's metadata, seconds atc ran); the temporary directory never outlives the call.
     """
-    # `.build-`: what `cache.reclaim_stale` (here and in retention) removes once a killed atc left it
+    # `.build-`: what `cache_store.reclaim_stale` (here and in retention) removes once a killed atc left it
     reclaim_stale(entry.parent)
     work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".build-{entry.name[:12]}-{owner_tag()}-"))
     try:

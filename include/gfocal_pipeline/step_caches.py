@@ -1,13 +1,13 @@
 """What a nightly reuses from `<work_dir>/cache/`: preprocessed inputs, exported graphs, the reference.
 
 Each function below computes the entry's key from the content it depends on (never from paths or
-times), builds it through `cache.CacheEntry.get_or_build` when absent, and notes the use in the
+times), builds it through `cache_store.CacheEntry.get_or_build` when absent, and notes the use in the
 run directory (`uses/<kind>-<key>`, a small JSON saying whether it was reused). Keys:
 
 - `inputs`:    every image file's sha256 (with its id and name), the annotation file's sha256,
                policy, dtype, input size, shard size, skip_bad_images, the pixel budget
                (max_pixels), the preprocessing version. Its files are recorded with a CRC-32 each
-               and checked on reuse (`cache.VERIFY_MODES`); the ONNX and reference entries with a
+               and checked on reuse (`cache_store.VERIFY_MODES`); the ONNX and reference entries with a
                sha256 each.
 - `onnx`:      checkpoint sha256, variant, input size, dtype/normalization, batch mode, opset,
                torch + onnx versions, the parity limits, the export version.
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gfocal_pipeline.cache import CRC32, SHA256, VERIFY_MODES, Cache, CacheEntry
+from gfocal_pipeline.cache_store import CRC32, SHA256, VERIFY_MODES, Cache, CacheEntry
 from gfocal_pipeline.constants import DEFAULT_MAX_PIXELS
 from gfocal_pipeline.errors import CheckpointError, GfocalError
 from gfocal_pipeline.fileio import atomic_path, sha256_file, write_json

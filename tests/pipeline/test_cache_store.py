@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from support import read_only_tree
 
-from gfocal_pipeline.cache import CRC32, SHA256, Cache, CacheError, cache_key, dir_size, reclaim_stale
+from gfocal_pipeline.cache_store import CRC32, SHA256, Cache, CacheError, cache_key, dir_size, reclaim_stale
 
 KEY = {"checkpoint_sha256": "ab" * 32, "variant": "portable", "height": 320}
 

@@ -16,7 +16,7 @@ import pytest
 from support import read_only_tree
 
 from gfocal_pipeline import steps
-from gfocal_pipeline.cache import CacheError
+from gfocal_pipeline.cache_store import CacheError
 from gfocal_pipeline.demo_data import make_demo_coco
 from gfocal_pipeline.layout import RunLayout, input_file_name
 from gfocal_pipeline.manifest import load_manifest

@@ -1,4 +1,5 @@
-"""Content-addressed cache entries under `<work_dir>/cache/<kind>/<key>/`, shared by runs and workers.
+"""The cache store: content-addressed entries under `<work_dir>/cache/<kind>/<key>/`, shared by runs
+and workers (which entries the pipeline keeps, and their keys, are in `step_caches`).
 
 An entry is keyed by the sha256 of the canonical JSON of everything that determines its content
 (`key_inputs`), which `cache.json` inside it records together with the size and a content checksum of
