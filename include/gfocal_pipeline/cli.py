@@ -413,7 +413,7 @@ def add_preprocess_and_convert(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("convert", help="the Ascend ONNX -> <run-dir>/model/gfocal.om with atc (OM cache)")
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--onnx", default=None, help="default: <run-dir>/model/gfocal_ascend.onnx")
+    p.add_argument("--onnx", default=None, help="default: <run-dir>/model/<name>_ascend.onnx")
     p.add_argument("--cache-dir", default=None, help="OM cache (default: <run-dir>/../cache/om)")
     p.add_argument("--log-level", default="error", choices=["debug", "info", "warning", "error", "null"])
     add_run_options(p, *CONVERT_OPTIONS)
@@ -427,8 +427,8 @@ def add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="ONNX (onnxruntime), checkpoint (torch) or OM (msame, "
-        "ais_bench); default: the run's model/gfocal_portable.onnx or model/gfocal.om",
+        help="ONNX (onnxruntime), checkpoint (torch) or OM (msame, ais_bench); default: the run's "
+        "model/<name>_portable.onnx or model/<name>.om (<name>: gfocal for GFocalV2)",
     )
     p.add_argument("--shard", action="append", help="shard name (repeatable); default: all")
     p.add_argument(

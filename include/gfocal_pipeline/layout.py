@@ -2,10 +2,11 @@
 
 Run directory (`<base>/<dag_id>/<run_id>/`, or any directory for the CLI):
 
-    run.json                   dag/run ids, creation time, the validated options
+    run.json                   dag/run ids, creation time, the validated options, the model spec
     uses/<kind>-<key>          the cache entries (`<work_dir>/cache/<kind>/<key>/`) the run used
-    model/                     gfocal.om + convert.json; gfocal_<variant>.onnx only when the ONNX
-                               cache is off (else the graph stays in the cache)
+    model/                     <name>.om + convert.json; <name>_<variant>.onnx only when the ONNX
+                               cache is off (else the graph stays in the cache); <name> is the
+                               model spec's `om_name` (gfocal for GFocalV2)
     manifest.json              see `gfocal_pipeline.manifest`; its `inputs_root` points into the
                                inputs cache (no copy here)
     inputs/<shard>/<image_id:012d>.bin   only for `gfocal preprocess` without a cache; with the
@@ -85,8 +86,9 @@ class RunLayout:
         return self.root / "model"
 
     def onnx(self, variant: str) -> Path:
-        """The exported graph of `variant` (portable or ascend)."""
-        return self.model_dir / f"gfocal_{variant}.onnx"
+        """The exported graph of `variant` (portable or ascend): `<om_name>_<variant>.onnx`, the model
+        spec's name (gfocal_portable.onnx for GFocalV2 and for runs that record no model)."""
+        return self.model_dir / f"{self.om_name()}_{variant}.onnx"
 
     @property
     def om(self) -> Path:

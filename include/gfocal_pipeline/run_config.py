@@ -56,15 +56,14 @@ class DataOptions:
         kind=str,
         choices=model_names(),
     )
-    checkpoint: str | None = option(
-        None,
+    checkpoint: str = option(
+        default_factory=lambda: str(demo_paths()["checkpoint"]),
         title="Checkpoint (.pth) or ONNX graph",
         description="mmcv-style checkpoint in the model's official layout; with model onnx, your .onnx "
-        "graph (its declaration <graph>.spec.yaml beside it). Empty: the model's generated RANDOM weights "
-        "(the demo).",
+        "graph (its declaration <graph>.spec.yaml beside it). Default: generated RANDOM weights (with "
+        "another model than gfocalv2, that model's own demo weights in the same folder).",
         kind=str,
         path=True,
-        nullable=True,
     )
     coco_root: str = option(
         default_factory=lambda: str(demo_paths()["coco_root"]),
@@ -342,9 +341,9 @@ MODEL_INPUT = ("policy", "height", "width")  # options whose default is the mode
 
 
 def _model_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The chosen model (checked) and its adapter's input size and policy where the run sets none."""
+    """The chosen model's input size and policy where the run sets none (its spec checked)."""
     values = dict(values)
-    model = check_model_name(values.get("model") or DEFAULT_MODEL, "parameter 'model'")
+    model = values["model"]
     spec = run_model_spec(model, values.get("checkpoint"))
     unsupported = spec.unsupported_preprocessing()
     if unsupported:
@@ -356,18 +355,24 @@ def _model_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
     for name in MODEL_INPUT:
         if values.get(name) is None:
             values[name] = getattr(pre, name)
-    return {**values, "model": model}
+    return values
 
 
 def _demo_in_work_dir(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A run without a checkpoint / COCO root uses the demo data of its own work directory."""
+    """The chosen model (checked); a run without a checkpoint / COCO root uses the demo data of its
+    own work directory, and the default checkpoint (GFocalV2's demo weights, what the form shows)
+    means the chosen model's own demo weights."""
     values = dict(values)
+    model = check_model_name(values.get("model") or DEFAULT_MODEL, "parameter 'model'")
     work_dir = values.get("work_dir") or str(default_work_dir())
-    demo = demo_paths(work_dir, values["model"])
+    demo = demo_paths(work_dir, model)
     for key in ("checkpoint", "coco_root"):
         if values.get(key) in (None, "") and key in demo:
             values[key] = str(demo[key])
-    return values
+    defaults = {demo_paths(base)["checkpoint"] for base in (work_dir, default_work_dir())}
+    if model != DEFAULT_MODEL and values.get("checkpoint") and Path(values["checkpoint"]) in defaults:
+        values["checkpoint"] = str(demo["checkpoint"]) if "checkpoint" in demo else None
+    return {**values, "model": model}
 
 
 def _demo_defaults(values: dict[str, Any]) -> bool:
@@ -415,7 +420,7 @@ class RunConfig:
     def from_mapping(cls, values: Mapping[str, Any], *, ascend: bool = False) -> RunConfig:
         """Validate a form's (or CLI's) values; missing or None ones take their defaults."""
         check_known(values, {item.name for _, item in _group_fields(ascend)})
-        values = _demo_in_work_dir(_model_defaults(values))
+        values = _model_defaults(_demo_in_work_dir(values))
         checked: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
         for group, item in _group_fields(ascend):
             spec, raw = spec_of(item), values.get(item.name)

@@ -81,7 +81,9 @@ def test_every_task_pushed_its_xcom(run: tuple[str, dict]) -> None:
         "torch_version",
         "cached",
         "cache_key",
+        "model",
     }
+    assert export["model"] == "gfocalv2"  # the adapter that exported it (its spec: .export.json)
     assert export["input_name"] == "input.1" and export["output_names"] == ["boxes", "scores"]
     assert export["opset"] == 17 and export["torch_version"].startswith("2.13")
     assert Path(export["onnx_path"]).is_file() and export["export_seconds"] > 0

@@ -181,3 +181,13 @@ def test_gfocal_infer_runs_the_torch_reference_of_the_adapter_asked_for(
     assert main([*common, "--adapter", "retinanet"]) == 0
     assert main(["infer", "--run-dir", str(run), "--adapter", "retinanet"]) == 2
     assert "--adapter only applies to --backend torch" in capsys.readouterr().err
+
+
+def test_the_onnx_model_needs_the_path_of_a_graph(tmp_path: Path) -> None:
+    """No generated weights for a bring-your-own graph: the default checkpoint is refused, naming why."""
+    from gfocal_pipeline.run_config import RunConfig
+    from gfocal_pipeline.workspace import demo_paths
+
+    for given in ({}, {"checkpoint": str(demo_paths(tmp_path)["checkpoint"])}):
+        with pytest.raises(ConfigError, match=r"pass the path of the \.onnx file as 'checkpoint'"):
+            RunConfig.from_mapping({"model": "onnx", "work_dir": str(tmp_path), **given})

@@ -16,6 +16,8 @@ import torch
 
 from gfocal_pipeline.constants import (
     CLS_OUT_CHANNELS,
+    DEFAULT_HEIGHT,
+    DEFAULT_WIDTH,
     NUM_CLASSES,
 )
 from gfocal_pipeline.export import (
@@ -70,7 +72,12 @@ def parity(deploy: DeployModel, model: onnx.ModelProto, *feeds: np.ndarray) -> P
 
 
 def export_gfocalv2(
-    checkpoint: str | os.PathLike[str], output: str | os.PathLike[str], **options: Any
+    checkpoint: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    variant: str = "portable",
+    height: int = DEFAULT_HEIGHT,
+    width: int = DEFAULT_WIDTH,
+    **options: Any,
 ) -> ExportResult:
     """Export a GFocalV2 checkpoint (official layout, strict) and verify it; `options` are
     `export.ExportOptions`' (see `export.export_onnx`)."""
@@ -85,4 +92,4 @@ def export_gfocalv2(
         spec=SPEC.to_dict(),
         checkpoint_sha256=lambda: sha256_file(checkpoint),
     )
-    return export_model(plan, output, ExportOptions(**options))
+    return export_model(plan, output, ExportOptions(variant, height, width, **options))

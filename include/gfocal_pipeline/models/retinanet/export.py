@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 from gfocal_pipeline.constants import (
+    DEFAULT_HEIGHT,
     DEFAULT_INPUT_NAME,
     DEFAULT_MAX_UNEXPLAINED,
     DEFAULT_PARITY_THRESHOLD,
+    DEFAULT_WIDTH,
 )
 from gfocal_pipeline.errors import ExportError
 from gfocal_pipeline.export import (
@@ -174,7 +176,14 @@ def check_parity(
 
 
 def export_retinanet(
-    model: RetinaNet, output: str | os.PathLike[str], checkpoint_sha256: str = "", **options: Any
+    model: RetinaNet,
+    output: str | os.PathLike[str],
+    variant: str = "portable",
+    height: int = DEFAULT_HEIGHT,
+    width: int = DEFAULT_WIDTH,
+    *,
+    checkpoint_sha256: str = "",
+    **options: Any,
 ) -> ExportResult:
     """Export `model` to `output` (.onnx), check and parity-check it, write `<name>.export.json`.
 
@@ -197,4 +206,4 @@ def export_retinanet(
         warnings.filterwarnings(
             "ignore", TRACED_BRANCH, torch.jit.TracerWarning, decode_candidates.__module__
         )
-        return export_model(plan, output, ExportOptions(**options))
+        return export_model(plan, output, ExportOptions(variant, height, width, **options))
