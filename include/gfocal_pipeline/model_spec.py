@@ -18,6 +18,7 @@ from gfocal_pipeline.errors import ConfigError
 
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
 IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+COCO_CLASSES = 80
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -96,17 +97,23 @@ class ModelSpec(BaseModel):
             )
             raise ConfigError(f"model spec in {source} is invalid: {problems}") from None
 
-    def unsupported_preprocessing(self) -> list[str]:
-        """The preprocessing fields the preprocess step and AIPP cannot follow yet (they implement RGB
-        with ImageNet mean/std and pad value 0, the convention of every built-in adapter)."""
+    def unsupported(self) -> list[str]:
+        """The facts this version's generic steps cannot follow yet: preprocessing other than RGB with
+        ImageNet mean/std and pad value 0 (preprocess, AIPP), classes other than COCO's 80 (dataset
+        and evaluation), class-agnostic NMS; every built-in adapter is within them."""
         pre = self.preprocessing
         supported = {"channel_order": "rgb", "mean": IMAGENET_MEAN_RGB, "std": IMAGENET_STD_RGB}
         supported["pad_value"] = 0.0
-        return [
+        found = [
             f"preprocessing.{name} = {getattr(pre, name)!r} (supported: {value!r})"
             for name, value in supported.items()
             if getattr(pre, name) != value
         ]
+        if self.num_classes != COCO_CLASSES:
+            found.append(f"num_classes = {self.num_classes} (supported: COCO's {COCO_CLASSES})")
+        if not self.postprocess.class_aware:
+            found.append("postprocess.class_aware = False (supported: True, per-class NMS)")
+        return found
 
     def describe(self) -> str:
         """One line for `gfocal models` and logs."""

@@ -345,11 +345,11 @@ def _model_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
     values = dict(values)
     model = values["model"]
     spec = run_model_spec(model, values.get("checkpoint"))
-    unsupported = spec.unsupported_preprocessing()
+    unsupported = spec.unsupported()
     if unsupported:
         raise ConfigError(
-            f"model {model!r} declares preprocessing this version cannot run: {'; '.join(unsupported)}; "
-            "see docs/models.md"
+            f"model {model!r} declares what this version cannot run yet: {'; '.join(unsupported)}; "
+            "see docs/models.md, 'Not yet'"
         )
     pre = spec.preprocessing
     for name in MODEL_INPUT:

@@ -233,3 +233,17 @@ def test_a_mismatched_graph_fails_the_export_task_before_inference(runs: dict) -
     assert state == "failed"
     assert "prepare" in values and "export" not in values
     assert not [task for task in values if task.startswith("infer")]
+
+
+def test_a_declaration_this_version_cannot_run_is_refused_when_the_run_is_prepared(tmp_path: Path) -> None:
+    """A declaration of 20 classes with BGR inputs: named field by field before any work."""
+    from gfocal_pipeline.run_config import RunConfig
+
+    decl = declaration("candidates", num_classes=20, preprocessing={"channel_order": "bgr"})
+    graph = write_graph(ToyCandidates(), tmp_path / "voc.onnx", OUTPUTS["candidates"], decl)
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_mapping({"model": "onnx", "checkpoint": str(graph), "work_dir": str(tmp_path / "w")})
+    message = str(info.value)
+    assert "model 'onnx' declares what this version cannot run yet" in message
+    assert "preprocessing.channel_order = 'bgr'" in message and "num_classes = 20" in message
+    assert not (tmp_path / "w").exists()

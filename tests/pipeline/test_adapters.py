@@ -131,7 +131,7 @@ def test_torch_and_onnxruntime_agree_on_retinanet(retinanet_portable: tuple[Path
     assert np.abs(got["boxes"] - want["boxes"]).max() < 1e-2
 
 
-def test_an_outside_adapter_registers_and_unsupported_preprocessing_is_refused(
+def test_an_outside_adapter_registers_and_what_cannot_run_yet_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`register_adapter` takes any importable package with a `spec` module; a spec whose
@@ -145,23 +145,25 @@ def test_an_outside_adapter_registers_and_unsupported_preprocessing_is_refused(
     (package / "spec.py").write_text(
         "from gfocal_pipeline.model_spec import ModelSpec, Preprocessing\n"
         "SPEC = ModelSpec(name='bgr_detector', display_name='BGR', history_name='bgr', om_name='bgr',\n"
-        "    demo_checkpoint='bgr.pth', preprocessing=Preprocessing(channel_order='bgr', mean=None))\n"
+        "    demo_checkpoint='bgr.pth', preprocessing=Preprocessing(channel_order='bgr', mean=None),\n"
+        "    num_classes=20)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(adapters._PACKAGES, "bgr_detector", "bgr_detector")
     adapters.model_spec.cache_clear()
     try:
         spec = model_spec("bgr_detector")
-        assert spec.unsupported_preprocessing() == [
+        assert spec.unsupported() == [
             "preprocessing.channel_order = 'bgr' (supported: 'rgb')",
             "preprocessing.mean = None (supported: (123.675, 116.28, 103.53))",
+            "num_classes = 20 (supported: COCO's 80)",
         ]
-        with pytest.raises(ConfigError, match="model 'bgr_detector' declares preprocessing this version"):
+        with pytest.raises(ConfigError, match="model 'bgr_detector' declares what this version cannot"):
             RunConfig.from_mapping({"model": "bgr_detector", "work_dir": str(tmp_path / "work")})
         assert not (tmp_path / "work").exists()
     finally:
         adapters.model_spec.cache_clear()
-    assert model_spec("gfocalv2").unsupported_preprocessing() == []
+    assert model_spec("gfocalv2").unsupported() == []
 
 
 def test_gfocal_infer_runs_the_torch_reference_of_the_adapter_asked_for(
