@@ -50,7 +50,7 @@ class DataOptions:
 
     model: str = option(
         DEFAULT_MODEL,
-        title="Model",
+        title="Model adapter",
         description="The model adapter (`gfocal models` lists them): its checkpoint layout, export, "
         "classes and post-processing; its input size and resize policy are the defaults below.",
         kind=str,
