@@ -25,6 +25,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG, BaseOperator, Param, XComArg
 
+from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_WIDTH
 from gfocal_pipeline.errors import ConfigError
 from gfocal_pipeline.options import check_option
 from gfocal_pipeline.run_config import DEFAULT_SECTION, PREPROCESS_OPTIONS, SECTION_OF, form_options
@@ -85,7 +86,9 @@ class Budgets:
     def of(cls, settings: GfocalSettings, params: Mapping[str, Param], plan: ShardPlan) -> Budgets:
         images = params["max_images"].value
         shard = params["shard_size"].value or plan.shard_size(
-            images or FULL_SET_IMAGES, params["height"].value, params["width"].value
+            images or FULL_SET_IMAGES,
+            params["height"].value or DEFAULT_HEIGHT,  # empty: the model's, GFocalV2's size at parse time
+            params["width"].value or DEFAULT_WIDTH,
         )
         return cls(settings, images, min(shard, images) if images else shard)
 

@@ -262,7 +262,7 @@ def _values(spec: Any) -> str:
 
     parts = []
     if issubclass(spec.kind, Choice) or spec.choices:
-        choices = spec.kind.values() if issubclass(spec.kind, Choice) else spec.choices
+        choices = spec.kind.values() if issubclass(spec.kind, Choice) else (spec.allowed() or ())
         parts.append(", ".join(f"`{v}`" for v in choices))
     elif spec.kind is bool:
         parts.append("true / false")

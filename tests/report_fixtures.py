@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from support import shard_marker
 
 from gfocal_pipeline.demo_data import make_demo_coco
 from gfocal_pipeline.evaluate import evaluate_outputs
@@ -66,16 +67,7 @@ def _outputs(layout: RunLayout, manifest: Manifest, backend: str, boxes: dict[in
         for k, (label, x, y, w, h) in enumerate(boxes.get(image_id, [])[:MAX_PER_IMG]):
             dets[n, k] = (x, y, x + w, y + h, 0.9)
             labels[n, k] = label
-    marker = {
-        "backend": backend,
-        "shard": SHARD,
-        "policy": manifest.policy,
-        "dtype": manifest.dtype,
-        "input_height": manifest.input_height,
-        "input_width": manifest.input_width,
-        "shard_digest": manifest.shard_digest(SHARD),
-        "manifest_sha256": manifest.sha256,
-    }
+    marker = {**shard_marker(manifest, backend, SHARD), "manifest_sha256": manifest.sha256}
     write_shard_outputs(
         layout.output_shard(backend, SHARD), np.asarray(ids), {"dets": dets, "labels": labels}, "dets", marker
     )

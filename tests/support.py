@@ -239,3 +239,17 @@ def smtp_server() -> Iterator[tuple[int, list[Any]]]:
         yield port, handler.envelopes
     finally:
         controller.stop()
+
+
+def shard_marker(manifest: Any, backend: str, shard: str) -> dict[str, Any]:
+    """The done-marker fields a backend writes beside one shard's outputs of `manifest` (what
+    evaluation checks the outputs against), for tests that write outputs themselves."""
+    return {
+        "backend": backend,
+        "shard": shard,
+        "policy": manifest.policy,
+        "dtype": manifest.dtype,
+        "input_height": manifest.input_height,
+        "input_width": manifest.input_width,
+        "shard_digest": manifest.shard_digest(shard),
+    }

@@ -20,7 +20,13 @@ from typing import Any
 from gfocal_pipeline.constants import DEFAULT_INPUT_NAME, DEFAULT_MAX_PIXELS
 from gfocal_pipeline.errors import GfocalError, describe_os_error
 from gfocal_pipeline.options import Choice, check_option, plain
-from gfocal_pipeline.run_config import FORM_SECTIONS, PREPROCESS_OPTIONS, form_options, option_spec
+from gfocal_pipeline.run_config import (
+    FORM_SECTIONS,
+    PREPROCESS_OPTIONS,
+    form_options,
+    model_input_defaults,
+    option_spec,
+)
 
 DEFAULTS = {name: default for name, (default, _) in form_options(ascend=True).items()}
 INFER_BACKENDS = ("onnxruntime", "torch", "msame", "ais_bench")
@@ -35,7 +41,7 @@ def add_run_options(parser: argparse.ArgumentParser, *names: str, required: Sequ
     for name in names:
         spec = option_spec(name)
         kind = str if issubclass(spec.kind, Choice) else spec.kind
-        choices = spec.kind.values() if issubclass(spec.kind, Choice) else spec.choices
+        choices = spec.kind.values() if issubclass(spec.kind, Choice) else spec.allowed()
         default = None if name in required or spec.path else DEFAULTS[name]
         text = f"{spec.description} (default: {default})" if default is not None else spec.description
         parser.add_argument(
@@ -64,6 +70,8 @@ def cmd_export(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.export import export_onnx
 
     options = run_values(args, "model", "height", "width", "parity_threshold", "max_unexplained")
+    size = model_input_defaults({**options, "checkpoint": args.checkpoint}, ("height", "width"))
+    options.update(height=size["height"], width=size["width"])  # empty: the model's input size
     result = export_onnx(
         checkpoint=args.checkpoint,
         output=args.output,
@@ -132,7 +140,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_preprocess(args: argparse.Namespace) -> Any:
     from gfocal_pipeline.steps import preprocess_step
 
-    values = run_values(args, *PREPROCESS_OPTIONS)
+    # the model: its pixel format, and its policy and input size where none is given
+    values = model_input_defaults(run_values(args, *PREPROCESS_OPTIONS, "model"))
     extra = {"skip_bad_images": args.skip_bad_images, "workers": args.workers, "max_pixels": args.max_pixels}
     return preprocess_step(values.pop("coco_root"), args.run_dir, **values, **extra)
 
@@ -395,7 +404,7 @@ def _pixels(text: str) -> int | None:
 def add_preprocess_and_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess", help="COCO-format set -> manifest + sharded .bin inputs")
     p.add_argument("--run-dir", required=True)
-    add_run_options(p, *PREPROCESS_OPTIONS, required=("coco_root",))
+    add_run_options(p, *PREPROCESS_OPTIONS, "model", required=("coco_root",))
     p.add_argument(
         "--skip-bad-images",
         action="store_true",
@@ -434,7 +443,7 @@ def add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--adapter",
         default=None,
-        choices=option_spec("model").choices,
+        choices=option_spec("model").allowed(),
         help="torch: the checkpoint's model adapter (default: the model the run recorded, else gfocalv2)",
     )
     add_run_options(p, "batch_size", "outfmt", "chips", "cann_set_env")
@@ -564,7 +573,7 @@ def cmd_doctor(args: argparse.Namespace) -> Any:
         smtp=_doctor_smtp(args),
         smtp_conn_id=args.smtp_conn_id,
         timeout_s=args.timeout,
-        **run_values(args, *DOCTOR_OPTIONS),
+        **model_input_defaults(run_values(args, *DOCTOR_OPTIONS), ("height", "width")),
     )
     stream = sys.stderr if args.json else sys.stdout
     results = run_doctor(

@@ -11,7 +11,9 @@ evaluation or a silently wrong score. Every entry of the annotation file is chec
 (table in docs/annotations.md): what would crash or skew COCO evaluation raises one error listing,
 per problem, the first offending ids, their count and the fix; oddities COCO's own files have (boxes
 a little outside the image, zero-size boxes) are logged once with a count. The categories must be
-COCO's 80 (the model's classes) unless `category_map` maps file category ids to model class indices.
+the model's classes: by default COCO's 80; for a model with `classes` (names in label order) the
+categories of those names, and for one with another `num_classes` exactly that many categories (class
+k = the k-th id); unless `category_map` maps file category ids to model class indices.
 Images are ordered by image id, so `max_images=N` always picks the same N.
 """
 
@@ -22,7 +24,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -69,7 +71,7 @@ class CocoDataset:
     images: list[CocoImage]
     categories: list[tuple[int, str]]
     total_images: int  # images in the annotation file, before `max_images`
-    class_of: dict[int, int]  # file category id -> model class index 0..NUM_CLASSES-1
+    class_of: dict[int, int]  # file category id -> model class index 0..num_classes-1
 
 
 @dataclass(frozen=True)
@@ -505,9 +507,15 @@ def _check_references(columns: _Columns, image_ids: np.ndarray, findings: _Findi
 
 
 def _check_classes(
-    columns: _Columns, categories: list[tuple[int, str]], class_of: dict[int, int], findings: _Findings
+    columns: _Columns,
+    categories: list[tuple[int, str]],
+    class_of: dict[int, int],
+    findings: _Findings,
+    named: bool = False,
 ) -> None:
-    """Flag annotations whose category is not listed, or has no model class (not in category_map)."""
+    """Flag annotations whose category is not listed, or has no model class (not in category_map);
+    with `named` (the model names its classes) those of unnamed categories are only a warning: they
+    are not scored, as evaluation scores the model's classes only."""
     ann_ids, ann_cats = columns.ids[:, 0], columns.ids[:, 2]
 
     def describe(i: int) -> str:
@@ -520,9 +528,16 @@ def _check_classes(
         "such boxes)",
         *_flagged(~listed, describe),
     )
-    if not class_of:  # the categories are not COCO's, which is an error already
+    if not class_of:  # the categories are not the model's classes, which is an error already
         return
     mapped = np.isin(ann_cats, np.fromiter(class_of, dtype=np.int64, count=len(class_of)))
+    if named:
+        findings.warn(
+            "annotations of categories that the model's classes do not name",
+            "they are not scored (evaluation scores the model's classes only)",
+            *_flagged(listed & ~mapped, describe),
+        )
+        return
     findings.errors_in(
         "annotations of categories that category_map leaves out",
         "add those category ids to category_map or remove their annotations",
@@ -621,24 +636,26 @@ def _default_classes(categories: list[tuple[int, str]], findings: _Findings) -> 
     return {cat_id: k for k, cat_id in enumerate(ids)}
 
 
-def _check_category_map(category_map: Mapping[int, int] | None) -> None:
-    """ConfigError unless `category_map` is None or a non-empty one-to-one {category id: class index}."""
+def _check_category_map(category_map: Mapping[int, int] | None, num_classes: int = NUM_CLASSES) -> None:
+    """ConfigError unless `category_map` is None or a non-empty one-to-one {category id: class index}
+    with class indices 0..num_classes-1."""
     if category_map is None:
         return
     if not isinstance(category_map, Mapping) or not category_map:
+        default = "COCO's 80 categories" if num_classes == NUM_CLASSES else "the model's classes"
         raise ConfigError(
-            f"category_map={_short(category_map)} must be None (COCO's 80 categories) or a non-empty dict "
-            f"{{file category id: model class index 0..{NUM_CLASSES - 1}}}"
+            f"category_map={_short(category_map)} must be None ({default}) or a non-empty dict "
+            f"{{file category id: model class index 0..{num_classes - 1}}}"
         )
     bad = [
         f"{k!r}: {v!r}"
         for k, v in category_map.items()
-        if not (_is_id(k) and _is_int(v) and 0 <= v < NUM_CLASSES)
+        if not (_is_id(k) and _is_int(v) and 0 <= v < num_classes)
     ]
     if bad:
         raise ConfigError(
             f"category_map entries {_names(bad)} are not integer category id -> model class index "
-            f"0..{NUM_CLASSES - 1}; fix category_map"
+            f"0..{num_classes - 1}; fix category_map"
         )
     shared = sorted(v for v, n in Counter(category_map.values()).items() if n > 1)
     if shared:
@@ -662,14 +679,100 @@ def _mapped_classes(
     return {cat_id: cls for cat_id, cls in category_map.items() if cat_id in listed}
 
 
+def _class_key(name: str) -> str:
+    """How class and category names compare: case-insensitively, without surrounding blanks."""
+    return name.strip().casefold()
+
+
+def _counted_classes(
+    categories: list[tuple[int, str]], num_classes: int, findings: _Findings
+) -> dict[int, int]:
+    """Class k is the k-th category by id (mmdet's `cat_ids`): the file must have `num_classes`."""
+    if len(categories) != num_classes:
+        findings.errors_in(
+            f"categories are not the model's {num_classes} classes: {len(categories)} listed",
+            f"use an annotation file with exactly {num_classes} categories (class k = the k-th category "
+            "id), name the model's classes in its spec's `classes`, or pass category_map "
+            f"{{file category id: model class index 0..{num_classes - 1}}}",
+            [f"id {cat_id} {name!r}" for cat_id, name in categories],
+            len(categories),
+        )
+        return {}
+    return {cat_id: k for k, (cat_id, _) in enumerate(categories)}
+
+
+def _named_classes(
+    categories: list[tuple[int, str]], classes: Sequence[str], findings: _Findings
+) -> dict[int, int]:
+    """Class k is the category named classes[k] (names compared case-insensitively, stripped); each
+    name must match exactly one category, and no two names the same one."""
+    by_name: dict[str, list[int]] = {}
+    for cat_id, name in categories:
+        by_name.setdefault(_class_key(name), []).append(cat_id)
+    keys = [_class_key(name) for name in classes]
+    missing = [repr(name) for name, key in zip(classes, keys, strict=True) if key not in by_name]
+    findings.errors_in(
+        "model classes that no category is named as",
+        "use the annotation file of the model's classes, or fix the names in its spec's `classes` "
+        "(compared case-insensitively)",
+        missing,
+        len(missing),
+    )
+    alike = [
+        f"{name!r} (ids {', '.join(map(str, by_name[key]))})"
+        for name, key in zip(classes, keys, strict=True)
+        if len(by_name.get(key, ())) > 1
+    ]
+    findings.errors_in(
+        "model classes that several categories are named as",
+        "give each category its own name",
+        alike,
+        len(alike),
+    )
+    twice = [repr(name) for name, key in zip(classes, keys, strict=True) if keys.count(key) > 1]
+    findings.errors_in(
+        "model classes that name the same category (names compare case-insensitively)",
+        "fix the spec's `classes`",
+        twice,
+        len(twice),
+    )
+    if missing or alike or twice:
+        return {}
+    return {by_name[key][0]: k for k, key in enumerate(keys)}
+
+
+def _model_classes(
+    categories: list[tuple[int, str]],
+    findings: _Findings,
+    category_map: Mapping[int, int] | None,
+    num_classes: int,
+    classes: Sequence[str] | None,
+) -> dict[int, int]:
+    """{file category id: model class index}: `category_map`'s, else by the model's class names, else
+    COCO's 80 (`num_classes` 80) or the `num_classes` categories in id order."""
+    if category_map is not None:
+        return _mapped_classes(categories, category_map, findings)
+    if classes is not None:
+        return _named_classes(categories, classes, findings)
+    if num_classes == NUM_CLASSES:
+        return _default_classes(categories, findings)
+    return _counted_classes(categories, num_classes, findings)
+
+
 # ---------------------------------------------------------------- entry points
 
 
 def check_annotations(
-    data: dict[str, Any], annotation_file: str | Path, category_map: Mapping[int, int] | None = None
+    data: dict[str, Any],
+    annotation_file: str | Path,
+    category_map: Mapping[int, int] | None = None,
+    num_classes: int = NUM_CLASSES,
+    classes: Sequence[str] | None = None,
 ) -> Annotations:
-    """Check every entry of parsed annotations (`read_annotations`); DatasetError lists all problems."""
-    _check_category_map(category_map)
+    """Check every entry of parsed annotations (`read_annotations`); DatasetError lists all problems.
+    The categories must be the model's classes (`num_classes`, `classes`: its spec's; see the module
+    docstring) unless `category_map` maps them."""
+    _check_category_map(category_map, num_classes)
     findings = _Findings(Path(annotation_file))
     images = _check_images(data["images"], findings)
     before = len(findings.errors)
@@ -677,18 +780,15 @@ def check_annotations(
     class_of: dict[int, int] = {}
     categories_ok = len(findings.errors) == before  # bad entries give no category list to check against
     if categories_ok:
-        class_of = (
-            _default_classes(categories, findings)
-            if category_map is None
-            else _mapped_classes(categories, category_map, findings)
-        )
+        class_of = _model_classes(categories, findings, category_map, num_classes, classes)
     columns = _annotation_columns(data["annotations"], findings)
     # ids of every image entry, usable or not: an image with a bad width is not also "unknown"
     listed = [raw["id"] for raw in data["images"] if isinstance(raw, dict) and _is_id(raw.get("id"))]
     _check_references(columns, np.array(listed, dtype=np.int64), findings)
     _check_boxes(columns, images, findings)
     if categories_ok:
-        _check_classes(columns, categories, class_of, findings)
+        named = category_map is None and classes is not None
+        _check_classes(columns, categories, class_of, findings, named)
     findings.raise_errors()
     if not images:
         raise DatasetError(
@@ -705,10 +805,14 @@ def check_annotations(
 
 
 def load_annotations(
-    annotation_file: str | Path, category_map: Mapping[int, int] | None = None
+    annotation_file: str | Path,
+    category_map: Mapping[int, int] | None = None,
+    num_classes: int = NUM_CLASSES,
+    classes: Sequence[str] | None = None,
 ) -> Annotations:
     """Read and check a COCO instances file (`read_annotations` then `check_annotations`)."""
-    return check_annotations(read_annotations(annotation_file), annotation_file, category_map)
+    data = read_annotations(annotation_file)
+    return check_annotations(data, annotation_file, category_map, num_classes, classes)
 
 
 def _inside(path: Path, real_dir: Path) -> bool:
@@ -745,17 +849,20 @@ def load_coco(
     annotation_file: str = DEFAULT_ANNOTATION_FILE,
     max_images: int | None = None,
     category_map: Mapping[int, int] | None = None,
+    num_classes: int = NUM_CLASSES,
+    classes: Sequence[str] | None = None,
 ) -> CocoDataset:
     """Validate a COCO root and return its images (first `max_images` by id) and categories.
 
     `image_dir` and `annotation_file` are relative to `root` (absolute paths are used as given).
     The whole annotation file is checked (`check_annotations`); every selected image file must exist
-    inside the image folder. `category_map` maps the file's category ids to model class indices for a
-    set whose categories are not COCO's 80.
+    inside the image folder. The categories must be the model's classes: `num_classes` and `classes`
+    of its spec (default COCO's 80 by id); `category_map` maps the file's category ids to model class
+    indices for a set whose categories are not the model's.
     """
     if max_images is not None and (isinstance(max_images, bool) or int(max_images) < 1):
         raise DatasetError(f"max_images={max_images!r} must be a positive integer or None (all images)")
-    _check_category_map(category_map)
+    _check_category_map(category_map, num_classes)
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise DatasetError(
@@ -770,7 +877,7 @@ def load_coco(
             f"(val2017.zip) into {str(root_path)!r} or pass the right image_dir"
         )
     ann_path = root_path / annotation_file
-    checked = load_annotations(ann_path, category_map)
+    checked = load_annotations(ann_path, category_map, num_classes, classes)
     images = [CocoImage(i, name, w, h, images_path / name) for i, name, w, h in checked.images]
     total = len(images)
     if max_images is not None:

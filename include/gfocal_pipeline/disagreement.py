@@ -66,6 +66,11 @@ class Boxes:
         keep = self.scores >= score_thr
         return Boxes(self.image_ids[keep], self.boxes[keep], self.classes[keep], self.scores[keep])
 
+    def of_classes(self, classes: Iterable[int]) -> Boxes:
+        """The boxes whose class id is one of `classes`."""
+        keep = np.isin(self.classes, np.fromiter(classes, dtype=np.int64))
+        return Boxes(self.image_ids[keep], self.boxes[keep], self.classes[keep], self.scores[keep])
+
     def class_counts(self) -> dict[int, int]:
         values, counts = np.unique(self.classes, return_counts=True)
         return {int(v): int(c) for v, c in zip(values, counts, strict=True)}

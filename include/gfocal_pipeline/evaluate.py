@@ -4,9 +4,12 @@ Steps: read every shard of `outputs/<backend>/` (checking its done marker agains
 `shard_digest`, policy, dtype, input size), turn its rows into detections (padding removal for kind
 "dets", the normal case: the in-process backends run the host NMS per batch and the Ascend graph has NMS
 inside; host NMS here for kind "candidates", from older outputs or a backend without NMS), map boxes
-from input pixels back to the original image with the manifest geometry, map labels 0..79 to the
-annotation file's category ids (sorted by id, as mmdet's `cat_ids`), and score them with
-faster-coco-eval (default) or pycocotools; both give the same numbers. Padding removal, rescaling,
+from input pixels back to the original image with the manifest geometry, map labels 0..num_classes-1
+to the annotation file's category ids, and score them with faster-coco-eval (default) or
+pycocotools; both give the same numbers. The run's recorded model spec decides the classes: label k
+scores as the category named `classes[k]`, or without `classes` as the k-th category id (sorted, as
+mmdet's `cat_ids`; the file must then have exactly `num_classes` categories); only those categories
+are scored. Without a recorded spec: COCO's 80 by id, class-aware host NMS. Padding removal, rescaling,
 the category mapping and xyxy -> xywh run on a whole shard's arrays at once (no per-image loop).
 
 The detections go to the evaluator in memory: the result records are built once, with the fields
@@ -75,7 +78,7 @@ _RECORD = '{"image_id":%d,"category_id":%d,"bbox":[%.10g,%.10g,%.10g,%.10g],"sco
 @dataclass(frozen=True)
 class ImageDetections:
     """All detections of a run, one row per box: original-image xyxy boxes (float64), scores
-    (float32), labels 0..79, in manifest shard order, image by image, in each image's row order."""
+    (float32), labels 0..num_classes-1, in manifest shard order, image by image, in each image's row order."""
 
     image_ids: np.ndarray
     boxes: np.ndarray
@@ -106,21 +109,92 @@ def _nms_settings(
     )
 
 
+def _class_settings(layout: RunLayout) -> tuple[int, tuple[str, ...] | None, bool]:
+    """(num_classes, classes, class_aware) of the run's recorded model spec; without one COCO's 80
+    classes in id order and class-aware NMS."""
+    model = layout.recorded_model()
+    post = model.get("postprocess") or {}
+    classes = model.get("classes")
+    return (
+        int(model.get("num_classes") or NUM_CLASSES),
+        None if classes is None else tuple(str(name) for name in classes),
+        bool(post.get("class_aware", True)),
+    )
+
+
 def rescale_boxes(boxes: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """(k,4) xyxy boxes in input pixels -> original-image pixels (float64), undoing pad then scale;
     `offset`/`scale` hold each box's image row of `geometry_arrays` (or one row for all)."""
     return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - offset) / scale
 
 
-def category_ids(categories: list[dict[str, Any]], annotation_file: str | Path) -> list[int]:
-    """The annotation file's category ids sorted ascending: label k is the k-th (mmdet's `cat_ids`)."""
+def category_ids(
+    categories: list[dict[str, Any]],
+    annotation_file: str | Path,
+    num_classes: int = NUM_CLASSES,
+    classes: tuple[str, ...] | list[str] | None = None,
+) -> list[int]:
+    """The category id label k scores as, for k in 0..num_classes-1: with `classes`, the id of the
+    file's category named classes[k] (`_named_category_ids`); without, the k-th of the file's ids
+    sorted ascending (mmdet's `cat_ids`), which must number `num_classes`."""
+    if classes is not None:
+        return _named_category_ids(categories, annotation_file, list(classes))
     ids = sorted(int(cat["id"]) for cat in categories)
-    if len(ids) != NUM_CLASSES:
+    if len(ids) != num_classes:
+        fix = (
+            "use a COCO instances annotation file (e.g. instances_val2017.json)"
+            if num_classes == NUM_CLASSES
+            else f"use an annotation file with exactly those {num_classes} categories (label k scores as the "
+            "k-th category id), or list the model's class names in its spec's `classes` (label k scores as "
+            "the category named classes[k])"
+        )
+        coco = " COCO" if num_classes == NUM_CLASSES else ""
         raise EvaluationError(
             f"annotation file {str(annotation_file)!r} has {len(ids)} categories, but the model predicts "
-            f"{NUM_CLASSES} COCO classes; use a COCO instances annotation file (e.g. instances_val2017.json)"
+            f"{num_classes}{coco} classes; {fix}"
         )
     return ids
+
+
+def _class_key(name: str) -> str:
+    """How class and category names compare: case-insensitively, without surrounding blanks."""
+    return name.strip().casefold()
+
+
+def _named_category_ids(
+    categories: list[dict[str, Any]], annotation_file: str | Path, classes: list[str]
+) -> list[int]:
+    """The id of the file's category named classes[k], for each k; EvaluationError naming the file
+    and the names that match no category, several categories, or one category twice."""
+    by_name: dict[str, list[int]] = {}
+    for cat in categories:
+        by_name.setdefault(_class_key(str(cat.get("name", ""))), []).append(int(cat["id"]))
+    where = f"annotation file {str(annotation_file)!r}"
+    missing = [name for name in classes if _class_key(name) not in by_name]
+    if missing:
+        raise EvaluationError(
+            f"{where} has no category named {', '.join(map(repr, missing))} ({len(missing)} of the model's "
+            f"{len(classes)} classes); use the annotation file of the model's classes, or fix the names in "
+            "its spec's `classes` (compared case-insensitively)"
+        )
+    ambiguous = [
+        f"{name!r} (ids {by_name[_class_key(name)]})"
+        for name in classes
+        if len(by_name[_class_key(name)]) > 1
+    ]
+    if ambiguous:
+        raise EvaluationError(
+            f"{where} names several categories alike: {', '.join(ambiguous)}, so a class cannot be told "
+            "which one it scores as; give each category its own name"
+        )
+    keys = [_class_key(name) for name in classes]
+    twice = [name for name in classes if keys.count(_class_key(name)) > 1]
+    if twice:
+        raise EvaluationError(
+            f"the model's classes {twice} name the same category of {where} (names compare "
+            "case-insensitively); fix the spec's `classes`"
+        )
+    return [by_name[key][0] for key in keys]
 
 
 def result_columns(dets: ImageDetections, cat_ids: list[int]) -> tuple[list[Any], ...]:
@@ -188,8 +262,11 @@ def _check_marker(
         )
 
 
-def _shard_rows(arrays: dict[str, np.ndarray], kind: str, out_dir: Path) -> tuple[np.ndarray, ...]:
-    """The arrays of one shard for `kind`, shape-checked so a bad file fails here, not inside NMS."""
+def _shard_rows(
+    arrays: dict[str, np.ndarray], kind: str, out_dir: Path, num_classes: int = NUM_CLASSES
+) -> tuple[np.ndarray, ...]:
+    """The arrays of one shard for `kind`, shape-checked so a bad file fails here, not inside NMS
+    (candidates' scores hold at least the model's `num_classes` classes)."""
     missing = [name for name in KINDS[kind] if name not in arrays]
     if missing or "image_ids" not in arrays:
         raise EvaluationError(
@@ -204,7 +281,7 @@ def _shard_rows(arrays: dict[str, np.ndarray], kind: str, out_dir: Path) -> tupl
             and first.shape[-1] == 4
             and second.ndim == 3
             and second.shape[:2] == first.shape[:2]
-            and second.shape[-1] >= NUM_CLASSES
+            and second.shape[-1] >= num_classes
         )
     else:
         second = second.reshape(len(second), -1)
@@ -231,14 +308,20 @@ def collect_detections(
     iou_thr: float = NMS_IOU,
     max_per_img: int = MAX_PER_IMG,
     allow_missing: bool = False,
+    num_classes: int | None = None,
+    class_aware: bool | None = None,
 ) -> tuple[ImageDetections, list[int]]:
     """Read all shards of `backend` (one at a time) into original-image detections.
 
     Returns the detections and the ids of manifest images without an output row (only when
-    `allow_missing`; otherwise they raise). Score/IoU/max thresholds apply to kind "candidates" only;
-    kind "dets" was already reduced by the backend's NMS (host NMS in the inference task, or in-graph).
+    `allow_missing`; otherwise they raise). Score/IoU/max thresholds and `class_aware` apply to kind
+    "candidates" only; kind "dets" was already reduced by the backend's NMS (host NMS in the inference
+    task, or in-graph). Labels at or beyond `num_classes` are dropped. `num_classes`/`class_aware`
+    None: the run's recorded model's (COCO's 80, class-aware without one).
     """
-    collected = read_detections(layout, manifest, backend, score_thr, iou_thr, max_per_img, allow_missing)
+    collected = read_detections(
+        layout, manifest, backend, score_thr, iou_thr, max_per_img, allow_missing, num_classes, class_aware
+    )
     return collected.detections, collected.missing
 
 
@@ -282,8 +365,13 @@ def read_detections(
     iou_thr: float = NMS_IOU,
     max_per_img: int = MAX_PER_IMG,
     allow_missing: bool = False,
+    num_classes: int | None = None,
+    class_aware: bool | None = None,
 ) -> Collected:
     """`collect_detections` plus the record of which NMS produced the detections of each shard."""
+    recorded_classes, _, recorded_aware = _class_settings(layout)
+    num_classes = recorded_classes if num_classes is None else num_classes
+    class_aware = recorded_aware if class_aware is None else class_aware
     by_id = manifest.by_id()
     if not layout.outputs_dir(backend).is_dir():
         raise EvaluationError(
@@ -291,6 +379,8 @@ def read_detections(
             f"run inference with backend {backend!r} first"
         )
     here = {"nms": "host", "score_thr": score_thr, "iou_thr": iou_thr, "max_per_img": max_per_img}
+    if not class_aware:  # recorded only when class-agnostic: class-aware records stay as they were
+        here["class_aware"] = False
     index = {entry.image_id: n for n, entry in enumerate(manifest.images)}
     offset, scale = geometry_arrays(manifest.images)
     seen: set[int] = set()
@@ -298,12 +388,13 @@ def read_detections(
     per_shard: list[tuple[str, dict[str, Any]]] = []
     for shard in manifest.shards:
         out_dir = layout.output_shard(backend, shard)
-        marker, image_ids, first, second = _read_shard(out_dir, backend, shard, manifest, by_id)
+        marker, image_ids, first, second = _read_shard(out_dir, backend, shard, manifest, by_id, num_classes)
         per_shard.append((shard, _shard_postprocess(marker, here)))
         _check_unique(image_ids.tolist(), seen, by_id, out_dir, layout.outputs_dir(backend))
         where = _Where(backend, shard, out_dir, by_id)
         _check_finite(_non_finite_rows(first, second), image_ids, where, geometry=False)
-        rows, found = _shard_detections(first, second, marker["kind"], (score_thr, iou_thr, max_per_img))
+        nms = (score_thr, iou_thr, max_per_img, num_classes, class_aware)
+        rows, found = _shard_detections(first, second, marker["kind"], nms)
         geometry = np.array([index[i] for i in image_ids.tolist()], np.int64)[rows]
         with np.errstate(divide="ignore", invalid="ignore"):  # a zero scale is named just below
             boxes = rescale_boxes(found.boxes, offset[geometry], scale[geometry])
@@ -350,12 +441,13 @@ def warn_unlisted(folder: Path, manifest: Manifest, what: str, suffix: str = "")
 
 
 def _shard_detections(
-    first: np.ndarray, second: np.ndarray, kind: str, nms: tuple[float, float, int]
+    first: np.ndarray, second: np.ndarray, kind: str, nms: tuple[float, float, int, int, bool]
 ) -> tuple[np.ndarray, Detections]:
     """(row in the shard of each detection, the detections in input pixels) of one shard's arrays:
-    padding removal on the whole shard for kind "dets", host NMS image by image for "candidates"."""
+    padding removal on the whole shard for kind "dets", host NMS image by image for "candidates";
+    `nms` = (score_thr, iou_thr, max_per_img, num_classes, class_aware) of `multiclass_nms`."""
     if kind == "dets":
-        return from_dets_rows(first, second)
+        return from_dets_rows(first, second, nms[3])
     parts = [multiclass_nms(first[row], second[row], *nms) for row in range(len(first))]
     rows = np.repeat(np.arange(len(parts), dtype=np.int64), [len(found) for found in parts])
     if not parts:
@@ -440,10 +532,15 @@ def _check_missing(
 
 
 def _read_shard(
-    out_dir: Path, backend: str, shard: str, manifest: Manifest, by_id: dict[int, ImageEntry]
+    out_dir: Path,
+    backend: str,
+    shard: str,
+    manifest: Manifest,
+    by_id: dict[int, ImageEntry],
+    num_classes: int = NUM_CLASSES,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
     """(done marker, image ids, first, second output) of one finished shard, checked against that
-    shard of the manifest."""
+    shard of the manifest (and candidates against the model's `num_classes`)."""
     if not out_dir.is_dir():
         raise EvaluationError(
             f"outputs of shard {shard} for backend {backend!r} are missing: {str(out_dir)!r} does not "
@@ -454,7 +551,7 @@ def _read_shard(
     except DatasetError as exc:
         raise EvaluationError(str(exc)) from exc
     _check_marker(marker, _expected_marker(manifest, shard), manifest, out_dir)
-    image_ids, first, second = _shard_rows(arrays, marker["kind"], out_dir)
+    image_ids, first, second = _shard_rows(arrays, marker["kind"], out_dir, num_classes)
     unknown = sorted({int(i) for i in image_ids} - by_id.keys())
     if unknown:
         raise EvaluationError(
@@ -532,8 +629,11 @@ class _CocoEngine:
             dt.createIndex()
         return dt
 
-    def evaluate(self, gt: Any, dt: Any, image_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(12 summary stats, per-category AP over IoU .50:.95, area all, maxDets 100 (nan without GT))."""
+    def evaluate(
+        self, gt: Any, dt: Any, image_ids: list[int], cat_ids: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(12 summary stats, per-category AP over IoU .50:.95, area all, maxDets 100 (nan without GT)
+        in `cat_ids` order), scoring the categories `cat_ids` only (the model's classes)."""
         with self._quiet():
             if self.engine == "faster-coco-eval":
                 from faster_coco_eval import COCOeval_faster
@@ -544,6 +644,7 @@ class _CocoEngine:
 
                 coco_eval = COCOeval(gt, dt, "bbox")
             coco_eval.params.imgIds = sorted(image_ids)
+            coco_eval.params.catIds = sorted(cat_ids)
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()
@@ -554,6 +655,7 @@ class _CocoEngine:
         counts = valid.sum(axis=(0, 1))
         sums = np.where(valid, per_iou_recall, 0.0).sum(axis=(0, 1))
         per_class = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        per_class = per_class[np.searchsorted(sorted(cat_ids), cat_ids)]  # sorted ids -> cat_ids order
         return np.asarray(coco_eval.stats[: len(STAT_NAMES)], dtype=np.float64), per_class
 
 
@@ -605,50 +707,71 @@ def evaluate_outputs(
     detections.json, per_class.csv, stats.json (last), atomically. Returns the XCom dict: backend,
     engine, images, detections, missing_images, stats (the 12 COCO numbers by name), the three paths.
     `annotation_file` defaults to the manifest's; the host NMS settings (for candidate shards) to the
-    run's recorded model spec, else GFocalV2's."""
+    run's recorded model spec, else GFocalV2's; the classes (`category_ids`) and the NMS's class
+    awareness are always the recorded spec's (COCO's 80, class-aware without one)."""
     layout = run_dir if isinstance(run_dir, RunLayout) else RunLayout.at(run_dir)
     score_thr, iou_thr, max_per_img = _nms_settings(layout, score_thr, iou_thr, max_per_img)
+    num_classes, classes, class_aware = _class_settings(layout)
     coco = _CocoEngine(engine)
     manifest, annotation_file = _manifest_and_annotations(layout, annotation_file)
     gt = coco.load_gt(annotation_file)
-    cat_ids = category_ids(gt.loadCats(gt.getCatIds()), annotation_file)
+    cat_ids = category_ids(gt.loadCats(gt.getCatIds()), annotation_file, num_classes, classes)
     names = {int(cat["id"]): str(cat.get("name", "")) for cat in gt.loadCats(cat_ids)}
     image_ids = _annotated_image_ids(manifest, gt, annotation_file)
 
-    collected = read_detections(layout, manifest, backend, score_thr, iou_thr, max_per_img, allow_missing)
-    dets, missing = collected.detections, collected.missing
-    columns = result_columns(dets, cat_ids)
+    collected = read_detections(
+        layout, manifest, backend, score_thr, iou_thr, max_per_img, allow_missing, num_classes, class_aware
+    )
+    columns = result_columns(collected.detections, cat_ids)
     with _gc_paused():
-        stats_array, per_class_ap = coco.evaluate(gt, coco.results(gt, to_coco_results(columns)), image_ids)
-
-    # everything is read and scored: write the results, stats.json last; the old summaries go first,
-    # so an interrupted write never leaves stale stats beside new detections
-    eval_dir = layout.eval_dir(backend)
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (STATS_FILE, PER_CLASS_FILE):
-        (eval_dir / stale).unlink(missing_ok=True)
-    detections_path = _write_detections(eval_dir / DETECTIONS_FILE, columns)
-    stats = {name: float(value) for name, value in zip(STAT_NAMES, stats_array, strict=True)}
-    per_class = _per_class_rows(cat_ids, names, per_class_ap)
-    per_class_path = _write_per_class(eval_dir / PER_CLASS_FILE, per_class)
+        records = coco.results(gt, to_coco_results(columns))
+        stats_array, per_class_ap = coco.evaluate(gt, records, image_ids, cat_ids)
     result = {
         "backend": backend,
         "engine": engine,
         "images": len(image_ids),
-        "detections": len(dets),
-        "missing_images": len(missing),
-        "stats": stats,
+        "detections": len(collected.detections),
+        "missing_images": len(collected.missing),
+        "stats": {name: float(value) for name, value in zip(STAT_NAMES, stats_array, strict=True)},
+    }
+    # score_thr/iou_thr/max_per_img: this step's host NMS (kind "candidates" only); "postprocess" says
+    # which NMS and thresholds produced the detections of each group of shards
+    facts = {
+        "annotation_file": str(annotation_file),
+        "manifest_sha256": manifest.sha256,
+        "score_thr": score_thr,
+        "iou_thr": iou_thr,
+        "max_per_img": max_per_img,
+        "postprocess": collected.postprocess,
+    }
+    per_class = _per_class_rows(cat_ids, names, per_class_ap)
+    result = _write_results(layout.eval_dir(backend), columns, per_class, result, facts)
+    _log_result(result)
+    return result
+
+
+def _write_results(
+    eval_dir: Path,
+    columns: tuple[list[Any], ...],
+    per_class: list[dict[str, Any]],
+    result: dict[str, Any],
+    facts: dict[str, Any],
+) -> dict[str, Any]:
+    """Write detections.json, per_class.csv, then stats.json (`result`, `facts`, per_class) into
+    `eval_dir`; the old summaries go first, so an interrupted write never leaves stale stats beside
+    new detections. Returns `result` with the three paths."""
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (STATS_FILE, PER_CLASS_FILE):
+        (eval_dir / stale).unlink(missing_ok=True)
+    detections_path = _write_detections(eval_dir / DETECTIONS_FILE, columns)
+    per_class_path = _write_per_class(eval_dir / PER_CLASS_FILE, per_class)
+    result = {
+        **result,
         "detections_path": str(detections_path),
         "per_class_path": str(per_class_path),
         "stats_path": str(eval_dir / STATS_FILE),
     }
-    # score_thr/iou_thr/max_per_img: this step's host NMS (kind "candidates" only); "postprocess" says
-    # which NMS and thresholds produced the detections of each group of shards
-    facts = {"annotation_file": str(annotation_file), "manifest_sha256": manifest.sha256}
-    nms = {"score_thr": score_thr, "iou_thr": iou_thr, "max_per_img": max_per_img}
-    extra = {"postprocess": collected.postprocess, "per_class": per_class}
-    write_json(eval_dir / STATS_FILE, {**result, **facts, **nms, **extra})
-    _log_result(result)
+    write_json(eval_dir / STATS_FILE, {**result, **facts, "per_class": per_class})
     return result
 
 

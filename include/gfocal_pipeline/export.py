@@ -44,6 +44,7 @@ from gfocal_pipeline.errors import ExportError, os_error_fix
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file, write_json
 from gfocal_pipeline.nets.ascend_nms import NMS_OP, VARIANTS
 from gfocal_pipeline.parity import ParityReport
+from gfocal_pipeline.pixels import DEFAULT_PIXELS, PixelFormat, pixels_of
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +115,19 @@ def validate_shape(height: int, width: int) -> None:
 PARITY_PICTURES = ((640, 480), (360, 640))
 
 
-def sample_inputs(height: int, width: int, uint8: bool) -> list[np.ndarray]:
-    """Real preprocessed images (generated demo pictures, letterboxed), each of shape (1, ...)."""
+def sample_inputs(
+    height: int, width: int, uint8: bool, pixels: PixelFormat = DEFAULT_PIXELS
+) -> list[np.ndarray]:
+    """Real preprocessed images (generated demo pictures, letterboxed in the model's pixel format),
+    each of shape (1, ...)."""
     from gfocal_pipeline.demo_data import demo_image
     from gfocal_pipeline.preprocess import preprocess_image
 
     dtype = "uint8" if uint8 else "float32"
     arrays = []
     for seed, (w, h) in enumerate(PARITY_PICTURES):
-        array, _ = preprocess_image(demo_image(seed, width=w, height=h), "letterbox", dtype, height, width)
+        picture = demo_image(seed, width=w, height=h)
+        array, _ = preprocess_image(picture, "letterbox", dtype, height, width, pixels)
         arrays.append(array[None])
     return arrays
 
@@ -397,7 +402,8 @@ def export_graph(
     `normalize_in_graph`, `max_per_img`) to `output`, check and parity-check it, write
     `<name>.export.json`. Arguments are checked first by `check_export_arguments`."""
     height, width, uint8 = module.height, module.width, module.normalize_in_graph
-    feeds = [np.repeat(x, batch, axis=0) for x in sample_inputs(height, width, uint8)]
+    pixels = pixels_of(facts.model)
+    feeds = [np.repeat(x, batch, axis=0) for x in sample_inputs(height, width, uint8, pixels)]
     batch_dim: int | str = "batch" if dynamic_batch else batch
     log.info(
         "exporting %s %s graph %dx%d batch %s opset %d -> %s",

@@ -11,7 +11,9 @@
                  "sha256" (of the image file)}],
      "shards": {"00000": [image ids in order], ...},
      "skipped": [{"file_name", "image_id", "reason"}],
-     "max_pixels": the pixel budget the images were checked with (null: none; absent: the default)}
+     "max_pixels": the pixel budget the images were checked with (null: none; absent: the default),
+     "pixels": the model's pixel format (`pixels.PixelFormat`: channel order, mean/std, pad value,
+               resize scale; absent: ImageNet RGB, GFocalV2's)}
 
 Boxes in input pixels map back to the original image as x = (x_in - pad_left) / scale_x,
 y = (y_in - pad_top) / scale_y.
@@ -29,6 +31,7 @@ from gfocal_pipeline.constants import DEFAULT_MAX_PIXELS
 from gfocal_pipeline.errors import DatasetError
 from gfocal_pipeline.fileio import sha256_file, write_json
 from gfocal_pipeline.options import Dtype, Policy
+from gfocal_pipeline.pixels import DEFAULT_PIXELS, PixelFormat
 
 MANIFEST_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no image hashes, inputs always beside the manifest
@@ -94,13 +97,20 @@ class Manifest:
     inputs_root: str | None = None  # folder of the `<shard>/` input folders; None: `inputs/` beside it
     per_task_inputs: bool = False  # no inputs written: each inference task builds its shard's
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # the pixel budget preprocessing checked images with
+    pixels: dict[str, Any] | None = None  # the model's PixelFormat as a dict; None: ImageNet RGB
     version: int = MANIFEST_VERSION
     path: Path | None = None
     _sha256: str | None = field(default=None, repr=False, compare=False)
 
     @property
+    def pixel_format(self) -> PixelFormat:
+        """How the inputs were normalized and padded (the model's pixel format)."""
+        return PixelFormat.from_dict(self.pixels)
+
+    @property
     def layout(self) -> str:
-        """float32 inputs are NCHW normalized RGB; uint8 inputs are NHWC BGR (normalized in graph/AIPP)."""
+        """float32 inputs are NCHW normalized in the network's channel order; uint8 inputs are NHWC BGR
+        (normalized in the graph or by AIPP)."""
         return "NCHW" if self.dtype == "float32" else "NHWC"
 
     def input_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
@@ -130,7 +140,9 @@ class Manifest:
         the policy, dtype and input size. Outputs record it, so a changed image invalidates exactly
         the outputs of its shard."""
         entries = [entry.to_dict() for entry in self.images if entry.shard == shard]
-        shape = [self.policy, self.dtype, self.input_height, self.input_width]
+        shape: list[Any] = [self.policy, self.dtype, self.input_height, self.input_width]
+        if self.pixel_format != DEFAULT_PIXELS:  # ImageNet RGB adds nothing: older digests stay valid
+            shape.append(self.pixel_format.to_dict())
         text = json.dumps([shape, entries], sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -12,13 +12,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gfocal_pipeline.errors import ConfigError
 
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
 IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
-COCO_CLASSES = 80
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -31,17 +30,28 @@ class Preprocessing(BaseModel):
     channel_order: Literal["rgb", "bgr"] = "rgb"
     mean: tuple[float, float, float] | None = IMAGENET_MEAN_RGB
     std: tuple[float, float, float] | None = IMAGENET_STD_RGB
-    policy: Literal["letterbox", "mmdet"] = "letterbox"
+    policy: Literal["letterbox", "mmdet", "centered"] = "letterbox"
     height: int = Field(800, ge=64, le=4096, multiple_of=32)
     width: int = Field(1216, ge=64, le=4096, multiple_of=32)
-    size_divisor: int = Field(32, ge=1)
-    pad_value: float = Field(0.0, ge=0, le=255)
+    # the `mmdet` policy's keep-ratio scale (long side, short side) and its padding multiple
+    resize_scale: tuple[int, int] = (1333, 800)
+    size_divisor: int = Field(32, ge=1, le=256)
+    # the value of a padded pixel in the network's input tensor (after normalization): 0 for mmdet's
+    # normalized models, 114 for YOLOX (no mean/std)
+    pad_value: float = Field(0.0, ge=-1000, le=1000)
 
     @field_validator("std")
     @classmethod
     def _positive_std(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
         if value is not None and min(value) <= 0:
             raise ValueError("every std value must be > 0")
+        return value
+
+    @field_validator("resize_scale")
+    @classmethod
+    def _positive_scale(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError("both sides of resize_scale must be >= 1 pixel")
         return value
 
 
@@ -67,6 +77,9 @@ class ModelSpec(BaseModel):
     history_name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,80}$")  # what the history is keyed on
     om_name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,60}$")  # <run>/model/<om_name>.om
     num_classes: int = Field(80, ge=1, le=10_000)
+    # class names in label order (label k scores as the annotation file's category named classes[k]);
+    # None: the file's categories sorted by id (mmdet's `cat_ids`), which must number num_classes
+    classes: tuple[str, ...] | None = None
     outputs: Literal["candidates", "dets"] = "candidates"  # the portable graph's output convention
     published_ap: float | None = Field(None, ge=0, le=1)
     official_checkpoint: str | None = None
@@ -80,6 +93,14 @@ class ModelSpec(BaseModel):
     declaration_sha256: str | None = None
     preprocessing: Preprocessing = Preprocessing()
     postprocess: Postprocess = Postprocess()
+
+    @model_validator(mode="after")
+    def _classes_match(self) -> ModelSpec:
+        if self.classes is not None and len(self.classes) != self.num_classes:
+            raise ValueError(f"classes lists {len(self.classes)} names but num_classes is {self.num_classes}")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes names a class twice")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (what the artifacts record)."""
@@ -96,24 +117,6 @@ class ModelSpec(BaseModel):
                 for err in exc.errors()
             )
             raise ConfigError(f"model spec in {source} is invalid: {problems}") from None
-
-    def unsupported(self) -> list[str]:
-        """The facts this version's generic steps cannot follow yet: preprocessing other than RGB with
-        ImageNet mean/std and pad value 0 (preprocess, AIPP), classes other than COCO's 80 (dataset
-        and evaluation), class-agnostic NMS; every built-in adapter is within them."""
-        pre = self.preprocessing
-        supported = {"channel_order": "rgb", "mean": IMAGENET_MEAN_RGB, "std": IMAGENET_STD_RGB}
-        supported["pad_value"] = 0.0
-        found = [
-            f"preprocessing.{name} = {getattr(pre, name)!r} (supported: {value!r})"
-            for name, value in supported.items()
-            if getattr(pre, name) != value
-        ]
-        if self.num_classes != COCO_CLASSES:
-            found.append(f"num_classes = {self.num_classes} (supported: COCO's {COCO_CLASSES})")
-        if not self.postprocess.class_aware:
-            found.append("postprocess.class_aware = False (supported: True, per-class NMS)")
-        return found
 
     def describe(self) -> str:
         """One line for `gfocal models` and logs."""

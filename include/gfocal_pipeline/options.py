@@ -12,6 +12,7 @@ import math
 import os
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -31,6 +32,7 @@ class Choice(StrEnum):
 class Policy(Choice):
     LETTERBOX = "letterbox"
     MMDET = "mmdet"
+    CENTERED = "centered"
 
 
 class Dtype(Choice):
@@ -93,8 +95,14 @@ class OptionSpec:
     exclusive_maximum: float | None = None
     multiple_of: int | None = None
     pattern: str | None = None
-    choices: tuple[str, ...] | None = None  # allowed strings of a str option (e.g. registered models)
+    # allowed strings of a str option, or a function giving them when asked (e.g. the model adapters
+    # registered so far: an adapter registered after this module was imported is allowed too)
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
     hint: str = ""  # how to fix a bad value, added to error messages
+
+    def allowed(self) -> tuple[str, ...] | None:
+        """The allowed strings of a str option with `choices` (None: any)."""
+        return self.choices() if callable(self.choices) else self.choices
 
     def schema(self) -> dict[str, Any]:
         """JSON-schema keywords of the option (what Airflow's `Param` validates with)."""
@@ -102,7 +110,7 @@ class OptionSpec:
         base = "string" if issubclass(self.kind, Choice) else names[self.kind]
         out: dict[str, Any] = {"type": ["null", base] if self.nullable else base}
         if issubclass(self.kind, Choice) or self.choices:
-            allowed = self.kind.values() if issubclass(self.kind, Choice) else list(self.choices or ())
+            allowed = self.kind.values() if issubclass(self.kind, Choice) else list(self.allowed() or ())
             out["enum"] = [*allowed, *([None] if self.nullable else [])]
         keywords = {
             "minimum": self.minimum,
@@ -186,10 +194,11 @@ def _bounds(name: str, number: float, spec: OptionSpec) -> None:
 
 def _check_choice(name: str, text: str, spec: OptionSpec) -> None:
     """A str option with `choices` must be one of them (the nearest is named)."""
-    if spec.choices and text not in spec.choices:
-        near = difflib.get_close_matches(text, spec.choices, n=1)
+    allowed = spec.allowed()
+    if allowed and text not in allowed:
+        near = difflib.get_close_matches(text, allowed, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"parameter {name!r} = {text!r} must be one of: {', '.join(spec.choices)}{hint}")
+        raise ConfigError(f"parameter {name!r} = {text!r} must be one of: {', '.join(allowed)}{hint}")
 
 
 def check_option(name: str, value: Any, spec: OptionSpec) -> Any:

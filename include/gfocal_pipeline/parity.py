@@ -352,7 +352,7 @@ def compare_candidates(
         return report
     for b in range(gb.shape[0]):
         anchor_start = 0
-        for name, (anchors, kept, offset) in zip(LEVEL_NAMES, blocks, strict=True):
+        for name, (anchors, kept, offset) in zip(LEVEL_NAMES[: len(blocks)], blocks, strict=True):
             ref = slice(anchor_start, anchor_start + anchors)
             cand = slice(offset, offset + kept)
             report.levels.append(

@@ -17,7 +17,7 @@ from gfocal_pipeline.constants import MAX_PER_IMG, NMS_IOU, NUM_CLASSES, SCORE_T
 
 @dataclass(frozen=True)
 class Detections:
-    """Kept boxes of one image: `boxes` (k,4) x1y1x2y2, `scores` (k,), `labels` (k,) in 0..79."""
+    """Kept boxes of one image: `boxes` (k,4) x1y1x2y2, `scores` (k,), `labels` (k,) in 0..num_classes-1."""
 
     boxes: np.ndarray
     scores: np.ndarray
@@ -37,45 +37,73 @@ def multiclass_nms(
     score_thr: float = SCORE_THR,
     iou_thr: float = NMS_IOU,
     max_per_img: int = MAX_PER_IMG,
+    num_classes: int = NUM_CLASSES,
+    class_aware: bool = True,
 ) -> Detections:
-    """Class-aware NMS of one image's candidates, as the official `multiclass_nms`.
+    """NMS of one image's candidates, as the official `multiclass_nms`.
 
-    boxes (K,4) and scores (K,C): every (candidate, class) pair above `score_thr` competes only with
-    boxes of its own class; the `max_per_img` best survivors are kept, highest score first. Classes at
-    or beyond 80 (the padding channel) take part, as in the official code, and are dropped after.
+    boxes (K,4) and scores (K,C): every (candidate, class) pair above `score_thr` is a candidate
+    detection. Class-aware (default), a pair competes only with pairs of its own class; classes at or
+    beyond `num_classes` (a padding channel) take part, as in the official code, and are dropped after.
+    Class-agnostic (`class_aware=False`, mmdet's `batched_nms(..., class_agnostic=True)`), the pairs of
+    the model's classes all compete in one greedy NMS (a padding channel is left out first, so it
+    suppresses nothing). The `max_per_img` best survivors are kept, highest score first.
     """
     cand, cls = np.nonzero(scores > score_thr)
+    if not class_aware:
+        real = cls < num_classes
+        cand, cls = cand[real], cls[real]
     if cand.size == 0:
         return Detections.empty()
     sel_boxes = boxes[cand].astype(np.float64)
     sel_scores = scores[cand, cls].astype(np.float32)
     xywh = np.concatenate([sel_boxes[:, :2], sel_boxes[:, 2:] - sel_boxes[:, :2]], axis=1)
-    # one greedy NMS per class in OpenCV (C++; IoU > thr suppresses): per class the cost is
-    # candidates x survivors of that class, far below one batched NMS over all classes
-    order = np.argsort(cls, kind="stable")
-    kept = []
-    for group in np.split(order, np.flatnonzero(np.diff(cls[order])) + 1):
-        survivors = cv2.dnn.NMSBoxes(xywh[group], sel_scores[group], float(score_thr), float(iou_thr))
-        kept.append(group[np.asarray(survivors, dtype=np.int64).reshape(-1)])
-    keep = np.concatenate(kept)
+    if class_aware:
+        keep = _per_class_nms(xywh, sel_scores, cls, score_thr, iou_thr)
+    else:
+        keep = _greedy_nms(xywh, sel_scores, score_thr, iou_thr)
     # order by score (descending, stable on ties) before truncating, as the official code does
     keep = keep[np.argsort(-sel_scores[keep], kind="stable")][:max_per_img]
-    keep = keep[cls[keep] < NUM_CLASSES]
+    keep = keep[cls[keep] < num_classes]
     return Detections(sel_boxes[keep].astype(np.float32), sel_scores[keep], cls[keep].astype(np.int64))
 
 
-def from_dets(dets: np.ndarray, labels: np.ndarray) -> Detections:
-    """NMS-in-graph outputs (100,5) + (100,) -> Detections, dropping padding rows and the 81st class."""
-    _, found = from_dets_rows(np.asarray(dets).reshape(1, -1, 5), np.asarray(labels).reshape(1, -1))
+def _greedy_nms(xywh: np.ndarray, scores: np.ndarray, score_thr: float, iou_thr: float) -> np.ndarray:
+    """Indices kept by one greedy NMS in OpenCV (C++; highest score first, IoU > thr suppresses)."""
+    survivors = cv2.dnn.NMSBoxes(xywh, scores, float(score_thr), float(iou_thr))
+    return np.asarray(survivors, dtype=np.int64).reshape(-1)
+
+
+def _per_class_nms(
+    xywh: np.ndarray, scores: np.ndarray, cls: np.ndarray, score_thr: float, iou_thr: float
+) -> np.ndarray:
+    """Indices kept by one greedy NMS per class, class by class: per class the cost is candidates x
+    survivors of that class, far below one batched NMS over all classes."""
+    order = np.argsort(cls, kind="stable")
+    kept = [
+        group[_greedy_nms(xywh[group], scores[group], score_thr, iou_thr)]
+        for group in np.split(order, np.flatnonzero(np.diff(cls[order])) + 1)
+    ]
+    return np.concatenate(kept)
+
+
+def from_dets(dets: np.ndarray, labels: np.ndarray, num_classes: int = NUM_CLASSES) -> Detections:
+    """NMS-in-graph outputs (R,5) + (R,) -> Detections, dropping padding rows and labels at or beyond
+    `num_classes` (GFocalV2's 81st class)."""
+    _, found = from_dets_rows(
+        np.asarray(dets).reshape(1, -1, 5), np.asarray(labels).reshape(1, -1), num_classes
+    )
     return found
 
 
-def from_dets_rows(dets: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, Detections]:
+def from_dets_rows(
+    dets: np.ndarray, labels: np.ndarray, num_classes: int = NUM_CLASSES
+) -> tuple[np.ndarray, Detections]:
     """`from_dets` of many images at once: (N,R,5) dets + (N,R) labels -> (image row 0..N-1 of each
     kept detection, the kept detections), in image order then row order, as image by image."""
     dets = np.asarray(dets, np.float32)
     labels = np.asarray(labels).reshape(dets.shape[:2]).astype(np.int64, copy=False)
-    valid = (labels >= 0) & (labels < NUM_CLASSES) & (dets[..., 4] > 0)
+    valid = (labels >= 0) & (labels < num_classes) & (dets[..., 4] > 0)
     rows = np.nonzero(valid)[0]
     kept = dets[valid]
     return rows, Detections(kept[:, :4], kept[:, 4], labels[valid])

@@ -5,31 +5,41 @@ Policies (geometry of each image recorded in the manifest, so boxes map back exa
 - ``letterbox`` — the ModelZoo seed (`gfocal_preprocess.py`): scale = min(W/w, H/h), new size =
   floor(w*scale) x floor(h*scale), bilinear resize, image at the top-left of the HxW canvas.
   scale_x = scale_y = scale. This is what the published Ascend numbers (AP 0.406) used.
-- ``mmdet`` — the official test pipeline (AP 41.0): keep ratio into (1333, 800), i.e.
-  scale = min(1333/long, 800/short), new size = int(w*scale + 0.5) x int(h*scale + 0.5) (mmcv
-  rounding), bilinear, padded to a multiple of 32 and placed top-left in the fixed canvas.
+- ``centered`` — the letterbox scale and size, the image in the middle of the canvas (left and top
+  padding (W - new_w) // 2 and (H - new_h) // 2, recorded as the geometry's offset).
+- ``mmdet`` — the official test pipeline (AP 41.0): keep ratio into the model's `resize_scale`
+  (1333, 800 for mmdet's R50 detectors), i.e. scale = min(1333/long, 800/short), new size =
+  int(w*scale + 0.5) x int(h*scale + 0.5) (mmcv rounding), bilinear, padded to a multiple of the
+  model's `size_divisor` (32) and placed top-left in the fixed canvas.
   scale_x = new_w/w, scale_y = new_h/h. The scale is never shrunk to fit the canvas (that would
   silently stop being the official pipeline): an image whose padded size does not fit raises
   `DatasetError`, checked for the whole set before any work, naming the images and the canvas
   needed. Landscape-only sets fit height=800, width=1344; COCO val (portrait too) needs 1344x1344.
 
+Pixels follow the model's `PixelFormat` (`pixels.py`, from its spec): the network's channel order
+(RGB or BGR), mean/std or none, and the value of a padded pixel in its input (0 for mmdet's normalized
+models, 114 for YOLOX). The examples below are GFocalV2's (RGB, ImageNet mean/std, pad 0).
+
 Data types:
 
 - ``uint8`` (recommended for Ascend and ONNX Runtime) — NHWC BGR, the resized cv2 image as is,
-  padded with round(mean) per channel (BGR 104, 116, 124) so the padding normalizes to ~0;
+  padded with the raw colour that normalizes to the pad value (round(pad * std + mean) per channel:
+  BGR 104, 116, 124 for GFocalV2, 114 for YOLOX);
   3*H*W bytes (2,918,400 for 800x1216): a quarter of the disk and I/O, and 4-7x the preprocessing
   throughput of float32 (`benchmarks/bench_preprocess.py`). The normalization happens on the
   device: Ascend's AIPP (static, in the .om model) or, for ONNX Runtime, inside the graph (export
   with normalize-in-graph).
-- ``float32`` — NCHW normalized RGB, bytes identical to the seed: BGR->RGB, (x - mean) * (1/std)
-  with mmcv's `imnormalize` operation order and float32 mean/std, zero padding (= the mean colour),
+- ``float32`` — NCHW in the network's channel order, normalized; for GFocalV2 bytes identical to the
+  seed: BGR->RGB, (x - mean) * (1/std) with mmcv's `imnormalize` operation order and float32 mean/std,
+  padding = the pad value (0: the mean colour),
   little-endian, 3*H*W*4 bytes (11,673,600 for 800x1216). Use it to compare with the recipe's
   .bin files, or for a backend that cannot normalize.
 
 How it is fast without changing a byte: the normalization is elementwise and its input is uint8, so
-it is a 256-entry table per channel, computed once with `normalize` itself (mmcv's operation order)
-and applied with `cv2.LUT` from the resized uint8 planes straight into the CHW float32 canvas (the
-BGR->RGB swap is the choice of plane; no float colour conversion, no transpose copy). For uint8,
+it is a 256-entry table per channel, computed once per pixel format with `normalize` itself (mmcv's
+operation order) and applied with `cv2.LUT` from the resized uint8 planes straight into the CHW
+float32 canvas (the channel order is the choice of plane; no float colour conversion, no transpose
+copy). For uint8,
 `cv2.resize` writes straight into the canvas. Each worker thread keeps one canvas in the final
 layout whose padding is written once (before each image only what the previous one covered and this
 one does not is reset), and the file is written from that buffer (`os.write`, no copy).
@@ -58,6 +68,7 @@ parameters rewrites the same bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -66,10 +77,11 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -78,10 +90,8 @@ from gfocal_pipeline.constants import (
     DEFAULT_HEIGHT,
     DEFAULT_MAX_PIXELS,
     DEFAULT_WIDTH,
-    MEAN_RGB,
     MMDET_SCALE,
     SIZE_DIVISOR,
-    STD_RGB,
 )
 from gfocal_pipeline.dataset import (
     DEFAULT_ANNOTATION_FILE,
@@ -94,15 +104,13 @@ from gfocal_pipeline.errors import DatasetError, os_error_fix
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file
 from gfocal_pipeline.layout import RunLayout, input_file_name, shard_name
 from gfocal_pipeline.manifest import DTYPES, POLICIES, Geometry, ImageEntry, Manifest
+from gfocal_pipeline.pixels import DEFAULT_PIXELS, PixelFormat
 from gfocal_pipeline.sharding import ShardPlan, resolve_shard_size
 
 log = logging.getLogger(__name__)
 
 STAGING_DIR = ".staging"
-# mmcv.imnormalize: float64 (1, 3) mean and 1/std built from the float32 arrays of the config.
-_MEAN = np.float64(np.array(MEAN_RGB, dtype=np.float32).reshape(1, -1))
-_STDINV = 1.0 / np.float64(np.array(STD_RGB, dtype=np.float32).reshape(1, -1))
-PAD_BGR_U8 = tuple(round(value) for value in reversed(MEAN_RGB))  # (104, 116, 124)
+PAD_BGR_U8 = DEFAULT_PIXELS.pad_bgr_u8()  # (104, 116, 124): ImageNet's mean colour
 _SHOW = 5
 _WRITE_CHUNK = 1 << 18  # bytes per write call
 _JPEG_SOI = b"\xff\xd8"
@@ -119,46 +127,50 @@ def letterbox_size(width: int, height: int, canvas_h: int, canvas_w: int) -> tup
     return max(1, math.floor(width * scale)), max(1, math.floor(height * scale)), scale
 
 
-def mmdet_size(width: int, height: int) -> tuple[int, int]:
-    """(new_w, new_h) of mmcv `rescale_size` into (1333, 800): keep ratio, round half up."""
-    factor = min(max(MMDET_SCALE) / max(width, height), min(MMDET_SCALE) / min(width, height))
+def mmdet_size(width: int, height: int, scale: tuple[int, int] = MMDET_SCALE) -> tuple[int, int]:
+    """(new_w, new_h) of mmcv `rescale_size` into `scale` (default (1333, 800)): keep ratio, round
+    half up."""
+    factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
     return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
-def mmdet_canvas(width: int, height: int) -> tuple[int, int]:
-    """(height, width) an image needs under the mmdet policy: its resized size padded to /32."""
-    new_w, new_h = mmdet_size(width, height)
-    return (
-        math.ceil(new_h / SIZE_DIVISOR) * SIZE_DIVISOR,
-        math.ceil(new_w / SIZE_DIVISOR) * SIZE_DIVISOR,
-    )
+def mmdet_canvas(width: int, height: int, pixels: PixelFormat = DEFAULT_PIXELS) -> tuple[int, int]:
+    """(height, width) an image needs under the mmdet policy: its resized size (the model's
+    `resize_scale`) padded to its `size_divisor`."""
+    new_w, new_h = mmdet_size(width, height, pixels.resize_scale)
+    divisor = pixels.size_divisor
+    return math.ceil(new_h / divisor) * divisor, math.ceil(new_w / divisor) * divisor
 
 
-def normalize(img_bgr: np.ndarray) -> np.ndarray:
-    """uint8 BGR HWC -> float32 normalized RGB HWC, in mmcv `imnormalize`'s operation order."""
+def normalize(img_bgr: np.ndarray, pixels: PixelFormat = DEFAULT_PIXELS) -> np.ndarray:
+    """uint8 BGR HWC -> float32 HWC in the network's channel order, normalized as `pixels` says, in
+    mmcv `imnormalize`'s operation order (float64 mean and 1/std from the float32 config values)."""
     out = img_bgr.astype(np.float32)
-    cv2.cvtColor(out, cv2.COLOR_BGR2RGB, out)
-    cv2.subtract(out, _MEAN, out)
-    cv2.multiply(out, _STDINV, out)
+    if pixels.swaps_channels:
+        cv2.cvtColor(out, cv2.COLOR_BGR2RGB, out)
+    if pixels.mean is not None:
+        cv2.subtract(out, np.float64(np.array(pixels.mean, dtype=np.float32).reshape(1, -1)), out)
+    if pixels.std is not None:
+        cv2.multiply(out, 1.0 / np.float64(np.array(pixels.std, dtype=np.float32).reshape(1, -1)), out)
     return out
 
 
-def _normalize_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`normalize` as three 256-entry float32 tables (R, G, B output planes), for `cv2.LUT`.
+@functools.lru_cache(maxsize=16)
+def _normalize_tables(pixels: PixelFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`normalize` as three 256-entry float32 tables (the network's channels in order), for `cv2.LUT`.
 
     Built by `normalize` itself on every uint8 value: an elementwise operation on uint8 input is a
     table, so applying it gives the same bytes as `normalize` on the whole image.
     """
     values = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # B = G = R = v
-    rgb = normalize(values)[0]
-    red, green, blue = (np.ascontiguousarray(rgb[:, channel]).reshape(1, 256) for channel in range(3))
-    return red, green, blue
+    out = normalize(values, pixels)[0]
+    first, second, third = (np.ascontiguousarray(out[:, c]).reshape(1, 256) for c in range(3))
+    return first, second, third
 
 
-_TABLES = _normalize_tables()
-
-
-def _check_options(policy: str, dtype: str, height: int, width: int) -> None:
+def _check_options(policy: str, dtype: str, height: int, width: int, pixels: object = DEFAULT_PIXELS) -> None:
+    if not isinstance(pixels, PixelFormat):
+        raise DatasetError(f"pixels={pixels!r} must be a PixelFormat (gfocal_pipeline.pixels)")
     if policy not in POLICIES:
         raise DatasetError(f"unknown preprocessing policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if dtype not in DTYPES:
@@ -178,20 +190,25 @@ def _check_options(policy: str, dtype: str, height: int, width: int) -> None:
             )
 
 
-def image_geometry(w: int, h: int, policy: str, height: int, width: int) -> Geometry:
+def image_geometry(
+    w: int, h: int, policy: str, height: int, width: int, pixels: PixelFormat = DEFAULT_PIXELS
+) -> Geometry:
     """Where a w x h image lands in the height x width canvas under `policy` (see the module docstring)."""
-    if policy == "letterbox":
+    left = top = 0
+    if policy in ("letterbox", "centered"):
         new_w, new_h, scale = letterbox_size(w, h, height, width)
         scale_x = scale_y = scale
+        if policy == "centered":
+            left, top = (width - new_w) // 2, (height - new_h) // 2
     else:
-        need_h, need_w = mmdet_canvas(w, h)
+        need_h, need_w = mmdet_canvas(w, h, pixels)
         if need_h > height or need_w > width:
             raise DatasetError(
                 f"policy 'mmdet' needs a canvas of height {need_h} and width {need_w} for a {w}x{h} (w x h) "
                 f"image but the model input is {height}x{width} (h x w); preprocess with height>={need_h} "
                 f"and width>={need_w}"
             )
-        new_w, new_h = mmdet_size(w, h)
+        new_w, new_h = mmdet_size(w, h, pixels.resize_scale)
         scale_x, scale_y = new_w / w, new_h / h
     return Geometry(
         width=w,
@@ -200,7 +217,7 @@ def image_geometry(w: int, h: int, policy: str, height: int, width: int) -> Geom
         scale_y=float(scale_y),
         resized_width=new_w,
         resized_height=new_h,
-        pad=(0, 0, width - new_w, height - new_h),
+        pad=(left, top, width - new_w - left, height - new_h - top),
     )
 
 
@@ -216,19 +233,25 @@ def _check_image(img_bgr: object) -> None:
         raise DatasetError(f"expected a uint8 BGR image of shape (h, w, 3), got {kind} {shape}")
 
 
-def _blank(dtype: str, height: int, width: int) -> np.ndarray:
-    """An input canvas that is all padding: (3, H, W) float32 zeros or (H, W, 3) uint8 mean colour."""
+def _blank(dtype: str, height: int, width: int, pixels: PixelFormat = DEFAULT_PIXELS) -> np.ndarray:
+    """An input canvas that is all padding: (3, H, W) float32 of the model's pad value, or (H, W, 3)
+    uint8 of the raw colour that normalizes to it (ImageNet's mean colour for pad value 0)."""
     if dtype == "float32":
-        return np.zeros((3, height, width), dtype=np.float32)
+        return np.full((3, height, width), pixels.pad_value, dtype=np.float32)
     canvas = np.empty((height, width, 3), dtype=np.uint8)
-    _pad_uint8(canvas)
+    _pad_region(canvas, pixels)
     return canvas
 
 
-def _pad_uint8(region: np.ndarray) -> None:
-    """Fill an (h, w, 3) uint8 view with the padding colour (a whole row at a time: fast)."""
-    if region.size:
-        region[...] = np.tile(np.array(PAD_BGR_U8, dtype=np.uint8), (region.shape[1], 1))
+def _pad_region(region: np.ndarray, pixels: PixelFormat) -> None:
+    """Fill a view of a canvas with padding: an (h, w, 3) uint8 view with the padding colour (a whole
+    row at a time: fast), a (3, h, w) float32 view with the pad value."""
+    if not region.size:
+        return
+    if region.dtype == np.uint8:
+        region[...] = np.tile(np.array(pixels.pad_bgr_u8(), dtype=np.uint8), (region.shape[1], 1))
+    else:
+        region[...] = pixels.pad_value
 
 
 def _into(result: np.ndarray, view: np.ndarray) -> None:
@@ -237,17 +260,21 @@ def _into(result: np.ndarray, view: np.ndarray) -> None:
         view[...] = result
 
 
-def _draw(img_bgr: np.ndarray, geometry: Geometry, canvas: np.ndarray) -> None:
-    """Resize `img_bgr` into the top-left of `canvas` (its dtype's layout), normalized for float32."""
+def _draw(img_bgr: np.ndarray, geometry: Geometry, canvas: np.ndarray, pixels: PixelFormat) -> None:
+    """Resize `img_bgr` into `canvas` (its dtype's layout) at the geometry's offset, normalized into
+    the network's channel order for float32."""
     new_w, new_h = geometry.resized_width, geometry.resized_height
+    left, top = geometry.pad[0], geometry.pad[1]
+    rows, cols = slice(top, top + new_h), slice(left, left + new_w)
     if canvas.dtype == np.uint8:
-        view = canvas[:new_h, :new_w]
+        view = canvas[rows, cols]
         _into(cv2.resize(img_bgr, (new_w, new_h), dst=view, interpolation=cv2.INTER_LINEAR), view)
         return
     resized = cv2.resize(img_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    blue, green, red = cv2.split(resized)
-    for plane, table, out in zip((red, green, blue), _TABLES, canvas, strict=True):
-        view = out[:new_h, :new_w]
+    planes = cv2.split(resized)
+    sources = (planes[index] for index in pixels.source_planes())
+    for plane, table, out in zip(sources, _normalize_tables(pixels), canvas, strict=True):
+        view = out[rows, cols]
         _into(cv2.LUT(plane, table, dst=view), view)
 
 
@@ -257,45 +284,62 @@ def preprocess_image(
     dtype: str = "float32",
     height: int = DEFAULT_HEIGHT,
     width: int = DEFAULT_WIDTH,
+    pixels: PixelFormat = DEFAULT_PIXELS,
 ) -> tuple[np.ndarray, Geometry]:
     """One cv2 (BGR uint8 HWC) image -> model input and its geometry.
 
-    Returns a C-contiguous float32 (3, H, W) normalized RGB array, or a uint8 (H, W, 3) BGR array.
+    Returns a C-contiguous float32 (3, H, W) array normalized in the network's channel order
+    (`pixels`), or a uint8 (H, W, 3) BGR array.
     """
-    _check_options(policy, dtype, height, width)
+    _check_options(policy, dtype, height, width, pixels)
     _check_image(img_bgr)
     h, w = img_bgr.shape[:2]
-    geometry = image_geometry(w, h, policy, height, width)
-    canvas = _blank(dtype, height, width)
-    _draw(img_bgr, geometry, canvas)
+    geometry = image_geometry(w, h, policy, height, width, pixels)
+    canvas = _blank(dtype, height, width, pixels)
+    _draw(img_bgr, geometry, canvas, pixels)
     return canvas, geometry
+
+
+_Rect = tuple[int, int, int, int]  # top, left, bottom, right (exclusive)
+
+
+def _uncovered(old: _Rect, new: _Rect) -> list[tuple[slice, slice]]:
+    """The parts of rectangle `old` outside rectangle `new`, as (rows, columns) slices (at most 4)."""
+    top, left, bottom, right = old
+    n_top, n_left, n_bottom, n_right = new
+    parts = []
+    if n_top > top:
+        parts.append((slice(top, min(bottom, n_top)), slice(left, right)))
+    if bottom > n_bottom:
+        parts.append((slice(max(top, n_bottom), bottom), slice(left, right)))
+    middle = slice(max(top, n_top), min(bottom, n_bottom))
+    if middle.stop > middle.start:
+        if n_left > left:
+            parts.append((middle, slice(left, min(right, n_left))))
+        if right > n_right:
+            parts.append((middle, slice(max(left, n_right), right)))
+    return parts
 
 
 class _Canvas:
     """A reusable model-input buffer: padding written once; before each image, only the part the
     previous image covered and this one does not is reset to padding."""
 
-    def __init__(self, dtype: str, height: int, width: int) -> None:
-        self.key = (dtype, height, width)
-        self.array = _blank(dtype, height, width)
-        self.covered = (0, 0)  # (rows, columns) holding the last image
+    def __init__(self, dtype: str, height: int, width: int, pixels: PixelFormat) -> None:
+        self.key = (dtype, height, width, pixels)
+        self.pixels = pixels
+        self.array = _blank(dtype, height, width, pixels)
+        self.covered: _Rect = (0, 0, 0, 0)  # the rectangle holding the last image
 
     def fill(self, img_bgr: np.ndarray, geometry: Geometry) -> np.ndarray:
         """The model input of `img_bgr` (valid until the next call)."""
-        rows, cols = geometry.resized_height, geometry.resized_width
-        old_rows, old_cols = self.covered
-        stale = []
-        if old_cols > cols:
-            stale.append((slice(0, min(rows, old_rows)), slice(cols, old_cols)))
-        if old_rows > rows:
-            stale.append((slice(rows, old_rows), slice(0, old_cols)))
-        for row_range, col_range in stale:
-            if self.array.dtype == np.uint8:
-                _pad_uint8(self.array[row_range, col_range])
-            else:
-                self.array[:, row_range, col_range] = 0.0
-        _draw(img_bgr, geometry, self.array)
-        self.covered = (rows, cols)
+        left, top = geometry.pad[0], geometry.pad[1]
+        rect = (top, left, top + geometry.resized_height, left + geometry.resized_width)
+        for rows, cols in _uncovered(self.covered, rect):
+            region = self.array[rows, cols] if self.array.dtype == np.uint8 else self.array[:, rows, cols]
+            _pad_region(region, self.pixels)
+        _draw(img_bgr, geometry, self.array, self.pixels)
+        self.covered = rect
         return self.array
 
 
@@ -305,10 +349,10 @@ class _Canvases:
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def get(self, dtype: str, height: int, width: int) -> _Canvas:
+    def get(self, dtype: str, height: int, width: int, pixels: PixelFormat = DEFAULT_PIXELS) -> _Canvas:
         canvas: _Canvas | None = getattr(self._local, "canvas", None)
-        if canvas is None or canvas.key != (dtype, height, width):
-            canvas = self._local.canvas = _Canvas(dtype, height, width)
+        if canvas is None or canvas.key != (dtype, height, width, pixels):
+            canvas = self._local.canvas = _Canvas(dtype, height, width, pixels)
         return canvas
 
 
@@ -480,6 +524,7 @@ class _Job:
     height: int
     width: int
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    pixels: PixelFormat = DEFAULT_PIXELS
 
 
 _Result = tuple[int, Geometry | None, str]
@@ -505,11 +550,11 @@ def _run_job(job: _Job, canvases: _Canvases | None = None) -> _Result:
         return job.image_id, None, reason
     h, w = img.shape[:2]
     try:
-        geometry = image_geometry(w, h, job.policy, job.height, job.width)
+        geometry = image_geometry(w, h, job.policy, job.height, job.width, job.pixels)
     except DatasetError as exc:
         raise DatasetError(f"image {job.source!r}: {exc}") from None
     if job.target:
-        canvas = (canvases or _Canvases()).get(job.dtype, job.height, job.width)
+        canvas = (canvases or _Canvases()).get(job.dtype, job.height, job.width, job.pixels)
         _write_input(job.target, canvas.fill(img, geometry))
     return job.image_id, geometry, ""
 
@@ -576,9 +621,9 @@ class _Progress:
         return elapsed
 
 
-def _check_mmdet_fits(images: list[CocoImage], height: int, width: int) -> None:
+def _check_mmdet_fits(images: list[CocoImage], height: int, width: int, pixels: PixelFormat) -> None:
     """Fail before any work when the canvas cannot hold the mmdet-resized images (annotation sizes)."""
-    needs = [(image, *mmdet_canvas(image.width, image.height)) for image in images]
+    needs = [(image, *mmdet_canvas(image.width, image.height, pixels)) for image in images]
     too_big = [(image, h, w) for image, h, w in needs if h > height or w > width]
     if not too_big:
         return
@@ -589,7 +634,8 @@ def _check_mmdet_fits(images: list[CocoImage], height: int, width: int) -> None:
         for image, h, w in too_big[:_SHOW]
     ) + (" ..." if len(too_big) > _SHOW else "")
     raise DatasetError(
-        f"policy 'mmdet' keeps the official (1333, 800) scale and pads to /32, so {len(too_big)} image(s) "
+        f"policy 'mmdet' keeps the model's {pixels.resize_scale} scale and pads to /{pixels.size_divisor}, "
+        f"so {len(too_big)} image(s) "
         f"do not fit the {height}x{width} (h x w) model input: {shown}; preprocess with height={need_h} "
         f"width={need_w} (and export the model for that shape), or use policy='letterbox'"
     )
@@ -771,9 +817,15 @@ def _place(
 
 
 def _check_arguments(
-    policy: str, dtype: str, height: int, width: int, shard_size: object, workers: object, max_pixels: object
+    policy: str,
+    dtype: str,
+    size: tuple[int, int],
+    shard_size: object,
+    workers: object,
+    max_pixels: object,
+    pixels: object = DEFAULT_PIXELS,
 ) -> None:
-    _check_options(policy, dtype, height, width)
+    _check_options(policy, dtype, *size, pixels)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise DatasetError(f"shard_size={shard_size!r} must be a positive integer (images per shard)")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -800,10 +852,11 @@ class _Format:
     height: int
     width: int
     max_pixels: int | None
+    pixels: PixelFormat = DEFAULT_PIXELS
 
     def job(self, image: CocoImage, target: str) -> _Job:
         """The job of one image (`target` "": decode and place it only)."""
-        options = (self.policy, self.dtype, self.height, self.width, self.max_pixels)
+        options = (self.policy, self.dtype, self.height, self.width, self.max_pixels, self.pixels)
         return _Job(image.image_id, str(image.path), target, *options)
 
 
@@ -882,27 +935,28 @@ def preprocess(
     image_hashes: dict[int, str] | None = None,
     donor: Manifest | None = None,
     donor_check: Callable[[Path], bool] | None = None,
+    pixels: PixelFormat | None = None,
+    classes: Mapping[str, Any] | None = None,
 ) -> Manifest:
-    """Preprocess a COCO set into `run_dir` (manifest.json + inputs/<shard>/<id:012d>.bin).
-
-    Undecodable images and images over the pixel budget `max_pixels` (None: none) raise
+    """Preprocess a COCO set into `run_dir` (manifest.json + inputs/<shard>/<id:012d>.bin):
+    undecodable images and images over the pixel budget `max_pixels` (None: none) raise a
     `DatasetError` naming them, or with `skip_bad_images` are listed in `manifest.skipped` and left
     out. `workers` defaults to the usable CPU cores. The manifest records each image file's sha256
     (`image_hashes` when the caller already has them) and the annotation file's. `write_inputs=False`
     writes only the manifest (every image decoded and placed, no inputs: each inference task then
     builds its own shard, see `materialize_shard`). Inputs of `donor` whose image is unchanged (and
     that pass `donor_check`, the donor entry's content check) are linked instead of recomputed.
-    `shard_size` None: the `shard_plan` rule (`sharding`) on the images read.
+    `shard_size` None: the `shard_plan` rule (`sharding`). `pixels`: the model's `PixelFormat` (None:
+    GFocalV2's); `classes`: its `num_classes` / `classes` for the annotation checks (None: COCO's 80).
     """
-    _check_arguments(
-        policy, dtype, height, width, 1 if shard_size is None else shard_size, workers, max_pixels
-    )
-    fmt = _Format(policy, dtype, height, width, max_pixels)
-    dataset = load_coco(coco_root, image_dir, annotation_file, max_images)
+    fmt = _Format(policy, dtype, height, width, max_pixels, pixels or DEFAULT_PIXELS)
+    checked = 1 if shard_size is None else shard_size
+    _check_arguments(policy, dtype, (height, width), checked, workers, max_pixels, fmt.pixels)
+    dataset = load_coco(coco_root, image_dir, annotation_file, max_images, **(classes or {}))
     images = dataset.images
     shard_size = resolve_shard_size(shard_size, len(images), height, width, shard_plan)
     if policy == "mmdet":
-        _check_mmdet_fits(images, height, width)
+        _check_mmdet_fits(images, height, width, fmt.pixels)
     layout = RunLayout.at(Path(run_dir))
     per_image = 3 * height * width * np.dtype(dtype).itemsize
     staging = _fresh_inputs(layout, len(images) * per_image if write_inputs else 0)
@@ -951,6 +1005,7 @@ def _write_manifest(
         skipped,
         annotation_sha256=sha256_file(dataset.annotation_file),
         max_pixels=fmt.max_pixels,
+        pixels=fmt.pixels.to_dict(),
     )
     manifest.write(layout.manifest)
     log.info(
@@ -989,6 +1044,7 @@ def materialize_shard(manifest: Manifest, shard: str, target: Path, workers: int
             manifest.input_height,
             manifest.input_width,
             manifest.max_pixels,
+            manifest.pixel_format,
         )
         jobs = (
             _Job(e.image_id, str(image_dir / e.file_name), str(staging / input_file_name(e.image_id)), *opts)

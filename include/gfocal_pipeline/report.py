@@ -325,6 +325,8 @@ def _read_sides(
         notes.append(f"no evaluation of the reference backend {reference_name!r}: compared with ground truth")
     baselines, baseline_notes = _baselines(baseline_entries, device_name)
     gt = load_ground_truth(manifest)
+    if device.per_class:  # only the categories evaluation scored (the model's classes) are expected
+        gt = GroundTruth(gt.names, gt.boxes.of_classes(device.per_class), gt.images)
     all_device = _load_detections(device.detections_path, 0.0)
     counts = {"gt": gt.boxes.class_counts(), "device": all_device.class_counts(), "reference": {}}
     if reference is not None:

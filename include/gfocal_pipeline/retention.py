@@ -383,7 +383,7 @@ def _evict_cache(
         "entries_before": len(usage),
         "entries_after": len(usage) - len(evicted),
         "managed_bytes_before": managed,
-        "unmanaged_bytes": max(0, before - managed),  # e.g. the OM cache of `atc`, stale folders
+        "unmanaged_bytes": max(0, before - managed),  # stale folders, OM entries of releases before 3
         "in_use": sorted(keep),
         "evicted": [
             {"kind": entry.kind, "key": entry.key, "bytes": size, "path": str(entry.path)}

@@ -17,9 +17,7 @@ from typing import Any
 from gfocal_pipeline.adapters import DEFAULT_MODEL, check_model_name, model_names, run_model_spec
 from gfocal_pipeline.constants import (
     DEFAULT_ANNOTATION_FILE,
-    DEFAULT_HEIGHT,
     DEFAULT_IMAGE_DIR,
-    DEFAULT_WIDTH,
     SIZE_DIVISOR,
 )
 from gfocal_pipeline.errors import BackendError, ConfigError
@@ -52,9 +50,10 @@ class DataOptions:
         DEFAULT_MODEL,
         title="Model adapter",
         description="The model adapter (`gfocal models` lists them): its checkpoint layout, export, "
-        "classes and post-processing; its input size and resize policy are the defaults below.",
+        "classes, pixels and post-processing; its input size and resize policy fill those left empty "
+        "(section Model).",
         kind=str,
-        choices=model_names(),
+        choices=model_names,
     )
     checkpoint: str = option(
         default_factory=lambda: str(demo_paths()["checkpoint"]),
@@ -93,12 +92,15 @@ class DataOptions:
         kind=str,
         path=True,
     )
-    policy: Policy = option(
-        Policy.LETTERBOX,
+    policy: Policy | None = option(
+        None,
         title="Resize policy",
-        description="letterbox: the ModelZoo recipe (into 1216x800, pad bottom-right); "
-        "mmdet: the official test pipeline (1333x800 keep-ratio, pad to /32).",
+        description="letterbox: the ModelZoo recipe (fit the input, pad bottom-right); "
+        "mmdet: the official test pipeline (the model's keep-ratio scale, e.g. 1333x800, pad to /32); "
+        "centered: fit the input, image in the centre. Empty: the model's (GFocalV2, RetinaNet: "
+        "letterbox; a bring-your-own graph: its declaration's).",
         kind=Policy,
+        nullable=True,
     )
     dtype: Dtype = option(
         Dtype.FLOAT32,
@@ -107,16 +109,20 @@ class DataOptions:
         "in the model (AIPP on Ascend).",
         kind=Dtype,
     )
-    height: int = option(
-        DEFAULT_HEIGHT,
+    height: int | None = option(
+        None,
         title="Input height",
-        description="Model input height in pixels (multiple of 32).",
+        description="Model input height in pixels (multiple of 32). Empty: the model's (GFocalV2, "
+        "RetinaNet: 800; a bring-your-own graph: its declaration's).",
+        nullable=True,
         **_SIZE,
     )
-    width: int = option(
-        DEFAULT_WIDTH,
+    width: int | None = option(
+        None,
         title="Input width",
-        description="Model input width in pixels (multiple of 32).",
+        description="Model input width in pixels (multiple of 32). Empty: the model's (GFocalV2, "
+        "RetinaNet: 1216; a bring-your-own graph: its declaration's).",
+        nullable=True,
         **_SIZE,
     )
     shard_size: int | None = option(
@@ -340,19 +346,13 @@ def _check_batch(ascend: AscendOptions | None, batch_size: int) -> None:
 MODEL_INPUT = ("policy", "height", "width")  # options whose default is the model adapter's
 
 
-def _model_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The chosen model's input size and policy where the run sets none (its spec checked)."""
+def model_input_defaults(values: Mapping[str, Any], names: tuple[str, ...] = MODEL_INPUT) -> dict[str, Any]:
+    """`values` with the options `names` it leaves empty (None or absent) set to the chosen model's
+    (`model`, default GFocalV2; a bring-your-own graph's declaration, `checkpoint`)."""
     values = dict(values)
-    model = values["model"]
-    spec = run_model_spec(model, values.get("checkpoint"))
-    unsupported = spec.unsupported()
-    if unsupported:
-        raise ConfigError(
-            f"model {model!r} declares what this version cannot run yet: {'; '.join(unsupported)}; "
-            "see docs/models.md, 'Not yet'"
-        )
-    pre = spec.preprocessing
-    for name in MODEL_INPUT:
+    model = values.get("model") or DEFAULT_MODEL
+    pre = run_model_spec(model, values.get("checkpoint")).preprocessing
+    for name in names:
         if values.get(name) is None:
             values[name] = getattr(pre, name)
     return values
@@ -420,7 +420,7 @@ class RunConfig:
     def from_mapping(cls, values: Mapping[str, Any], *, ascend: bool = False) -> RunConfig:
         """Validate a form's (or CLI's) values; missing or None ones take their defaults."""
         check_known(values, {item.name for _, item in _group_fields(ascend)})
-        values = _model_defaults(_demo_in_work_dir(values))
+        values = model_input_defaults(_demo_in_work_dir(values))
         checked: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
         for group, item in _group_fields(ascend):
             spec, raw = spec_of(item), values.get(item.name)

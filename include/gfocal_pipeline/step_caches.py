@@ -35,6 +35,7 @@ from gfocal_pipeline.errors import CheckpointError, GfocalError
 from gfocal_pipeline.fileio import atomic_path, sha256_file, write_json
 from gfocal_pipeline.layout import DONE_FILE, RunLayout
 from gfocal_pipeline.manifest import MANIFEST_VERSION, Manifest, load_manifest
+from gfocal_pipeline.pixels import DEFAULT_PIXELS
 from gfocal_pipeline.sharding import ShardPlan, resolve_shard_size
 
 if TYPE_CHECKING:
@@ -52,12 +53,16 @@ KINDS = ("inputs", "onnx", "reference")
 
 def note_use(run_dir: str | Path, entry: CacheEntry, cached: bool, **facts: Any) -> None:
     """Record in the run directory that it uses `entry` (and whether it was reused)."""
+    note_key_use(run_dir, entry.kind, entry.key, cached, **facts)
+
+
+def note_key_use(run_dir: str | Path, kind: str, key: str, cached: bool, **facts: Any) -> None:
+    """`note_use` of the entry `kind`/`key` (e.g. the OM cache's, which `backends.atc` builds):
+    `uses/<kind>-<key>`, so `gc` never evicts it while the run is in use."""
     uses = RunLayout.at(run_dir).uses_dir
     uses.mkdir(parents=True, exist_ok=True)
-    write_json(
-        uses / f"{entry.kind}-{entry.key}", {"kind": entry.kind, "key": entry.key, "cached": cached, **facts}
-    )
-    log.info("%s cache entry %s: %s", entry.kind, entry.key[:16], "reused" if cached else "built")
+    write_json(uses / f"{kind}-{key}", {"kind": kind, "key": key, "cached": cached, **facts})
+    log.info("%s cache entry %s: %s", kind, key[:16], "reused" if cached else "built")
 
 
 def uses(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -143,6 +148,9 @@ def _inputs_key(
         "manifest": MANIFEST_VERSION,
         **{name: options[name] for name in ("policy", "dtype", "height", "width")},
     }
+    pixels = options.get("pixels") or DEFAULT_PIXELS
+    if pixels != DEFAULT_PIXELS:  # ImageNet RGB adds nothing: caches built before it stay valid
+        shape["pixels"] = pixels.to_dict()
     key_inputs = {
         **shape,
         "images": len(images),
@@ -172,13 +180,13 @@ def cached_inputs(
     """Preprocess through the inputs cache; the run directory gets a manifest that points into it.
 
     `preprocess` is `preprocess.preprocess`; `options` are its policy, dtype, height, width,
-    shard_size (None: `shard_plan`'s), skip_bad_images, max_pixels. Returns the run's manifest and
-    {"cached", "cache_key"}.
+    shard_size (None: `shard_plan`'s), skip_bad_images, max_pixels, pixels, classes. Returns the
+    run's manifest and {"cached", "cache_key"}.
     """
     from gfocal_pipeline.dataset import load_coco
     from gfocal_pipeline.preprocess import hash_images
 
-    dataset = load_coco(coco_root, image_dir, annotation_file, max_images)
+    dataset = load_coco(coco_root, image_dir, annotation_file, max_images, **(options.get("classes") or {}))
     size = (options["height"], options["width"])
     options["shard_size"] = resolve_shard_size(
         options.get("shard_size"), len(dataset.images), *size, shard_plan

@@ -20,6 +20,7 @@ from gfocal_pipeline.errors import DatasetError, GfocalError
 from gfocal_pipeline.fileio import read_state_json, reclaim_temps, step_lock, write_json
 from gfocal_pipeline.layout import RunLayout, om_cache_dir
 from gfocal_pipeline.manifest import Manifest, load_manifest
+from gfocal_pipeline.pixels import pixels_of
 from gfocal_pipeline.timing import summarize
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,12 @@ def convert_step(
 
     `batch_size` > 1 converts a dynamic-batch OM with sizes (1, batch_size)."""
     from gfocal_pipeline.backends.atc import convert_onnx
+    from gfocal_pipeline.step_caches import note_key_use
 
     layout = RunLayout.at(run_dir)
     with step_lock(layout.root, "convert"):
         reclaim_temps(layout.om.parent, [layout.om.name, "convert.json"])
-        return convert_onnx(
+        result = convert_onnx(
             onnx_path,
             cache_dir,
             output_dir=layout.om.parent,
@@ -130,6 +132,9 @@ def convert_step(
             dynamic_batch_sizes=om_batch_sizes(batch_size),
             **options,
         )
+    # the OM cache is a kind of the work directory's cache (`cache/om`): the run names its entry
+    note_key_use(layout.root, Path(cache_dir).name, result["cache_key"], result["cached"])
+    return result
 
 
 def preprocess_step(
@@ -140,11 +145,14 @@ def preprocess_step(
     annotations: str = DEFAULT_ANNOTATION_FILE,
     work_dir: str | Path | None = None,
     cache_inputs: bool = True,
+    model: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Preprocess a COCO-format set (`images_dir`, `annotations` inside `coco_root`) for `run_dir`;
     returns the manifest facts and the shard names. `shard_size` None (the default) sizes the
-    shards by `shard_plan` (`sharding.ShardPlan`: one NPU unless given).
+    shards by `shard_plan` (`sharding.ShardPlan`: one NPU unless given). The pixel format (channel
+    order, mean/std, pad value) and the class list the annotations are checked against are the
+    model's: the spec `run.json` records, else adapter `model`'s (the CLI; default GFocalV2's).
 
     With a `work_dir` (the DAGs) the inputs go to its inputs cache (`cache_inputs`), or, with the
     cache off, nowhere: the manifest is written and each inference task builds and then deletes
@@ -155,6 +163,9 @@ def preprocess_step(
     started = time.perf_counter()
     layout = RunLayout.at(run_dir)
     where = {"image_dir": images_dir, "annotation_file": annotations}
+    spec = _run_spec(layout, model)
+    options["pixels"] = pixels_of(spec)
+    options["classes"] = {"num_classes": spec.get("num_classes", 80), "classes": spec.get("classes")}
     reuse: dict[str, Any] = {"cached": False}
     layout.root.mkdir(parents=True, exist_ok=True)
     with step_lock(layout.root, "preprocess"):
@@ -177,6 +188,7 @@ def preprocess_step(
         "manifest_sha256": manifest.sha256,
         "policy": manifest.policy,
         "dtype": manifest.dtype,
+        "pixels": manifest.pixel_format.describe(),
         "input_shape": list(manifest.input_shape()),
         "images": len(manifest.images),
         "skipped": len(manifest.skipped),
@@ -185,6 +197,13 @@ def preprocess_step(
         "shard_size": manifest.shard_size,
         "preprocess_seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _run_spec(layout: RunLayout, model: str | None) -> dict[str, Any]:
+    """The run's recorded model spec, else adapter `model`'s (a run of `gfocal preprocess`)."""
+    from gfocal_pipeline.adapters import DEFAULT_MODEL, model_spec
+
+    return layout.recorded_model() or model_spec(model or DEFAULT_MODEL).to_dict()
 
 
 SKIPPED_LISTED = 20  # at most this many skipped images named in XCom / summary (all are in the manifest)

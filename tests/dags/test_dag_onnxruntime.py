@@ -140,8 +140,10 @@ def test_invalid_form_values_are_rejected_before_a_run_exists(airflow_db: Path) 
     load_dag_file(ROOT / "dags" / "gfocal_factory.py")
     dag = load_dag_file(ROOT / "dags" / "gfocal_onnxruntime.py").dag
     params = dag.params
-    assert params.get_param("policy").schema["enum"] == ["letterbox", "mmdet"]
+    # empty (None): the model adapter's policy and size
+    assert params.get_param("policy").schema["enum"] == ["letterbox", "mmdet", "centered", None]
     assert params.get_param("height").schema["multipleOf"] == 32
+    assert params.get_param("height").value is None and params.get_param("policy").value is None
     assert all(params.get_param(name).schema.get("title") for name in params)
     for bad in ({"policy": "bogus"}, {"height": 801}, {"batch_size": 0}, {"fps_tolerance": 5}):
         with pytest.raises(ParamValidationError):

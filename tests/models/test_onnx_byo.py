@@ -235,15 +235,19 @@ def test_a_mismatched_graph_fails_the_export_task_before_inference(runs: dict) -
     assert not [task for task in values if task.startswith("infer")]
 
 
-def test_a_declaration_this_version_cannot_run_is_refused_when_the_run_is_prepared(tmp_path: Path) -> None:
-    """A declaration of 20 classes with BGR inputs: named field by field before any work."""
-    from gfocal_pipeline.run_config import RunConfig
+def test_a_declaration_with_its_own_classes_and_pixels_is_imported(tmp_path: Path) -> None:
+    """20 named classes and BGR inputs: the run's spec carries them; a class list that disagrees with
+    num_classes is refused naming both."""
+    from gfocal_pipeline.adapters import run_model_spec
 
-    decl = declaration("candidates", num_classes=20, preprocessing={"channel_order": "bgr"})
-    graph = write_graph(ToyCandidates(), tmp_path / "voc.onnx", OUTPUTS["candidates"], decl)
-    with pytest.raises(ConfigError) as info:
-        RunConfig.from_mapping({"model": "onnx", "checkpoint": str(graph), "work_dir": str(tmp_path / "w")})
-    message = str(info.value)
-    assert "model 'onnx' declares what this version cannot run yet" in message
-    assert "preprocessing.channel_order = 'bgr'" in message and "num_classes = 20" in message
-    assert not (tmp_path / "w").exists()
+    names = [f"class_{k}" for k in range(20)]
+    pixels = {"channel_order": "bgr", "policy": "centered", "height": HEIGHT, "width": WIDTH}
+    decl = declaration("dets", classes=names, preprocessing=pixels)
+    graph = write_graph(ToyDets(), tmp_path / "voc.onnx", OUTPUTS["dets"], decl)
+    spec = run_model_spec("onnx", graph)
+    assert spec.num_classes == 20 and spec.classes == tuple(names)
+    assert (spec.preprocessing.channel_order, spec.preprocessing.policy) == ("bgr", "centered")
+    result = export_onnx(graph, tmp_path / "in.onnx", "portable", HEIGHT, WIDTH, model="onnx")
+    assert result.model["classes"] == names
+    message = _refusal(tmp_path, ToyDets(), OUTPUTS["dets"], {**decl, "num_classes": 19})
+    assert "classes lists 20 names but num_classes is 19" in message

@@ -131,12 +131,13 @@ def test_torch_and_onnxruntime_agree_on_retinanet(retinanet_portable: tuple[Path
     assert np.abs(got["boxes"] - want["boxes"]).max() < 1e-2
 
 
-def test_an_outside_adapter_registers_and_what_cannot_run_yet_is_refused(
+def test_an_outside_adapter_registers_with_its_own_pixels_and_classes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`register_adapter` takes any importable package with a `spec` module; a spec whose
-    preprocessing the preprocess step cannot follow is refused by name before any work."""
+    """`register_adapter` takes any importable package with a `spec` module; its BGR input without
+    mean, its 20 classes and its input size reach the run's options and pixel format."""
     from gfocal_pipeline import adapters
+    from gfocal_pipeline.pixels import pixels_of
     from gfocal_pipeline.run_config import RunConfig
 
     package = tmp_path / "bgr_detector"
@@ -145,25 +146,24 @@ def test_an_outside_adapter_registers_and_what_cannot_run_yet_is_refused(
     (package / "spec.py").write_text(
         "from gfocal_pipeline.model_spec import ModelSpec, Preprocessing\n"
         "SPEC = ModelSpec(name='bgr_detector', display_name='BGR', history_name='bgr', om_name='bgr',\n"
-        "    demo_checkpoint='bgr.pth', preprocessing=Preprocessing(channel_order='bgr', mean=None),\n"
-        "    num_classes=20)\n"
+        "    num_classes=20, preprocessing=Preprocessing(channel_order='bgr',\n"
+        "    mean=None, std=None, pad_value=114, policy='centered', height=640, width=640))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(adapters._PACKAGES, "bgr_detector", "bgr_detector")
     adapters.model_spec.cache_clear()
     try:
         spec = model_spec("bgr_detector")
-        assert spec.unsupported() == [
-            "preprocessing.channel_order = 'bgr' (supported: 'rgb')",
-            "preprocessing.mean = None (supported: (123.675, 116.28, 103.53))",
-            "num_classes = 20 (supported: COCO's 80)",
-        ]
-        with pytest.raises(ConfigError, match="model 'bgr_detector' declares what this version cannot"):
-            RunConfig.from_mapping({"model": "bgr_detector", "work_dir": str(tmp_path / "work")})
-        assert not (tmp_path / "work").exists()
+        pixels = pixels_of(spec.to_dict())
+        assert (pixels.channel_order, pixels.mean, pixels.std, pixels.pad_value) == ("bgr", None, None, 114)
+        assert pixels.pad_bgr_u8() == (114, 114, 114) and spec.num_classes == 20
+        values = {"model": "bgr_detector", "checkpoint": str(tmp_path / "w.pth"), "work_dir": str(tmp_path)}
+        (tmp_path / "w.pth").write_bytes(b"")
+        model = RunConfig.from_mapping(values).to_dict()
+        assert (model["policy"], model["height"], model["width"]) == ("centered", 640, 640)
     finally:
         adapters.model_spec.cache_clear()
-    assert model_spec("gfocalv2").unsupported() == []
+    assert pixels_of(model_spec("gfocalv2").to_dict()).pad_bgr_u8() == (104, 116, 124)
 
 
 def test_gfocal_infer_runs_the_torch_reference_of_the_adapter_asked_for(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import shard_marker
 
 from gfocal_pipeline.errors import DatasetError, EvaluationError
 from gfocal_pipeline.evaluate import evaluate_outputs
@@ -99,13 +100,7 @@ def write_dets(
     ids = list(per_image)
     pairs = [dets_for(per_image[i]) for i in ids]
     marker = {
-        "backend": backend,
-        "shard": shard,
-        "policy": manifest.policy,
-        "dtype": manifest.dtype,
-        "input_height": manifest.input_height,
-        "input_width": manifest.input_width,
-        "shard_digest": manifest.shard_digest(shard),
+        **shard_marker(manifest, backend, shard),
         "manifest_sha256": manifest.sha256,
         **marker_changes,
     }
@@ -533,16 +528,7 @@ def _random_dets(
 
 
 def _marker(manifest: Manifest, shard: str) -> dict[str, object]:
-    return {
-        "backend": "npu",
-        "shard": shard,
-        "policy": manifest.policy,
-        "dtype": manifest.dtype,
-        "input_height": manifest.input_height,
-        "input_width": manifest.input_width,
-        "shard_digest": manifest.shard_digest(shard),
-        "manifest_sha256": manifest.sha256,
-    }
+    return {**shard_marker(manifest, "npu", shard), "manifest_sha256": manifest.sha256}
 
 
 def straightforward_records(layout: RunLayout, manifest: Manifest, cat_ids: list[int]) -> list[dict]:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from support import shard_marker
 
 from gfocal_pipeline.constants import CLS_OUT_CHANNELS, NUM_CLASSES, REG_MAX, STRIDES
 from gfocal_pipeline.evaluate import STAT_NAMES, evaluate_outputs
@@ -167,16 +168,7 @@ def exact_candidates() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def write_outputs(layout: RunLayout, manifest: Manifest, backend: str, candidates: dict) -> None:
     for shard, (boxes, scores) in candidates.items():
-        marker = {
-            "backend": backend,
-            "shard": shard,
-            "policy": manifest.policy,
-            "dtype": manifest.dtype,
-            "input_height": manifest.input_height,
-            "input_width": manifest.input_width,
-            "manifest_sha256": manifest.sha256,
-            "shard_digest": manifest.shard_digest(shard),
-        }
+        marker = {**shard_marker(manifest, backend, shard), "manifest_sha256": manifest.sha256}
         write_shard_outputs(
             layout.output_shard(backend, shard),
             np.asarray(SHARDS[shard]),

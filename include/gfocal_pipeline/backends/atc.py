@@ -8,22 +8,23 @@ dynamic batch, AIPP and output nodes. With AIPP (uint8 inputs) the ONNX input st
 Success needs both the line `ATC run success, welcome to the next use.` and a produced `<stem>*.om`
 (some CANN versions append `_linux_x86_64`/`_linux_aarch64`). Failures surface atc's `E#####` codes.
 
-Cache: key = sha256 of {onnx sha256, every atc argument except paths, AIPP config text, CANN
-version}. A conversion runs in a temporary directory inside the cache (atc's working files land
-there too) which is renamed to `<cache>/<key>/` only when complete, so an entry is whole or absent;
-one a killed conversion left (`.build-*`) is removed once stale (`cache_store.reclaim_stale`).
+Cache: an entry of the project's cache store (`cache_store.CacheEntry`, kind `om`:
+`<work_dir>/cache/om/<key>/` holding `model.om`, its `convert.json` and the store's `cache.json`),
+keyed by {onnx sha256, every atc argument except paths, AIPP config text, CANN version}. So the OM
+cache has what every cache of the project has: built in a temporary directory (atc runs in a folder
+of its own inside it, its working files are not kept) and renamed into place only when complete, a
+lock so one conversion of a key runs at a time, every file checked (sha256) on reuse with a damaged
+entry rebuilt, a read-only cache served, a killed conversion's leftovers (`.build-*`) reclaimed, and
+least-recently-used eviction by `gfocal gc` (never an entry a run in use names in `uses/om-<key>`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,11 +41,14 @@ from gfocal_pipeline.backends.process import (
     check_safe_value,
     run_tool,
 )
-from gfocal_pipeline.cache_store import reclaim_stale
+from gfocal_pipeline.cache_store import SHA256, CacheEntry
+from gfocal_pipeline.cache_store import cache_key as store_key
 from gfocal_pipeline.constants import DEFAULT_INPUT_NAME
 from gfocal_pipeline.errors import BackendError
-from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, owner_tag, sha256_file, write_json
+from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file, write_json
+from gfocal_pipeline.model_spec import spec_beside
 from gfocal_pipeline.options import Dtype, PrecisionMode
+from gfocal_pipeline.pixels import pixels_of
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ INPUT_FORMATS = ("NCHW", "NHWC", "ND")
 INPUT_DTYPES = Dtype.values()
 CACHE_OM = "model.om"
 CACHE_META = "convert.json"
-CACHE_FORMAT = 2  # 2: convert.json holds input_shape and dynamic_batch_sizes
+CACHE_FORMAT = 3  # 2: convert.json holds input_shape and dynamic_batch_sizes; 3: a cache-store entry
 _SOC = re.compile(r"^Ascend[0-9A-Za-z]+$")
 _ERROR_CODE = re.compile(r"\b(E[0-9A-Z]\d{4})\b")
 _PATH_OPTIONS = ("--model=", "--output=", "--insert_op_conf=")
@@ -155,17 +159,22 @@ def build_atc_args(
     return args
 
 
-def cache_key(onnx_sha256: str, args: Sequence[str], cann: str, aipp_text: str | None) -> str:
-    """Content key of a conversion: same model, options and toolkit -> same OM."""
-    options = [a for a in args if not a.startswith(_PATH_OPTIONS)]
-    payload = {
+def om_key_inputs(onnx_sha256: str, args: Sequence[str], cann: str, aipp_text: str | None) -> dict[str, Any]:
+    """What determines a conversion's OM (the cache entry's key inputs): same model, options and
+    toolkit -> same OM."""
+    return {
         "format": CACHE_FORMAT,
         "onnx_sha256": onnx_sha256,
-        "options": options,
+        "options": [a for a in args if not a.startswith(_PATH_OPTIONS)],
         "aipp": aipp_text,
         "cann_version": cann,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def om_cache_entry(cache_dir: Path, key_inputs: dict[str, Any]) -> CacheEntry:
+    """The cache-store entry of one conversion: `<cache_dir>/<key>/`, where `cache_dir` is the kind
+    folder (`om_cache_dir(work_dir)` = `<work_dir>/cache/om`), every file checked by sha256."""
+    return CacheEntry(cache_dir.parent, cache_dir.name, store_key(key_inputs), dict(key_inputs), SHA256)
 
 
 def atc_failure(result: ProcessResult, onnx_path: Path) -> BackendError:
@@ -192,26 +201,6 @@ def _find_om(directory: Path, stem: str) -> Path | None:
             f"atc wrote several OM files for {stem!r} in {str(directory)!r}: {[p.name for p in found]}"
         )
     return found[0] if found else None
-
-
-def _load_entry(entry: Path) -> dict[str, Any] | None:
-    """A cache entry's metadata when its OM is intact, else None (the entry is removed)."""
-    meta_file, om = entry / CACHE_META, entry / CACHE_OM
-    if not entry.exists():
-        return None
-    if not (meta_file.is_file() and om.is_file()):
-        log.warning("OM cache entry %s is incomplete; converting again", entry)
-        shutil.rmtree(entry, ignore_errors=True)
-        return None
-    try:
-        meta = json.loads(meta_file.read_text())
-        if meta.get("om_sha256") == sha256_file(om):
-            return meta
-    except (OSError, ValueError):
-        pass
-    log.warning("OM cache entry %s is damaged; converting again", entry)
-    shutil.rmtree(entry, ignore_errors=True)
-    return None
 
 
 def _publish(om: Path, output_dir: Path, name: str) -> Path:
@@ -267,12 +256,11 @@ def convert_onnx(
         plan, input_name, soc_version, dynamic_batch_sizes, precision_mode, log_level, out_nodes
     )
     key_args = build_atc_args(onnx_path, "model", **options)  # paths are dropped from the key
-    key = cache_key(onnx_sha, key_args, tool.cann, plan.aipp_text)
-    entry = cache_dir / key
+    entry = om_cache_entry(cache_dir, om_key_inputs(onnx_sha, key_args, tool.cann, plan.aipp_text))
     meta, seconds, cached = _cached_or_convert(tool, onnx_path, onnx_sha, entry, plan.aipp_text, options)
-    om = entry / CACHE_OM
+    om = entry.path / CACHE_OM
     om_path = _publish(om, output_dir, f"{stem}.om") if output_dir is not None else om
-    result = _conversion_result(om_path, meta, soc_version, tool.cann, cached, seconds, key)
+    result = _conversion_result(om_path, meta, soc_version, tool.cann, cached, seconds, entry.key)
     if output_dir is not None:
         source = {
             "onnx_path": str(onnx_path),
@@ -280,6 +268,7 @@ def convert_onnx(
             "input_dtype": input_dtype,  # what the tool is fed (uint8: AIPP or a uint8 graph)
             "input_format": plan.input_format,  # of input_shape (the ONNX input)
             **_recorded_outputs(onnx_path),  # what msame / ais_bench read back (dets or candidates)
+            **_recorded_model(onnx_path),  # the model spec the export recorded beside the graph
         }
         _write_output_meta(output_dir, result, meta, source, plan.aipp_text)
     return result
@@ -339,19 +328,25 @@ def _cached_or_convert(
     tool: _AtcTool,
     onnx_path: Path,
     onnx_sha: str,
-    entry: Path,
+    entry: CacheEntry,
     aipp_text: str | None,
     options: dict[str, Any],
 ) -> tuple[dict[str, Any], float, bool]:
-    """(metadata of cache entry `entry`, seconds atc ran, whether it was cached); converts on a miss.
-    A valid entry is reused from a read-only cache too; only a conversion needs it writable."""
-    meta = _load_entry(entry)
-    if meta is not None:
-        log.info("OM for %s found in cache %s (key %s); atc not run", onnx_path.name, entry, entry.name[:12])
+    """(the entry's convert.json, seconds atc ran in this call, whether it was cached); converts on a
+    miss. A valid entry is reused from a read-only cache too; only a conversion needs it writable."""
+    record, cached = entry.record(), True  # every file checked (sha256); a damaged entry set aside
+    if record is not None:
+        entry.touch()
+    else:  # a conversion (or a concurrent one's result): the cache must be writable
+        ensure_writable_dir(entry.path.parent, "OM cache directory")
+        record, cached = entry.get_or_build(
+            lambda work: _convert(tool, onnx_path, onnx_sha, work, aipp_text, options)
+        )
+    meta = record.get("info") or {}
+    if cached:
+        log.info("OM for %s found in cache %s; atc not run", onnx_path.name, entry.path)
         return meta, 0.0, True
-    ensure_writable_dir(entry.parent, "OM cache directory")
-    meta, seconds = _convert(tool, onnx_path, onnx_sha, entry, aipp_text, options)
-    return meta, seconds, False
+    return meta, float(meta.get("convert_seconds", 0.0)), False
 
 
 def _conversion_result(
@@ -384,6 +379,12 @@ def _recorded_outputs(onnx_path: Path) -> dict[str, list[str]]:
         return {}
     ok = isinstance(names, list) and all(isinstance(name, str) for name in names)
     return {"output_names": names} if ok else {}
+
+
+def _recorded_model(onnx_path: Path) -> dict[str, Any]:
+    """{"model": the spec the export recorded beside the graph}, or {} for a graph without one."""
+    spec = spec_beside(onnx_path)
+    return {"model": spec.to_dict()} if spec is not None else {}
 
 
 def _write_output_meta(
@@ -456,94 +457,72 @@ def _plan(
         return _Plan(input_shape, "NHWC", None, stem)
     # float NCHW graph; uint8 inputs get static AIPP in front of it
     _, _, height, width = input_shape
-    return _Plan(input_shape, "NCHW", aipp_config(width, height) if input_dtype == "uint8" else None, stem)
+    if input_dtype != "uint8":
+        return _Plan(input_shape, "NCHW", None, stem)
+    spec = spec_beside(onnx_path)  # the model's pixel format (none recorded: ImageNet RGB)
+    pixels = pixels_of(spec.to_dict() if spec is not None else None)
+    return _Plan(input_shape, "NCHW", aipp_config(width, height, pixels), stem)
 
 
 def _convert(
     tool: _AtcTool,
     onnx_path: Path,
     onnx_sha: str,
-    entry: Path,
+    work: Path,
     aipp_text: str | None,
     options: dict[str, Any],
-) -> tuple[dict[str, Any], float]:
-    """Run atc in a temporary directory beside `entry`, renamed to `entry` once complete.
-
-    Returns (the entry's metadata, seconds atc ran); the temporary directory never outlives the call.
-    """
-    # `.build-`: what `cache_store.reclaim_stale` (here and in retention) removes once a killed atc left it
-    reclaim_stale(entry.parent)
-    work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".build-{entry.name[:12]}-{owner_tag()}-"))
-    try:
-        args, seconds, written_name = _run_atc(tool, onnx_path, work, aipp_text, options)
-        meta = {
-            "om_sha256": sha256_file(work / CACHE_OM),
-            "om_file_written_by_atc": written_name,
-            "onnx_sha256": onnx_sha,
-            "onnx_path": str(onnx_path),
-            "atc_args": args,
-            "input_shape": [int(d) for d in options["input_shape"]],
-            "dynamic_batch_sizes": [int(b) for b in options["dynamic_batch_sizes"]],
-            "soc_version": options["soc_version"],
-            "cann_version": tool.cann,
-            "convert_seconds": round(seconds, 3),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        write_json(work / CACHE_META, meta)
-        return _commit_entry(work, entry, meta), seconds
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
+) -> dict[str, Any]:
+    """Run atc for a new cache entry built in `work` (`model.om` + `convert.json`); returns the
+    metadata, which the store also records as the entry's info."""
+    args, seconds, written_name = _run_atc(tool, onnx_path, work, aipp_text, options)
+    meta = {
+        "om_sha256": sha256_file(work / CACHE_OM),
+        "om_file_written_by_atc": written_name,
+        "onnx_sha256": onnx_sha,
+        "onnx_path": str(onnx_path),
+        "atc_args": args,
+        "input_shape": [int(d) for d in options["input_shape"]],
+        "dynamic_batch_sizes": [int(b) for b in options["dynamic_batch_sizes"]],
+        "soc_version": options["soc_version"],
+        "cann_version": tool.cann,
+        "convert_seconds": round(seconds, 3),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json(work / CACHE_META, meta)
+    return meta
 
 
 def _run_atc(
     tool: _AtcTool, onnx_path: Path, work: Path, aipp_text: str | None, options: dict[str, Any]
 ) -> tuple[list[str], float, str]:
-    """Run atc with its output in `work`, leaving the OM as `work/model.om`.
-
-    Returns (the atc arguments, seconds atc ran, the name of the OM file atc wrote).
-    """
+    """Run atc in `work/atc/` (its working files stay there and are removed), leaving the OM as
+    `work/model.om`. Returns (the atc arguments, seconds atc ran, the name of the OM file atc wrote)."""
+    scratch = work / "atc"
+    scratch.mkdir()
     conf = None
     if aipp_text is not None:
-        conf = work / "aipp.cfg"
+        conf = scratch / "aipp.cfg"
         conf.write_text(aipp_text)
     stem = "model"
-    args = build_atc_args(onnx_path.resolve(), work / stem, insert_op_conf=conf, **options)
+    args = build_atc_args(onnx_path.resolve(), scratch / stem, insert_op_conf=conf, **options)
     start = time.monotonic()
     result = run_tool(
         [tool.atc, *args],
         env=tool.env.environ(),
         name="atc",
         timeout_s=tool.timeout_s,
-        cwd=work,
+        cwd=scratch,
         handle=tool.handle,
     )
     seconds = time.monotonic() - start
     if result.returncode != 0 or not any(SUCCESS_LINE in line for line in result.lines):
         raise atc_failure(result, onnx_path)
-    produced = _find_om(work, stem)
+    produced = _find_om(scratch, stem)
     if produced is None:
         raise BackendError(
-            f"atc reported success but wrote no {stem}*.om in {str(work)!r} for {str(onnx_path)!r}; "
+            f"atc reported success but wrote no {stem}*.om in {str(scratch)!r} for {str(onnx_path)!r}; "
             f"check free disk space and the atc log. Last output:\n{result.tail(10)}"
         )
-    final_om = work / CACHE_OM
-    if produced != final_om:
-        produced.rename(final_om)
+    produced.rename(work / CACHE_OM)
+    shutil.rmtree(scratch, ignore_errors=True)
     return args, seconds, produced.name
-
-
-def _commit_entry(work: Path, entry: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Rename the finished `work` directory to cache entry `entry` and return the entry's metadata.
-
-    When a concurrent conversion of the same key filled `entry` first, its metadata is returned.
-    """
-    try:
-        work.rename(entry)
-    except OSError:
-        if _load_entry(entry) is None:  # not a concurrent twin that finished first
-            raise
-        log.info("another conversion filled cache entry %s first; using it", entry)
-        return json.loads((entry / CACHE_META).read_text())
-    return meta

@@ -38,7 +38,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from gfocal_pipeline.constants import MAX_PER_IMG, NMS_IOU, SCORE_THR
+from gfocal_pipeline.constants import MAX_PER_IMG, NMS_IOU, NUM_CLASSES, SCORE_THR
 from gfocal_pipeline.errors import BackendError, DatasetError
 from gfocal_pipeline.fileio import atomic_path, read_state_json, write_json
 from gfocal_pipeline.layout import (
@@ -317,14 +317,22 @@ def check_nms_options(
 class ShardDetections:
     """One shard's final detections, filled batch by batch into preallocated (N, rows) arrays.
 
-    Host NMS (`nms` given): each image's candidates go through `multiclass_nms` and only its
+    Host NMS (`nms` given): each image's candidates go through `multiclass_nms` (class-aware unless
+    `nms["class_aware"]` is False; labels at or beyond `num_classes` dropped) and only its
     `max_per_img` rows are kept. Without `nms` (the model ends in NMS) the batch's dets/labels are
     copied as they are. With `keep_candidates` the raw batch outputs are also kept (debug mode only).
     """
 
-    def __init__(self, images: int, nms: dict[str, Any] | None, keep_candidates: bool) -> None:
+    def __init__(
+        self,
+        images: int,
+        nms: dict[str, Any] | None,
+        keep_candidates: bool,
+        num_classes: int = NUM_CLASSES,
+    ) -> None:
         self.images = images
         self.nms = nms
+        self.num_classes = num_classes
         self.image_ids = np.zeros(images, np.int64)
         self.dets: np.ndarray | None = None
         self.labels: np.ndarray | None = None
@@ -361,6 +369,8 @@ class ShardDetections:
                     self.nms["score_thr"],
                     self.nms["iou_thr"],
                     self.nms["max_per_img"],
+                    self.num_classes,
+                    self.nms.get("class_aware", True),
                 )
                 self.dets[start + row], self.labels[start + row] = pad_dets(  # type: ignore[index]
                     found, self.nms["max_per_img"]
@@ -416,6 +426,9 @@ class InProcessBackend(Backend):
         self.score_thr, self.iou_thr, self.max_per_img = check_nms_options(
             score_thr, iou_thr, max_per_img, spec
         )
+        # the model's classes (labels at or beyond are a padding channel) and its NMS kind
+        self.num_classes = spec.num_classes if spec is not None else NUM_CLASSES
+        self.class_aware = spec.postprocess.class_aware if spec is not None else True
 
     def check_keep_candidates(self, where: str) -> None:
         """keep_candidates needs candidates: refuse it for a model that ends in NMS (call after
@@ -428,14 +441,17 @@ class InProcessBackend(Backend):
             )
 
     def postprocess(self) -> dict[str, Any]:
-        """How the written detections were made: host NMS and its settings, or NMS inside the graph."""
+        """How the written detections were made: host NMS and its settings, or NMS inside the graph.
+        Class-agnostic host NMS adds "class_aware": False (class-aware records stay as they were)."""
         if self.model_kind != "candidates":
             return {"nms": "graph"}
+        agnostic = {} if self.class_aware else {"class_aware": False}
         return {
             "nms": "host",
             "score_thr": self.score_thr,
             "iou_thr": self.iou_thr,
             "max_per_img": self.max_per_img,
+            **agnostic,
         }
 
     def identity(self) -> dict[str, Any]:
@@ -538,7 +554,10 @@ class InProcessBackend(Backend):
         (out_dir / CANDIDATES_FILE).unlink(missing_ok=True)
         post = self.postprocess()
         found = ShardDetections(
-            len(manifest.shards[shard]), post if post["nms"] == "host" else None, self.keep_candidates
+            len(manifest.shards[shard]),
+            post if post["nms"] == "host" else None,
+            self.keep_candidates,
+            self.num_classes,
         )
         latencies, non_finite = self.run_batches(layout, manifest, shard, found)
         self.check_finite(shard, non_finite)

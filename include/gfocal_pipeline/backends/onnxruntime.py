@@ -40,7 +40,6 @@ import numpy as np
 import onnxruntime as ort
 
 from gfocal_pipeline.backends.base import InProcessBackend, ShardResult
-from gfocal_pipeline.constants import NUM_CLASSES
 from gfocal_pipeline.errors import BackendError
 from gfocal_pipeline.fileio import owner_tag, sha256_file
 from gfocal_pipeline.layout import KINDS, RunLayout
@@ -171,8 +170,7 @@ class OnnxRuntimeBackend(InProcessBackend):
         cache_optimized_graph: bool = True,
     ) -> None:
         spec = spec_beside(model)  # the export's record of the model: its classes and NMS settings
-        self.num_classes = spec.num_classes if spec is not None else NUM_CLASSES
-        super().__init__(
+        super().__init__(  # sets num_classes and class_aware from the spec (COCO's 80, class-aware without)
             spec=spec,
             batch_size=batch_size,
             warmup=warmup,

@@ -174,17 +174,21 @@ def wrap_network(model: nn.Module, options: TorchOptions, device_type: str) -> n
 
 
 class NormalizedInput(nn.Module):
-    """NHWC uint8 BGR -> NCHW float32 normalized RGB ahead of a reference module (with `mean` and
-    `std` buffers) built without it: the same numbers as the export's in-graph normalization, with a
-    flip instead of its list index (a list index is copied from host memory on every call, which a
-    CUDA graph capture refuses)."""
+    """NHWC uint8 BGR -> NCHW float32 normalized input ahead of a reference module (with `mean` and
+    `std` buffers, and `swaps_channels` when its network wants RGB) built without it: the same numbers
+    as the export's in-graph normalization, with a flip instead of its list index (a list index is
+    copied from host memory on every call, which a CUDA graph capture refuses)."""
 
     def __init__(self, deploy: nn.Module) -> None:
         super().__init__()
         self.deploy = deploy
+        self.swap = bool(getattr(deploy, "swaps_channels", True))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.permute(0, 3, 1, 2).flip(1).contiguous().float()  # NCHW-contiguous, as the index gives
+        x = x.permute(0, 3, 1, 2)
+        if self.swap:
+            x = x.flip(1)
+        x = x.contiguous().float()  # NCHW-contiguous, as the export's index gives
         return self.deploy((x - self.deploy.mean) / self.deploy.std)
 
 

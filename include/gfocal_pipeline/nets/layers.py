@@ -56,27 +56,40 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-def bgr_nhwc_to_normalized(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """NHWC uint8 BGR (a cv2 image) -> NCHW float32 RGB normalized with (1,3,1,1) `mean` and `std`:
-    the in-graph normalization of an export that takes raw images."""
-    x = x.permute(0, 3, 1, 2)[:, [2, 1, 0]].float()
-    return (x - mean) / std
+def bgr_nhwc_to_normalized(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, swap: bool = True
+) -> torch.Tensor:
+    """NHWC uint8 BGR (a cv2 image) -> NCHW float32 normalized with (1,3,1,1) `mean` and `std`, RGB
+    when `swap` (else BGR): the in-graph normalization of an export that takes raw images."""
+    x = x.permute(0, 3, 1, 2)
+    if swap:
+        x = x[:, [2, 1, 0]]
+    return (x.float() - mean) / std
 
 
 class InputNormalization(nn.Module):
     """Base of a deploy module whose input may be raw images: `mean` / `std` (1,3,1,1) buffers (not
-    in the state dict) and `network_input`, which normalizes NHWC uint8 BGR in the graph when
-    `normalize_in_graph`, else passes normalized NCHW float32 RGB through."""
+    in the state dict; None: 0 / 1) and `network_input`, which normalizes NHWC uint8 BGR in the graph
+    when `normalize_in_graph` (into `channel_order`), else passes the normalized NCHW float32 input
+    through."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], normalize_in_graph: bool) -> None:
+    def __init__(
+        self,
+        mean: tuple[float, ...] | None,
+        std: tuple[float, ...] | None,
+        normalize_in_graph: bool,
+        channel_order: str = "rgb",
+    ) -> None:
         super().__init__()
         self.normalize_in_graph = normalize_in_graph
+        self.swaps_channels = channel_order == "rgb"
+        mean, std = mean or (0.0, 0.0, 0.0), std or (1.0, 1.0, 1.0)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """NHWC uint8 BGR -> NCHW float32 normalized RGB."""
-        return bgr_nhwc_to_normalized(x, self.mean, self.std)
+        """NHWC uint8 BGR -> NCHW float32 normalized, in the network's channel order."""
+        return bgr_nhwc_to_normalized(x, self.mean, self.std, self.swaps_channels)
 
     def network_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalize(x) if self.normalize_in_graph else x

@@ -91,9 +91,13 @@ def test_convert_and_cache(kit: Toolkit, onnx_file: Path, tmp_path: Path) -> Non
     assert "--input_shape=input.1:1,3,16,16" in first["atc_args"]
     assert json.loads((out / "convert.json").read_text())["om_sha256"] == first["om_sha256"]
     assert len(kit.calls("atc")) == 1
-    # atc ran in a scratch directory: its working files do not litter the caller's directory
-    assert Path(kit.calls("atc")[0]["cwd"]).parent == cache
+    # atc ran in a scratch folder of the entry's build directory: its working files litter neither the
+    # caller's directory nor the entry (which holds the OM, its convert.json and the store's record)
+    scratch = Path(kit.calls("atc")[0]["cwd"])
+    assert scratch.parent.parent == cache and scratch.parent.name.startswith(".build-")
     assert not list(cache.glob(".build-*"))
+    entry = cache / first["cache_key"]
+    assert sorted(p.name for p in entry.iterdir()) == ["cache.json", "convert.json", "model.om"]
 
     second = convert_onnx(onnx_file, cache, output_dir=tmp_path / "model2", set_env=kit.set_env)
     assert second["cached"] is True and second["convert_seconds"] == 0
@@ -166,7 +170,8 @@ def test_atc_error_codes_are_surfaced(
     monkeypatch.setenv("GFOCAL_EMULATOR_FAULT", fault)
     with pytest.raises(BackendError, match=message):
         convert_onnx(onnx_file, tmp_path / "cache", set_env=kit.set_env)
-    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written
+    # nothing half-written (the store's lock folder aside)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] in ([], [".locks"])
 
 
 def test_real_parameter_error_from_atc(kit: Toolkit, onnx_file: Path, tmp_path: Path) -> None:
@@ -180,7 +185,7 @@ def test_success_line_without_om(
     monkeypatch.setenv("GFOCAL_EMULATOR_FAULT", "atc_no_om")
     with pytest.raises(BackendError, match=r"atc reported success but wrote no model\*\.om"):
         convert_onnx(onnx_file, tmp_path / "cache", set_env=kit.set_env)
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert [p.name for p in (tmp_path / "cache").iterdir()] in ([], [".locks"])
 
 
 def test_atc_timeout_kills_atc(

@@ -5,8 +5,9 @@ name: yolox_s_mmdeploy        # the history's key and the OM's name (letters, di
 outputs: dets                 # dets: MMDeploy end2end `dets` (N,K,5) + `labels` (N,K)
                               # candidates: `boxes` (N,K,4) + `scores` (N,K,C), NMS on the host
 num_classes: 80               # COCO's 80 by default (class k = k-th category id)
-input: {name: input, layout: NCHW, dtype: float32}   # float32 NCHW normalized RGB, or uint8 NHWC BGR
-preprocessing: {policy: letterbox, height: 800, width: 1216}
+classes: [person, bicycle]    # optional: class names in label order (then num_classes may be left out)
+input: {name: input, layout: NCHW, dtype: float32}   # float32 NCHW normalized, or uint8 NHWC BGR
+preprocessing: {policy: letterbox, height: 800, width: 1216}   # + channel_order, mean, std, pad_value
 postprocess: {score_thr: 0.05, nms_iou: 0.6, max_per_img: 100}
 ```
 
@@ -46,7 +47,7 @@ class InputDeclaration(BaseModel):
         if (self.layout, self.dtype) not in (("NCHW", "float32"), ("NHWC", "uint8")):
             raise ValueError(
                 f"{self.layout} {self.dtype} is not an input the pipeline makes: float32 NCHW (normalized "
-                "RGB) or uint8 NHWC (BGR, the graph normalizes)"
+                "as preprocessing declares) or uint8 NHWC (BGR, the graph normalizes)"
             )
         return self
 
@@ -59,11 +60,33 @@ class GraphDeclaration(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,60}$")
     display_name: str | None = None
     outputs: Literal["dets", "candidates"]
-    num_classes: int = Field(80, ge=1, le=10_000)
+    # None: len(classes) when classes are listed, else COCO's 80
+    num_classes: int | None = Field(None, ge=1, le=10_000)
+    # class names in label order (label k scores as the annotation file's category of that name);
+    # None: the file's categories in id order
+    classes: tuple[str, ...] | None = None
     published_ap: float | None = Field(None, ge=0, le=1)
     input: InputDeclaration = InputDeclaration()
     preprocessing: Preprocessing = Preprocessing()
     postprocess: Postprocess = Postprocess()
+
+    @model_validator(mode="after")
+    def _classes_counted(self) -> GraphDeclaration:
+        if self.classes is not None and self.num_classes not in (None, len(self.classes)):
+            raise ValueError(
+                f"classes lists {len(self.classes)} names but num_classes is {self.num_classes}: drop "
+                "num_classes or make them agree"
+            )
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes names a class twice")
+        return self
+
+    @property
+    def class_count(self) -> int:
+        """The graph's number of classes (num_classes, else the length of classes, else 80)."""
+        if self.num_classes is not None:
+            return self.num_classes
+        return len(self.classes) if self.classes is not None else 80
 
     def model_spec(self, declaration_sha256: str | None = None) -> ModelSpec:
         """The run's `ModelSpec`: reference = ONNX Runtime on this graph, history and OM named `name`."""
@@ -72,7 +95,8 @@ class GraphDeclaration(BaseModel):
             display_name=self.display_name or self.name,
             history_name=self.name,
             om_name=self.name,
-            num_classes=self.num_classes,
+            num_classes=self.class_count,
+            classes=self.classes,
             outputs=self.outputs,
             published_ap=self.published_ap,
             reference_backend="onnxruntime",

@@ -91,7 +91,7 @@ def _check_outputs(facts: GraphFacts, declared: GraphDeclaration, where: str) ->
             f"the graph's outputs are {found} {[facts.outputs[n] for n in found]}, but {where} declares "
             f"outputs: {declared.outputs} ({' + '.join(expected)}); {fix}"
         )
-    width = {"dets": 5, "labels": None, "boxes": 4, "scores": declared.num_classes}
+    width = {"dets": 5, "labels": None, "boxes": 4, "scores": declared.class_count}
     rank = {"dets": 3, "labels": 2, "boxes": 3, "scores": 3}
     for name in expected:
         dims = facts.outputs[name]
@@ -101,7 +101,7 @@ def _check_outputs(facts: GraphFacts, declared: GraphDeclaration, where: str) ->
             what = "num_classes" if name == "scores" else "the convention"
             raise ExportError(
                 f"output {name!r} has shape {dims}, but {where} declares outputs: {declared.outputs} with "
-                f"num_classes {declared.num_classes} (expected rank {rank[name]}"
+                f"num_classes {declared.class_count} (expected rank {rank[name]}"
                 + (f", last axis {width[name]}" if width[name] else "")
                 + f"); fix {what} in the declaration or the graph"
             )

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from torch import nn
 
 from gfocal_pipeline.constants import (
     DEFAULT_HEIGHT,
@@ -50,8 +49,8 @@ from gfocal_pipeline.models.retinanet.anchors import AnchorGenerator
 from gfocal_pipeline.models.retinanet.deploy import RetinaNetDeploy, decode_candidates
 from gfocal_pipeline.models.retinanet.detector import RetinaNet
 from gfocal_pipeline.models.retinanet.parity import candidates_per_image, compare_retinanet_candidates
-from gfocal_pipeline.models.retinanet.spec import SPEC, RetinaNetSpec
-from gfocal_pipeline.nets.ascend_nms import ASCEND_OUTPUTS, PORTABLE_OUTPUTS, VARIANTS, BatchMultiClassNMS
+from gfocal_pipeline.models.retinanet.spec import SPEC
+from gfocal_pipeline.nets.ascend_nms import CandidatesExport
 from gfocal_pipeline.nets.levels import level_sizes
 from gfocal_pipeline.parity import ParityReport
 
@@ -61,53 +60,22 @@ log = logging.getLogger(__name__)
 TRACED_BRANCH = "Converting a tensor to a Python boolean"
 
 
-def ascend_nms(
-    boxes: torch.Tensor, scores: torch.Tensor, spec: RetinaNetSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates -> Ascend's in-graph NMS: dets (N, max_per_img, 5) and labels (N, max_per_img).
-
-    As the GFocalV2 ascend variant: a zero background column appended to the scores, boxes as
-    (N, K, 1, 4), both cast to fp16 for `BatchMultiClassNMS`.
-    """
-    scores = torch.cat([scores, torch.zeros_like(scores[..., :1])], dim=-1)
-    limit = spec.max_per_img
-    nms = BatchMultiClassNMS.apply(
-        boxes.unsqueeze(2).half(), scores.half(), spec.score_thr, spec.nms_iou, limit, limit
-    )
-    return torch.cat([nms[0].float(), nms[1].float().unsqueeze(-1)], dim=-1), nms[2].long()
-
-
-class RetinaNetExport(nn.Module):
+class RetinaNetExport(CandidatesExport):
     """What goes into the ONNX file: `RetinaNetDeploy` with its anchors frozen for its input size."""
 
     def __init__(self, deploy: RetinaNetDeploy, variant: str = "portable") -> None:
-        super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-        self.deploy = deploy
-        self.variant = variant
-        self.spec = deploy.spec
-        self.height, self.width = deploy.height, deploy.width
-        self.normalize_in_graph = deploy.normalize_in_graph
-        self.max_per_img = self.spec.max_per_img  # rows of the ascend variant's dets/labels
+        super().__init__(deploy, variant)
         sizes = level_sizes(deploy.height, deploy.width, self.spec.strides)
-        for level, anchors in enumerate(AnchorGenerator(self.spec).grid_anchors(sizes)):
-            self.register_buffer(f"anchors_{level}", anchors, persistent=False)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return PORTABLE_OUTPUTS if self.variant == "portable" else ASCEND_OUTPUTS
+        self.freeze_levels("anchors", AnchorGenerator(self.spec).grid_anchors(sizes))
 
     def anchors(self) -> list[torch.Tensor]:
         """The (H*W*A, 4) anchors of each level for the exported input size."""
-        return [getattr(self, f"anchors_{level}") for level in range(len(self.spec.strides))]
+        return self.levels("anchors")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         deploy = self.deploy
-        x = deploy.network_input(x)
-        heads = deploy.model(x)
-        boxes, scores = decode_candidates(*heads, deploy.height, deploy.width, self.spec, self.anchors())
-        return (boxes, scores) if self.variant == "portable" else ascend_nms(boxes, scores, self.spec)
+        heads = deploy.model(deploy.network_input(x))
+        return self.finish(*decode_candidates(*heads, deploy.height, deploy.width, self.spec, self.anchors()))
 
 
 def trace(
