@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gfocal_pipeline.constants import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR
+from gfocal_pipeline.constants import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR, NUM_CLASSES
 from gfocal_pipeline.errors import DatasetError, GfocalError
 from gfocal_pipeline.fileio import read_state_json, reclaim_temps, step_lock, write_json
 from gfocal_pipeline.layout import RunLayout, om_cache_dir
@@ -165,7 +165,7 @@ def preprocess_step(
     where = {"image_dir": images_dir, "annotation_file": annotations}
     spec = _run_spec(layout, model)
     options["pixels"] = pixels_of(spec)
-    options["classes"] = {"num_classes": spec.get("num_classes", 80), "classes": spec.get("classes")}
+    options["classes"] = {"num_classes": spec.get("num_classes", NUM_CLASSES), "classes": spec.get("classes")}
     reuse: dict[str, Any] = {"cached": False}
     layout.root.mkdir(parents=True, exist_ok=True)
     with step_lock(layout.root, "preprocess"):

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from adapter_exports import export_matrix, portable_key, run_graph
 from onnx import numpy_helper
 
 import gfocal_pipeline.models.retinanet.deploy as retina_deploy
@@ -28,7 +29,6 @@ from gfocal_pipeline.export import (
     ALL_ANCHORS,
     ExportResult,
     _nms_free_copy,
-    _session,
     rejected_path,
     sample_inputs,
 )
@@ -69,31 +69,9 @@ def model() -> RetinaNet:
     return net
 
 
-def _portable(size: tuple[int, int]) -> str:
-    return f"portable {size[0]}x{size[1]}"
-
-
 @pytest.fixture(scope="module")
 def exports(model: RetinaNet, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportResult]:
-    out = tmp_path_factory.mktemp("retinanet")
-    found = {
-        _portable(size): export_retinanet(
-            model,
-            out / f"{size[0]}x{size[1]}.onnx",
-            "portable",
-            *size,
-            dynamic_batch=uint8,
-            normalize_in_graph=uint8,
-        )
-        for size, uint8 in PORTABLE.items()
-    }
-    found["ascend"] = export_retinanet(model, out / "ascend.onnx", "ascend", *SQUARE)
-    return found
-
-
-def _run(graph: onnx.ModelProto, feed: np.ndarray) -> list[np.ndarray]:
-    session = _session(graph)
-    return session.run(None, {session.get_inputs()[0].name: feed})
+    return export_matrix(export_retinanet, model, tmp_path_factory.mktemp("retinanet"), PORTABLE, SQUARE)
 
 
 def test_candidates_per_image_has_nine_anchors_per_location() -> None:
@@ -145,7 +123,7 @@ def _constants(graph: onnx.ModelProto) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_anchors_are_constants_of_the_graph(exports: dict[str, ExportResult], size: tuple[int, int]) -> None:
-    graph = onnx.load(exports[_portable(size)].onnx_path)
+    graph = onnx.load(exports[portable_key(size)].onnx_path)
     assert "Range" not in {n.op_type for n in graph.graph.node}  # nothing generated from shapes
     constants = [c.reshape(-1, 4) for c in _constants(graph) if c.size % 4 == 0 and c.size >= 4 * 9]
     for anchors in AnchorGenerator(SPEC).grid_anchors(level_sizes(*size)):
@@ -157,7 +135,7 @@ def test_portable_graph_matches_pytorch(
     model: RetinaNet, exports: dict[str, ExportResult], size: tuple[int, int]
 ) -> None:
     (h, w), uint8 = size, PORTABLE[size]
-    result, k = exports[_portable(size)], candidates_per_image(h, w)
+    result, k = exports[portable_key(size)], candidates_per_image(h, w)
     graph = onnx.load(result.onnx_path)
     onnx.checker.check_model(graph, full_check=True)
     assert {o.domain for o in graph.opset_import} <= {"", "ai.onnx"} and result.opset == 17
@@ -173,7 +151,7 @@ def test_portable_graph_matches_pytorch(
         if uint8
         else rng.standard_normal((1, 3, h, w), np.float32)
     )
-    boxes, scores = _run(graph, x)
+    boxes, scores = run_graph(graph, x)
     assert boxes.shape == (len(x), k, 4) and scores.shape == (len(x), k, 80)
     with torch.inference_mode():
         deploy = RetinaNetDeploy(model, h, w, normalize_in_graph=uint8)
@@ -212,8 +190,8 @@ def test_ascend_graph_ends_in_the_nms_op_with_the_spec_attributes(exports: dict[
 def test_ascend_nms_inputs_equal_the_portable_outputs(exports: dict[str, ExportResult]) -> None:
     cut, _ = _nms_free_copy(onnx.load(exports["ascend"].onnx_path))
     feed, k = sample_inputs(*SQUARE, uint8=False)[1], candidates_per_image(*SQUARE)
-    boxes, scores = _run(onnx.load(exports[_portable(SQUARE)].onnx_path), feed)
-    nms_boxes, nms_scores = _run(cut, feed)
+    boxes, scores = run_graph(onnx.load(exports[portable_key(SQUARE)].onnx_path), feed)
+    nms_boxes, nms_scores = run_graph(cut, feed)
     assert nms_boxes.shape == (1, k, 1, 4) and nms_scores.shape == (1, k, 81)
     assert np.abs(nms_boxes[:, :, 0] - boxes).max() < 1e-4
     assert np.abs(nms_scores[..., :80] - scores).max() < 1e-6
@@ -237,7 +215,7 @@ def flat_p3(model: RetinaNet) -> RetinaNetExport:
 def test_topk_ties_pass_the_tie_aware_check(flat_p3: RetinaNetExport, tmp_path: Path) -> None:
     feed = sample_inputs(*SMALL, uint8=False)[0]
     graph = trace(flat_p3, feed, tmp_path / "flat.onnx")
-    got = _run(graph, feed)
+    got = run_graph(graph, feed)
     with torch.inference_mode():
         heads = flat_p3.deploy.model(torch.from_numpy(feed))
         mine = [t.numpy() for t in decode_candidates(*heads, *SMALL)]  # = flat_p3(feed)
@@ -292,7 +270,7 @@ ANCHOR_MUTANTS = {
 
 @pytest.mark.parametrize("mutant", sorted(ANCHOR_MUTANTS))
 def test_anchor_mutants_are_refused(model: RetinaNet, exports: dict[str, ExportResult], mutant: str) -> None:
-    correct = exports[_portable(SQUARE)]
+    correct = exports[portable_key(SQUARE)]
     assert correct.parity["unexplained"] == 0  # the control: same graph, same pictures, same check
     graph = with_anchors(onnx.load(correct.onnx_path), ANCHOR_MUTANTS[mutant], SQUARE)
     module = RetinaNetExport(RetinaNetDeploy(model, *SQUARE)).eval()

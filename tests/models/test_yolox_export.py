@@ -18,10 +18,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from adapter_exports import export_matrix, portable_key, run_graph
 from onnx import numpy_helper
 
 from gfocal_pipeline.errors import ExportError
-from gfocal_pipeline.export import _nms_free_copy, _session, _verdict, rejected_path, sample_inputs
+from gfocal_pipeline.export import _nms_free_copy, _verdict, rejected_path, sample_inputs
 from gfocal_pipeline.models.yolox import YOLOX, YOLOX_S, YoloxDeploy, build_yolox
 from gfocal_pipeline.models.yolox.deploy import grid_priors
 from gfocal_pipeline.models.yolox.export import YoloxExport, export_yolox, parity
@@ -52,31 +53,9 @@ def model() -> YOLOX:
     return net
 
 
-def _portable(size: tuple[int, int]) -> str:
-    return f"portable {size[0]}x{size[1]}"
-
-
 @pytest.fixture(scope="module")
 def exports(model: YOLOX, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    out = tmp_path_factory.mktemp("yolox")
-    found = {
-        _portable(size): export_yolox(
-            model,
-            out / f"{size[0]}x{size[1]}.onnx",
-            "portable",
-            *size,
-            dynamic_batch=uint8,
-            normalize_in_graph=uint8,
-        )
-        for size, uint8 in PORTABLE.items()
-    }
-    found["ascend"] = export_yolox(model, out / "ascend.onnx", "ascend", *SQUARE)
-    return found
-
-
-def _run(graph: onnx.ModelProto, feed: np.ndarray) -> list[np.ndarray]:
-    session = _session(graph)
-    return session.run(None, {session.get_inputs()[0].name: feed})
+    return export_matrix(export_yolox, model, tmp_path_factory.mktemp("yolox"), PORTABLE, SQUARE)
 
 
 def _feed(size: tuple[int, int], uint8: bool) -> np.ndarray:
@@ -109,7 +88,7 @@ def _constants(graph: onnx.ModelProto) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_priors_are_constants_of_the_graph(exports: dict, size: tuple[int, int]) -> None:
-    graph = onnx.load(exports[_portable(size)].onnx_path)
+    graph = onnx.load(exports[portable_key(size)].onnx_path)
     assert "Range" not in {n.op_type for n in graph.graph.node}  # nothing generated from shapes
     constants = [c for c in _constants(graph) if c.ndim == 2 and c.shape[-1] == 2]
     for priors in grid_priors(level_sizes(*size, SPEC.strides)):
@@ -119,7 +98,7 @@ def test_priors_are_constants_of_the_graph(exports: dict, size: tuple[int, int])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_portable_graph_matches_pytorch(model: YOLOX, exports: dict, size: tuple[int, int]) -> None:
     (h, w), uint8 = size, PORTABLE[size]
-    result, k = exports[_portable(size)], candidates_per_image(h, w)
+    result, k = exports[portable_key(size)], candidates_per_image(h, w)
     graph = onnx.load(result.onnx_path)
     onnx.checker.check_model(graph, full_check=True)
     assert {o.domain for o in graph.opset_import} <= {"", "ai.onnx"} and result.opset == 17
@@ -132,7 +111,7 @@ def test_portable_graph_matches_pytorch(model: YOLOX, exports: dict, size: tuple
     # the exporter's pictures, twice through the dynamic batch axis for uint8
     feed = _feed(size, uint8)
     x = np.concatenate([feed, feed[:, ::-1].copy()]) if uint8 else feed
-    boxes, scores = _run(graph, x)
+    boxes, scores = run_graph(graph, x)
     assert boxes.shape == (len(x), k, 4) and scores.shape == (len(x), k, 80)
     assert int((scores > 0).sum(-1).max()) == 1  # one label per prior
     with torch.inference_mode():
@@ -176,8 +155,8 @@ def test_ascend_graph_ends_in_the_nms_op_with_the_spec_attributes(exports: dict)
 def test_ascend_nms_inputs_equal_the_portable_outputs(exports: dict) -> None:
     cut, _ = _nms_free_copy(onnx.load(exports["ascend"].onnx_path))
     feed, k = _feed(SQUARE, uint8=False), candidates_per_image(*SQUARE)
-    boxes, scores = _run(onnx.load(exports[_portable(SQUARE)].onnx_path), feed)
-    nms_boxes, nms_scores = _run(cut, feed)
+    boxes, scores = run_graph(onnx.load(exports[portable_key(SQUARE)].onnx_path), feed)
+    nms_boxes, nms_scores = run_graph(cut, feed)
     assert nms_boxes.shape == (1, k, 1, 4) and nms_scores.shape == (1, k, 81)
     assert np.abs(nms_boxes[:, :, 0] - boxes).max() < 1e-4
     assert np.abs(nms_scores[..., :80] - scores).max() < 1e-6
@@ -197,7 +176,7 @@ def _assert_refused(message: str, variant: str) -> None:
 
 
 def test_priors_with_a_half_stride_offset_are_refused(model: YOLOX, exports: dict) -> None:
-    correct = exports[_portable(SQUARE)]
+    correct = exports[portable_key(SQUARE)]
     assert correct.parity["unexplained"] == 0  # the control: same graph, same pictures, same check
     graph = copy.deepcopy(onnx.load(correct.onnx_path))
     sizes = level_sizes(*SQUARE, SPEC.strides)

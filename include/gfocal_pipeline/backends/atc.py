@@ -48,7 +48,7 @@ from gfocal_pipeline.errors import BackendError
 from gfocal_pipeline.fileio import atomic_path, ensure_writable_dir, sha256_file, write_json
 from gfocal_pipeline.model_spec import spec_beside
 from gfocal_pipeline.options import Dtype, PrecisionMode
-from gfocal_pipeline.pixels import pixels_of
+from gfocal_pipeline.pixels import PixelFormat, pixels_of
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,9 @@ def convert_onnx(
     onnx_path, cache_dir, output_dir = _check_paths(onnx_path, cache_dir, output_dir, input_dtype)
     tool = _load_tool(set_env, timeout_s, handle)
     soc_version = _soc_version(tool, soc_version)
-    plan = _plan(onnx_path, input_name, input_dtype, batch, dynamic_batch_sizes)
+    spec = spec_beside(onnx_path)  # the model the export recorded beside the graph (None: not recorded)
+    pixels = pixels_of(spec.to_dict() if spec is not None else None)  # AIPP's; none recorded: ImageNet RGB
+    plan = _plan(onnx_path, input_name, input_dtype, batch, dynamic_batch_sizes, pixels)
     stem = om_name or plan.default_stem
     check_safe_value(stem, "OM name", "/")
 
@@ -268,7 +270,7 @@ def convert_onnx(
             "input_dtype": input_dtype,  # what the tool is fed (uint8: AIPP or a uint8 graph)
             "input_format": plan.input_format,  # of input_shape (the ONNX input)
             **_recorded_outputs(onnx_path),  # what msame / ais_bench read back (dets or candidates)
-            **_recorded_model(onnx_path),  # the model spec the export recorded beside the graph
+            **({"model": spec.to_dict()} if spec is not None else {}),
         }
         _write_output_meta(output_dir, result, meta, source, plan.aipp_text)
     return result
@@ -381,12 +383,6 @@ def _recorded_outputs(onnx_path: Path) -> dict[str, list[str]]:
     return {"output_names": names} if ok else {}
 
 
-def _recorded_model(onnx_path: Path) -> dict[str, Any]:
-    """{"model": the spec the export recorded beside the graph}, or {} for a graph without one."""
-    spec = spec_beside(onnx_path)
-    return {"model": spec.to_dict()} if spec is not None else {}
-
-
 def _write_output_meta(
     output_dir: Path,
     result: dict[str, Any],
@@ -427,7 +423,12 @@ class _Plan:
 
 
 def _plan(
-    onnx_path: Path, input_name: str, input_dtype: str, batch: int | None, dynamic_batch_sizes: Sequence[int]
+    onnx_path: Path,
+    input_name: str,
+    input_dtype: str,
+    batch: int | None,
+    dynamic_batch_sizes: Sequence[int],
+    pixels: PixelFormat,
 ) -> _Plan:
     dims, uint8_graph = onnx_input(onnx_path, input_name)
     if len(dims) != 4 or any(d is None for d in dims[1:]):
@@ -457,11 +458,8 @@ def _plan(
         return _Plan(input_shape, "NHWC", None, stem)
     # float NCHW graph; uint8 inputs get static AIPP in front of it
     _, _, height, width = input_shape
-    if input_dtype != "uint8":
-        return _Plan(input_shape, "NCHW", None, stem)
-    spec = spec_beside(onnx_path)  # the model's pixel format (none recorded: ImageNet RGB)
-    pixels = pixels_of(spec.to_dict() if spec is not None else None)
-    return _Plan(input_shape, "NCHW", aipp_config(width, height, pixels), stem)
+    aipp = aipp_config(width, height, pixels) if input_dtype == "uint8" else None
+    return _Plan(input_shape, "NCHW", aipp, stem)
 
 
 def _convert(
