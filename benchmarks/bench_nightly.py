@@ -14,6 +14,9 @@ Timings are from the machine it runs on (CPU only: no figure here is an NPU figu
 
     .venv/bin/python benchmarks/bench_nightly.py --images 5000 --nights 2
     .venv/bin/python benchmarks/bench_nightly.py --images 2000 --nights 1 --no-cache
+    .venv/bin/python benchmarks/bench_nightly.py --zoo --images 48 --size 320x320 --shard-size 24
+
+`--zoo` runs a three-model night of the models file instead (benchmarks/zoo_night.py).
 """
 
 from __future__ import annotations
@@ -86,6 +89,12 @@ def parse_args() -> argparse.Namespace:
         help="intra-op threads of PyTorch in this process (export parity, reference); 0 = torch's default",
     )
     parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--zoo",
+        action="store_true",
+        help="instead: a three-model night of the models file with two precision-mode variants each, on "
+        "the CANN tool emulators (benchmarks/zoo_night.py)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: a new temp dir)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="generated data, kept for reruns")
     parser.add_argument("--disk-interval", type=float, default=0.5, help="seconds between work-dir walks")
@@ -271,13 +280,13 @@ def run_night(dag: Any, conf: dict[str, Any], work: Path, log_path: Path, args: 
     }
 
 
-def task_instances(run_id: str) -> list[dict[str, Any]]:
+def task_instances(run_id: str, dag_id: str = DAG_ID) -> list[dict[str, Any]]:
     """Every TaskInstance of the run: id, map index, state, start/end (epoch s) and duration."""
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        rows = session.query(TaskInstance).filter_by(dag_id=DAG_ID, run_id=run_id).all()
+        rows = session.query(TaskInstance).filter_by(dag_id=dag_id, run_id=run_id).all()
         return [
             {
                 "task_id": ti.task_id,
@@ -293,12 +302,12 @@ def task_instances(run_id: str) -> list[dict[str, Any]]:
         ]
 
 
-def xcom_values(run_id: str, key: str = "return_value") -> dict[str, Any]:
+def xcom_values(run_id: str, key: str = "return_value", dag_id: str = DAG_ID) -> dict[str, Any]:
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        rows = session.query(XComModel).filter_by(dag_id=DAG_ID, run_id=run_id, key=key).all()
+        rows = session.query(XComModel).filter_by(dag_id=dag_id, run_id=run_id, key=key).all()
         return {(r.task_id if r.map_index < 0 else f"{r.task_id}[{r.map_index}]"): r.value for r in rows}
 
 
@@ -692,6 +701,14 @@ def main() -> None:
     print(f"results: {out}")
     started = time.perf_counter()
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine()}
+    if args.zoo:
+        from zoo_night import run_zoo
+
+        zoo = run_zoo(args, out)
+        host = results["machine"]
+        print(f"machine: {host['cpu']}, {host['cores']} cores, {host['ram_gib']} GiB, {host['date']}")
+        (out / "bench_nightly.json").write_text(json.dumps({**results, "zoo": zoo}, indent=2, default=str))
+        return
     dag, work, conf, setup = set_up(args, out)
     print(f"setup {json.dumps({k: round(v, 1) for k, v in setup.items()})}; conf {json.dumps(conf)}")
     nights = []

@@ -27,7 +27,7 @@ from airflow.sdk import DAG, BaseOperator, Param, XComArg
 
 from gfocal_pipeline.constants import DEFAULT_HEIGHT, DEFAULT_WIDTH
 from gfocal_pipeline.errors import ConfigError
-from gfocal_pipeline.options import check_option
+from gfocal_pipeline.options import check_option, plain
 from gfocal_pipeline.run_config import DEFAULT_SECTION, PREPROCESS_OPTIONS, SECTION_OF, form_options
 from gfocal_pipeline.sharding import CPU_SECONDS_PER_IMAGE, ShardPlan
 from operators import (
@@ -69,6 +69,12 @@ class PipelineSpec:
     # the device's time per image at 800x1216, for the default shard size (`gfocal_pipeline.sharding`)
     seconds_per_image: float = CPU_SECONDS_PER_IMAGE
     doctor: bool = False  # `gfocal doctor` as the first task, on `queue` (docs/doctor.md)
+    # a models file entry's (gfocal_pipeline.zoo): its form defaults, variants and history name
+    form_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    variants: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    expected_failures: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    history_name: str | None = None  # the history's model: `<history_name>/<variant>`
+    priority_weight: int = 1  # of the device tasks (absolute): the NPU pool serves higher first
 
     def shard_plan(self, settings: GfocalSettings) -> ShardPlan:
         return ShardPlan(slots=settings.device_slots, seconds_per_image=self.seconds_per_image)
@@ -114,11 +120,14 @@ def _section(name: str) -> dict[str, str]:
     return {} if section == DEFAULT_SECTION else {"section": section}
 
 
-def form_params(ascend: bool, overrides: Mapping[str, Any] | None = None) -> dict[str, Param]:
+def form_params(
+    ascend: bool, overrides: Mapping[str, Any] | None = None, entry: Mapping[str, Any] | None = None
+) -> dict[str, Param]:
     """The trigger form, generated from `RunConfig` (validated by Airflow before a run is created).
 
-    `overrides` replace defaults (the deployment's `[gfocal]` data settings); each is checked like a
-    form value, so a bad setting fails the DAG's parse with a message naming it.
+    `overrides` replace defaults (the deployment's `[gfocal]` data settings), then `entry` (a models
+    file entry's options, already validated); each is checked like a form value, so a bad setting
+    fails the DAG's parse with a message naming it.
     """
     options = form_options(ascend)
     defaults = {name: default for name, (default, _) in options.items()}
@@ -129,6 +138,8 @@ def form_params(ascend: bool, overrides: Mapping[str, Any] | None = None) -> dic
             raise ConfigError(
                 f"[gfocal] {name} (airflow.cfg or AIRFLOW__GFOCAL__{name.upper()}): {exc}"
             ) from None
+    for name, value in (entry or {}).items():
+        defaults[name] = plain(check_option(name, value, options[name][1]))
     return {
         name: Param(
             defaults[name],
@@ -141,10 +152,16 @@ def form_params(ascend: bool, overrides: Mapping[str, Any] | None = None) -> dic
     }
 
 
-def _export(task_id: str, variant: str, budgets: Budgets) -> OnnxExportOperator:
-    options = ("run_dir", "model", "checkpoint", "height", "width", "dtype", "batch_size")
+def _export(task_id: str, variant: str, budgets: Budgets, batch: str = "batch_size") -> OnnxExportOperator:
+    """The export of graph `variant`, for the batch of option `batch` (a zoo night's: the largest)."""
+    options = ("run_dir", "model", "checkpoint", "height", "width", "dtype")
     options = (*options, "parity_threshold", "max_unexplained", "work_dir", "cache_onnx")
-    return OnnxExportOperator(task_id=task_id, variant=variant, **from_prepare(*options), **budgets("export"))
+    return OnnxExportOperator(
+        task_id=task_id,
+        variant=variant,
+        **from_prepare(*options, batch_size=batch),
+        **budgets("export"),
+    )
 
 
 def _evaluate(task_id: str, backend: str, budgets: Budgets) -> CocoEvalOperator:
@@ -242,33 +259,13 @@ def reference_branch(
 
 
 def _finish(spec: PipelineSpec, branches: dict[str, Branch], budgets: Budgets) -> None:
-    """summary -> record -> gate after every branch's evaluation."""
-    summary = RunSummaryOperator(
-        task_id=ids.SUMMARY,
-        run_dir=prepared("run_dir"),
-        evaluations={role: branch.role["eval_task"] for role, branch in branches.items()},
-        facts={"weights_random": prepared("weights_random"), "dag_id": spec.dag_id},
-        **budgets("summary"),
-    )
-    record = RecordResultsOperator(
-        task_id=ids.RECORD,
-        config=prepared(),
-        roles={role: branch.role for role, branch in branches.items()},
-        export_task=ids.EXPORT,
-        summary_task=ids.SUMMARY,
-        convert_task=branches["device"].convert_task,
-        **NO_RETRIES,
-        **budgets("record"),
-    )
-    gate = RegressionGateOperator(
-        task_id=ids.GATE,
-        record_task=ids.RECORD,
-        evaluate_task=branches["device"].role["eval_task"],
-        thresholds=prepared("thresholds"),
-        run_dir=prepared("run_dir"),  # the regression report is written there
-        **NO_RETRIES,
-        **budgets("gate"),
-    )
+    """summary -> record -> gate after every branch's evaluation, and retention."""
+    if spec.variants:
+        from gfocal_variants import finish_variants
+
+        summary, record = finish_variants(spec, branches, budgets)
+    else:
+        summary, record = _summary_record_gate(spec, branches, budgets)
     retention = RetentionOperator(
         task_id=ids.RETENTION,
         trigger_rule="all_done",  # also after a failed task: the disk must stay bounded
@@ -280,7 +277,52 @@ def _finish(spec: PipelineSpec, branches: dict[str, Branch], budgets: Budgets) -
     for branch in branches.values():
         [branch.evaluate, *branch.also_before_summary] >> summary
     # the gate stays a leaf, so a failed gate (or task) fails the run even though retention succeeds
-    summary >> record >> [gate, retention]
+    record >> retention
+
+
+def summary_and_record(
+    spec: PipelineSpec, branches: dict[str, Branch], budgets: Budgets, facts: dict[str, Any], **record: Any
+) -> tuple[BaseOperator, BaseOperator]:
+    """The summary of every branch's evaluation (with `facts`) and the record of every branch's role
+    (`record`: RecordResultsOperator's own arguments), not yet wired to the branches."""
+    summary = RunSummaryOperator(
+        task_id=ids.SUMMARY,
+        run_dir=prepared("run_dir"),
+        evaluations={role: branch.role["eval_task"] for role, branch in branches.items()},
+        facts={"weights_random": prepared("weights_random"), "dag_id": spec.dag_id, **facts},
+        **budgets("summary"),
+    )
+    recorder = RecordResultsOperator(
+        task_id=ids.RECORD,
+        config=prepared(),
+        roles={role: branch.role for role, branch in branches.items()},
+        export_task=ids.EXPORT,
+        summary_task=ids.SUMMARY,
+        **record,
+        **NO_RETRIES,
+        **budgets("record"),
+    )
+    return summary, recorder
+
+
+def _summary_record_gate(
+    spec: PipelineSpec, branches: dict[str, Branch], budgets: Budgets
+) -> tuple[BaseOperator, BaseOperator]:
+    """summary -> record -> gate of a run with one device branch; returns (summary, record)."""
+    summary, record = summary_and_record(
+        spec, branches, budgets, {}, convert_task=branches["device"].convert_task
+    )
+    gate = RegressionGateOperator(
+        task_id=ids.GATE,
+        record_task=ids.RECORD,
+        evaluate_task=branches["device"].role["eval_task"],
+        thresholds=prepared("thresholds"),
+        run_dir=prepared("run_dir"),  # the regression report is written there
+        **NO_RETRIES,
+        **budgets("gate"),
+    )
+    summary >> record >> gate
+    return summary, record
 
 
 def _deadline(spec: PipelineSpec) -> Any:
@@ -316,11 +358,24 @@ def _doctor(spec: PipelineSpec, budgets: Budgets) -> BaseOperator:
     )
 
 
+def _device_branches(
+    spec: PipelineSpec, family: Family, shards: XComArg, preprocess: BaseOperator, budgets: Budgets
+) -> dict[str, Branch]:
+    """The family's one device branch, or a models file entry's variants (by name)."""
+    if spec.variants:
+        from gfocal_variants import variant_branches
+
+        if spec.family != "ascend":
+            raise ConfigError(f"{spec.dag_id}: variants run on the ascend family, not {spec.family!r}")
+        return variant_branches(spec, shards, preprocess, budgets)
+    return {"device": family.build(spec, shards, preprocess, budgets)}
+
+
 def build_dag(spec: PipelineSpec) -> DAG:
     """Build the DAG described by `spec` (see module docstring)."""
     family = FAMILIES[spec.family]
     settings = load_settings()
-    params = form_params(family.ascend_options, dict(settings.run_defaults))
+    params = form_params(family.ascend_options, dict(settings.run_defaults), spec.form_defaults)
     budgets = Budgets.of(settings, params, spec.shard_plan(settings))
     with DAG(
         dag_id=spec.dag_id,
@@ -345,6 +400,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
             task_id=ids.PREPARE,
             config={name: "{{ params." + name + " }}" for name in params},
             ascend=family.ascend_options,
+            variants={name: dict(options) for name, options in spec.variants.items()},
             **budgets("prepare"),
         )
         preprocess = CocoPreprocessOperator(
@@ -354,7 +410,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
             **budgets("preprocess"),
         )
         shards = XComArg(preprocess)
-        branches = {"device": family.build(spec, shards, preprocess, budgets)}
+        branches = _device_branches(spec, family, shards, preprocess, budgets)
         if spec.reference:
             # the portable graph a bring-your-own reference runs: the Ascend family's parity export
             portable = dag.task_dict.get(ids.EXPORT_PORTABLE) or dag.get_task(ids.EXPORT)

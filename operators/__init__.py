@@ -15,7 +15,7 @@ from operators.pipeline import (
     PrepareRunOperator,
     RunSummaryOperator,
 )
-from operators.quality import RecordResultsOperator, RegressionGateOperator
+from operators.quality import ModelGateOperator, RecordResultsOperator, RegressionGateOperator
 from operators.retention import RetentionOperator
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "CocoPreprocessOperator",
     "DoctorOperator",
     "InferOperator",
+    "ModelGateOperator",
     "MsameInferOperator",
     "OnnxExportOperator",
     "PrepareRunOperator",

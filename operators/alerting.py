@@ -17,6 +17,7 @@ from gfocal_pipeline.alerts import (
     alert_message,
     build_alert,
     build_failure_alert,
+    build_model_alert,
     report_page_url,
     trend_page_url,
 )
@@ -33,11 +34,18 @@ def _links(settings: GfocalSettings, dag_id: str, run_id: str) -> tuple[str | No
 
 
 def verdict_alert(verdict: dict[str, Any], settings: GfocalSettings) -> AlertContent:
-    """The alert of a verdict with its run's regression report (when the gate could write one)."""
+    """The alert of a verdict with its run's regression report (when the gate could write one); a
+    models file entry's verdict (one per variant) gives one alert naming every failing variant."""
     from gfocal_pipeline.report import load_report
 
     dag_id, run_id = verdict.get("dag_id", ""), verdict.get("run_id", "")
     run_url, trend_url = _links(settings, dag_id, run_id)
+    if "variants" in verdict:
+        failing = [*verdict.get("failing", []), *verdict.get("now_passing", [])]
+        found = {name: verdict["variants"][name].get("run_dir") for name in failing}
+        reports = {name: load_report(run_dir) for name, run_dir in found.items() if run_dir}
+        reports = {name: report for name, report in reports.items() if report}
+        return build_model_alert(verdict, run_url=run_url, trend_url=trend_url, reports=reports)
     report = load_report(verdict["run_dir"]) if verdict.get("run_dir") else None
     report_url = report_page_url(settings.base_url, dag_id, run_id) if report and settings.base_url else None
     return build_alert(verdict, run_url=run_url, trend_url=trend_url, report=report, report_url=report_url)

@@ -32,9 +32,17 @@ class PrepareRunOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("config",)
 
-    def __init__(self, *, config: dict[str, Any], ascend: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        config: dict[str, Any],
+        ascend: bool = False,
+        variants: dict[str, dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`variants`: a models file entry's ({name: the options it changes}); see `steps.prepare_step`."""
         super().__init__(**kwargs)
-        self.config, self.ascend = config, ascend
+        self.config, self.ascend, self.variants = config, ascend, dict(variants or {})
 
     @project_errors
     def execute(self, context: Any) -> dict[str, Any]:
@@ -46,7 +54,7 @@ class PrepareRunOperator(BaseOperator):
         values = {**{key: value for key, value in conf.items() if key not in self.config}, **self.config}
         with fail_without_retry():  # invalid options stay invalid: no retry
             prepared = steps.prepare_step(
-                values, context["dag"].dag_id, context["run_id"], ascend=self.ascend
+                values, context["dag"].dag_id, context["run_id"], ascend=self.ascend, variants=self.variants
             )
         self.log.info("run directory: %s", prepared["run_dir"])
         return prepared

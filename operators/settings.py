@@ -14,6 +14,9 @@ nightly_deadline_hours  alert when a nightly has not finished this long after it
 nightly_doctor          true: the nightly's first task is `gfocal doctor` on the `ascend` queue
                         (docs/doctor.md): a host missing CANN, the NPU, the shared work directory,
                         the databases or the broker fails the night at once (default false)
+models_file             a YAML file of models for the nightly (docs/models-file.md): one DAG
+                        `<name>_nightly` per entry, each with its variants (default: empty ->
+                        $GFOCAL_MODELS_FILE, else none: the two built-in DAGs only)
 checkpoint, coco_root, images_dir, annotations, work_dir
                         the deployment's data: the trigger forms' defaults, so a scheduled run
                         (and a manual one left untouched) uses these files, not the demo's; a manual
@@ -75,6 +78,7 @@ from gfocal_pipeline.retention import (
     check_cache_max_gb,
     check_keep_runs,
 )
+from gfocal_pipeline.zoo import models_file_path
 from operators.timeouts import parse_timeout_minutes, sized_timeout
 
 
@@ -98,6 +102,7 @@ class GfocalSettings:
     nightly_cron: str = "0 2 * * *"
     nightly_deadline_hours: float = 6.0
     nightly_doctor: bool = False
+    models_file: str | None = None  # gfocal_pipeline.zoo: [gfocal] models_file, else $GFOCAL_MODELS_FILE
     preprocess_workers: int | None = None
     device_slots: int = 1
     max_pixels: int | None = DEFAULT_MAX_PIXELS
@@ -274,6 +279,7 @@ def load_settings() -> GfocalSettings:
         nightly_cron=get("nightly_cron", defaults.nightly_cron),
         nightly_deadline_hours=float(get("nightly_deadline_hours", str(defaults.nightly_deadline_hours))),
         nightly_doctor=_flag("nightly_doctor", get("nightly_doctor", "")),
+        models_file=models_file_path(get("models_file", "")),
         preprocess_workers=_positive_int_or_none("preprocess_workers", get("preprocess_workers", "")),
         device_slots=_positive_int_or_none("device_slots", get("device_slots", "")) or defaults.device_slots,
         max_pixels=_max_pixels(get("max_pixels", "")),

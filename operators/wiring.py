@@ -73,3 +73,21 @@ def from_prepare(*names: str, **renamed: str) -> dict[str, str]:
         **{name: prepared(name) for name in names},
         **{arg: prepared(key) for arg, key in renamed.items()},
     }
+
+
+def variant_task(variant: str, task_id: str) -> str:
+    """The id of a variant's task: its task group is the variant's name (`fp16.convert`)."""
+    return f"{variant}.{task_id}"
+
+
+def variant_prepared(variant: str, key: str) -> str:
+    """Jinja for one validated option of `variant` (the prepare task's `variants[variant]`)."""
+    return "{{ gfocal_prepared(ti)['variants']['" + variant + "']['" + key + "'] }}"
+
+
+def from_variant(variant: str, *names: str, **renamed: str) -> dict[str, str]:
+    """`from_prepare` for the options of one variant of a models file entry."""
+    return {
+        **{name: variant_prepared(variant, name) for name in names},
+        **{arg: variant_prepared(variant, key) for arg, key in renamed.items()},
+    }

@@ -1,7 +1,9 @@
-"""Airflow plugin: the gfocal trend page at `<airflow>/gfocal/`, linked from the Browse menu.
+"""Airflow plugin: the gfocal trend pages at `<airflow>/gfocal/`, linked from the Browse menu.
 
-The page and its JSON (`/gfocal/api/trends`) come from `gfocal_pipeline.trend`; this module only
-wires them into the API server. The history database and the URL prefix are `[gfocal]` settings
+The pages (the index of models at `/gfocal/`, a page per model at `/gfocal/models/<entry>/`, every
+configuration at `/gfocal/configurations/`, run reports) and their JSON (`/gfocal/api/models`,
+`/gfocal/api/trends`, both with `?model=`) come from `gfocal_pipeline.trend`; this module only wires
+them into the API server. The history database and the URL prefix are `[gfocal]` settings
 (`operators.settings`: `history_url`, `url_prefix`).
 Every route requires an authenticated Airflow user (the UI's session cookie is sent by the iframe).
 """

@@ -253,3 +253,28 @@ def shard_marker(manifest: Any, backend: str, shard: str) -> dict[str, Any]:
         "input_width": manifest.input_width,
         "shard_digest": manifest.shard_digest(shard),
     }
+
+
+class SmtpInbox:
+    """An aiosmtpd handler keeping every message it receives (alerts over SMTP on loopback)."""
+
+    def __init__(self) -> None:
+        import email.message
+
+        self.messages: list[email.message.EmailMessage] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        import email
+        import email.policy
+
+        self.messages.append(email.message_from_bytes(envelope.original_content, policy=email.policy.default))
+        return "250 OK"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -35,8 +35,7 @@ _PACKAGES: dict[str, str] = {
     "gfocalv2": "gfocal_pipeline.models.gfocalv2",
     "onnx": "gfocal_pipeline.models.onnx",
     "retinanet": "gfocal_pipeline.models.retinanet",
-    # models/yolox (YOLOX-s, checked against mmdet 3.3) is not registered yet: its export parity at
-    # 640x640 is not robust (docs/models.md, "YOLOX-s: not registered yet")
+    "yolox": "gfocal_pipeline.models.yolox",  # YOLOX-s, checked against mmdet 3.3 (docs/models.md)
 }
 
 

@@ -172,6 +172,44 @@ def build_alert(
     return AlertContent(subject, text, _html_body(verdict, links, report, pictures), pictures)
 
 
+def build_model_alert(
+    verdict: Mapping[str, Any],
+    *,
+    run_url: str | None = None,
+    trend_url: str | None = None,
+    reports: Mapping[str, Mapping[str, Any]] | None = None,
+) -> AlertContent:
+    """The one alert of a models file entry's night (`gate.model_verdict`): the subject names the
+    model and every failing variant with its metrics (and an expected failure that now passes); the
+    body has each variant's checks and, per failing variant, its report's classes that changed most."""
+    from gfocal_pipeline.gate import format_model_verdict, model_verdict_headline
+
+    status = "OK" if verdict.get("passed") else "REGRESSION"
+    if not verdict.get("failing") and verdict.get("now_passing"):
+        status = "EXPECTED FAILURE PASSES"
+    subject = f"[gfocal] {status} {model_verdict_headline(verdict)} | run {verdict.get('run_id', '')}"
+    subject = " ".join(subject.split())
+    links = [(name, url) for name, url in (("Airflow run", run_url), ("Trend page", trend_url)) if url]
+    parts = [format_model_verdict(verdict)]
+    for name, report in (reports or {}).items():
+        parts.append(
+            f"variant {name}: classes that changed most ({report.get('backend')} vs {report.get('against')}):"
+        )
+        parts.append(_text_table(report_rows(report)))
+    if links:
+        parts.append("\n".join(f"{name}: {url}" for name, url in links))
+    text = "\n\n".join(parts) + "\n"
+    esc = html.escape
+    color = "#1a7f37" if verdict.get("passed") else "#cf222e"
+    body = [f'<h2 style="color:{color}">{esc(subject)}</h2>']
+    for name, variant in verdict.get("variants", {}).items():
+        body += [f"<h3>variant {esc(name)}</h3>", _html_table(verdict_rows(variant), fail_column=5)]
+        if name in (reports or {}):
+            body += _report_html(reports[name], ())
+    body += [f'<p><a href="{esc(url, quote=True)}">{esc(name)}</a></p>' for name, url in links]
+    return AlertContent(subject, text, "<html><body>" + "".join(body) + "</body></html>", ())
+
+
 def _text_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gfocal_pipeline.constants import DEFAULT_INPUT_NAME, DEFAULT_MAX_PIXELS
-from gfocal_pipeline.errors import GfocalError, describe_os_error
+from gfocal_pipeline.errors import ConfigError, GfocalError, describe_os_error
 from gfocal_pipeline.options import Choice, check_option, plain
 from gfocal_pipeline.run_config import (
     FORM_SECTIONS,
@@ -107,6 +107,26 @@ def cmd_models(args: argparse.Namespace) -> Any:
     return None
 
 
+def cmd_models_file(args: argparse.Namespace) -> Any:
+    """Check a models file as the DAG processor will: each entry's DAG id and variants, or its error."""
+    from gfocal_pipeline.zoo import MODELS_FILE_ENV, load_models_file, models_file_path
+
+    path = args.file or models_file_path()
+    if not path:
+        raise ConfigError(f"no models file: pass its path, or set ${MODELS_FILE_ENV}")
+    models = load_models_file(path)
+    for entry in models.entries:
+        variants = ", ".join(entry.variant_runs())
+        print(f"ok     {entry.dag_id}: {entry.adapter}, variants {variants}")
+    for error in models.errors:
+        print(f"ERROR  {error.dag_id}: {error}")
+    if models.errors:
+        raise ConfigError(
+            f"{len(models.errors)} of {len(models.entries) + len(models.errors)} entries are invalid"
+        )
+    return None
+
+
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX (portable or ascend) and check parity")
     p.add_argument("--checkpoint", required=True, help="mmcv-style .pth (official layout)")
@@ -135,6 +155,12 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model adapters and their specs")
     p.add_argument("--json", action="store_true", help="the full specs as JSON")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "models-file", help="check a models file (docs/models-file.md): entries, variants, errors"
+    )
+    p.add_argument("file", nargs="?", help="the YAML file (default: $GFOCAL_MODELS_FILE)")
+    p.set_defaults(func=cmd_models_file)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> Any:

@@ -62,6 +62,17 @@ class GateThresholds:
         maximum=1,
         hint="COCO AP is a fraction, e.g. 0.400",
     )
+    published_ap: float | None = option(
+        None,
+        title="Published AP",
+        description="The model's published COCO AP, e.g. 0.410: one-sided, the run fails only below "
+        "published AP - AP tolerance. Empty = not checked.",
+        kind=float,
+        nullable=True,
+        minimum=0,
+        maximum=1,
+        hint="COCO AP is a fraction, e.g. 0.410",
+    )
     min_fps: float | None = option(
         None,
         title="Minimum fps",
@@ -145,7 +156,7 @@ class GateThresholds:
         values: dict[str, Any] = {}
         for name, raw in data.items():
             if raw is None or raw == "":
-                if name in ("min_ap", "min_fps"):
+                if name in NULLABLE_THRESHOLDS:
                     values[name] = None
                 continue
             values[name] = _parse_number(name, raw, integer=known[name] is int)
@@ -153,6 +164,9 @@ class GateThresholds:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+NULLABLE_THRESHOLDS = ("min_ap", "published_ap", "min_fps")
 
 
 def _parse_number(name: str, raw: Any, *, integer: bool) -> float | int:
@@ -291,6 +305,10 @@ def _ap_checks(ap: float, base: Sequence[RunRecord], t: GateThresholds) -> list[
     checks = []
     if t.min_ap is not None:
         checks.append(_check("AP floor", "AP", ap, t.min_ap))
+    if t.published_ap is not None:
+        limit = t.published_ap - t.ap_tolerance
+        check = _check("AP vs published", "AP", ap, limit, baseline=t.published_ap, tolerance=t.ap_tolerance)
+        checks.append(check)
     if base:
         baseline = statistics.median(r.ap for r in base)
         limit = baseline - t.ap_tolerance
@@ -450,3 +468,74 @@ def format_verdict_table(verdict: Mapping[str, Any]) -> str:
     lines += [f"note: {note}" for note in verdict.get("notes", [])]
     lines += [f"{c['name']}: {c['note']}" for c in verdict.get("checks", []) if c.get("note")]
     return "\n".join(lines)
+
+
+def model_verdict(
+    model: str,
+    verdicts: Mapping[str, Mapping[str, Any]],
+    expected_failures: Mapping[str, str | None],
+    *,
+    dag_id: str = "",
+    run_id: str = "",
+) -> dict[str, Any]:
+    """One verdict over every variant of a models file entry's night (a verdict per variant).
+
+    A variant listed in `expected_failures` (name -> reason) that fails does not fail the model; one
+    that passes does (`now_passing`: the list must be updated, so it does not rot). Pure."""
+    expected = {name: why for name, why in expected_failures.items() if why}
+    failing = [name for name, v in verdicts.items() if not v.get("passed") and name not in expected]
+    known = [name for name, v in verdicts.items() if not v.get("passed") and name in expected]
+    now_passing = [name for name, v in verdicts.items() if v.get("passed") and name in expected]
+    regressed = {name: list(verdicts[name].get("regressed", [])) for name in failing}
+    return {
+        "passed": not failing and not now_passing,
+        "model": model,
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "label": model,
+        "failing": failing,
+        "regressed_by_variant": regressed,
+        "expected_failing": known,
+        "now_passing": now_passing,
+        "expected_failures": expected,
+        "variants": {name: dict(v) for name, v in verdicts.items()},
+    }
+
+
+def model_verdict_headline(verdict: Mapping[str, Any]) -> str:
+    """`<model>: <variant> (<metrics>), ...; expected failure now passes: <variant>` or `... OK`."""
+    parts = [
+        f"{name} ({', '.join(metrics) or 'no comparison'})"
+        for name, metrics in verdict.get("regressed_by_variant", {}).items()
+    ]
+    text = f"{verdict.get('model')}: " + (", ".join(parts) if parts else "")
+    if verdict.get("now_passing"):
+        text += ("; " if parts else "") + "expected failure now passes: " + ", ".join(verdict["now_passing"])
+    return text if parts or verdict.get("now_passing") else f"{verdict.get('model')}: all variants OK"
+
+
+def format_model_verdict(verdict: Mapping[str, Any]) -> str:
+    """Plain text: the headline, then each variant's table (expected failures marked with their reason)."""
+    status = "PASS" if verdict.get("passed") else "FAIL"
+    lines = [f"{status}  {model_verdict_headline(verdict)}  run {verdict.get('run_id', '')}"]
+    expected = verdict.get("expected_failures", {})
+    for name, variant in verdict.get("variants", {}).items():
+        mark = ""
+        if name in verdict.get("now_passing", []):
+            mark = f"  [expected failure NOW PASSES: remove it from expected_failures ({expected[name]})]"
+        elif name in expected:
+            mark = f"  [expected failure: {expected[name]}]"
+        lines += ["", f"variant {name}{mark}", format_verdict_table(variant)]
+    return "\n".join(lines)
+
+
+class ModelGateError(RegressionError):
+    """The gate of a models file entry's night failed (a variant regressed, or an expected failure passes)."""
+
+    def __init__(self, verdict: Mapping[str, Any]) -> None:
+        self.verdict = dict(verdict)
+        GfocalError.__init__(
+            self,
+            f"regression gate failed for run {verdict.get('run_id')!r}: {model_verdict_headline(verdict)}\n"
+            + format_model_verdict(verdict),
+        )

@@ -66,10 +66,31 @@ CONFIG_FIELDS = (*ROW_CONFIG_FIELDS, "dataset")
 LEGACY_DATASET = "legacy (before dataset keys)"
 DATASET_MAX_LENGTH = 100
 _DATASET_ID = re.compile(r"ann:([^+]+)\+img:(.+)")
+# A model zoo run records its model as `<entry>/<variant>`; a plain name (older DAGs) is one entry
+# with the variant DEFAULT_VARIANT.
+MODEL_NAME = re.compile(r"[a-z][a-z0-9_]*")
+VARIANT_SEPARATOR = "/"
+DEFAULT_VARIANT = "default"
 
 
 class HistoryError(GfocalError):
     """The history database is unreachable or misconfigured, or a record is malformed."""
+
+
+def model_key(entry: str, variant: str) -> str:
+    """The history `model` of a zoo run: `<entry>/<variant>`, both matching `[a-z][a-z0-9_]*`
+    (HistoryError otherwise). model_entry() splits it again."""
+    for what, name in (("entry", entry), ("variant", variant)):
+        if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+            raise HistoryError(f"model {what} {name!r} must match {MODEL_NAME.pattern} (e.g. 'gfocalv2_r50')")
+    return f"{entry}{VARIANT_SEPARATOR}{variant}"
+
+
+def model_entry(model: str) -> tuple[str, str]:
+    """(entry, variant) of a history `model`: `a/b` -> ('a', 'b'); a plain name (rows of the older
+    DAGs, e.g. 'gfocalv2_r50_fpn_1x') -> (name, DEFAULT_VARIANT)."""
+    entry, separator, variant = model.partition(VARIANT_SEPARATOR)
+    return (entry, variant) if separator else (model, DEFAULT_VARIANT)
 
 
 @dataclass(frozen=True)
@@ -313,6 +334,17 @@ results_table = sa.Table(
 )
 
 
+def model_clause(model: str) -> sa.ColumnElement[bool]:
+    """Rows of `model`: `entry/variant` exactly (`entry/default` also the plain `entry`); a plain
+    `entry` with all its variants (`entry` itself or `entry/...`, matched literally: `_` and `%` are
+    no wildcards)."""
+    column = results_table.c.model
+    entry, variant = model_entry(model)
+    if VARIANT_SEPARATOR in model:
+        return column.in_([model, entry]) if variant == DEFAULT_VARIANT else column == model
+    return sa.or_(column == model, column.startswith(model + VARIANT_SEPARATOR, autoescape=True))
+
+
 def _row_values(record: RunRecord) -> dict[str, Any]:
     values: dict[str, Any] = {
         "dag_id": record.dag_id,
@@ -498,14 +530,16 @@ class HistoryStore:
         """Insert the record, or replace the row of the same (dag_id, run_id, configuration without
         the dataset): a retry that scored a changed dataset replaces its row, dataset included.
 
-        One row per (dag_id, run_id, backend): a second record of a run's backend under another
-        configuration (a cleared run whose reference fell back from CUDA to the CPU, another
-        precision) replaces the first one instead of adding a row beside it."""
+        One row per (dag_id, run_id, model, backend): a second record of a run's backend under
+        another configuration (a cleared run whose reference fell back from CUDA to the CPU, another
+        precision) replaces the first one instead of adding a row beside it; the variants of a
+        models file entry (models `<entry>/<variant>`) are rows of their own."""
         values = _row_values(record)
         where = self._key_clause(record.dag_id, record.run_id, record.config, with_dataset=False)
         same_backend = sa.and_(
             results_table.c.dag_id == record.dag_id,
             results_table.c.run_id == record.run_id,
+            results_table.c.model == record.config.model,
             results_table.c.backend == record.config.backend,
             sa.not_(where),
         )
@@ -579,25 +613,41 @@ class HistoryStore:
         """The newest `limit` passing runs of `config`, newest first: the gate's baseline candidates."""
         return self.runs(config, limit=limit, verdict="pass", exclude=exclude)
 
-    def configurations(self, *, dag_id: str | None = None) -> list[ConfigKey]:
-        """Every recorded configuration (optionally of one DAG), most recently run first."""
+    def configurations(self, *, dag_id: str | None = None, model: str | None = None) -> list[ConfigKey]:
+        """Every recorded configuration (optionally of one DAG, of one `model` as model_clause
+        reads it), most recently run first."""
         columns = [results_table.c[name] for name in CONFIG_FIELDS]
         query = sa.select(*columns, sa.func.max(results_table.c.finished_at).label("last")).group_by(*columns)
         if dag_id is not None:
             query = query.where(results_table.c.dag_id == dag_id)
+        if model is not None:
+            query = query.where(model_clause(model))
         with self._transaction("listing configurations") as conn:
             rows = conn.execute(query.order_by(sa.desc("last"))).mappings().all()
         return [ConfigKey.from_mapping(row) for row in rows]
 
-    def recent(self, *, limit: int = 100, dag_id: str | None = None) -> list[RunRecord]:
-        """The newest `limit` rows of all configurations (optionally of one DAG), newest first."""
+    def recent(
+        self, *, limit: int = 100, dag_id: str | None = None, model: str | None = None
+    ) -> list[RunRecord]:
+        """The newest `limit` rows of all configurations (optionally of one DAG, of one `model` as
+        model_clause reads it), newest first."""
         query = sa.select(results_table)
         if dag_id is not None:
             query = query.where(results_table.c.dag_id == dag_id)
+        if model is not None:
+            query = query.where(model_clause(model))
         query = query.order_by(results_table.c.finished_at.desc(), results_table.c.id.desc()).limit(limit)
         with self._transaction("reading recent runs") as conn:
             rows = conn.execute(query).mappings().all()
         return [_record_from_row(row) for row in rows]
+
+    def models(self, *, dag_id: str | None = None) -> list[str]:
+        """Every recorded `model` value (optionally of one DAG), sorted."""
+        query = sa.select(results_table.c.model).distinct().order_by(results_table.c.model)
+        if dag_id is not None:
+            query = query.where(results_table.c.dag_id == dag_id)
+        with self._transaction("listing models") as conn:
+            return list(conn.execute(query).scalars())
 
     def run_records(self, dag_id: str, run_id: str) -> list[RunRecord]:
         """Every row of run `run_id` of DAG `dag_id` (any configuration), newest first."""

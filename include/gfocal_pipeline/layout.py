@@ -66,6 +66,9 @@ def input_file_name(image_id: int) -> str:
 OM_NAME = "gfocal"  # the OM's name when the run records no model (runs made before model adapters)
 
 
+VARIANTS_DIR = "variants"  # <run>/variants/<name>/: one folder per variant of a zoo entry's night
+
+
 def om_cache_dir(work_dir: str | Path) -> Path:
     """The OM cache of a work directory (shared by its runs, so an unchanged model converts once)."""
     return Path(work_dir) / "cache" / "om"
@@ -80,6 +83,19 @@ class RunLayout:
     @classmethod
     def at(cls, root: str | Path) -> RunLayout:
         return cls(Path(root))
+
+    def variant(self, name: str) -> RunLayout:
+        """The folder of variant `name` of this run (`variants/<name>/`): its own OM, outputs,
+        timing and evaluation; the run's manifest, inputs, run.json and uses/ are shared."""
+        return RunLayout(self.run_root / VARIANTS_DIR / name)
+
+    @property
+    def run_root(self) -> Path:
+        """The run directory itself: `root`, or for a variant's folder the run it belongs to."""
+        parent = self.root.parent
+        if parent.name == VARIANTS_DIR and (parent.parent / "run.json").is_file():
+            return parent.parent
+        return self.root
 
     @property
     def model_dir(self) -> Path:
@@ -115,11 +131,11 @@ class RunLayout:
 
     @property
     def manifest(self) -> Path:
-        return self.root / "manifest.json"
+        return self.run_root / "manifest.json"
 
     @property
     def inputs_dir(self) -> Path:
-        return self.root / "inputs"
+        return self.run_root / "inputs"
 
     def input_shard(self, shard: str) -> Path:
         return self.inputs_dir / shard
@@ -146,13 +162,13 @@ class RunLayout:
     @property
     def run_json(self) -> Path:
         """Written by the run's first task: ids, creation time, options (what retention orders by)."""
-        return self.root / "run.json"
+        return self.run_root / "run.json"
 
     @property
     def uses_dir(self) -> Path:
         """One file `<kind>-<key>` per cache entry the run uses (retention never evicts those of a
         run in progress; the summary lists which were reused)."""
-        return self.root / "uses"
+        return self.run_root / "uses"
 
 
 def write_shard_outputs(

@@ -40,6 +40,7 @@ MATCH_SCORE = 1e-3  # ... and each class score within this (both far above runti
 TIE_ATOL = 1e-5  # keys this close to the boundary (plus TIE_RTOL relative) are rounding-level ties
 TIE_RTOL = 1e-4
 _CHUNK = 64  # candidates per block when searching all anchors of a level
+_UNIT_TEXT = {"px": "px", "size": "of stride + box size"}
 
 
 @dataclass
@@ -55,8 +56,9 @@ class LevelParity:
     extra: int = 0  # candidates that are anchors below the boundary
     unmatched: int = 0  # candidates that decode to no anchor of PyTorch's
     max_gap: float = 0.0  # largest |key - boundary| among missing/extra
-    boxes: float = 0.0  # max abs box error over matched pairs (pixels)
+    boxes: float = 0.0  # max abs box error over matched pairs (in `box_unit`)
     scores: float = 0.0  # max abs score error over matched pairs
+    box_unit: str = "px"  # pixels, or "size": a fraction of stride + the box's larger side
 
     @property
     def unexplained(self) -> int:
@@ -136,7 +138,9 @@ class ParityReport:
         """Levels summed over the images of the batch (counts add, errors and gaps take the max)."""
         merged: dict[str, LevelParity] = {}
         for lv in self.levels:
-            into = merged.setdefault(lv.level, LevelParity(lv.level, lv.anchors, lv.kept, lv.boundary_key))
+            into = merged.setdefault(
+                lv.level, LevelParity(lv.level, lv.anchors, lv.kept, lv.boundary_key, box_unit=lv.box_unit)
+            )
             for name in ("ties", "missing", "extra", "unmatched"):
                 setattr(into, name, getattr(into, name) + getattr(lv, name))
             for name in ("max_gap", "boxes", "scores"):
@@ -156,7 +160,7 @@ class ParityReport:
                 f"{lv['level']}: {lv['kept']} of {lv['anchors']} anchors kept ({boundary}); "
                 f"{lv['ties']} tie(s), {lv['unexplained']} unexplained (missing {lv['missing']}, "
                 f"extra {lv['extra']}, unmatched {lv['unmatched']}), largest gap {lv['max_gap']:.3g}; "
-                f"max error boxes {lv['boxes']:.3g} px, scores {lv['scores']:.3g}"
+                f"max error boxes {lv['boxes']:.3g} {_UNIT_TEXT[lv['box_unit']]}, scores {lv['scores']:.3g}"
             )
         return "\n".join(lines)
 
@@ -196,26 +200,68 @@ def _error(value: float) -> float:
     return value if math.isfinite(value) else math.inf
 
 
+class _Metric:
+    """How one candidate differs from one anchor, in units of the match tolerances (<= 1: a match).
+
+    Boxes: the largest coordinate difference, in pixels or, with `box_unit` "size", as a fraction of
+    the anchor's scale (its level's stride + the larger side of PyTorch's box: where a box is decoded
+    as exp(log size) * stride, float differences grow with the box). Scores: the largest difference
+    over the class columns or, with `one_label`, of the candidate's one label (its argmax column) read
+    in PyTorch's scores of every class, plus how far that label is below PyTorch's best class (a
+    near-tie of two classes may pick either) and any score outside it (one label per candidate).
+    """
+
+    def __init__(self, match_px: float, match_score: float, one_label: bool) -> None:
+        self.match_px, self.match_score, self.one_label = match_px, match_score, one_label
+
+    def boxes(self, cand: np.ndarray, ref: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """Box differences of aligned rows (or broadcast pairs) in the box unit."""
+        return np.abs(cand - ref).max(-1) / scale
+
+    def scores(self, cand: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        """Score differences of aligned rows (n, C) x (n, C)."""
+        if not self.one_label:
+            return np.abs(cand - ref).max(-1)
+        rows = np.arange(len(cand))
+        label = cand.argmax(-1)
+        outside = cand.copy()
+        outside[rows, label] = 0.0
+        at_label = ref[rows, label]
+        below_best = ref.max(-1) - at_label
+        return np.maximum.reduce([np.abs(cand[rows, label] - at_label), below_best, np.abs(outside).max(-1)])
+
+    def pairs(
+        self, cand: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray], scale: np.ndarray
+    ) -> np.ndarray:
+        """The distance of aligned rows in tolerance units: max(box / match_px, score / match_score)."""
+        box = self.boxes(cand[0], ref[0], scale) / self.match_px
+        return np.maximum(box, self.scores(cand[1], ref[1]) / self.match_score)
+
+
 def _match(
-    cand_boxes: np.ndarray,
-    cand_scores: np.ndarray,
-    anchor_boxes: np.ndarray,
-    anchor_scores: np.ndarray,
-    match_px: float,
-    match_score: float,
+    cand: tuple[np.ndarray, np.ndarray],
+    anchors: tuple[np.ndarray, np.ndarray],
+    scale: np.ndarray,
+    metric: _Metric,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each candidate its nearest anchor (index into the given anchors) and the distance in units
     of the tolerances (<= 1 means matched); -1 / inf where no anchor's box is within `match_px`."""
+    cand_boxes, cand_scores = cand
     best = np.full(len(cand_boxes), -1, dtype=np.int64)
     dist = np.full(len(cand_boxes), np.inf)
+    limit = metric.match_px * scale  # pixels each anchor's coordinates may be off by
     for start in range(0, len(cand_boxes), _CHUNK):
         stop = min(start + _CHUNK, len(cand_boxes))
-        box_d = np.abs(cand_boxes[start:stop, None, :] - anchor_boxes[None, :, :]).max(-1) / match_px
-        rows, cols = np.nonzero(box_d <= 1.0)
+        # x1 alone first (cheap), then the whole box of the pairs it leaves
+        near = np.abs(cand_boxes[start:stop, None, 0] - anchors[0][None, :, 0]) <= limit[None, :]
+        rows, cols = np.nonzero(near)
+        box_d = metric.boxes(cand_boxes[start + rows], anchors[0][cols], scale[cols])
+        within = box_d <= metric.match_px
+        rows, cols, box_d = rows[within], cols[within], box_d[within]
         if rows.size == 0:
             continue
-        score_d = np.abs(cand_scores[start + rows] - anchor_scores[cols]).max(-1) / match_score
-        pair_d = np.maximum(box_d[rows, cols], score_d)
+        score_d = metric.scores(cand_scores[start + rows], anchors[1][cols]) / metric.match_score
+        pair_d = np.maximum(box_d / metric.match_px, score_d)
         # per candidate row, the pair with the smallest distance
         order = np.lexsort((pair_d, rows))
         first = np.ones(order.size, dtype=bool)
@@ -243,16 +289,30 @@ def _boundary(
 def _assign(
     cand: tuple[np.ndarray, np.ndarray],
     ref: tuple[np.ndarray, np.ndarray],
+    scale: np.ndarray,
     eligible: np.ndarray,
-    match_px: float,
-    match_score: float,
+    metric: _Metric,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Match candidates to eligible anchors, one candidate per anchor (the nearest wins).
 
-    Returns (matched mask over candidates, anchor index of each candidate or -1)."""
-    best, dist = _match(*cand, ref[0][eligible], ref[1][eligible], match_px, match_score)
+    When the graph keeps every anchor (as many candidates as anchors, all eligible), each candidate is
+    first tried against the anchor at its own position (the graph's order is the anchors'); only the
+    others are searched among all eligible anchors. Returns (matched mask over candidates, anchor index
+    of each candidate or -1)."""
+    best = np.full(len(cand[0]), -1, dtype=np.int64)
+    dist = np.full(len(cand[0]), np.inf)
+    if len(cand[0]) == len(eligible) == len(ref[0]):
+        dist = metric.pairs(cand, ref, scale)
+        best[dist <= 1.0] = np.nonzero(dist <= 1.0)[0]
+    rest = np.nonzero(~(dist <= 1.0))[0]
+    if rest.size:
+        found, found_d = _match(
+            (cand[0][rest], cand[1][rest]), (ref[0][eligible], ref[1][eligible]), scale[eligible], metric
+        )
+        best[rest] = np.where(found >= 0, eligible[np.maximum(found, 0)], -1)
+        dist[rest] = found_d
     matched = dist <= 1.0
-    anchor_of = np.where(matched, eligible[np.maximum(best, 0)], -1)
+    anchor_of = np.where(matched, best, -1)
     taken: set[int] = set()
     for index in np.argsort(dist, kind="stable"):
         if not matched[index]:
@@ -261,6 +321,22 @@ def _assign(
             matched[index] = False
         taken.add(int(anchor_of[index]))
     return matched, np.where(matched, anchor_of, -1)
+
+
+def _loose(
+    cand: tuple[np.ndarray, np.ndarray],
+    ref: tuple[np.ndarray, np.ndarray],
+    scale: np.ndarray,
+    eligible: np.ndarray,
+    metric: _Metric,
+) -> tuple[int, np.ndarray]:
+    """Candidates that are no eligible anchor: (how many are no anchor at all, the anchors below the
+    boundary the others are). An eligible anchor found here is one a closer candidate already took: a
+    duplicate, not an extra."""
+    best, dist = _match(cand, ref, scale, metric)
+    hits = best[dist <= 1.0]
+    below = hits[~np.isin(hits, eligible)]
+    return int(len(cand[0]) - below.size), below
 
 
 def compare_level(
@@ -275,21 +351,28 @@ def compare_level(
     match_score: float = MATCH_SCORE,
     tie_atol: float = TIE_ATOL,
     tie_rtol: float = TIE_RTOL,
+    box_scale: np.ndarray | None = None,
+    one_label: bool = False,
 ) -> LevelParity:
     """One level of one image: the graph's `kept` candidates against PyTorch's decode of every anchor.
 
     `ref_scores` holds the same class columns as `cand_scores`; `ref_keys` is the selection key of each
-    anchor (max over all classifier channels).
+    anchor (max over all classifier channels). `box_scale`: the pixels of one box unit per anchor
+    (None: 1, box differences in pixels); `match_px` is in that unit. `one_label`: each candidate keeps
+    one label (see `_Metric`).
     """
     anchors = len(ref_keys)
+    scale = np.ones(anchors) if box_scale is None else np.asarray(box_scale, np.float64)
+    metric = _Metric(match_px, match_score, one_label)
     ref_kept, boundary, tol, eligible = _boundary(ref_keys, kept, tie_atol, tie_rtol)
     result = LevelParity(name, anchors, kept, None if kept == anchors else boundary)
     cand, ref = (cand_boxes, cand_scores), (ref_boxes, ref_scores)
-    matched, anchor_of = _assign(cand, ref, eligible, match_px, match_score)
+    matched, anchor_of = _assign(cand, ref, scale, eligible, metric)
     pairs = np.nonzero(matched)[0]
     if pairs.size:
-        result.boxes = _error(float(np.abs(cand_boxes[pairs] - ref_boxes[anchor_of[pairs]]).max()))
-        result.scores = _error(float(np.abs(cand_scores[pairs] - ref_scores[anchor_of[pairs]]).max()))
+        at = anchor_of[pairs]
+        result.boxes = _error(float(metric.boxes(cand_boxes[pairs], ref_boxes[at], scale[at]).max()))
+        result.scores = _error(float(metric.scores(cand_scores[pairs], ref_scores[at]).max()))
     taken = np.zeros(anchors, dtype=bool)
     taken[anchor_of[pairs]] = True
     result.ties = int(np.sum(taken & ~ref_kept))
@@ -301,17 +384,41 @@ def compare_level(
 
     loose = np.nonzero(~matched)[0]  # candidates that are no eligible anchor: which anchor are they?
     if loose.size:
-        best, dist = _match(
-            cand_boxes[loose], cand_scores[loose], ref_boxes, ref_scores, match_px, match_score
+        result.unmatched, below = _loose(
+            (cand_boxes[loose], cand_scores[loose]), ref, scale, eligible, metric
         )
-        hits = best[dist <= 1.0]
-        # an eligible anchor here is one a closer candidate already took: a duplicate, not an extra
-        below = hits[~np.isin(hits, eligible)]
         result.extra = int(below.size)
-        result.unmatched = int(loose.size - below.size)
         gaps += list(boundary - ref_keys[below])
     result.max_gap = float(max(gaps, default=0.0))
     return result
+
+
+BOX_UNITS = ("px", "size")
+
+
+def box_scales(boxes: np.ndarray, stride: int, unit: str) -> np.ndarray | None:
+    """The pixels of one box unit for each anchor of a level: None for "px"; for "size", the level's
+    stride + the larger side of PyTorch's box."""
+    if unit not in BOX_UNITS:
+        raise ValueError(f"unknown box unit {unit!r}; choose one of {', '.join(BOX_UNITS)}")
+    if unit == "px":
+        return None
+    return stride + np.abs(boxes[:, 2:] - boxes[:, :2]).max(-1)
+
+
+def _count_mismatch(
+    gb: np.ndarray, gs: np.ndarray, rb: np.ndarray, blocks: list[tuple[int, int, int]], size: str, per: int
+) -> str:
+    """Why the candidate counts of the two sides do not fit the levels of `size`, or ""."""
+    expected_k = sum(kept for _, kept, _ in blocks)
+    expected_a = sum(anchors for anchors, _, _ in blocks)
+    if gb.shape[1] == expected_k and gs.shape[1] == expected_k and rb.shape[1] == expected_a:
+        return ""
+    per_location = f" with {per} anchors per location" if per > 1 else ""
+    return (
+        f"the graph returned {gb.shape[1]} candidates per image, expected {expected_k} "
+        f"for {size}{per_location} (PyTorch decoded {rb.shape[1]} of {expected_a} anchors)"
+    )
 
 
 def compare_candidates(
@@ -322,13 +429,23 @@ def compare_candidates(
     nms_pre: int = NMS_PRE,
     anchors_per_location: int = 1,
     strides: tuple[int, ...] = STRIDES,
+    *,
+    box_unit: str = "px",
+    one_label: bool = False,
     **tolerances: float,
 ) -> ParityReport:
     """The graph's candidates `got` = (boxes (B,K,4) or (B,K,1,4), scores (B,K,C)) against PyTorch's
     decode of every anchor `reference` = (boxes (B,A,4), scores (B,A,81)), cut into levels of
     H*W*`anchors_per_location` anchors; the first C score columns are compared, the key is the max
     over all of `reference`'s columns (the selection key of the deploy graph). Nothing is compared when any
-    value of either side is NaN/Inf: the report then only counts them per output."""
+    value of either side is NaN/Inf: the report then only counts them per output.
+
+    A model's facts, as its adapter declares them: `box_unit` ("px", or "size": box differences as a
+    fraction of the level's stride + the larger side of PyTorch's box, for boxes decoded as
+    exp(log size) * stride), `one_label` (each candidate keeps one label, its argmax, scored in that
+    column only: compared against PyTorch's scores of every class, so that a near-tie of two classes
+    may pick either), `tolerances` (`compare_level`'s match_px, in the box unit, match_score, tie_atol,
+    tie_rtol)."""
     gb, gs = (np.asarray(a, np.float64) for a in got)
     rb, rs = (np.asarray(a, np.float64) for a in reference)
     gb = gb.reshape(gb.shape[0], -1, 4)
@@ -337,35 +454,29 @@ def compare_candidates(
         nonfinite={**nonfinite_outputs("onnxruntime", gb, gs), **nonfinite_outputs("pytorch", rb, rs)}
     )
     blocks = level_blocks(height, width, nms_pre, anchors_per_location, strides)
-    expected_k = sum(kept for _, kept, _ in blocks)
-    expected_a = sum(anchors for anchors, _, _ in blocks)
-    if gb.shape[1] != expected_k or gs.shape[1] != expected_k or rb.shape[1] != expected_a:
-        per_location = (
-            f" with {anchors_per_location} anchors per location" if anchors_per_location > 1 else ""
-        )
-        report.count_mismatch = (
-            f"the graph returned {gb.shape[1]} candidates per image, expected {expected_k} "
-            f"for {height}x{width}{per_location} (PyTorch decoded {rb.shape[1]} of {expected_a} anchors)"
-        )
-        return report
-    if not report.finite:
+    report.count_mismatch = _count_mismatch(gb, gs, rb, blocks, f"{height}x{width}", anchors_per_location)
+    if report.count_mismatch or not report.finite:
         return report
     for b in range(gb.shape[0]):
         anchor_start = 0
-        for name, (anchors, kept, offset) in zip(LEVEL_NAMES[: len(blocks)], blocks, strict=True):
+        for name, (anchors, kept, offset), stride in zip(
+            LEVEL_NAMES[: len(blocks)], blocks, strides, strict=True
+        ):
             ref = slice(anchor_start, anchor_start + anchors)
             cand = slice(offset, offset + kept)
-            report.levels.append(
-                compare_level(
-                    name,
-                    gb[b, cand],
-                    gs[b, cand],
-                    rb[b, ref],
-                    rs[b, ref, :classes],
-                    rs[b, ref].max(-1),
-                    kept,
-                    **tolerances,
-                )
+            level = compare_level(
+                name,
+                gb[b, cand],
+                gs[b, cand],
+                rb[b, ref],
+                rs[b, ref, :classes],
+                rs[b, ref].max(-1),
+                kept,
+                box_scale=box_scales(rb[b, ref], stride, box_unit),
+                one_label=one_label,
+                **tolerances,
             )
+            level.box_unit = box_unit
+            report.levels.append(level)
             anchor_start += anchors
     return report

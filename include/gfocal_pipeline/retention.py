@@ -34,7 +34,7 @@ from typing import Any
 from gfocal_pipeline.cache_store import Cache, dir_size, reclaim_stale
 from gfocal_pipeline.errors import ConfigError, GfocalError
 from gfocal_pipeline.fileio import held_step_locks, write_json
-from gfocal_pipeline.layout import DONE_FILE, OUTPUTS_FILE
+from gfocal_pipeline.layout import DONE_FILE, OUTPUTS_FILE, VARIANTS_DIR, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ def is_kept(relative: str) -> bool:
     if len(parts) == 1:
         return name in KEPT_TOP_FILES or name.endswith(".log")
     top = parts[0]
+    if top == VARIANTS_DIR and len(parts) > 3:  # variants/<name>/<what a run keeps>
+        return is_kept("/".join(parts[2:]))
     if top in KEPT_TREES:
         return True
     if top == "outputs" and len(parts) == 4 and name in KEPT_SHARD_FILES:
@@ -507,7 +509,7 @@ def small_report(report: dict[str, Any], cap: int = 20) -> dict[str, Any]:
 def check_not_pruned(run_dir: str | os.PathLike[str], what: str) -> None:
     """Raise RunPrunedError when retention has pruned `run_dir` (its `what` is gone): a late retry of
     a task of an old run fails clearly instead of on a missing file."""
-    record = _pruned_record(Path(run_dir))
+    record = _pruned_record(RunLayout.at(run_dir).run_root)  # a variant's folder: its run's
     if record is None:
         return
     when = record.get("pruned_at_utc") or "an unknown date"

@@ -157,8 +157,8 @@ class ModelOptions:
     parity_threshold: float = option(
         1e-3,
         title="Parity threshold",
-        description="Largest allowed |ONNX Runtime - PyTorch| difference of boxes (px) and scores "
-        "over the export's matched candidates.",
+        description="Largest allowed |ONNX Runtime - PyTorch| difference of boxes (px; relative to the "
+        "box size for YOLOX) and scores over the export's matched candidates.",
         kind=float,
         exclusive_minimum=0,
     )

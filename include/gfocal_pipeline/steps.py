@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gfocal_pipeline.constants import DEFAULT_ANNOTATION_FILE, DEFAULT_IMAGE_DIR, NUM_CLASSES
-from gfocal_pipeline.errors import DatasetError, GfocalError
+from gfocal_pipeline.errors import ConfigError, DatasetError, GfocalError
 from gfocal_pipeline.fileio import read_state_json, reclaim_temps, step_lock, write_json
 from gfocal_pipeline.layout import RunLayout, om_cache_dir
 from gfocal_pipeline.manifest import Manifest, load_manifest
@@ -41,11 +41,21 @@ def run_directory(work_dir: str | Path, dag_id: str, run_id: str) -> Path:
     return Path(work_dir) / safe_name(dag_id) / safe_name(run_id)
 
 
-def prepare_step(values: dict[str, Any], dag_id: str, run_id: str, *, ascend: bool) -> dict[str, Any]:
+def prepare_step(
+    values: dict[str, Any],
+    dag_id: str,
+    run_id: str,
+    *,
+    ascend: bool,
+    variants: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Validate a run's options once (`RunConfig`) and create its run directory.
 
     Returns the validated options plus `run_dir`, `om_cache_dir`, and from the run's model spec (also
     recorded in `run.json`) `reference_backend` and `history_model`: what every later task reads.
+    `variants` ({name: the options it changes}, a models file entry's) adds `variants`: per name the
+    whole validated options of that variant with its own `run_dir` (`variants/<name>/`), and
+    `export_batch_size`, the largest batch of any variant (the one graph they all convert).
     """
     from gfocal_pipeline.adapters import run_model_spec
     from gfocal_pipeline.run_config import RunConfig
@@ -55,16 +65,39 @@ def prepare_step(values: dict[str, Any], dag_id: str, run_id: str, *, ascend: bo
     run_dir = run_directory(config["work_dir"], dag_id, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     layout = RunLayout.at(run_dir)
+    by_variant = _variant_configs(values, variants, layout, ascend=ascend)
     if not layout.run_json.is_file():  # a retried prepare keeps the run's creation time
         record = {"dag_id": dag_id, "run_id": run_id, "created": time.time(), "config": config}
         write_json(layout.run_json, {**record, "model": spec.to_dict()})
-    return {
+    prepared = {
         **config,
         "run_dir": str(run_dir),
         "om_cache_dir": str(om_cache_dir(config["work_dir"])),
         "reference_backend": spec.reference_backend,  # what the nightly's reference branch runs
         "history_model": spec.history_name,
     }
+    if by_variant:
+        batches = [variant["batch_size"] for variant in by_variant.values()]
+        prepared.update(variants=by_variant, export_batch_size=max(batches))
+    return prepared
+
+
+def _variant_configs(
+    values: dict[str, Any], variants: dict[str, dict[str, Any]] | None, layout: RunLayout, *, ascend: bool
+) -> dict[str, dict[str, Any]]:
+    """Each variant's validated options (the run's values with its changes) and its folder."""
+    from gfocal_pipeline.run_config import RunConfig
+
+    found = {}
+    for name, changes in (variants or {}).items():
+        try:
+            config = RunConfig.from_mapping({**values, **changes}, ascend=ascend).to_dict()
+        except GfocalError as exc:
+            raise ConfigError(f"variant {name!r}: {exc}") from None
+        folder = layout.variant(safe_name(name)).root
+        folder.mkdir(parents=True, exist_ok=True)
+        found[name] = {**config, "run_dir": str(folder), "variant": name}
+    return found
 
 
 def om_batch_sizes(batch_size: int) -> tuple[int, ...]:
@@ -233,7 +266,9 @@ def shard_inputs(layout: RunLayout, manifest: Manifest, shard: str, backend: str
         )
     from gfocal_pipeline.preprocess import materialize_shard
 
-    root = layout.inputs_dir / safe_name(backend)
+    # private to the task: a variant's folder name keeps two variants of one backend apart
+    owner = backend if layout.root == layout.run_root else f"{layout.root.name}-{backend}"
+    root = layout.inputs_dir / safe_name(owner)
     try:
         materialize_shard(manifest, shard, root / shard)
         yield dataclasses.replace(manifest, inputs_root=str(root))
@@ -471,12 +506,48 @@ def cli_history_record(
     return record, evaluation
 
 
-def summary_step(run_dir: str | Path, evaluations: dict[str, dict[str, Any]], **facts: Any) -> dict[str, Any]:
+def variant_matrix(
+    evaluations: dict[str, dict[str, Any]], variants: dict[str, dict[str, Any]], published_ap: float | None
+) -> list[dict[str, Any]]:
+    """One row per variant (the evaluation of role = its name): its tool, precision mode and batch,
+    AP, ΔAP vs the reference (when one ran), ΔAP vs the published AP, fps and p99 latency, and
+    whether it is an expected failure (`variants[name]["expected_failure"]`, the reason)."""
+    reference = evaluations.get("reference", {}).get("stats", {}).get("AP")
+    rows = []
+    for name, facts in variants.items():
+        result = evaluations.get(name) or {}
+        ap = result.get("stats", {}).get("AP")
+        timing = result.get("timing", {})
+        rows.append(
+            {
+                "variant": name,
+                "tool": facts.get("tool"),
+                "precision_mode": facts.get("precision_mode"),
+                "batch_size": timing.get("batch_size") or facts.get("batch_size"),
+                "AP": ap,
+                "dAP_reference": None if ap is None or reference is None else ap - reference,
+                "dAP_published": None if ap is None or published_ap is None else ap - published_ap,
+                "fps": timing.get("fps"),
+                "p99_ms": (timing.get("latency_ms") or {}).get("p99"),
+                "expected_failure": facts.get("expected_failure"),
+            }
+        )
+    return rows
+
+
+def summary_step(
+    run_dir: str | Path,
+    evaluations: dict[str, dict[str, Any]],
+    variants: dict[str, dict[str, Any]] | None = None,
+    published_ap: float | None = None,
+    **facts: Any,
+) -> dict[str, Any]:
     """Write `summary.json` (what the summary task prints) and return it.
 
     With a `reference` evaluation and a `device` one, AP_reference, AP_npu and AP_delta are reported
     like the seed's 0.410 vs 0.406 table; AP_pytorch too when the reference is PyTorch (a
-    bring-your-own graph's reference is ONNX Runtime on the same graph).
+    bring-your-own graph's reference is ONNX Runtime on the same graph). With `variants` (a models
+    file entry's, see `variant_matrix`) the summary holds their `matrix`.
     """
     from gfocal_pipeline.step_caches import reuse_summary
 
@@ -506,6 +577,12 @@ def summary_step(run_dir: str | Path, evaluations: dict[str, dict[str, Any]], **
         summary.update({"AP_reference": ap_ref, "AP_npu": ap_dev, "AP_delta": ap_dev - ap_ref})
         if evaluations["reference"].get("backend", "torch") == "torch":
             summary["AP_pytorch"] = ap_ref
+    if variants:
+        summary["matrix"] = variant_matrix(evaluations, variants, published_ap)
+        if "reference" in evaluations:
+            summary["AP_reference"] = evaluations["reference"]["stats"]["AP"]
+            if evaluations["reference"].get("backend", "torch") == "torch":
+                summary["AP_pytorch"] = summary["AP_reference"]
     write_json(layout.summary, summary)
     return summary
 
@@ -546,6 +623,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{kind} {n['reused']} reused / {n['built']} built" for kind, n in summary["cache"].items()
         )
         lines.append(f"\ncache: {reused}")
+    if summary.get("matrix"):
+        lines += ["", *format_matrix(summary["matrix"], summary.get("AP_reference"))]
     if "AP_delta" in summary:
         reference = summary["backends"].get("reference", {}).get("backend") or "torch"
         name = "AP_pytorch" if reference == "torch" else f"AP_{reference}"
@@ -555,3 +634,42 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"AP_delta={summary['AP_delta']:+.4f}"
         )
     return "\n".join(lines)
+
+
+def _cell(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_matrix(matrix: list[dict[str, Any]], ap_reference: float | None = None) -> list[str]:
+    """The variant matrix as aligned text lines (the summary task's log, the CLI)."""
+    header = [
+        "variant",
+        "tool",
+        "precision",
+        "batch",
+        "AP",
+        "dAP_ref",
+        "dAP_pub",
+        "fps",
+        "p99 ms",
+        "expected",
+    ]
+    rows = [header]
+    for row in matrix:
+        rows.append(
+            [
+                str(row["variant"]),
+                str(row.get("tool") or "-"),
+                str(row.get("precision_mode") or "-"),
+                _cell(row.get("batch_size"), "d"),
+                _cell(row.get("AP"), ".4f"),
+                _cell(row.get("dAP_reference"), "+.4f"),
+                _cell(row.get("dAP_published"), "+.4f"),
+                _cell(row.get("fps"), ".2f"),
+                _cell(row.get("p99_ms"), ".1f"),
+                "FAILS: " + row["expected_failure"] if row.get("expected_failure") else "",
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    title = "variants" + ("" if ap_reference is None else f" (reference AP {ap_reference:.4f})")
+    return [title, *("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)]

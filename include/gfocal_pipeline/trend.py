@@ -1,12 +1,31 @@
-"""Trend page: AP and fps over time per configuration, latest verdicts, recent runs, as HTML and JSON.
+"""Trend page: AP and fps over time per model, variant and configuration, latest verdicts, recent
+runs, as HTML and JSON.
+
+Pages, relative to the app root (`<airflow>/gfocal/`):
+
+- `./` the index of models: one row per model entry and variant (the history's `model` is
+  `<entry>/<variant>` for zoo runs, a plain name for the older DAGs' rows: variant "default", see
+  `history.model_entry`), with the variant's latest verdict, AP and fps and a sparkline of its AP;
+- `models/<entry>/` one model: AP and fps with one line per variant, then the model's configuration
+  sections and recent runs;
+- `configurations/` every configuration's section and the recent runs of all models;
+- `api/models` (the index) and `api/trends` (the configurations) as JSON, both filtered by
+  `?model=<entry>` (the entry with all its variants) or `?model=<entry>/<variant>` (that variant),
+  answering 404 with the recorded models when nothing of it is recorded.
+
+A variant's line (index and model page) follows one configuration, its "primary": the one of its
+most recent gated run, else of its most recent run, so runs of other backends, devices or datasets
+(the Ascend DAG's reference role, a demo dataset) never zigzag into it; the model page's sections
+show every configuration.
 
 A configuration includes the dataset (`ConfigKey.dataset`): runs on two datasets are two sections;
 rows recorded before dataset keys form their own section, marked as such.
 
 Everything is rendered server-side (inline SVG, inline CSS, no script, no CDN) so the page works on
-offline machines and inside the Airflow UI's iframe. Links are relative: the page is served at
+offline machines and inside the Airflow UI's iframe. Links are relative: the index is served at
 `<airflow>/gfocal/`, so `../dags/<dag_id>/runs/<run_id>` reaches the Airflow run whatever
-`[api] base_url` prefix the deployment uses. `create_app` builds the FastAPI app; FastAPI is imported
+`[api] base_url` prefix the deployment uses (a page one or two folders deeper prefixes `../` as
+often). `create_app` builds the FastAPI app; FastAPI is imported
 there only, so the rest of the library does not need it.
 
 The app also serves each gated run's regression report (`<run_dir>/report/report.html` and its
@@ -26,7 +45,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from gfocal_pipeline.history import LEGACY_DATASET, ConfigKey, HistoryError, HistoryStore, RunRecord
+from gfocal_pipeline.history import (
+    LEGACY_DATASET,
+    ConfigKey,
+    HistoryError,
+    HistoryStore,
+    RunRecord,
+    model_entry,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -38,6 +64,10 @@ LEGACY_NOTE = (
 )
 SERIES = (("AP", "AP", "{:.4f}"), ("fps", "fps", "{:.2f}"))
 VERDICT_COLORS = {"pass": "#1a7f37", "fail": "#cf222e", None: "#6e7781"}
+# one line colour per variant on a model page (none of them a verdict's green, red or grey)
+VARIANT_COLORS = ("#0969da", "#8250df", "#bc4c00", "#1b7c83", "#bf3989", "#0550ae", "#953800", "#4d2d00")
+SPARK_RUNS = 20  # runs in an index row's AP sparkline
+MODELS_DIR, CONFIGURATIONS_DIR = "models", "configurations"
 REPORT_DIR, REPORT_HTML, PICTURES_DIR = "report", "report.html", "pictures"
 PICTURE_NAME = re.compile(r"[0-9]{2}_[0-9]+\.png")  # <rank>_<image id>.png, matched whole
 # report.html is self-contained: inline CSS, pictures from this server; no script, nothing else
@@ -52,6 +82,11 @@ def run_path(dag_id: str, run_id: str) -> str:
 def report_path(dag_id: str, run_id: str) -> str:
     """Path of a run's regression report, relative to the trend page."""
     return f"runs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}/{REPORT_DIR}/"
+
+
+def model_path(entry: str) -> str:
+    """Path of a model entry's page, relative to the index."""
+    return f"{MODELS_DIR}/{quote(entry, safe='')}/"
 
 
 def _run_point(record: RunRecord) -> dict[str, Any]:
@@ -109,13 +144,81 @@ def trend_data(histories: Mapping[ConfigKey, Sequence[RunRecord]], recent: Seque
     }
 
 
-def load_trend_data(store: HistoryStore, *, per_config: int = 50, dag_id: str | None = None) -> dict:
-    """Read what the page shows from the history store (HistoryError if the database fails)."""
+def load_trend_data(
+    store: HistoryStore, *, per_config: int = 50, dag_id: str | None = None, model: str | None = None
+) -> dict:
+    """Read what the page shows from the history store (HistoryError if the database fails);
+    `model` keeps the rows of `<entry>` (all its variants) or `<entry>/<variant>`."""
     histories = {
         config: store.runs(config, limit=per_config, dag_id=dag_id)
-        for config in store.configurations(dag_id=dag_id)
+        for config in store.configurations(dag_id=dag_id, model=model)
     }
-    return trend_data(histories, store.recent(limit=per_config, dag_id=dag_id))
+    return trend_data(histories, store.recent(limit=per_config, dag_id=dag_id, model=model))
+
+
+def model_index(configurations: Sequence[Mapping[str, Any]], *, spark_runs: int = SPARK_RUNS) -> list[dict]:
+    """Per model entry (the most recently run first), its variants (by name) as index rows, from
+    trend_data's `configurations`."""
+    groups: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
+    for config in configurations:
+        entry, variant = model_entry(config["key"]["model"])
+        groups.setdefault(entry, {}).setdefault(variant, []).append(config)
+    models = []
+    for entry, variants in groups.items():
+        rows = [_variant_row(name, configs, spark_runs) for name, configs in sorted(variants.items())]
+        models.append(
+            {
+                "entry": entry,
+                "path": model_path(entry),
+                "finished_at": max(row["latest"]["finished_at"] for row in rows),
+                "variants": rows,
+            }
+        )
+    models.sort(key=lambda m: m["finished_at"], reverse=True)
+    return models
+
+
+def _last_gated(config: Mapping[str, Any]) -> str:
+    """finished_at of the configuration's newest gated run, '' if none was gated."""
+    return max((run["finished_at"] for run in config["runs"] if run["verdict"]), default="")
+
+
+def primary_configuration(configs: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The configuration a variant's line follows: the one of its newest gated run, else of its
+    newest run."""
+    gated = [config for config in configs if _last_gated(config)]
+    if gated:
+        return max(gated, key=_last_gated)
+    return max(configs, key=lambda config: config["latest"]["finished_at"])
+
+
+def _variant_row(variant: str, configs: Sequence[Mapping[str, Any]], spark_runs: int) -> dict:
+    """One index row: the variant's primary configuration, its latest run and AP sparkline."""
+    primary = primary_configuration(configs)
+    latest = primary["runs"][-1]
+    return {
+        "variant": variant,
+        "model": primary["key"]["model"],
+        "configuration": primary["label"],
+        "slug": primary["slug"],
+        "configurations": len(configs),
+        "latest": {
+            key: latest[key]
+            for key in ("dag_id", "run_id", "finished_at", "verdict", "AP", "fps", "run_path")
+        },
+        "spark": [
+            {key: run[key] for key in ("run_id", "finished_at", "AP", "verdict")}
+            for run in primary["runs"][-spark_runs:]
+        ],
+    }
+
+
+def index_data(data: Mapping[str, Any], *, spark_runs: int = SPARK_RUNS) -> dict:
+    """JSON-safe index data for trend_data's `data`."""
+    return {
+        "generated_at": data["generated_at"],
+        "models": model_index(data["configurations"], spark_runs=spark_runs),
+    }
 
 
 def svg_chart(
@@ -166,7 +269,7 @@ class _ChartFrame:
     high: float
     count: int
 
-    def x_of(self, index: int) -> float:
+    def x_of(self, index: float) -> float:
         """x of the run at `index` (centred when there is one run)."""
         return self.left + (self.plot_w / 2 if self.count == 1 else self.plot_w * index / (self.count - 1))
 
@@ -212,22 +315,106 @@ def _date_labels(points: Sequence[Mapping[str, Any]], frame: _ChartFrame, height
 
 
 def _series(
-    values: Sequence[tuple[int, Mapping[str, Any]]], metric: str, frame: _ChartFrame, value_format: str
+    values: Sequence[tuple[float, Mapping[str, Any]]],
+    metric: str,
+    frame: _ChartFrame,
+    value_format: str,
+    *,
+    variant: str | None = None,
+    line_color: str | None = None,
 ) -> list[str]:
-    """The line through the (run index, point) `values` and one verdict-coloured circle per point."""
+    """The line through the (run index, point) `values` and one verdict-coloured circle per point;
+    `variant` tags both (data-variant), `line_color` colours the line."""
     esc = html.escape
     coords = " ".join(f"{frame.x_of(i):.1f},{frame.y_of(float(p[metric])):.1f}" for i, p in values)
-    parts = [f'<polyline class="series" data-series="{esc(metric)}" points="{coords}"/>']
+    tag = "" if variant is None else f' data-variant="{esc(variant)}"'
+    style = "" if line_color is None else f' style="stroke:{esc(line_color)}"'
+    parts = [f'<polyline class="series"{tag} data-series="{esc(metric)}"{style} points="{coords}"/>']
     for i, p in values:
         value = float(p[metric])
         color = VERDICT_COLORS.get(p.get("verdict"), VERDICT_COLORS[None])
         tip = f"{p['run_id']} ({p['finished_at'][:16]}): {metric} {value_format.format(value)}"
         parts.append(
-            f'<circle class="point" data-series="{esc(metric)}" data-run-id="{esc(p["run_id"])}" '
+            f'<circle class="point"{tag} data-series="{esc(metric)}" data-run-id="{esc(p["run_id"])}" '
             f'data-value="{value!r}" cx="{frame.x_of(i):.1f}" cy="{frame.y_of(value):.1f}" r="3.5" '
             f'fill="{color}"><title>{esc(tip)}</title></circle>'
         )
     return parts
+
+
+def svg_sparkline(points: Sequence[Mapping[str, Any]], metric: str = "AP", *, width: int = 120) -> str:
+    """A small inline SVG line of `metric` over `points` (oldest first), by run order, its last point
+    coloured by verdict; a <title> gives the range and the latest value."""
+    esc = html.escape
+    values = [p for p in points if p.get(metric) is not None]
+    height = 28
+    head = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="spark" data-series="{esc(metric)}" '
+        f'data-runs="{len(values)}" width="{width}" height="{height}" viewBox="0 0 {width} {height}"'
+    )
+    if not values:
+        return head + f' role="img" aria-label="no {esc(metric)} data"></svg>'
+    numbers = [float(p[metric]) for p in values]
+    low, high = _padded_range(numbers)
+    frame = _ChartFrame(4, 4, width - 8, height - 8, low, high, len(values))
+    coords = " ".join(f"{frame.x_of(i):.1f},{frame.y_of(v):.1f}" for i, v in enumerate(numbers))
+    color = VERDICT_COLORS.get(values[-1].get("verdict"), VERDICT_COLORS[None])
+    tip = (
+        f"{metric} over the last {len(values)} run(s): {min(numbers):.4f} to {max(numbers):.4f}, "
+        f"latest {numbers[-1]:.4f}"
+    )
+    return (
+        f'{head} role="img" aria-label="{esc(tip)}"><title>{esc(tip)}</title>'
+        f'<polyline class="spark-line" points="{coords}"/>'
+        f'<circle class="spark-last" cx="{frame.x_of(len(values) - 1):.1f}" '
+        f'cy="{frame.y_of(numbers[-1]):.1f}" r="2.5" fill="{color}"/></svg>'
+    )
+
+
+def _when_fraction(points: Sequence[Mapping[str, Any]]) -> Callable[[str], float]:
+    """Maps a point's finished_at (ISO) to its place in [0, 1] between the first and last time."""
+    stamps = [datetime.fromisoformat(p["finished_at"]).timestamp() for p in points]
+    first, span = min(stamps), (max(stamps) - min(stamps)) or 1.0
+    return lambda iso: (datetime.fromisoformat(iso).timestamp() - first) / span
+
+
+def svg_variant_chart(
+    series: Sequence[tuple[str, str, Sequence[Mapping[str, Any]]]],
+    metric: str,
+    *,
+    title: str,
+    value_format: str = "{:.4g}",
+    width: int = 460,
+    height: int = 180,
+) -> str:
+    """Inline SVG chart of `metric` with one line per (variant, colour, points oldest first), x by
+    time (the variants' runs interleave); circles coloured by verdict, as svg_chart's."""
+    esc = html.escape
+    drawn = [
+        (name, color, [p for p in points if p.get(metric) is not None]) for name, color, points in series
+    ]
+    everything = sorted((p for _, _, points in drawn for p in points), key=lambda p: p["finished_at"])
+    left, right, top, bottom = 58, 12, 24, 28
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart variants" data-series="{esc(metric)}" '
+        f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{esc(title)}">',
+        f'<text x="{left}" y="15" class="chart-title">{esc(title)}</text>',
+    ]
+    if not everything:
+        parts.append(f'<text x="{left}" y="{height / 2:.1f}" class="empty">no {esc(metric)} data</text>')
+        return "".join(parts) + "</svg>"
+    low, high = _padded_range([float(p[metric]) for p in everything])
+    times = {p["finished_at"] for p in everything}
+    frame = _ChartFrame(left, top, width - left - right, height - top - bottom, low, high, min(len(times), 2))
+    place = _when_fraction(everything)
+    parts.extend(_grid_lines(frame, value_format))
+    parts.extend(_date_labels(everything, frame, height))
+    for name, color, points in drawn:
+        placed = [(place(p["finished_at"]), p) for p in points]
+        if placed:
+            parts.extend(_series(placed, metric, frame, value_format, variant=name, line_color=color))
+    return "".join(parts) + "</svg>"
 
 
 _CSS = """
@@ -242,6 +429,10 @@ section.config{border:1px solid #d0d7de;border-radius:6px;padding:10px;margin:0 
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #d0d7de;padding:3px 8px;text-align:left}
 th,td.time,td.num{white-space:nowrap}td.config{color:#57606a;font-size:.9em}
 td.num{text-align:right;font-variant-numeric:tabular-nums}.notes{color:#57606a;font-size:.85em}
+table.models td{vertical-align:middle}td.entry{font-weight:600}svg.spark{display:block}
+.spark-line{fill:none;stroke:#0969da;stroke-width:1.2}
+ul.legend{list-style:none;padding:0;margin:4px 0 8px;display:flex;flex-wrap:wrap;gap:4px 16px}
+.swatch{display:inline-block;width:14px;height:4px;margin-right:5px;vertical-align:middle}
 """
 
 
@@ -265,60 +456,202 @@ def _report_link(path: str | None) -> str:
     return "-" if path is None else f'<a class="report" href="{html.escape(path, quote=True)}">report</a>'
 
 
-def render_page(data: Mapping[str, Any], *, airflow_root: str = "../", title: str = "GFocal trends") -> str:
-    """The HTML page for `data` (from trend_data). `airflow_root` is the relative path from the page
-    to the Airflow UI root, used for run links."""
+def _page_head(title: str) -> list[str]:
     esc = html.escape
-    out = [
+    return [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
         f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>",
-        '<p class="notes">Per configuration (model, backend/device, precision, batch, policy, dataset); '
-        'points coloured by gate verdict. Data as <a href="api/trends">JSON</a>.</p>',
+    ]
+
+
+def _page_foot(data: Mapping[str, Any]) -> str:
+    return f'<p class="notes">Generated {html.escape(data["generated_at"][:19])} UTC.</p></body></html>'
+
+
+def _config_section(config: Mapping[str, Any]) -> str:
+    """A configuration's section: latest verdict, dataset, notes, AP and fps charts."""
+    esc = html.escape
+    latest = config["latest"]
+    regressed = ", ".join(latest["regressed"])
+    out = [
+        f'<section class="config" id="{esc(config["slug"])}"><h2>{esc(config["label"])}</h2>'
+        f"<p>Latest: {_badge(latest['verdict'])} run <code>{esc(latest['run_id'])}</code> "
+        f"at {esc(_when(latest['finished_at']))} UTC"
+        + (f" — regressed: <b>{esc(regressed)}</b>" if regressed else "")
+        + "</p>"
+    ]
+    if config["legacy"]:
+        out.append(f'<p class="notes legacy">{esc(LEGACY_NOTE)}</p>')
+    else:
+        out.append(f'<p class="notes">Dataset <code>{esc(config["dataset"])}</code></p>')
+    if latest["notes"]:
+        out.append('<p class="notes">' + "; ".join(esc(n) for n in latest["notes"]) + "</p>")
+    out.append('<div class="charts">')
+    for metric, label, fmt in SERIES:
+        out.append(svg_chart(config["runs"], metric, title=f"{label} over time", value_format=fmt))
+    out.append("</div></section>")
+    return "\n".join(out)
+
+
+def _recent_table(runs: Sequence[Mapping[str, Any]], *, airflow_root: str, app_root: str) -> str:
+    """The "Recent runs" table: run links to Airflow (`airflow_root`), report links (`app_root`)."""
+    if not runs:
+        return ""
+    esc = html.escape
+    out = [
+        "<h2>Recent runs</h2><table><thead><tr><th>finished (UTC)</th><th>run</th><th>configuration</th>"
+        "<th>AP</th><th>AP Δ</th><th>fps</th><th>p50 ms</th><th>p99 ms</th><th>verdict</th>"
+        "<th>report</th></tr></thead><tbody>"
+    ]
+    for run in runs:
+        href = esc(airflow_root + run["run_path"], quote=True)
+        report = None if run["report_path"] is None else app_root + run["report_path"]
+        out.append(
+            f'<tr><td class="time">{esc(_when(run["finished_at"]))}</td>'
+            f'<td><a href="{href}" target="_top">{esc(run["dag_id"])} / {esc(run["run_id"])}</a></td>'
+            f'<td class="config">{esc(run["label"])}</td>'
+            f'<td class="num">{_num(run["AP"], "{:.4f}")}</td>'
+            f'<td class="num">{_num(run["ap_delta"], "{:+.4f}")}</td>'
+            f'<td class="num">{_num(run["fps"], "{:.2f}")}</td>'
+            f'<td class="num">{_num(run["latency_p50_ms"], "{:.2f}")}</td>'
+            f'<td class="num">{_num(run["latency_p99_ms"], "{:.2f}")}</td>'
+            f"<td>{_badge(run['verdict'])}</td><td>{_report_link(report)}</td></tr>"
+        )
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def render_page(
+    data: Mapping[str, Any], *, airflow_root: str = "../", title: str = "GFocal trends", app_root: str = ""
+) -> str:
+    """The page of every configuration in `data` (from trend_data). `airflow_root` is the relative
+    path from the page to the Airflow UI root (run links), `app_root` the one to the app's root
+    (report and JSON links)."""
+    esc = html.escape
+    out = [
+        *_page_head(title),
+        f'<p class="notes"><a href="{esc(app_root or "./", quote=True)}">All models</a> · '
+        "Per configuration (model, backend/device, precision, batch, policy, dataset); "
+        f'points coloured by gate verdict. Data as <a href="{esc(app_root)}api/trends">JSON</a>.</p>',
     ]
     if not data["configurations"]:
         out.append("<p>No runs recorded yet.</p>")
-    for config in data["configurations"]:
-        latest = config["latest"]
-        regressed = ", ".join(latest["regressed"])
-        out.append(
-            f'<section class="config" id="{esc(config["slug"])}"><h2>{esc(config["label"])}</h2>'
-            f"<p>Latest: {_badge(latest['verdict'])} run <code>{esc(latest['run_id'])}</code> "
-            f"at {esc(_when(latest['finished_at']))} UTC"
-            + (f" — regressed: <b>{esc(regressed)}</b>" if regressed else "")
-            + "</p>"
-        )
-        if config["legacy"]:
-            out.append(f'<p class="notes legacy">{esc(LEGACY_NOTE)}</p>')
-        else:
-            out.append(f'<p class="notes">Dataset <code>{esc(config["dataset"])}</code></p>')
-        if latest["notes"]:
-            out.append('<p class="notes">' + "; ".join(esc(n) for n in latest["notes"]) + "</p>")
-        out.append('<div class="charts">')
-        for metric, label, fmt in SERIES:
-            out.append(svg_chart(config["runs"], metric, title=f"{label} over time", value_format=fmt))
-        out.append("</div></section>")
-    if data["recent_runs"]:
-        out.append(
-            "<h2>Recent runs</h2><table><thead><tr><th>finished (UTC)</th><th>run</th><th>configuration</th>"
-            "<th>AP</th><th>AP Δ</th><th>fps</th><th>p50 ms</th><th>p99 ms</th><th>verdict</th>"
-            "<th>report</th></tr></thead><tbody>"
-        )
-        for run in data["recent_runs"]:
-            href = esc(airflow_root + run["run_path"], quote=True)
-            out.append(
-                f'<tr><td class="time">{esc(_when(run["finished_at"]))}</td>'
-                f'<td><a href="{href}" target="_top">{esc(run["dag_id"])} / {esc(run["run_id"])}</a></td>'
-                f'<td class="config">{esc(run["label"])}</td>'
-                f'<td class="num">{_num(run["AP"], "{:.4f}")}</td>'
-                f'<td class="num">{_num(run["ap_delta"], "{:+.4f}")}</td>'
-                f'<td class="num">{_num(run["fps"], "{:.2f}")}</td>'
-                f'<td class="num">{_num(run["latency_p50_ms"], "{:.2f}")}</td>'
-                f'<td class="num">{_num(run["latency_p99_ms"], "{:.2f}")}</td>'
-                f"<td>{_badge(run['verdict'])}</td><td>{_report_link(run['report_path'])}</td></tr>"
-            )
-        out.append("</tbody></table>")
-    out.append(f'<p class="notes">Generated {esc(data["generated_at"][:19])} UTC.</p></body></html>')
+    out.extend(_config_section(config) for config in data["configurations"])
+    out.append(_recent_table(data["recent_runs"], airflow_root=airflow_root, app_root=app_root))
+    out.append(_page_foot(data))
     return "\n".join(out)
+
+
+def _variant_cells(model: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    """The cells of one index row after the model cell."""
+    esc = html.escape
+    latest = row["latest"]
+    more = row["configurations"] - 1
+    config = esc(row["configuration"]) + (
+        f' <a href="{esc(model["path"], quote=True)}">+{more} more</a>' if more else ""
+    )
+    return (
+        f'<td class="variant">{esc(row["variant"])}</td><td class="verdict">{_badge(latest["verdict"])}</td>'
+        f'<td class="num ap">{_num(latest["AP"], "{:.4f}")}</td>'
+        f'<td class="num fps">{_num(latest["fps"], "{:.2f}")}</td>'
+        f'<td class="spark">{svg_sparkline(row["spark"])}</td>'
+        f'<td class="config">{config}</td><td class="time">{esc(_when(latest["finished_at"]))}</td>'
+    )
+
+
+def render_index(
+    index: Mapping[str, Any], *, title: str = "GFocal trends", spark_runs: int = SPARK_RUNS
+) -> str:
+    """The index page for `index` (from index_data): one row per model entry and variant."""
+    esc = html.escape
+    out = [
+        *_page_head(title),
+        '<p class="notes">Per model and variant: the latest run of the variant\'s configuration '
+        f"(the one of its latest gated run) and its AP over the last {spark_runs} runs. "
+        f'<a href="{CONFIGURATIONS_DIR}/">All configurations</a> · data as JSON: '
+        '<a href="api/models">models</a>, <a href="api/trends">configurations</a>.</p>',
+    ]
+    if not index["models"]:
+        out.append("<p>No runs recorded yet.</p>")
+    else:
+        out.append(
+            '<table class="models"><thead><tr><th>model</th><th>variant</th><th>verdict</th><th>AP</th>'
+            f"<th>fps</th><th>AP, last {spark_runs} runs</th><th>configuration</th>"
+            "<th>latest (UTC)</th></tr></thead><tbody>"
+        )
+        for model in index["models"]:
+            rows = model["variants"]
+            link = f'<a href="{esc(model["path"], quote=True)}">{esc(model["entry"])}</a>'
+            for i, row in enumerate(rows):
+                first = f'<td class="entry" rowspan="{len(rows)}">{link}</td>' if i == 0 else ""
+                out.append(
+                    f'<tr class="variant-row" data-entry="{esc(model["entry"])}" '
+                    f'data-variant="{esc(row["variant"])}">{first}{_variant_cells(model, row)}</tr>'
+                )
+        out.append("</tbody></table>")
+    out.append(_page_foot(index))
+    return "\n".join(out)
+
+
+def _legend(series: Sequence[tuple[str, str, Sequence[Mapping[str, Any]]]], rows: Sequence[Mapping]) -> str:
+    esc = html.escape
+    items = "".join(
+        f'<li data-variant="{esc(name)}"><span class="swatch" style="background:{esc(color)}"></span>'
+        f'<b>{esc(name)}</b> <span class="notes">{esc(row["configuration"])}</span></li>'
+        for (name, color, _), row in zip(series, rows, strict=True)
+    )
+    return f'<ul class="legend">{items}</ul>'
+
+
+def render_model_page(
+    data: Mapping[str, Any],
+    model: Mapping[str, Any],
+    *,
+    airflow_root: str = "../",
+    title: str = "GFocal trends",
+    app_root: str = "../../",
+) -> str:
+    """The page of one model entry: `model` is its index entry (model_index), `data` the
+    trend_data of its rows. AP and fps with one line per variant, then its configurations' sections
+    and its recent runs. Relative roots as in render_page."""
+    esc = html.escape
+    entry = model["entry"]
+    by_slug = {config["slug"]: config for config in data["configurations"]}
+    rows = model["variants"]
+    series = [
+        (row["variant"], VARIANT_COLORS[i % len(VARIANT_COLORS)], by_slug[row["slug"]]["runs"])
+        for i, row in enumerate(rows)
+    ]
+    json_href = f"{app_root}api/trends?model={quote(entry, safe='')}"
+    out = [
+        *_page_head(f"{title}: {entry}"),
+        f'<p class="notes"><a href="{esc(app_root, quote=True)}">All models</a> · '
+        f'<a href="{esc(app_root, quote=True)}{CONFIGURATIONS_DIR}/">All configurations</a> · '
+        f'data as <a href="{esc(json_href, quote=True)}">JSON</a>. One line per variant (its '
+        "configuration of the latest gated run), points coloured by gate verdict.</p>",
+        _legend(series, rows),
+        '<div class="charts">',
+        *(
+            svg_variant_chart(series, metric, title=f"{label} per variant", value_format=fmt)
+            for metric, label, fmt in SERIES
+        ),
+        "</div><h2>Configurations</h2>",
+        *(_config_section(config) for config in data["configurations"]),
+        _recent_table(data["recent_runs"], airflow_root=airflow_root, app_root=app_root),
+        _page_foot(data),
+    ]
+    return "\n".join(out)
+
+
+def unknown_model_message(store: HistoryStore, model: str, dag_id: str | None) -> str:
+    """Why `?model=` found nothing, naming the recorded model entries."""
+    entries = sorted({model_entry(name)[0] for name in store.models(dag_id=dag_id)})
+    shown = ", ".join(entries[:30]) + (", ..." if len(entries) > 30 else "")
+    where = f" of DAG {dag_id!r}" if dag_id else ""
+    return (
+        f"no recorded runs of model {model!r}{where} in the history: use a model entry "
+        f"(e.g. 'gfocalv2_r50', all its variants) or '<entry>/<variant>'; recorded entries: {shown or 'none'}"
+    )
 
 
 def create_app(
@@ -328,11 +661,11 @@ def create_app(
     airflow_root: str = "../",
     title: str = "GFocal trends",
 ) -> FastAPI:
-    """FastAPI app serving `/` (HTML) and `/api/trends` (JSON). `store` may be a factory, called on
-    the first request, so importing the app (e.g. by the Airflow plugin manager) touches no database.
-    `dependencies` are added to every route (the plugin passes Airflow's authentication check)."""
-    from fastapi import FastAPI, Query
-    from fastapi.responses import HTMLResponse, JSONResponse
+    """FastAPI app serving the pages and JSON of the module docstring and the run reports. `store`
+    may be a factory, called on the first request, so importing the app (e.g. by the Airflow plugin
+    manager) touches no database. `dependencies` are added to every route (the plugin passes
+    Airflow's authentication check)."""
+    from fastapi import FastAPI
 
     app = FastAPI(title=title, dependencies=list(dependencies), docs_url=None, redoc_url=None)
     holder: list[HistoryStore] = []
@@ -342,29 +675,103 @@ def create_app(
             holder.append(store if isinstance(store, HistoryStore) else store())
         return holder[0]
 
-    def load(limit: int, dag_id: str | None) -> dict:
-        return load_trend_data(get_store(), per_config=limit, dag_id=dag_id)
+    _add_page_routes(app, get_store, airflow_root=airflow_root, title=title)
+    _add_api_routes(app, get_store)
+    _add_report_routes(app, get_store)
+    return app
 
-    limit_query = Query(50, ge=1, le=1000, description="runs per configuration")
+
+def _limit_query() -> Any:
+    from fastapi import Query
+
+    return Query(50, ge=1, le=1000, description="runs per configuration")
+
+
+def _add_page_routes(
+    app: FastAPI, get_store: Callable[[], HistoryStore], *, airflow_root: str, title: str
+) -> None:
+    """`/` (index), `configurations/` (every configuration) and `models/{entry}/` (one model)."""
+    from fastapi.responses import HTMLResponse, RedirectResponse
+
+    limit_query = _limit_query()
+
+    def answer(render: Callable[[], str]) -> Response:
+        try:
+            return HTMLResponse(render())
+        except HistoryError as exc:
+            return _message_page(title, str(exc), 503)
 
     @app.get("/", response_class=HTMLResponse)
-    def page(limit: int = limit_query, dag_id: str | None = None) -> HTMLResponse:
-        try:
-            data = load(limit, dag_id)
-        except HistoryError as exc:
-            body = f"<!DOCTYPE html><html><body><h1>{html.escape(title)}</h1><p>{html.escape(str(exc))}</p>"
-            return HTMLResponse(body + "</body></html>", status_code=503)
-        return HTMLResponse(render_page(data, airflow_root=airflow_root, title=title))
+    def index(limit: int = limit_query, dag_id: str | None = None) -> Response:
+        def render() -> str:
+            data = load_trend_data(get_store(), per_config=limit, dag_id=dag_id)
+            return render_index(index_data(data, spark_runs=min(limit, SPARK_RUNS)), title=title)
 
-    @app.get("/api/trends")
-    def trends(limit: int = limit_query, dag_id: str | None = None) -> JSONResponse:
+        return answer(render)
+
+    # without the trailing slash: a relative redirect (any mount prefix is kept), as the pages'
+    # relative links need the slash
+    @app.get(f"/{CONFIGURATIONS_DIR}", include_in_schema=False)
+    def configurations_without_slash() -> RedirectResponse:
+        return RedirectResponse(f"{CONFIGURATIONS_DIR}/", status_code=308)
+
+    @app.get(f"/{MODELS_DIR}/{{entry}}", include_in_schema=False)
+    def model_without_slash(entry: str) -> RedirectResponse:
+        return RedirectResponse(f"{quote(entry, safe='')}/", status_code=308)
+
+    @app.get(f"/{CONFIGURATIONS_DIR}/", response_class=HTMLResponse)
+    def configurations(limit: int = limit_query, dag_id: str | None = None) -> Response:
+        def render() -> str:
+            data = load_trend_data(get_store(), per_config=limit, dag_id=dag_id)
+            return render_page(data, airflow_root="../" + airflow_root, title=title, app_root="../")
+
+        return answer(render)
+
+    @app.get(f"/{MODELS_DIR}/{{entry}}/", response_class=HTMLResponse)
+    def model_page(entry: str, limit: int = limit_query, dag_id: str | None = None) -> Response:
         try:
-            return JSONResponse(load(limit, dag_id))
+            data = load_trend_data(get_store(), per_config=limit, dag_id=dag_id, model=entry)
+            models = model_index(data["configurations"], spark_runs=min(limit, SPARK_RUNS))
+            if not models:
+                return _message_page(title, unknown_model_message(get_store(), entry, dag_id), 404)
+        except HistoryError as exc:
+            return _message_page(title, str(exc), 503)
+        page = render_model_page(
+            data, models[0], airflow_root="../../" + airflow_root, title=title, app_root="../../"
+        )
+        return HTMLResponse(page)
+
+
+def _add_api_routes(app: FastAPI, get_store: Callable[[], HistoryStore]) -> None:
+    """`api/trends` (configurations) and `api/models` (the index), both with `?model=`: the entry
+    and all its variants, or `<entry>/<variant>` exactly; 404 with the recorded entries when
+    nothing of that model is recorded."""
+    from fastapi import Query
+    from fastapi.responses import JSONResponse
+
+    limit_query = _limit_query()
+    model_query = Query(None, description="a model entry (all its variants) or <entry>/<variant>")
+
+    def answer(limit: int, dag_id: str | None, model: str | None, shape: Callable[[dict], dict]) -> Response:
+        try:
+            data = load_trend_data(get_store(), per_config=limit, dag_id=dag_id, model=model)
+            if model is not None and not data["configurations"]:
+                return JSONResponse({"detail": unknown_model_message(get_store(), model, dag_id)}, 404)
+            return JSONResponse(shape(data))
         except HistoryError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=503)
 
-    _add_report_routes(app, get_store)
-    return app
+    @app.get("/api/trends")
+    def trends(
+        limit: int = limit_query, dag_id: str | None = None, model: str | None = model_query
+    ) -> Response:
+        return answer(limit, dag_id, model, lambda data: data)
+
+    @app.get("/api/models")
+    def models(
+        limit: int = limit_query, dag_id: str | None = None, model: str | None = model_query
+    ) -> Response:
+        return answer(limit, dag_id, model, lambda data: index_data(data, spark_runs=min(limit, SPARK_RUNS)))
 
 
 class ReportUnavailable(Exception):

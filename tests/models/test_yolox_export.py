@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from gfocal_pipeline.models.yolox.spec import SPEC as MODEL_SPEC
 from gfocal_pipeline.models.yolox.weights import randomize
 from gfocal_pipeline.nets.ascend_nms import NMS_OP
 from gfocal_pipeline.nets.levels import level_sizes
+from gfocal_pipeline.parity import ParityReport
 from gfocal_pipeline.pixels import pixels_of
 from gfocal_pipeline.postprocess import multiclass_nms
 
@@ -44,6 +46,7 @@ PORTABLE = {(256, 256): False, (192, 256): True}
 SIZES = list(PORTABLE)
 SQUARE = SIZES[0]  # the ascend export and the mutants
 SEED = 0
+OWN_SIZE, OWN_SEEDS = (640, 640), (0, 1, 2)  # the registered model's input and the seeds checked there
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,27 @@ def model() -> YOLOX:
 @pytest.fixture(scope="module")
 def exports(model: YOLOX, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return export_matrix(export_yolox, model, tmp_path_factory.mktemp("yolox"), PORTABLE, SQUARE)
+
+
+@pytest.fixture(scope="module")
+def own_nets() -> dict[int, YOLOX]:
+    """YOLOX-s with the random weights of each of `OWN_SEEDS`."""
+    nets = {seed: build_yolox() for seed in OWN_SEEDS}
+    for seed, net in nets.items():
+        randomize(net, seed)
+    return nets
+
+
+@pytest.fixture(scope="module")
+def own_size(
+    own_nets: dict[int, YOLOX], tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, int], object]:
+    """Both variants at the model's own 640x640 for each of `OWN_SEEDS`' random weights (where the
+    boxes of P4/P5, exp(log wh) * stride, reach 1e5 px and two classes may tie exactly)."""
+    out, found = tmp_path_factory.mktemp("yolox640"), {}
+    for (seed, net), variant in itertools.product(own_nets.items(), ("portable", "ascend")):
+        found[variant, seed] = export_yolox(net, out / f"{variant}{seed}.onnx", variant, *OWN_SIZE)
+    return found
 
 
 def _feed(size: tuple[int, int], uint8: bool) -> np.ndarray:
@@ -163,6 +187,79 @@ def test_ascend_nms_inputs_equal_the_portable_outputs(exports: dict) -> None:
     assert not nms_scores[..., 80].any()  # the appended background column
 
 
+@pytest.mark.parametrize("seed", OWN_SEEDS)
+@pytest.mark.parametrize("variant", ["portable", "ascend"])
+def test_both_variants_pass_parity_at_640_with_random_weights(
+    own_size: dict, variant: str, seed: int
+) -> None:
+    """The registered size: boxes are compared relative to stride + box size, the one label per prior
+    against PyTorch's scores of every class (the spec's parity facts)."""
+    result = own_size[variant, seed]
+    assert result.parity["unexplained"] == 0 and result.parity["boundary_ties"] == 0
+    assert result.parity_max_abs_err <= 1e-4  # relative boxes ~2e-5, scores ~2e-5 (threshold 1e-3)
+    assert [lv["anchors"] for lv in result.parity_levels] == [6400, 1600, 400]
+    assert {lv["box_unit"] for lv in result.parity_levels} == {"size"}
+    assert result.candidates_per_image == 8400
+
+
+def _level_of_priors(size: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
+    """PyTorch's side of a synthetic `size` x `size` YOLOX input: boxes (1,K,4) 3 strides wide around
+    each prior and the scores of every class (1,K,80), classes 0 and 1 tied exactly on every prior."""
+    priors = torch.cat(grid_priors(level_sizes(size, size, SPEC.strides))).numpy().astype(np.float64)
+    strides = np.repeat(SPEC.strides, [h * w for h, w in level_sizes(size, size, SPEC.strides)])
+    half = 1.5 * strides[:, None]
+    boxes = np.concatenate([priors - half, priors + half], axis=1)[None]
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.0, 0.3, (1, len(priors), 80))
+    scores[..., 0] = scores[..., 1] = 0.6
+    return boxes, scores, len(priors)
+
+
+def _one_label(scores: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """The graph's scores: each row's score in the column `label` only."""
+    out = np.zeros_like(scores)
+    rows = np.arange(scores.shape[1])
+    out[0, rows, label] = scores[0, rows, label]
+    return out
+
+
+def _unmatched(report: ParityReport) -> int:
+    return sum(lv.unmatched for lv in report.levels)
+
+
+def test_one_label_comparison_allows_a_near_tie_and_refuses_a_wrong_label() -> None:
+    boxes, scores, k = _level_of_priors()
+    either = np.arange(k) % 2  # the graph broke each exact 0/1 tie its own way
+    report = compare_yolox_candidates((boxes, _one_label(scores, either)), (boxes, scores), 64, 64)
+    assert report.unexplained == 0 and report.numeric_error == 0.0, report.describe()
+    wrong = either.copy()
+    wrong[:5] = 7  # not the best class of these priors: unmatched (and their priors missing)
+    report = compare_yolox_candidates((boxes, _one_label(scores, wrong)), (boxes, scores), 64, 64)
+    assert _unmatched(report) == 5 and report.unexplained == 10
+    two = _one_label(scores, either)
+    two[0, :3, 5] = 0.2  # a second label on three rows: no longer one label per prior
+    assert _unmatched(compare_yolox_candidates((boxes, two), (boxes, scores), 64, 64)) == 3
+    low = _one_label(scores, either)
+    low[0, :4] *= 0.99  # the right label with a wrong score
+    assert _unmatched(compare_yolox_candidates((boxes, low), (boxes, scores), 64, 64)) == 4
+
+
+def test_boxes_are_compared_relative_to_stride_and_box_size() -> None:
+    boxes, scores, k = _level_of_priors()
+    graph_scores = _one_label(scores, np.zeros(k, dtype=np.int64))
+    big = boxes.copy()
+    big[0, -1] = [-1e5, -1e5, 1e5, 1e5]  # a P5 box 2e5 px wide, as random weights give at 640
+    moved = big.copy()
+    moved[0, -1] += 20.0  # 20 px = 1e-4 of its size: float noise of exp(wh) * stride, matched
+    report = compare_yolox_candidates((moved, graph_scores), (big, scores), 64, 64)
+    assert report.unexplained == 0 and report.boxes == pytest.approx(20 / (32 + 2e5))
+    shifted = boxes.copy()
+    shifted[0, :, :] += 0.5 * 8  # every box moved by half a P3 stride: no prior's box
+    report = compare_yolox_candidates((shifted, graph_scores), (boxes, scores), 64, 64)
+    assert all(lv.unmatched == lv.kept for lv in report.levels), report.describe()
+    assert "of stride + box size" in report.describe()
+
+
 # --- mutants: graphs a port could produce, checked against the correct PyTorch module -----------
 
 
@@ -175,13 +272,8 @@ def _assert_refused(message: str, variant: str) -> None:
     assert "P6:" not in message and "check the opset and the model code" in message
 
 
-def test_priors_with_a_half_stride_offset_are_refused(model: YOLOX, exports: dict) -> None:
-    correct = exports[portable_key(SQUARE)]
-    assert correct.parity["unexplained"] == 0  # the control: same graph, same pictures, same check
-    graph = copy.deepcopy(onnx.load(correct.onnx_path))
-    sizes = level_sizes(*SQUARE, SPEC.strides)
-    right = [p.numpy() for p in grid_priors(sizes)]
-    wrong = [p.numpy() for p in grid_priors(sizes, dataclasses.replace(SPEC, center_offset=0.5))]
+def _replace_constants(graph: onnx.ModelProto, right: list[np.ndarray], wrong: list[np.ndarray]) -> int:
+    """Replace, in place, each Constant node equal to one of `right` by its `wrong`; how many were."""
     replaced = 0
     for node in (n for n in graph.graph.node if n.op_type == "Constant"):
         value = node.attribute[0].t
@@ -189,12 +281,35 @@ def test_priors_with_a_half_stride_offset_are_refused(model: YOLOX, exports: dic
             if tuple(value.dims) == old.shape and np.array_equal(numpy_helper.to_array(value), old):
                 value.CopyFrom(numpy_helper.from_array(new, value.name))
                 replaced += 1
-    assert replaced == len(right)
+    return replaced
+
+
+def test_priors_with_a_half_stride_offset_are_refused(model: YOLOX, exports: dict) -> None:
+    correct = exports[portable_key(SQUARE)]
+    assert correct.parity["unexplained"] == 0  # the control: same graph, same pictures, same check
+    graph = copy.deepcopy(onnx.load(correct.onnx_path))
+    sizes = level_sizes(*SQUARE, SPEC.strides)
+    right = [p.numpy() for p in grid_priors(sizes)]
+    wrong = [p.numpy() for p in grid_priors(sizes, dataclasses.replace(SPEC, center_offset=0.5))]
+    assert _replace_constants(graph, right, wrong) == len(right)
     module = YoloxExport(YoloxDeploy(model, *SQUARE)).eval()
     report = parity(module, graph, _feed(SQUARE, uint8=False))
     refusal, fix = _verdict(report, 1e-3, 0)
     assert refusal and "check the opset and the model code" in fix, report.describe()
     assert all(lv.unexplained > 0 for lv in report.levels)  # every level's boxes moved by stride / 2
+
+
+def test_priors_with_a_half_stride_offset_are_refused_at_640(own_nets: dict, own_size: dict) -> None:
+    """At the registered size too, where boxes are compared relative to their size."""
+    graph = onnx.load(own_size["portable", OWN_SEEDS[0]].onnx_path)
+    sizes = level_sizes(*OWN_SIZE, SPEC.strides)
+    right = [p.numpy() for p in grid_priors(sizes)]
+    wrong = [p.numpy() for p in grid_priors(sizes, dataclasses.replace(SPEC, center_offset=0.5))]
+    assert _replace_constants(graph, right, wrong) == len(right)
+    module = YoloxExport(YoloxDeploy(own_nets[OWN_SEEDS[0]], *OWN_SIZE)).eval()
+    report = parity(module, graph, _feed(OWN_SIZE, uint8=False))
+    refusal, _ = _verdict(report, 1e-3, 0)
+    assert refusal and all(lv.unexplained > 0 for lv in report.levels), report.describe()
 
 
 def test_a_wrong_p3_stride_is_refused_and_the_graph_kept(
@@ -235,25 +350,17 @@ def test_bad_arguments(model: YOLOX, tmp_path: Path, kwargs: dict, pattern: str)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_registered_adapter_exports_through_export_onnx(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`export_onnx(model="yolox")` once the adapter is registered: the checkpoint's hash and the spec
-    are recorded beside the graph, where ONNX Runtime reads its NMS settings from."""
+def test_the_registered_adapter_exports_through_export_onnx(tmp_path: Path) -> None:
+    """`export_onnx(model="yolox")` through the registry: the checkpoint's hash and the spec are
+    recorded beside the graph, where ONNX Runtime reads its NMS settings from."""
     from gfocal_pipeline import adapters
     from gfocal_pipeline.export import export_onnx
     from gfocal_pipeline.fileio import sha256_file
     from gfocal_pipeline.model_spec import spec_beside
 
-    monkeypatch.setitem(adapters._PACKAGES, "yolox", "gfocal_pipeline.models.yolox")
-    adapters.model_spec.cache_clear()
-    adapters.load_adapter.cache_clear()
-    try:
-        checkpoint = adapters.load_adapter("yolox").write_random_checkpoint(tmp_path / "w.pth", seed=SEED)
-        result = export_onnx(checkpoint, tmp_path / "y.onnx", "portable", 128, 160, model="yolox")
-    finally:
-        adapters.model_spec.cache_clear()
-        adapters.load_adapter.cache_clear()
+    assert "yolox" in adapters.model_names() and adapters.model_spec("yolox") == MODEL_SPEC
+    checkpoint = adapters.load_adapter("yolox").write_random_checkpoint(tmp_path / "w.pth", seed=SEED)
+    result = export_onnx(checkpoint, tmp_path / "y.onnx", "portable", 128, 160, model="yolox")
     assert result.checkpoint_sha256 == sha256_file(checkpoint) and result.parity["unexplained"] == 0
     assert result.candidates_per_image == 16 * 20 + 8 * 10 + 4 * 5
     assert spec_beside(tmp_path / "y.onnx") == MODEL_SPEC

@@ -9,14 +9,13 @@ import email.policy
 import logging
 import os
 import re
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
-from support import ROOT, load_dag_file, xcoms
+from support import ROOT, SmtpInbox, free_port, load_dag_file, xcoms
 
 from gfocal_pipeline.alerts import build_failure_alert
 from gfocal_pipeline.history import ConfigKey, HistoryStore, RunRecord
@@ -27,25 +26,10 @@ DAG_ID_ASCEND = "gfocal_ascend_nightly"
 BASE_URL = "http://airflow.example.test/prefix"
 
 
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[email.message.EmailMessage] = []
-
-    async def handle_DATA(self, server, session, envelope):
-        self.messages.append(email.message_from_bytes(envelope.original_content, policy=email.policy.default))
-        return "250 OK"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def inbox(airflow_db: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Inbox]:
-    box = Inbox()
-    controller = Controller(box, hostname="127.0.0.1", port=_free_port())
+def inbox(airflow_db: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[SmtpInbox]:
+    box = SmtpInbox()
+    controller = Controller(box, hostname="127.0.0.1", port=free_port())
     controller.start()
     monkeypatch.setenv(
         "AIRFLOW_CONN_SMTP_DEFAULT", f"smtp://127.0.0.1:{controller.port}?disable_tls=true&disable_ssl=true"
@@ -89,7 +73,7 @@ def _bodies(message: email.message.EmailMessage) -> str:
     return message.get_body(("html",)).get_content() + message.get_body(("plain", "html")).get_content()
 
 
-def test_floor_regression_alerts_once(inbox: Inbox, tmp_path: Path) -> None:
+def test_floor_regression_alerts_once(inbox: SmtpInbox, tmp_path: Path) -> None:
     dag_run, values = _run(tmp_path, min_ap=0.4)  # random weights cannot reach AP 0.4
     assert dag_run.state == "failed"
     assert "record" in values  # recorded before the gate failed
@@ -102,7 +86,7 @@ def test_floor_regression_alerts_once(inbox: Inbox, tmp_path: Path) -> None:
         assert store.count() == 1  # the row survives the failed gate
 
 
-def test_baseline_regression_alerts_once_naming_ap_and_fps(inbox: Inbox, tmp_path: Path) -> None:
+def test_baseline_regression_alerts_once_naming_ap_and_fps(inbox: SmtpInbox, tmp_path: Path) -> None:
     first, values = _run(tmp_path)
     assert first.state == "success" and values["gate"]["first_run"] is True and inbox.messages == []
     # four earlier passing nights that were 0.010 AP better and twice as fast: the baseline (median of
@@ -121,7 +105,7 @@ def test_baseline_regression_alerts_once_naming_ap_and_fps(inbox: Inbox, tmp_pat
     assert "FAIL" in body and "baseline" in body.lower()
 
 
-def test_run_within_tolerance_passes_silently(inbox: Inbox, tmp_path: Path) -> None:
+def test_run_within_tolerance_passes_silently(inbox: SmtpInbox, tmp_path: Path) -> None:
     first, values = _run(tmp_path)
     assert first.state == "success"
     # baseline AP 0.002 better (tolerance 0.003) and fps lower: within tolerance
@@ -133,7 +117,7 @@ def test_run_within_tolerance_passes_silently(inbox: Inbox, tmp_path: Path) -> N
 
 
 def test_history_db_down_fails_loudly_and_alerts(
-    inbox: Inbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    inbox: SmtpInbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GFOCAL_HISTORY_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
     dag_run, values = _run(tmp_path)
@@ -144,7 +128,7 @@ def test_history_db_down_fails_loudly_and_alerts(
     assert "127.0.0.1:1" in _bodies(message)  # the error names the unreachable database
 
 
-def test_deadline_alert_names_the_run(inbox: Inbox) -> None:
+def test_deadline_alert_names_the_run(inbox: SmtpInbox) -> None:
     from operators.alerting import deadline_missed
 
     run_id = "scheduled__2026-11-26T02:00:00+00:00"
@@ -171,7 +155,7 @@ def test_refused_smtp_is_logged_not_raised(
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_SMTP_DEFAULT",
-        f"smtp://127.0.0.1:{_free_port()}?disable_tls=true&disable_ssl=true&timeout=5&retry_limit=1",
+        f"smtp://127.0.0.1:{free_port()}?disable_tls=true&disable_ssl=true&timeout=5&retry_limit=1",
     )
     monkeypatch.setenv("AIRFLOW__GFOCAL__ALERT_TO", "oncall@example.test")
     content = build_failure_alert(dag_id=DAG_ID, run_id="r1", what="task export", error="boom")
@@ -197,7 +181,7 @@ CHAIR = 56  # a class the demo checkpoint is confident about (DEMO_CONFIDENT_CLA
 
 
 def test_a_device_that_loses_a_class_gets_a_report_and_an_alert_with_pictures(
-    inbox: Inbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    inbox: SmtpInbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Ascend nightly on the emulated toolkit, whose NPU never finds chairs (it zeroes that class's
     scores before its NMS): the report's first class is chair, and the failed gate's e-mail has text and

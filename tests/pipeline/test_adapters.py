@@ -35,7 +35,7 @@ def test_an_unknown_model_names_the_nearest_and_every_choice() -> None:
         check_model_name("retinanett")
     message = str(info.value)
     assert "'retinanett' is not a registered model adapter (did you mean 'retinanet'?)" in message
-    assert "choose one of: gfocalv2, onnx, retinanet" in message and "gfocal models" in message
+    assert "choose one of: gfocalv2, onnx, retinanet, yolox" in message and "gfocal models" in message
 
 
 def test_a_recorded_spec_is_validated_field_by_field() -> None:

@@ -1,10 +1,11 @@
-"""Acceptance test of the trend page in a real browser: a real `airflow api-server` (own AIRFLOW_HOME,
+"""Acceptance test of the trend pages in a real browser: a real `airflow api-server` (own AIRFLOW_HOME,
 migrated SQLite, `[api] base_url` with a path prefix, simple auth manager) serves the plugin on a free
 loopback port; headless Debian Chromium, driven by Selenium through /usr/bin/chromedriver, logs in
-through Airflow's login page, opens the page directly and through the Airflow UI's Browse menu,
-checks both plots against the recorded history (DOM and screenshot pixels), opens one run's
-regression report (a real report folder, found through the run's history row) from its link and
-directly, and saves screenshots under test-artifacts/.
+through Airflow's login page, opens the index of models and the model pages directly and through the
+Airflow UI's Browse menu, checks the index rows, the sparklines and the plots (one line per variant,
+AP and fps per configuration) against the recorded history (DOM and screenshot pixels), opens one
+run's regression report (a real report folder, found through the run's history row) from its link
+and directly, and saves screenshots under test-artifacts/.
 
 Chromium comes from the system packages (`apt-get install chromium chromium-driver`), never from a
 download: the driver path is passed explicitly, so Selenium Manager is not used.
@@ -38,7 +39,7 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from gfocal_pipeline.history import ConfigKey, HistoryStore, RunRecord
+from gfocal_pipeline.history import ConfigKey, HistoryStore, RunRecord, model_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.airflow]
 
@@ -80,6 +81,53 @@ FAILED_VERDICT = {
 }
 
 
+# Model zoo rows (`<entry>/<variant>`): per (entry, variant) its nights, oldest first: (AP, fps, passed).
+# gfocalv2_r50/fp16 regresses on night 4, retinanet_r50 on its last night (FAIL in the index).
+ZOO_DAG = "gfocal_zoo_nightly"
+ZOO = {
+    ("gfocalv2_r50", "fp16"): [
+        (0.4046, 61.2, True),
+        (0.4049, 60.8, True),
+        (0.4044, 61.5, True),
+        (0.3870, 52.3, False),
+        (0.4047, 61.0, True),
+        (0.4048, 61.3, True),
+    ],
+    ("gfocalv2_r50", "keep"): [
+        (0.4062, 18.4, True),
+        (0.4060, 18.9, True),
+        (0.4063, 18.6, True),
+        (0.4061, 18.2, True),
+        (0.4059, 18.7, True),
+        (0.4064, 18.5, True),
+    ],
+    ("retinanet_r50", "fp16"): [(0.3621, 44.0, True), (0.3618, 43.6, True), (0.3561, 44.3, False)],
+}
+PRECISION = {"fp16": "force_fp16", "keep": "must_keep_origin_dtype"}
+ZOO_ENTRY = "gfocalv2_r50"  # the model page of the docs' screenshot
+
+
+def zoo_config(entry: str, variant: str) -> ConfigKey:
+    return ConfigKey(
+        model_key(entry, variant), "msame", "Ascend310P3", PRECISION[variant], 1, "modelzoo", DATASET
+    )
+
+
+def zoo_run_id(entry: str, variant: str, night: int) -> str:
+    # unique across variants, so that a run id names one point (FAILED_RUNS)
+    return f"scheduled__{entry}__{variant}__{(T0 + timedelta(days=night)).date()}"
+
+
+def zoo_nights() -> dict[tuple[str, str], list[tuple[str, float, float, bool]]]:
+    """Per (entry, variant): (run id, AP, fps, passed) per night, oldest first."""
+    return {
+        key: [(zoo_run_id(*key, n), *night) for n, night in enumerate(nights)] for key, nights in ZOO.items()
+    }
+
+
+FAILED_RUNS = {FAILED_RUN} | {run for nights in zoo_nights().values() for run, *_, ok in nights if not ok}
+
+
 @dataclass(frozen=True)
 class Server:
     base: str  # e.g. http://127.0.0.1:PORT/prefix
@@ -110,6 +158,13 @@ def record_history(url: str, report_run_dir: Path) -> None:
             if run_id == FAILED_RUN:
                 detail = {**FAILED_VERDICT, "run_dir": str(report_run_dir)}
             store.set_verdict(DAG_ID, run_id, CONFIG, detail)
+        for (entry, variant), nights in zoo_nights().items():
+            config = zoo_config(entry, variant)
+            for night, (run_id, ap, fps, passed) in enumerate(nights):
+                finished = T0 + timedelta(days=night, hours=1, minutes=len(variant))
+                store.record(RunRecord(ZOO_DAG, run_id, config, {"AP": ap}, finished, fps=fps, images=5000))
+                detail = {"passed": passed, "regressed": [] if passed else ["AP", "fps"], "notes": []}
+                store.set_verdict(ZOO_DAG, run_id, config, detail)
 
 
 def free_port() -> int:
@@ -229,7 +284,7 @@ def login(driver: webdriver.Chrome, server: Server) -> None:
 
 # Per chart: its box and, per point, run id, value, screen box and computed fill.
 CHART_SCRIPT = """
-return Array.from(document.querySelectorAll('svg.chart')).map(svg => ({
+return Array.from(document.querySelectorAll('section.config svg.chart')).map(svg => ({
   series: svg.dataset.series,
   box: svg.getBoundingClientRect().toJSON(),
   polyline: (svg.querySelector('polyline.series') || {getAttribute: () => ''}).getAttribute('points'),
@@ -244,7 +299,9 @@ return Array.from(document.querySelectorAll('svg.chart')).map(svg => ({
 def check_charts(driver: webdriver.Chrome) -> list[dict]:
     """Both series are drawn, one visible point per recorded run, in time order, at heights that
     follow the recorded values; returns the chart data for pixel checks."""
-    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg.chart circle"))
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "section.config svg.chart circle")
+    )
     charts = driver.execute_script(CHART_SCRIPT)
     assert sorted(c["series"] for c in charts) == ["AP", "fps"]
     for chart in charts:
@@ -270,6 +327,89 @@ def check_charts(driver: webdriver.Chrome) -> list[dict]:
     return charts
 
 
+# Per variant chart: its box and, per line, the variant, its computed stroke colour and its points.
+VARIANT_SCRIPT = """
+return Array.from(document.querySelectorAll('svg.chart.variants')).map(svg => ({
+  series: svg.dataset.series,
+  box: svg.getBoundingClientRect().toJSON(),
+  lines: Array.from(svg.querySelectorAll('polyline')).map(l => ({
+    variant: l.dataset.variant, stroke: getComputedStyle(l).stroke,
+    points: Array.from(svg.querySelectorAll('circle')).filter(c => c.dataset.variant === l.dataset.variant)
+      .map(c => ({run: c.dataset.runId, value: parseFloat(c.dataset.value),
+                  box: c.getBoundingClientRect().toJSON()}))})),
+}));
+"""
+# Per index row: entry, variant, the text of its cells by class, its sparkline's box and point count.
+INDEX_SCRIPT = """
+return Array.from(document.querySelectorAll('tr.variant-row')).map(tr => ({
+  entry: tr.dataset.entry, variant: tr.dataset.variant,
+  cells: Object.fromEntries(Array.from(tr.querySelectorAll('td')).map(td => [td.className, td.innerText])),
+  spark: tr.querySelector('svg.spark').getBoundingClientRect().toJSON(),
+  sparkPoints: tr.querySelector('svg.spark polyline').getAttribute('points').trim().split(/ +/).length,
+}));
+"""
+
+
+def expected_index() -> dict[tuple[str, str], list[tuple[str, float, float, bool]]]:
+    """Per (entry, variant) of the index: its nights (run id, AP, fps, passed), oldest first."""
+    legacy = [(run_id, *run) for run_id, run in zip(RUN_IDS, RUNS, strict=True)]
+    return {(CONFIG.model, "default"): legacy, **zoo_nights()}
+
+
+def check_index(driver: webdriver.Chrome) -> None:
+    """One row per model entry and variant, with the latest run's verdict, AP and fps and a visible
+    sparkline of every recorded night."""
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "tr.variant-row svg.spark")
+    )
+    rows = {(r["entry"], r["variant"]): r for r in driver.execute_script(INDEX_SCRIPT)}
+    expected = expected_index()
+    assert set(rows) == set(expected)
+    for key, nights in expected.items():
+        row, (_, ap, fps, passed) = rows[key], nights[-1]
+        assert row["cells"]["num ap"] == f"{ap:.4f}" and row["cells"]["num fps"] == f"{fps:.2f}", key
+        assert row["cells"]["verdict"] == ("PASS" if passed else "FAIL")
+        assert row["sparkPoints"] == len(nights)
+        assert row["spark"]["width"] >= 100 and row["spark"]["height"] >= 20
+    links = {a.text: a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "td.entry a")}
+    base = driver.execute_script("return document.baseURI")
+    assert links == {entry: f"{base}models/{entry}/" for entry, _ in expected}
+
+
+def rgb(css: str) -> tuple[int, int, int]:
+    """'rgb(9, 105, 218)' -> (9, 105, 218)."""
+    red, green, blue = (int(v) for v in css[css.index("(") + 1 : css.index(")")].split(",")[:3])
+    return red, green, blue
+
+
+def check_variant_charts(driver: webdriver.Chrome, entry: str) -> list[dict]:
+    """AP and fps of model `entry`: one line per variant, in a colour of its own, one point per
+    night at heights that follow the recorded values, x in time order; returns the charts in
+    check_screenshot's form."""
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "svg.chart.variants circle")
+    )
+    expected = {variant: nights for (e, variant), nights in expected_index().items() if e == entry}
+    charts = []
+    for chart in driver.execute_script(VARIANT_SCRIPT):
+        column = 1 if chart["series"] == "AP" else 2
+        lines = {line["variant"]: line for line in chart["lines"]}
+        assert set(lines) == set(expected)
+        strokes = {variant: rgb(line["stroke"]) for variant, line in lines.items()}
+        assert len(set(strokes.values())) == len(strokes)
+        for variant, nights in expected.items():
+            points = lines[variant]["points"]
+            assert [p["run"] for p in points] == [night[0] for night in nights]
+            assert [p["value"] for p in points] == pytest.approx([night[column] for night in nights])
+        points = [p for line in chart["lines"] for p in line["points"]]
+        by_value = sorted(points, key=lambda p: p["value"])
+        ys = [p["box"]["y"] for p in by_value]
+        assert ys == sorted(ys, reverse=True)
+        charts.append({"series": chart["series"], "box": chart["box"], "points": points, "strokes": strokes})
+    assert sorted(c["series"] for c in charts) == ["AP", "fps"]
+    return charts
+
+
 def rgb_at(image, box: dict) -> tuple[int, int, int]:
     blue, green, red = (
         int(v) for v in image[round(box["y"] + box["height"] / 2), round(box["x"] + box["width"] / 2)]
@@ -279,7 +419,8 @@ def rgb_at(image, box: dict) -> tuple[int, int, int]:
 
 def check_screenshot(path: Path, charts: list[dict]) -> None:
     """The PNG is a real, non-blank rendering: every point's centre pixel has the verdict colour
-    (red for the failed run, green for passing runs) and the series line is drawn between them."""
+    (red for the failed runs, green for passing runs) and the series lines are drawn between them
+    (blue for a configuration's chart; each variant's own colour for a variant chart)."""
     assert path.stat().st_size > 10_000
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     assert image is not None and image.shape[1] >= 1000 and image.shape[0] >= 600
@@ -287,14 +428,18 @@ def check_screenshot(path: Path, charts: list[dict]) -> None:
     for chart in charts:
         for point in chart["points"]:
             red, green, blue = rgb_at(image, point["box"])
-            if point["run"] == FAILED_RUN:
+            if point["run"] in FAILED_RUNS:
                 assert red > green + 80 and red > blue + 80, (point["run"], (red, green, blue))
             else:
                 assert green > red + 40 and green > blue + 30, (point["run"], (red, green, blue))
         box = chart["box"]
-        crop = image[int(box["top"]) : int(box["bottom"]), int(box["left"]) : int(box["right"])]
-        line = (crop[:, :, 0].astype(int) > crop[:, :, 2].astype(int) + 100).sum()  # blue-dominant pixels
-        assert line > 200, f"{chart['series']} line not drawn ({line} blue pixels)"
+        crop = image[int(box["top"]) : int(box["bottom"]), int(box["left"]) : int(box["right"])].astype(int)
+        if "strokes" not in chart:  # a configuration's chart: its one blue line
+            line = (crop[:, :, 0] > crop[:, :, 2] + 100).sum()  # blue-dominant pixels
+            assert line > 200, f"{chart['series']} line not drawn ({line} blue pixels)"
+        for variant, (red, green, blue) in chart.get("strokes", {}).items():  # each in its colour
+            line = (abs(crop - (blue, green, red)).sum(axis=2) < 60).sum()
+            assert line > 150, f"{chart['series']} {variant} line not drawn ({line} pixels of its colour)"
 
 
 def set_viewport(driver: webdriver.Chrome, height: int | None = None) -> None:
@@ -321,10 +466,11 @@ def test_login_is_required(server: Server):
     assert info.value.code == 401
 
 
-def test_trend_page_in_chromium_shows_ap_and_fps_of_every_run(browser: webdriver.Chrome, server: Server):
-    browser.get(f"{server.base}/gfocal/")
-    assert browser.title == "GFocal trends"
+def test_model_page_in_chromium_shows_ap_and_fps_of_every_run(browser: webdriver.Chrome, server: Server):
+    browser.get(f"{server.base}/gfocal/models/{CONFIG.model}/")
+    assert browser.title == f"GFocal trends: {CONFIG.model}"
     check_charts(browser)
+    check_variant_charts(browser, CONFIG.model)  # its one variant, 'default' (a model of the older DAGs)
     text = browser.find_element(By.TAG_NAME, "body").text
     assert CONFIG.label in text and f"Dataset {DATASET}" in text  # short in the label, whole below
     for ap, fps, _ in RUNS:
@@ -333,6 +479,7 @@ def test_trend_page_in_chromium_shows_ap_and_fps_of_every_run(browser: webdriver
     assert text.count("FAIL") == 1 and text.count("PASS") == passed + 1  # table rows + latest badge
     # Run links are relative and land on the Airflow run page under the prefix.
     hrefs = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "table a")]
+    assert all(f"/{ZOO_DAG}/" not in href for href in hrefs)  # this model's runs only
     assert f"{server.base}/dags/{DAG_ID}/runs/{FAILED_RUN.replace(':', '%3A').replace('+', '%2B')}" in hrefs
     set_viewport(browser)
     try:
@@ -341,6 +488,38 @@ def test_trend_page_in_chromium_shows_ap_and_fps_of_every_run(browser: webdriver
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     check_screenshot(path, charts)
+
+
+def test_index_in_chromium_links_a_page_per_model(browser: webdriver.Chrome, server: Server):
+    browser.get(f"{server.base}/gfocal/")
+    assert browser.title == "GFocal trends"
+    check_index(browser)
+    set_viewport(browser)
+    try:
+        check_index(browser)
+        path = save_screenshot(browser, "trend_index.png")
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None and image.shape[1] == 1280 and float(image.std()) > 10
+    browser.find_element(By.LINK_TEXT, ZOO_ENTRY).click()
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: d.current_url == f"{server.base}/gfocal/models/{ZOO_ENTRY}/"
+    )
+    check_variant_charts(browser, ZOO_ENTRY)
+    legend = [li.text.split()[0] for li in browser.find_elements(By.CSS_SELECTOR, "ul.legend li")]
+    assert legend == sorted(variant for entry, variant in ZOO if entry == ZOO_ENTRY)
+    zoo_configs = {zoo_config(entry, variant).label for entry, variant in ZOO if entry == ZOO_ENTRY}
+    assert {h.text for h in browser.find_elements(By.CSS_SELECTOR, "section.config h2")} == zoo_configs
+    set_viewport(browser)
+    try:
+        charts = check_variant_charts(browser, ZOO_ENTRY)
+        path = save_screenshot(browser, "trend_model_page.png")
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    check_screenshot(path, charts)
+    browser.find_element(By.LINK_TEXT, "All models").click()
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.current_url == f"{server.base}/gfocal/")
 
 
 def test_trend_page_through_the_airflow_browse_menu(browser: webdriver.Chrome, server: Server):
@@ -369,7 +548,19 @@ def open_through_menu(browser: webdriver.Chrome, server: Server) -> None:
     assert browser.current_url.startswith(f"{server.base}/plugin/gfocal-trends")
     browser.switch_to.frame(frame)
     try:
-        charts = check_charts(browser)
+        check_index(browser)  # the frame opens on the index of models
+    finally:
+        browser.switch_to.default_content()
+    path = save_screenshot(browser, "trend_index_airflow.png")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None and float(image.std()) > 10
+    if os.environ.get("GFOCAL_DOCS_INDEX_SCREENSHOT"):  # regenerate docs/quality.md's =docs/trend-index.png
+        shutil.copyfile(path, ROOT / os.environ["GFOCAL_DOCS_INDEX_SCREENSHOT"])
+    browser.switch_to.frame(frame)
+    try:  # a model's link opens its page inside the frame
+        browser.find_element(By.LINK_TEXT, ZOO_ENTRY).click()
+        charts = check_variant_charts(browser, ZOO_ENTRY)
+        assert browser.execute_script("return location.href") == f"{server.base}/gfocal/models/{ZOO_ENTRY}/"
     finally:
         browser.switch_to.default_content()
     dx, dy = browser.execute_script(
@@ -418,7 +609,7 @@ def check_report(driver: webdriver.Chrome, base: str) -> list[dict]:
 
 def test_report_page_of_a_run_from_its_link_and_directly(browser: webdriver.Chrome, server: Server):
     url = f"{server.base}/{REPORT_PATH}"
-    browser.get(f"{server.base}/gfocal/")
+    browser.get(f"{server.base}/gfocal/configurations/")  # every configuration's recent runs
     links = browser.find_elements(By.CSS_SELECTOR, "table a.report")
     assert [a.get_attribute("href") for a in links] == [url]  # only the run whose history names a run dir
     links[0].click()

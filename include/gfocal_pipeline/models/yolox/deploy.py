@@ -40,14 +40,19 @@ def decode_candidates(
     objectnesses: list[torch.Tensor],
     spec: YoloxSpec = YOLOX_S,
     priors: list[torch.Tensor] | None = None,
+    one_label: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode every prior: boxes (N, K, 4) and one-label scores (N, K, 80) (see the module docstring).
+    """Decode every prior: boxes (N, K, 4) and one-label scores (N, K, 80) (see the module docstring);
+    with `one_label` False, every class's score x objectness (what the parity check compares the
+    graph's one label with: a near-tie of two classes may pick either). None: the spec's
+    `one_label_per_box`.
 
     `priors` (one (H*W, 2) tensor per level) are generated from the feature shapes when not given; an
     export passes them precomputed so that they become constants of the graph.
     """
     if priors is None:
         priors = grid_priors([(c.shape[2], c.shape[3]) for c in cls_scores], spec)
+    one_label = spec.one_label_per_box if one_label is None else one_label
     all_boxes, all_scores = [], []
     for cls_score, bbox_pred, objectness, points, stride in zip(
         cls_scores, bbox_preds, objectnesses, priors, spec.strides, strict=True
@@ -59,10 +64,13 @@ def decode_candidates(
         xy = deltas[..., :2] * stride + points.to(deltas.device)  # mmdet: no offset, no clamp
         wh = deltas[..., 2:].exp() * stride
         all_boxes.append(torch.cat([xy - wh / 2, xy + wh / 2], dim=-1))
+        if not one_label:
+            all_scores.append(classes * obj.unsqueeze(-1))
+            continue
         best, label = classes.max(dim=-1)
         columns = torch.arange(spec.num_classes, device=classes.device)
-        one_label = (columns == label.unsqueeze(-1)).to(classes.dtype)
-        all_scores.append(one_label * (best * obj).unsqueeze(-1))
+        in_label = (columns == label.unsqueeze(-1)).to(classes.dtype)
+        all_scores.append(in_label * (best * obj).unsqueeze(-1))
     return torch.cat(all_boxes, dim=1), torch.cat(all_scores, dim=1)
 
 

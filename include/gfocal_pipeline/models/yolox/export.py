@@ -57,9 +57,11 @@ class YoloxExport(CandidatesExport):
 
 
 def reference_priors(deploy: YoloxDeploy, feed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """PyTorch's decode of every prior: boxes (B,K,4) and scores (B,K,80)."""
+    """PyTorch's decode of every prior: boxes (B,K,4) and every class's score (B,K,80), which the
+    graph's one label per prior is compared with (`compare_yolox_candidates`)."""
     with torch.inference_mode():
-        boxes, scores = deploy(torch.from_numpy(feed))
+        heads = deploy.model(deploy.network_input(torch.from_numpy(feed)))
+        boxes, scores = decode_candidates(*heads, deploy.spec, one_label=False)
     return boxes.numpy(), scores.numpy()
 
 

@@ -1,5 +1,6 @@
 """Parity of YOLOX candidates: `gfocal_pipeline.parity.compare_candidates` with one prior per
-location, three levels (strides 8/16/32), every prior kept (nms_pre covers every level)."""
+location, three levels (strides 8/16/32), every prior kept (nms_pre covers every level), box
+differences relative to stride + box size and one label per candidate (the spec's parity facts)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,19 @@ def compare_yolox_candidates(
     spec: YoloxSpec = YOLOX_S,
     **tolerances: float,
 ) -> ParityReport:
-    """The graph's candidates `got` = (boxes (B,K,4) or (B,K,1,4), scores (B,K,80)) against PyTorch's
-    decode of every prior `reference` = (boxes (B,K,4), scores (B,K,80)), level by level (the
-    generic comparison with one prior per location and YOLOX's three strides)."""
+    """The graph's candidates `got` = (boxes (B,K,4) or (B,K,1,4), one-label scores (B,K,80)) against
+    PyTorch's decode of every prior `reference` = (boxes (B,K,4), scores of every class (B,K,80)),
+    level by level (the generic comparison with one prior per location, YOLOX's three strides and the
+    spec's parity facts: box unit, match tolerance, one label per box)."""
     return compare_candidates(
-        got, reference, height, width, spec.nms_pre, spec.anchors_per_location, spec.strides, **tolerances
+        got,
+        reference,
+        height,
+        width,
+        spec.nms_pre,
+        spec.anchors_per_location,
+        spec.strides,
+        box_unit=spec.parity_box_unit,
+        one_label=spec.one_label_per_box,
+        **{"match_px": spec.parity_match_box, **tolerances},
     )

@@ -43,6 +43,17 @@ class YoloxSpec:
     nms_iou: float = 0.65
     max_per_img: int = 100
     nms_pre: int = EVERY_PRIOR
+    # predict_by_feat: one label per prior, the argmax of its class scores (the graph writes its score
+    # max class score x objectness in that column only)
+    one_label_per_box: bool = True
+    # export parity (gfocal_pipeline.parity): boxes are decoded as exp(log wh) * stride, so a float
+    # difference of the network's outputs grows with the box (several px on the 1e5 px boxes of random
+    # weights at 640x640, relative errors ~2e-5): box differences are measured as a fraction of the
+    # level's stride + the box's larger side, a candidate matching its prior within `parity_match_box`
+    # of that scale; its one label is compared with PyTorch's scores of every class (a near-tie of two
+    # classes may pick either)
+    parity_box_unit: str = "size"
+    parity_match_box: float = 1e-3
     # data_preprocessor: no mean/std, no bgr_to_rgb (BGR 0..255), pad_size_divisor 32;
     # test_pipeline: Resize scale (640, 640) keep_ratio, Pad pad_to_square with 114
     size_divisor: int = 32
