@@ -1,10 +1,10 @@
 """`bench_nightly.py --zoo`: a three-model night of the models file, on generated data and the emulators.
 
-A models file with three entries (GFocalV2, RetinaNet and YOLOX-s when it is registered, else a
-second GFocalV2 entry; RANDOM weights), each with two precision-mode variants, is parsed by the
-product's `dags/gfocal_models.py`; each entry's night runs with `dag.test()` (tasks one at a time in
-this process, against a migrated SQLite Airflow DB) on the CANN tool emulators of `tests/emulators`
-(ONNX Runtime on this CPU behind `atc` / `msame`: no figure here is an NPU figure).
+A models file with three entries (GFocalV2 and RetinaNet with RANDOM weights, and a bring-your-own
+ONNX graph: GFocalV2's portable export with its declaration), each with two precision-mode variants,
+is parsed by the product's `dags/gfocal_models.py`; each entry's night runs with `dag.test()` (tasks
+one at a time in this process, against a migrated SQLite Airflow DB) on the CANN tool emulators of
+`tests/emulators` (ONNX Runtime on this CPU behind `atc` / `msame`: no figure here is an NPU figure).
 
 Per model it prints the night's wall time, each task kind's time, and the pure inference time of
 every variant (the emulated tool's timed batches) and of the reference; then the whole night against
@@ -31,14 +31,39 @@ VARIANTS = [
 ]
 
 
-def zoo_entries(args: argparse.Namespace, coco: Path, work: Path, set_env: Path) -> list[dict[str, Any]]:
-    """The three entries; each at its adapter's own resize policy, at `--size`."""
-    from gfocal_pipeline.adapters import model_names
+def byo_graph(data: Path, height: int, width: int) -> Path:
+    """A bring-your-own graph: GFocalV2's portable export of RANDOM weights (boxes + scores of every
+    candidate, host NMS) with its declaration beside it, as a team would bring an MMDeploy graph."""
+    from gfocal_pipeline.export import export_onnx
+    from gfocal_pipeline.models.gfocalv2.checkpoint import write_random_checkpoint
 
+    graph = data / f"byo_gfocal_{height}x{width}.onnx"
+    if not graph.is_file():
+        checkpoint = write_random_checkpoint(data / "gfocal_byo_RANDOM.pth", seed=1)
+        export_onnx(
+            checkpoint=checkpoint,
+            output=graph,
+            variant="portable",
+            height=height,
+            width=width,
+            dynamic_batch=True,
+        )
+    declaration = {
+        "name": "byo_gfocal",
+        "outputs": "candidates",
+        "input": {"name": "input.1", "layout": "NCHW", "dtype": "float32"},
+        "preprocessing": {"policy": "letterbox", "height": height, "width": width},
+        "postprocess": {"score_thr": 0.05, "nms_iou": 0.6, "max_per_img": 100},
+    }
+    Path(f"{graph}.spec.yaml").write_text(yaml.safe_dump(declaration))
+    return graph
+
+
+def zoo_entries(args: argparse.Namespace, coco: Path, work: Path, set_env: Path) -> list[dict[str, Any]]:
+    """Three entries at `--size`: GFocalV2 and RetinaNet (RANDOM weights) and a bring-your-own graph."""
     height, width = (int(v) for v in args.size.lower().split("x"))
-    third = "yolox" if "yolox" in model_names() else "gfocalv2"
     shared = {
-        "policy": "letterbox",  # every model at one --size (YOLOX's own mmdet policy wants 640x640)
+        "policy": "letterbox",  # every model at one --size
         "coco_root": str(coco),
         "work_dir": str(work),
         "height": height,
@@ -48,11 +73,10 @@ def zoo_entries(args: argparse.Namespace, coco: Path, work: Path, set_env: Path)
         "cann_set_env": str(set_env),
         "outfmt": "BIN",
     }
-    adapters = {"zoo_gfocal": "gfocalv2", "zoo_retina": "retinanet", f"zoo_{third}_b": third}
-    return [
-        {"name": name, "adapter": adapter, **shared, "variants": VARIANTS}
-        for name, adapter in adapters.items()
-    ]
+    graph = byo_graph(args.data.resolve(), height, width)
+    models = {"zoo_gfocal": {"adapter": "gfocalv2"}, "zoo_retina": {"adapter": "retinanet"}}
+    models["zoo_byo"] = {"adapter": "onnx", "onnx": str(graph)}
+    return [{"name": name, **model, **shared, "variants": VARIANTS} for name, model in models.items()]
 
 
 def load_zoo(dags: Path, models_file: Path) -> dict[str, Any]:

@@ -8,10 +8,11 @@ its own tool and batch on the NPU queue and pool, and is evaluated in its own fo
 (model `<entry>/<variant>`), and one gate judges every variant and raises one alert naming all
 that fail, or an expected failure that passes.
 
-Device tasks carry the entry's `priority_weight` with the absolute weight rule: on the shared
-`ascend_npu` pool a higher weight is served first; equal weights are served in the order of their
-runs' logical dates, then shard by shard (map index), so the nights of entries scheduled at the same
-time interleave instead of one model's long run holding the NPU until it ends (docs/models-file.md).
+Device tasks carry the entry's `priority_weight` with the absolute weight rule. Airflow 3.3's scheduler
+queues a pool's waiting task instances by (-priority_weight, the run's logical date, map index): a
+higher weight is strict priority whenever its tasks wait; entries of equal weight scheduled at the
+same time interleave shard by shard, so one model's long night does not hold the NPU until it ends
+(docs/models-file.md, "One NPU, many models").
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,18 @@ def log_in(
     driver.find_element(By.NAME, "password").send_keys(password)
     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     wait.until(lambda d: "/auth/login" not in d.current_url)
+
+
+@contextlib.contextmanager
+def logged_in_chromium(
+    base_url: str, landing: str, password: str, folder: Path, timeout_s: float
+) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium (profile and driver log under `folder`) logged in as admin through the simple
+    auth manager's login page, on `landing`; quit on exit."""
+    (folder / "profile").mkdir(parents=True, exist_ok=True)
+    driver = headless_chromium(folder / "profile", folder / "chromedriver.log", "1280,1000", timeout_s)
+    try:
+        log_in(driver, base_url, landing, "admin", password, timeout_s)
+        yield driver
+    finally:
+        driver.quit()

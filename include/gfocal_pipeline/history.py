@@ -65,6 +65,7 @@ CONFIG_FIELDS = (*ROW_CONFIG_FIELDS, "dataset")
 # `ann:<16 hex>+img:<16 hex>`, and RunRecord.from_pipeline refuses this label, so it never matches.
 LEGACY_DATASET = "legacy (before dataset keys)"
 DATASET_MAX_LENGTH = 100
+PRECISION_MAX_LENGTH = 40  # atc modes like allow_mix_precision_bf16 (24 characters) fit
 _DATASET_ID = re.compile(r"ann:([^+]+)\+img:(.+)")
 # A model zoo run records its model as `<entry>/<variant>`; a plain name (older DAGs) is one entry
 # with the variant DEFAULT_VARIANT.
@@ -110,6 +111,11 @@ class ConfigKey:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise HistoryError(f"configuration field {name!r} must be a non-empty string, got {value!r}")
+        if len(self.precision) > PRECISION_MAX_LENGTH:
+            raise HistoryError(
+                f"configuration field 'precision' is {len(self.precision)} characters, more than "
+                f"{PRECISION_MAX_LENGTH}: pass the atc precision mode or fp16 / fp32"
+            )
         if len(self.dataset) > DATASET_MAX_LENGTH:
             raise HistoryError(
                 f"configuration field 'dataset' is {len(self.dataset)} characters, more than "
@@ -309,7 +315,8 @@ results_table = sa.Table(
     sa.Column("model", sa.String(100), nullable=False),
     sa.Column("backend", sa.String(50), nullable=False),
     sa.Column("device", sa.String(100), nullable=False),
-    sa.Column("precision", sa.String(20), nullable=False),
+    # 20 before atc's longer modes were recorded as variants' precision: widened by _widen_precision
+    sa.Column("precision", sa.String(PRECISION_MAX_LENGTH), nullable=False),
     sa.Column("batch_size", sa.Integer, nullable=False),
     sa.Column("policy", sa.String(50), nullable=False),
     # Added by _add_dataset_column to tables of before; the default labels rows that old code writes.
@@ -424,6 +431,26 @@ def _add_dataset_column(conn: Connection, schema: str | None) -> int | None:
     return int(conn.execute(sa.select(sa.func.count()).select_from(results_table)).scalar_one())
 
 
+def _widen_precision(conn: Connection, schema: str | None) -> int | None:
+    """Widen the `precision` column of a table of before (VARCHAR(20)) to PRECISION_MAX_LENGTH; the
+    old width when it was widened, else None. SQLite does not enforce lengths: nothing to do there."""
+    if conn.dialect.name not in ("postgresql", "mysql", "mariadb"):
+        return None
+    columns = sa.inspect(conn).get_columns(TABLE_NAME, schema=schema)
+    length = next((getattr(c["type"], "length", None) for c in columns if c["name"] == "precision"), None)
+    if length is None or length >= PRECISION_MAX_LENGTH:
+        return None
+    column = conn.dialect.identifier_preparer.quote("precision")
+    wider = f"VARCHAR({PRECISION_MAX_LENGTH})"
+    change = (
+        f"ALTER COLUMN {column} TYPE {wider}"
+        if conn.dialect.name == "postgresql"
+        else f"MODIFY {column} {wider} NOT NULL"
+    )
+    conn.exec_driver_sql(f"ALTER TABLE {_qualified_table(conn, schema)} {change}")
+    return int(length)
+
+
 def default_history_url() -> str:
     """$GFOCAL_HISTORY_URL, else a SQLite file in $AIRFLOW_HOME (default ~/airflow)."""
     url = os.environ.get(HISTORY_URL_ENV, "").strip()
@@ -490,6 +517,15 @@ class HistoryStore:
             _lock_schema(conn, self.schema)
             _metadata.create_all(conn, checkfirst=True)
             migrated = _add_dataset_column(conn, self.schema)
+            widened = _widen_precision(conn, self.schema)
+        if widened is not None:
+            log.warning(
+                "history database %s: widened column 'precision' of table %s from %d to %d characters",
+                self.url,
+                TABLE_NAME,
+                widened,
+                PRECISION_MAX_LENGTH,
+            )
         if migrated is not None:
             log.warning(
                 "history database %s: added column 'dataset' to table %s; %d existing row(s) got the "

@@ -24,6 +24,7 @@ def apis(api: Any) -> Any:
         tis = client.TaskInstanceApi(api)
         xcom = client.XComApi(api)
         pools = client.PoolApi(api)
+        import_errors = client.ImportErrorApi(api)
 
     return Apis
 
@@ -141,5 +142,12 @@ def trigger(apis: Any, dag_id: str, run_id: str, conf: dict[str, Any]) -> None:
 def xcom_value(apis: Any, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> Any:
     """A task's return value (JSON-decoded)."""
     entry = apis.xcom.get_xcom_entry(dag_id, task_id, run_id, "return_value", map_index=map_index)
+    data = entry.actual_instance.value if hasattr(entry, "actual_instance") else entry.value
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def xcom_key_value(apis: Any, run: tuple[str, str], task_id: str, key: str, map_index: int = -1) -> Any:
+    """A task's XCom under `key` (JSON-decoded), of `run` = (dag_id, run_id)."""
+    entry = apis.xcom.get_xcom_entry(run[0], task_id, run[1], key, map_index=map_index)
     data = entry.actual_instance.value if hasattr(entry, "actual_instance") else entry.value
     return json.loads(data) if isinstance(data, str) else data

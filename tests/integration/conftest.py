@@ -1,6 +1,8 @@
 """Fixtures of the multi-process integration tests: one Celery deployment (`cluster.Cluster`) for this
 package (up while its tests run, stopped right after them), shared by the REST API tests and the browser
-tests; its logs go to test-artifacts/integration/."""
+tests; its logs go to test-artifacts/integration/. Its processes read a models file (`models_file`,
+written before they start: the DAG processor parses at start) of three entries, whose nightlies
+test_models_night.py runs."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from emulators.toolkit import Toolkit, make_toolkit
 
 from integration.cluster import (
@@ -28,6 +31,12 @@ from integration.cluster import (
 )
 
 DEVICE_SLOTS = 2
+# the models file's entries: name -> (adapter, priority weight); each with the two VARIANTS
+ZOO = {"it_gfocal": ("gfocalv2", 3), "it_retina": ("retinanet", 2), "it_byo": ("onnx", 1)}
+# must_keep_origin_dtype: 22 characters, more than the history's `precision` column held before
+VARIANTS = {"fp16": "force_fp16", "keep": "must_keep_origin_dtype"}
+# as test_celery_deployment.SMALL: 3 images at 128 px make 2 shards with the cluster's device_slots
+ZOO_SMALL = {"height": 128, "width": 128, "max_images": 3}
 ROOT = Path(os.environ.get("GFOCAL_IT_ROOT") or Path(__file__).resolve().parents[2]).resolve()
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "integration"
 
@@ -65,8 +74,45 @@ def inbox() -> Iterator[Inbox]:
         controller.stop()
 
 
+def _byo_graph(folder: Path) -> dict[str, Any]:
+    """The `onnx` entry's model: tests/models' toy detector traced by torch.onnx.export, its
+    declaration `<graph>.spec.yaml` beside it, and the COCO-format set it partly hits."""
+    from models.byo_graphs import HEIGHT, WIDTH, ToyDets, declaration, write_dataset, write_graph
+
+    graph = write_graph(ToyDets(), folder / "it_byo.onnx", ("dets", "labels"), declaration("dets"))
+    coco = write_dataset(folder / "coco")
+    return {"onnx": str(graph), "coco_root": str(coco), "height": HEIGHT, "width": WIDTH}
+
+
 @pytest.fixture(scope="package")
-def cluster(tmp_path_factory: pytest.TempPathFactory, inbox: Inbox) -> Iterator[Cluster]:
+def models_file(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The cluster's models file (`$GFOCAL_MODELS_FILE`): the `ZOO` entries, each with the two
+    `VARIANTS`, small data; demo weights and data except the `onnx` entry's own. Returns
+    {"path": its path, "models": its entries}."""
+    folder = tmp_path_factory.mktemp("models-file")
+    models = []
+    for name, (adapter, weight) in ZOO.items():
+        data = _byo_graph(folder) if adapter == "onnx" else {}
+        variants = [{"name": variant, "precision_mode": mode} for variant, mode in VARIANTS.items()]
+        models.append(
+            {
+                "name": name,
+                "adapter": adapter,
+                "priority_weight": weight,
+                **ZOO_SMALL,
+                **data,
+                "variants": variants,
+            }
+        )
+    path = folder / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+    return {"path": path, "models": models}
+
+
+@pytest.fixture(scope="package")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, inbox: Inbox, models_file: dict[str, Any]
+) -> Iterator[Cluster]:
     """Postgres + Redis DB + api-server, scheduler, dag-processor, triggerer and the CPU worker (default
     queue). The ascend worker is started by the tests (they first show a device task waits for it)."""
     for url, port, what in ((PG_ADMIN_URL, 5432, "PostgreSQL"), (REDIS_HOST, 6379, "Redis")):
@@ -87,6 +133,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, inbox: Inbox) -> Iterator[
             "AIRFLOW__GFOCAL__RETRY_DELAY_SECONDS": "5",
             # two device slots: a run with the default shard size gets at least two shards
             "AIRFLOW__GFOCAL__DEVICE_SLOTS": str(DEVICE_SLOTS),
+            "GFOCAL_MODELS_FILE": str(models_file["path"]),
         }
         with running_cluster(ROOT, tmp, alerts) as deployment:
             deployment.start_worker("worker-cpu", "default", CPU_HOST, concurrency=2)
@@ -124,10 +171,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """In this package, the tests that need no cluster run first (its processes would only slow them
-    down); the order of everything else in the session is left alone."""
+    down), the models file's night last (it starts the ascend worker when none runs: not before
+    test_celery_deployment, which shows a device task waiting for it); the order of everything else in
+    the session is left alone."""
     here = Path(__file__).resolve().parent
     standalone = ("test_ui_script.py", "test_preprocess_in_worker.py")
+    last = ("test_models_night.py",)
     slots = [i for i, item in enumerate(items) if item.path.resolve().parent == here]
-    ours = sorted((items[i] for i in slots), key=lambda item: item.path.name not in standalone)
+    ours = sorted(
+        (items[i] for i in slots),
+        key=lambda item: (item.path.name not in standalone) + (item.path.name in last),
+    )
     for slot, item in zip(slots, ours, strict=True):
         items[slot] = item

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser import headless_chromium, log_in
+from browser import logged_in_chromium
 from selenium import webdriver  # the dev extra; a missing install must fail, not skip
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
@@ -58,14 +58,11 @@ def paused(cluster: Cluster, api: Any) -> Any:
 @pytest.fixture(scope="module")
 def browser(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
     """Headless system Chromium, logged in through the simple auth manager's login page."""
-    profile, logs = tmp_path_factory.mktemp("chromium-profile"), tmp_path_factory.mktemp("chromedriver")
-    driver = headless_chromium(profile, logs / "log", "1280,1000", WAIT_S)
-    try:
-        base = cluster.base_url
-        log_in(driver, base, f"{base}/", "admin", cluster.password, WAIT_S)
+    folder = tmp_path_factory.mktemp("chromium")
+    with logged_in_chromium(
+        cluster.base_url, f"{cluster.base_url}/", cluster.password, folder, WAIT_S
+    ) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def open_trigger_form(driver: webdriver.Chrome, cluster: Cluster, dag_id: str) -> WebElement:

@@ -514,3 +514,31 @@ def test_stores_opening_an_old_table_at_once_migrate_it_once(old_database, caplo
         thread.join(timeout=120)
     assert errors == [] and counts == [len(OLD_ROWS)] * openers
     assert len(_migration_logs(caplog)) == 1
+
+
+def test_a_table_of_before_takes_atcs_longest_precision_modes(old_database, caplog):
+    """The old precision column held 20 characters; `allow_mix_precision_bf16` (a variant's precision
+    mode) has 24: the store widens the column when it opens the table, rows kept."""
+    url, schema, _, engine = old_database
+    caplog.set_level(logging.INFO, logger="gfocal_pipeline.history")
+    long_mode = "allow_mix_precision_bf16"
+    with HistoryStore(url, schema=schema) as store:
+        store.record(make_record("variant-night", config=replace(CONFIG, precision=long_mode)))
+        assert store.count() == len(OLD_ROWS) + 1
+        (row,) = store.runs(replace(CONFIG, precision=long_mode), limit=5)
+        assert row.config.precision == long_mode
+    widened = [r.getMessage() for r in caplog.records if "widened column 'precision'" in r.getMessage()]
+    length = next(
+        c["type"].length
+        for c in sa.inspect(engine).get_columns(TABLE_NAME, schema=schema)
+        if c["name"] == "precision"
+    )
+    if engine.dialect.name == "postgresql":
+        assert len(widened) == 1 and "from 20 to 40" in widened[0] and length == 40
+    else:  # SQLite does not enforce VARCHAR lengths: nothing to migrate
+        assert widened == []
+
+
+def test_a_precision_longer_than_the_column_is_refused_by_name():
+    with pytest.raises(HistoryError, match="'precision' is 41 characters"):
+        replace(CONFIG, precision="x" * 41)
