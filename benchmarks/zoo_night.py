@@ -55,7 +55,7 @@ def byo_graph(data: Path, height: int, width: int) -> Path:
         "preprocessing": {"policy": "letterbox", "height": height, "width": width},
         "postprocess": {"score_thr": 0.05, "nms_iou": 0.6, "max_per_img": 100},
     }
-    Path(f"{graph}.spec.yaml").write_text(yaml.safe_dump(declaration))
+    graph.with_suffix(".spec.yaml").write_text(yaml.safe_dump(declaration))
     return graph
 
 

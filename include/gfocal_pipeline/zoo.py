@@ -188,10 +188,12 @@ class Entry(BaseModel):
         if self.adapter == "onnx":
             if not self.onnx or self.checkpoint:
                 raise ValueError("adapter onnx takes 'onnx: <graph.onnx>' (and no 'checkpoint')")
-            if self.spec and Path(self.spec).parent != Path(self.onnx).parent:
+            graph = Path(self.onnx)
+            beside = [graph.with_suffix(suffix) for suffix in (".spec.yaml", ".spec.yml", ".spec.json")]
+            if self.spec and Path(self.spec) not in beside:
                 raise ValueError(
-                    f"spec {self.spec!r}: the declaration is read beside the graph; put it in "
-                    f"{str(Path(self.onnx).parent)!r} as {Path(self.onnx).name}.spec.yaml"
+                    f"spec {self.spec!r}: the declaration is read beside the graph, as {beside[0]} "
+                    f"(or .spec.yml, .spec.json): move it there"
                 )
         elif self.onnx or self.spec:
             raise ValueError(

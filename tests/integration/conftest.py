@@ -35,6 +35,7 @@ DEVICE_SLOTS = 2
 ZOO = {"it_gfocal": ("gfocalv2", 3), "it_retina": ("retinanet", 2), "it_byo": ("onnx", 1)}
 # must_keep_origin_dtype: 22 characters, more than the history's `precision` column held before
 VARIANTS = {"fp16": "force_fp16", "keep": "must_keep_origin_dtype"}
+BROKEN_ENTRY = "it_broken"  # a models file entry with a misspelt option (`batch` for batch_size)
 # as test_celery_deployment.SMALL: 3 images at 128 px make 2 shards with the cluster's device_slots
 ZOO_SMALL = {"height": 128, "width": 128, "max_images": 3}
 ROOT = Path(os.environ.get("GFOCAL_IT_ROOT") or Path(__file__).resolve().parents[2]).resolve()
@@ -104,6 +105,8 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 "variants": variants,
             }
         )
+    # a bad entry: its placeholder DAG (never unpaused) carries the error; the others still load
+    models.append({"name": BROKEN_ENTRY, "adapter": "retinanet", "variants": [{"name": "fp16", "batch": 4}]})
     path = folder / "models.yaml"
     path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
     return {"path": path, "models": models}

@@ -46,7 +46,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from integration.api import apis as _apis
 from integration.api import task_instances, trigger, wait_dags_parsed, wait_runs, xcom_key_value, xcom_value
 from integration.cluster import ASCEND_HOST, CPU_HOST, Cluster
-from integration.conftest import VARIANTS, ZOO
+from integration.conftest import BROKEN_ENTRY, VARIANTS, ZOO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -156,6 +156,19 @@ def test_the_models_file_parses_into_three_nightlies_without_import_errors(night
         tasks = {ti.task_id for ti in tis}
         assert {f"{v}.{t}" for v in VARIANTS for t in ("convert", "infer", "evaluate")} <= tasks, entry
         assert {"export", "preprocess", "evaluate_reference", "summary", "record", "gate"} <= tasks
+
+
+def test_a_bad_entry_is_a_dag_whose_description_names_the_entry_and_field(night: Night, api: Any) -> None:
+    """What the UI's DAG list shows (the REST API it reads): the placeholder's description, its tag."""
+    import airflow_client.client as client
+
+    dag = night.apis.dags.get_dag(dag_of(BROKEN_ENTRY))
+    assert dag.description.startswith("BROKEN models file entry: models file ")
+    assert f"entry {len(ZOO) + 1} ('{BROKEN_ENTRY}')" in dag.description
+    assert "field 'variants.0.batch'" in dag.description and "did you mean 'batch_size'?" in dag.description
+    assert "models-file-error" in {tag.name for tag in dag.tags}
+    tasks = client.TaskApi(api).get_tasks(dag_of(BROKEN_ENTRY)).tasks
+    assert [task.task_id for task in tasks] == ["models_file_error"]
 
 
 @pytest.mark.parametrize("entry", list(ZOO))

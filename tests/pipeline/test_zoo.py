@@ -74,7 +74,11 @@ BAD_ENTRIES = [
     ({"name": "m", "adapter": "gfocalv2", "expected_failures": {"default": " "}}, "need a reason"),
     ({"name": "m", "adapter": "onnx", "checkpoint": "/g.onnx"}, "onnx: <graph.onnx>"),
     ({"name": "m", "adapter": "retinanet", "onnx": "/g.onnx"}, "adapter onnx"),
-    ({"name": "m", "adapter": "onnx", "onnx": "/a/g.onnx", "spec": "/b/g.spec.yaml"}, "beside the graph"),
+    ({"name": "m", "adapter": "onnx", "onnx": "/a/g.onnx", "spec": "/b/g.spec.yaml"}, "as /a/g.spec.yaml"),
+    (
+        {"name": "m", "adapter": "onnx", "onnx": "/a/g.onnx", "spec": "/a/g.onnx.spec.yaml"},
+        "beside the graph",
+    ),
     ({"name": "gfocal_ascend", "adapter": "gfocalv2"}, "built-in DAG"),
     ({"name": "m", "adapter": "gfocalv2", "coco_root": "relative/path"}, "field 'coco_root'"),
 ]
@@ -140,3 +144,9 @@ def test_the_cli_checks_a_file_before_it_is_deployed(
     captured = capsys.readouterr()
     assert "ERROR  retina_nightly" in captured.out and "field 'heigth'" in captured.out
     assert "1 of 2 entries are invalid" in captured.err
+
+
+def test_an_onnx_entry_names_its_graph_and_the_declaration_beside_it(tmp_path: Path) -> None:
+    entry = {"name": "byo", "adapter": "onnx", "onnx": "/data/end2end.onnx", "spec": "/data/end2end.spec.yml"}
+    (loaded,) = load_models_file(_write(tmp_path, [entry])).entries
+    assert loaded.run_options() == {"model": "onnx", "checkpoint": "/data/end2end.onnx"}
