@@ -142,11 +142,23 @@ def test_the_dag_processor_loads_the_good_entries_beside_the_bad_one(
     assert "unreadable.yaml" in message and "not valid YAML" in message
 
 
-def test_a_night_runs_every_variant_once_against_one_reference(zoo: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def two_nights(zoo: dict[str, Any]) -> list[dict[str, Any]]:
+    """Two nights of `zoo_gfocal`: {run_id, values (XComs), atc_calls (emulator calls so far)} each."""
+    dag, nights = zoo["dags"]["zoo_gfocal_nightly"], []
+    for _ in range(2):
+        run = dag.test()
+        assert run.state == "success"
+        calls = zoo["toolkit"].call_log.read_text().count('"tool": "atc"')
+        nights.append({"run_id": run.run_id, "values": xcoms(dag.dag_id, run.run_id), "atc_calls": calls})
+    return nights
+
+
+def test_a_night_runs_every_variant_once_against_one_reference(
+    zoo: dict[str, Any], two_nights: list[dict[str, Any]]
+) -> None:
     dag = zoo["dags"]["zoo_gfocal_nightly"]
-    run = dag.test()
-    assert run.state == "success"
-    values = xcoms(dag.dag_id, run.run_id)
+    run_id, values = two_nights[0]["run_id"], two_nights[0]["values"]
     assert {"export", "export_portable", "preprocess", "evaluate_reference"} <= set(values)
     atc = {name: values[f"{name}.convert"]["atc_args"] for name in ("fp16", "keep")}
     assert "--precision_mode=force_fp16" in atc["fp16"] and "--dynamic_batch_size" not in " ".join(
@@ -171,12 +183,28 @@ def test_a_night_runs_every_variant_once_against_one_reference(zoo: dict[str, An
     assert gate["passed"] and set(gate["variants"]) == {"fp16", "keep"}
     assert any(c["name"] == "AP vs published" for c in gate["variants"]["fp16"]["checks"])
     with HistoryStore(os.environ["GFOCAL_HISTORY_URL"]) as store:
-        recorded = {r.config.model: r for r in store.run_records(dag.dag_id, run.run_id)}
+        recorded = {r.config.model: r for r in store.run_records(dag.dag_id, run_id)}
     assert set(recorded) == {"zoo_gfocal/fp16", "zoo_gfocal/keep", "zoo_gfocal/reference"}
     assert recorded["zoo_gfocal/keep"].config.batch_size == 2
     assert recorded["zoo_gfocal/keep"].config.backend == "ais_bench"
     assert recorded["zoo_gfocal/fp16"].verdict == "pass"
     assert json.dumps(values)
+
+
+def test_the_second_night_reuses_each_variants_om_and_judges_it_against_the_first(
+    two_nights: list[dict[str, Any]],
+) -> None:
+    first, second = two_nights
+    values = second["values"]
+    for variant in ("fp16", "keep"):
+        assert first["values"][f"{variant}.convert"]["cached"] is False, variant
+        assert values[f"{variant}.convert"]["cached"] is True, variant
+        # each variant's baseline is its own first night (same configuration, `zoo_gfocal/<variant>`)
+        assert values["gate"]["variants"][variant]["first_run"] is False, variant
+        assert values["gate"]["variants"][variant]["baseline_runs"] == [first["run_id"]], variant
+    assert second["atc_calls"] == first["atc_calls"]  # atc did not run again
+    assert values["summary"]["cache"]["reference"] == {"reused": 2, "built": 0}
+    assert values["export"]["cached"] is True
 
 
 @pytest.fixture
