@@ -152,15 +152,32 @@ def form_params(
     }
 
 
-def _export(task_id: str, variant: str, budgets: Budgets, batch: str = "batch_size") -> OnnxExportOperator:
-    """The export of graph `variant`, for the batch of option `batch` (a zoo night's: the largest)."""
-    options = ("run_dir", "model", "checkpoint", "height", "width", "dtype")
-    options = (*options, "parity_threshold", "max_unexplained", "work_dir", "cache_onnx")
+EXPORT_OPTIONS = ("run_dir", "model", "checkpoint", "height", "width", "dtype")
+EXPORT_OPTIONS += ("parity_threshold", "max_unexplained", "work_dir", "cache_onnx")
+
+
+def _export(
+    task_id: str, variant: str, budgets: Budgets, batch: str = "batch_size", read: Callable = from_prepare
+) -> OnnxExportOperator:
+    """The export of graph `variant`, for the batch of option `batch` (a zoo night's: the largest);
+    `read` gives the options (a zoo variant's own: `from_variant` of it)."""
     return OnnxExportOperator(
         task_id=task_id,
         variant=variant,
-        **from_prepare(*options, batch_size=batch),
+        **read(*EXPORT_OPTIONS, batch_size=batch),
         **budgets("export"),
+    )
+
+
+def preprocess_task(
+    task_id: str, shard_plan: dict[str, Any], budgets: Budgets, read: Callable = from_prepare
+) -> CocoPreprocessOperator:
+    """The COCO preprocessing into the run's inputs (`read`: whose options, see `_export`)."""
+    return CocoPreprocessOperator(
+        task_id=task_id,
+        shard_plan=shard_plan,
+        **read("run_dir", "work_dir", "cache_inputs", *PREPROCESS_OPTIONS),
+        **budgets("preprocess"),
     )
 
 
@@ -292,11 +309,11 @@ def summary_and_record(
         facts={"weights_random": prepared("weights_random"), "dag_id": spec.dag_id, **facts},
         **budgets("summary"),
     )
+    record.setdefault("export_task", ids.EXPORT)
     recorder = RecordResultsOperator(
         task_id=ids.RECORD,
         config=prepared(),
         roles={role: branch.role for role, branch in branches.items()},
-        export_task=ids.EXPORT,
         summary_task=ids.SUMMARY,
         **record,
         **NO_RETRIES,
@@ -403,12 +420,7 @@ def build_dag(spec: PipelineSpec) -> DAG:
             variants={name: dict(options) for name, options in spec.variants.items()},
             **budgets("prepare"),
         )
-        preprocess = CocoPreprocessOperator(
-            task_id=ids.PREPROCESS,
-            shard_plan=dataclasses.asdict(spec.shard_plan(settings)),
-            **from_prepare("run_dir", "work_dir", "cache_inputs", *PREPROCESS_OPTIONS),
-            **budgets("preprocess"),
-        )
+        preprocess = preprocess_task(ids.PREPROCESS, dataclasses.asdict(spec.shard_plan(settings)), budgets)
         shards = XComArg(preprocess)
         branches = _device_branches(spec, family, shards, preprocess, budgets)
         if spec.reference:

@@ -1,6 +1,8 @@
 """The variant matrix of a models file entry's night (`gfocal_pipeline.zoo`), for `gfocal_factory`.
 
-One export of each graph and one preprocessing serve every variant; each variant is a task group
+One export of each graph and one preprocessing serve every variant that changes only conversion,
+inference or gate options; a variant that changes the inputs (height, dtype, policy, ...) exports
+and preprocesses in its own folder (`fp16.export`, `fp16.preprocess`). Each variant is a task group
 named after it (`fp16.convert`, `fp16.infer`, `fp16.evaluate`) that converts with its own atc
 options (the OM cache keys entries by them, so an unchanged variant does not convert again), runs
 its own tool and batch on the NPU queue and pool, and is evaluated in its own folder
@@ -18,11 +20,21 @@ same time interleave shard by shard, so one model's long night does not hold the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from airflow.sdk import BaseOperator, TaskGroup, XComArg
-from gfocal_factory import NO_RETRIES, Branch, Budgets, PipelineSpec, _export, summary_and_record
+from gfocal_factory import (
+    NO_RETRIES,
+    Branch,
+    Budgets,
+    PipelineSpec,
+    _export,
+    preprocess_task,
+    summary_and_record,
+)
 
+from gfocal_pipeline.zoo import owns_inputs
 from operators import (
     AtcConvertOperator,
     CocoEvalOperator,
@@ -39,21 +51,26 @@ def _device_tasks(spec: PipelineSpec) -> dict[str, Any]:
     return {**placement, "priority_weight": spec.priority_weight, "weight_rule": "absolute"}
 
 
-def _variant(
-    spec: PipelineSpec,
-    name: str,
-    shards: XComArg,
-    upstream: tuple[BaseOperator, BaseOperator],
-    budgets: Budgets,
-) -> Branch:
-    """convert -> infer per shard -> evaluate of variant `name`, in its task group; `upstream` is
-    (the ascend export, the preprocessing)."""
+def _own_inputs(spec: PipelineSpec, name: str, budgets: Budgets, plan: dict[str, Any]) -> tuple[Any, ...]:
+    """(export, preprocessing, shards) of a variant that changes the inputs, in its own folder."""
+    read = functools.partial(from_variant, name)
+    export = _export(ids.EXPORT, "ascend", budgets, read=read)
+    preprocess = preprocess_task(ids.PREPROCESS, plan, budgets, read=read)
+    return export, preprocess, XComArg(preprocess)
+
+
+def _variant(spec: PipelineSpec, name: str, shared: tuple[Any, ...], budgets: Budgets) -> Branch:
+    """[export -> preprocess ->] convert -> infer per shard -> evaluate of variant `name`, in its task
+    group; `shared` is (the ascend export, the preprocessing, its shards) of the run, which a
+    variant that owns its inputs replaces by its own."""
     device = _device_tasks(spec)
+    own = owns_inputs(spec.variants[name])
     with TaskGroup(group_id=name, tooltip=f"variant {name}: atc, inference and evaluation"):
+        export, preprocess, shards = _own_inputs(spec, name, budgets, shared[1].shard_plan) if own else shared
         convert = AtcConvertOperator(
             task_id=ids.CONVERT,
-            onnx_path=pulled(ids.EXPORT, "onnx_path"),
-            input_name=pulled(ids.EXPORT, "input_name"),
+            onnx_path=pulled(export.task_id, "onnx_path"),
+            input_name=pulled(export.task_id, "input_name"),
             cache_dir=prepared("om_cache_dir"),
             **from_variant(name, "run_dir", "batch_size", "soc_version", "precision_mode"),
             **from_variant(name, input_dtype="dtype", set_env="cann_set_env"),
@@ -73,7 +90,6 @@ def _variant(
             **from_variant(name, "run_dir", "engine", backend="tool"),
             **budgets("evaluate"),
         )
-    export, preprocess = upstream
     export >> convert
     [convert, preprocess] >> infer >> evaluate
     role = {
@@ -83,6 +99,7 @@ def _variant(
         "device": spec.device,
         "precision": variant_prepared(name, "precision_mode"),
         "variant": name,
+        **({"export_task": export.task_id} if own else {}),
     }
     return Branch(evaluate, role, convert_task=variant_task(name, ids.CONVERT))
 
@@ -90,20 +107,29 @@ def _variant(
 def variant_branches(
     spec: PipelineSpec, shards: XComArg, preprocess: BaseOperator, budgets: Budgets
 ) -> dict[str, Branch]:
-    """The ascend and portable exports (once) and one branch per variant, by variant name."""
-    export = _export(ids.EXPORT, "ascend", budgets, batch="export_batch_size")
+    """The portable export and, when a variant shares the run's inputs, the ascend export (once each),
+    and one branch per variant, by variant name."""
     portable = _export(ids.EXPORT_PORTABLE, "portable", budgets)
-    branches = {name: _variant(spec, name, shards, (export, preprocess), budgets) for name in spec.variants}
+    sharing = [name for name, changes in spec.variants.items() if not owns_inputs(changes)]
+    export = _export(ids.EXPORT, "ascend", budgets, batch="export_batch_size") if sharing else None
+    shared = (export, preprocess, shards)
+    branches = {name: _variant(spec, name, shared, budgets) for name in spec.variants}
     first = next(iter(branches))  # the portable graph (parity, the reference's) is in the summary's wait
     branches[first] = dataclasses.replace(branches[first], also_before_summary=(portable,))
     return branches
+
+
+INPUT_FACTS = ("height", "width", "dtype")  # the matrix's `inputs` column
 
 
 def _variant_facts(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
     """What the summary's matrix shows of each variant beside its results."""
     return {
         name: {
-            **{key: variant_prepared(name, key) for key in ("tool", "precision_mode", "batch_size")},
+            **{
+                key: variant_prepared(name, key)
+                for key in ("tool", "precision_mode", "batch_size", *INPUT_FACTS)
+            },
             "expected_failure": spec.expected_failures.get(name),
         }
         for name in spec.variants
@@ -120,7 +146,11 @@ def finish_variants(
         "variants": _variant_facts(spec),
         "published_ap": prepared("published_ap"),
     }
-    summary, record = summary_and_record(spec, branches, budgets, facts, model=spec.history_name)
+    sharing = any(not owns_inputs(changes) for changes in spec.variants.values())
+    export = ids.EXPORT if sharing else ids.EXPORT_PORTABLE  # the checkpoint's facts for the reference
+    summary, record = summary_and_record(
+        spec, branches, budgets, facts, model=spec.history_name, export_task=export
+    )
     gate = ModelGateOperator(
         task_id=ids.GATE,
         record_task=ids.RECORD,

@@ -25,9 +25,10 @@ from operators.wiring import REPORT_KEY, VERDICT_KEY
 class RecordResultsOperator(BaseOperator):
     """Write one history row per evaluated backend of this run (idempotent per run id).
 
-    `roles` maps a role to {eval_task, backend, device, precision}; `export_task` / `convert_task`
-    provide hashes and tool versions, `summary_task` the AP_delta. `model` overrides the history's
-    model name (default: the history name of the run's model adapter). Returns {role: record dict}.
+    `roles` maps a role to {eval_task, backend, device, precision} (+ `export_task` where the role
+    ran a graph of its own); `export_task` / `convert_task` provide hashes and tool versions,
+    `summary_task` the AP_delta. `model` overrides the history's model name (default: the history
+    name of the run's model adapter). Returns {role: record dict}.
     """
 
     template_fields: Sequence[str] = ("config", "roles")
@@ -52,7 +53,7 @@ class RecordResultsOperator(BaseOperator):
         from gfocal_pipeline import steps
 
         ti = context["ti"]
-        export_info = ti.xcom_pull(task_ids=self.export_task) or {}
+        exports = {task: ti.xcom_pull(task_ids=task) or {} for task in self._export_tasks()}
         convert_info = (ti.xcom_pull(task_ids=self.convert_task) if self.convert_task else None) or {}
         summary = ti.xcom_pull(task_ids=self.summary_task) or {}
         records = {}
@@ -63,12 +64,18 @@ class RecordResultsOperator(BaseOperator):
                     run_id=ti.run_id,
                     role=spec,
                     evaluation=ti.xcom_pull(task_ids=spec["eval_task"]),
-                    export_info=export_info,
+                    export_info=exports[spec.get("export_task") or self.export_task],
                     **self._role_facts(ti, role, spec, summary, convert_info),
                 )
                 store.record(record)
                 records[role] = record.to_dict()
         return records
+
+    def _export_tasks(self) -> list[str]:
+        """The export tasks whose graphs the roles ran: the run's, and a variant's own (`export_task`
+        of a variant that owns its inputs)."""
+        own = [spec["export_task"] for spec in self.roles.values() if spec.get("export_task")]
+        return list(dict.fromkeys([self.export_task, *own]))
 
     def _role_facts(
         self, ti: Any, role: str, spec: dict[str, Any], summary: dict[str, Any], convert_info: dict[str, Any]

@@ -109,14 +109,15 @@ def cmd_models(args: argparse.Namespace) -> Any:
 
 def cmd_models_file(args: argparse.Namespace) -> Any:
     """Check a models file as the DAG processor will: each entry's DAG id and variants, or its error."""
-    from gfocal_pipeline.zoo import MODELS_FILE_ENV, load_models_file, models_file_path
+    from gfocal_pipeline.zoo import MODELS_FILE_ENV, load_models_file, models_file_path, owns_inputs
 
     path = args.file or models_file_path()
     if not path:
         raise ConfigError(f"no models file: pass its path, or set ${MODELS_FILE_ENV}")
     models = load_models_file(path)
     for entry in models.entries:
-        variants = ", ".join(entry.variant_runs())
+        runs = entry.variant_runs()
+        variants = ", ".join(name + (" (own inputs)" if owns_inputs(runs[name]) else "") for name in runs)
         print(f"ok     {entry.dag_id}: {entry.adapter}, variants {variants}")
     for error in models.errors:
         print(f"ERROR  {error.dag_id}: {error}")

@@ -17,6 +17,9 @@ Run directory (`<base>/<dag_id>/<run_id>/`, or any directory for the CLI):
     .locks/<step>.lock         held while a step writes (a second writer fails fast naming the holder)
     eval/<backend>/detections.json, stats.json, per_class.csv
     summary.json               (+ pruned.json once retention pruned the run to its small results)
+    variants/<name>/           a models file entry's variant: its model/, outputs/, timing/, eval/;
+                               one that changes the inputs also has its run.json, manifest.json,
+                               inputs/ and uses/ (`RunLayout.run_root`)
 
 Shared output layout (`outputs/<backend>/<shard>/`):
     outputs.npz  `image_ids` int64 (N,) plus one array per output, first axis = image. Every
@@ -86,14 +89,21 @@ class RunLayout:
 
     def variant(self, name: str) -> RunLayout:
         """The folder of variant `name` of this run (`variants/<name>/`): its own OM, outputs,
-        timing and evaluation; the run's manifest, inputs, run.json and uses/ are shared."""
+        timing and evaluation; the run's manifest, inputs, run.json and uses/ are shared, unless the
+        variant owns its inputs (a `run.json` of its own there: see `run_root`)."""
         return RunLayout(self.run_root / VARIANTS_DIR / name)
 
     @property
     def run_root(self) -> Path:
-        """The run directory itself: `root`, or for a variant's folder the run it belongs to."""
+        """The run directory itself: `root`, or for a variant's folder the run it belongs to. A
+        variant that changes the inputs (height, dtype, ...) has its own `run.json`, so its folder
+        is the root of its own graphs, manifest, inputs and cache uses."""
         parent = self.root.parent
-        if parent.name == VARIANTS_DIR and (parent.parent / "run.json").is_file():
+        if (
+            parent.name == VARIANTS_DIR
+            and (parent.parent / "run.json").is_file()
+            and not (self.root / "run.json").is_file()
+        ):
             return parent.parent
         return self.root
 

@@ -92,7 +92,7 @@ def is_kept(relative: str) -> bool:
     if len(parts) == 1:
         return name in KEPT_TOP_FILES or name.endswith(".log")
     top = parts[0]
-    if top == VARIANTS_DIR and len(parts) > 3:  # variants/<name>/<what a run keeps>
+    if top == VARIANTS_DIR and len(parts) >= 3:  # variants/<name>/<what a run keeps>
         return is_kept("/".join(parts[2:]))
     if top in KEPT_TREES:
         return True
@@ -356,7 +356,8 @@ def cache_keys_in_use(
     for runs in find_runs(work_dir).values():
         folders += [run.path for run in runs if run.pruned is None and run.in_use(grace_s, now)]
     keys = set()
-    for folder in folders:
+    variants = [variant for folder in folders for variant in sorted(folder.glob(f"{VARIANTS_DIR}/*"))]
+    for folder in [*folders, *variants]:  # a variant that owns its inputs has uses of its own
         uses = folder / USES_DIR
         for marker in sorted(uses.iterdir()) if uses.is_dir() else []:
             kind, sep, key = marker.name.rpartition("-")
@@ -509,7 +510,9 @@ def small_report(report: dict[str, Any], cap: int = 20) -> dict[str, Any]:
 def check_not_pruned(run_dir: str | os.PathLike[str], what: str) -> None:
     """Raise RunPrunedError when retention has pruned `run_dir` (its `what` is gone): a late retry of
     a task of an old run fails clearly instead of on a missing file."""
-    record = _pruned_record(RunLayout.at(run_dir).run_root)  # a variant's folder: its run's
+    folder = Path(run_dir)
+    run = folder.parent.parent if folder.parent.name == VARIANTS_DIR else folder  # a variant's: its run's
+    record = _pruned_record(run) or _pruned_record(RunLayout.at(folder).run_root)
     if record is None:
         return
     when = record.get("pruned_at_utc") or "an unknown date"

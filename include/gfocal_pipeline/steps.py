@@ -54,8 +54,9 @@ def prepare_step(
     Returns the validated options plus `run_dir`, `om_cache_dir`, and from the run's model spec (also
     recorded in `run.json`) `reference_backend` and `history_model`: what every later task reads.
     `variants` ({name: the options it changes}, a models file entry's) adds `variants`: per name the
-    whole validated options of that variant with its own `run_dir` (`variants/<name>/`), and
-    `export_batch_size`, the largest batch of any variant (the one graph they all convert).
+    whole validated options of that variant with its own `run_dir` (`variants/<name>/`, a run folder
+    of its own with its `run.json` when the variant `own_inputs`, see `zoo.owns_inputs`), and
+    `export_batch_size`, the largest batch of the variants that share the run's ascend graph.
     """
     from gfocal_pipeline.adapters import run_model_spec
     from gfocal_pipeline.run_config import RunConfig
@@ -65,10 +66,12 @@ def prepare_step(
     run_dir = run_directory(config["work_dir"], dag_id, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     layout = RunLayout.at(run_dir)
-    by_variant = _variant_configs(values, variants, layout, ascend=ascend)
+    by_variant = _variant_configs(values, variants, ascend=ascend)  # checked before anything is written
+    record = {"dag_id": dag_id, "run_id": run_id, "created": time.time(), "model": spec.to_dict()}
     if not layout.run_json.is_file():  # a retried prepare keeps the run's creation time
-        record = {"dag_id": dag_id, "run_id": run_id, "created": time.time(), "config": config}
-        write_json(layout.run_json, {**record, "model": spec.to_dict()})
+        write_json(layout.run_json, {**record, "config": config})
+    for name, variant in by_variant.items():
+        variant["run_dir"] = str(_variant_folder(layout, name, variant, record))
     prepared = {
         **config,
         "run_dir": str(run_dir),
@@ -77,16 +80,17 @@ def prepare_step(
         "history_model": spec.history_name,
     }
     if by_variant:
-        batches = [variant["batch_size"] for variant in by_variant.values()]
-        prepared.update(variants=by_variant, export_batch_size=max(batches))
+        batches = [v["batch_size"] for v in by_variant.values() if not v["own_inputs"]]
+        prepared.update(variants=by_variant, export_batch_size=max(batches or [config["batch_size"]]))
     return prepared
 
 
 def _variant_configs(
-    values: dict[str, Any], variants: dict[str, dict[str, Any]] | None, layout: RunLayout, *, ascend: bool
+    values: dict[str, Any], variants: dict[str, dict[str, Any]] | None, *, ascend: bool
 ) -> dict[str, dict[str, Any]]:
-    """Each variant's validated options (the run's values with its changes) and its folder."""
+    """Each variant's validated options: the run's values with its changes, and `own_inputs`."""
     from gfocal_pipeline.run_config import RunConfig
+    from gfocal_pipeline.zoo import owns_inputs
 
     found = {}
     for name, changes in (variants or {}).items():
@@ -94,10 +98,20 @@ def _variant_configs(
             config = RunConfig.from_mapping({**values, **changes}, ascend=ascend).to_dict()
         except GfocalError as exc:
             raise ConfigError(f"variant {name!r}: {exc}") from None
-        folder = layout.variant(safe_name(name)).root
-        folder.mkdir(parents=True, exist_ok=True)
-        found[name] = {**config, "run_dir": str(folder), "variant": name}
+        found[name] = {**config, "variant": name, "own_inputs": owns_inputs(changes)}
     return found
+
+
+def _variant_folder(layout: RunLayout, name: str, variant: dict[str, Any], record: dict[str, Any]) -> Path:
+    """`variants/<name>/` of the run; a variant that owns its inputs is a run folder of its own there:
+    its `run.json` (`record` with its options) makes it its manifest's, inputs' and graphs' root."""
+    folder = layout.variant(safe_name(name)).root
+    folder.mkdir(parents=True, exist_ok=True)
+    own_record = folder / layout.run_json.name
+    if variant["own_inputs"] and not own_record.is_file():
+        config = {key: value for key, value in variant.items() if key not in ("variant", "own_inputs")}
+        write_json(own_record, {**record, "config": config, "variant": name})
+    return folder
 
 
 def om_batch_sizes(batch_size: int) -> tuple[int, ...]:
@@ -524,6 +538,7 @@ def variant_matrix(
                 "tool": facts.get("tool"),
                 "precision_mode": facts.get("precision_mode"),
                 "batch_size": timing.get("batch_size") or facts.get("batch_size"),
+                "inputs": _inputs_of(facts),
                 "AP": ap,
                 "dAP_reference": None if ap is None or reference is None else ap - reference,
                 "dAP_published": None if ap is None or published_ap is None else ap - published_ap,
@@ -533,6 +548,13 @@ def variant_matrix(
             }
         )
     return rows
+
+
+def _inputs_of(facts: dict[str, Any]) -> str | None:
+    """A variant's input size and dtype (`640x640 uint8`), when its facts have them."""
+    if not facts.get("height") or not facts.get("width"):
+        return None
+    return f"{facts['height']}x{facts['width']} {facts.get('dtype') or 'float32'}"
 
 
 def summary_step(
@@ -647,6 +669,7 @@ def format_matrix(matrix: list[dict[str, Any]], ap_reference: float | None = Non
         "tool",
         "precision",
         "batch",
+        "inputs",
         "AP",
         "dAP_ref",
         "dAP_pub",
@@ -662,6 +685,7 @@ def format_matrix(matrix: list[dict[str, Any]], ap_reference: float | None = Non
                 str(row.get("tool") or "-"),
                 str(row.get("precision_mode") or "-"),
                 _cell(row.get("batch_size"), "d"),
+                str(row.get("inputs") or "-"),
                 _cell(row.get("AP"), ".4f"),
                 _cell(row.get("dAP_reference"), "+.4f"),
                 _cell(row.get("dAP_published"), "+.4f"),

@@ -17,10 +17,12 @@ One YAML file lists the models a team keeps on the nightly; each entry becomes o
           - {name: keep, tool: ais_bench, precision_mode: must_keep_origin_dtype, batch_size: 4}
         expected_failures: {keep: "atc 8.0 drops the NMS op"}
 
-Any run option of the trigger forms may appear in an entry under its form name; a variant may set
-only the options that leave the exported graph and the inputs alone (`VARIANT_OPTIONS`: conversion,
-inference tool, batch, gate thresholds), because the variants of one night share one export and one
-preprocessing. Structure is validated with pydantic, values with the forms' own option specs, so a
+Any run option of the trigger forms may appear in an entry or a variant under its form name (a
+variant may not change the model, its checkpoint or the work directory). The variants that change
+only what neither the export nor the preprocessing reads (`device_options`: conversion, inference
+tool, batch, gate thresholds) share the night's one export and one preprocessing; a variant that
+changes an input option (height, dtype, policy, ...) `owns_inputs`: it exports and preprocesses in its
+own folder. Structure is validated with pydantic, values with the forms' own option specs, so a
 value the form refuses is refused here with the same words. Entries are validated one by one: a
 bad entry is reported (`ModelsFile.errors`, naming the file, the entry and the field) and the others
 still load.
@@ -60,8 +62,9 @@ def _run_options() -> dict[str, Any]:
     return {name: spec for name, (_, spec) in form_options(ascend=True).items()}
 
 
-def variant_options() -> frozenset[str]:
-    """The run options a variant may set: what neither the export nor the preprocessing reads."""
+def device_options() -> frozenset[str]:
+    """The run options neither the export nor the preprocessing reads (conversion, inference, gate):
+    variants that change only these share one export and one preprocessing."""
     from dataclasses import fields
 
     from gfocal_pipeline.gate import GateThresholds
@@ -69,6 +72,19 @@ def variant_options() -> frozenset[str]:
 
     groups = (AscendOptions, GateThresholds)
     return frozenset({*(f.name for g in groups for f in fields(g)), "batch_size", "engine"})
+
+
+VARIANT_FORBIDDEN = ("model", "checkpoint", "work_dir")  # one model, one run folder per entry
+
+
+def variant_options() -> frozenset[str]:
+    """The run options a variant may set: every one but the model, its checkpoint and the work_dir."""
+    return frozenset(set(_run_options()) - set(VARIANT_FORBIDDEN))
+
+
+def owns_inputs(changes: dict[str, Any]) -> bool:
+    """Whether a variant changing `changes` needs its own export and preprocessing."""
+    return bool(set(changes) - device_options())
 
 
 class FieldError(ValueError):
@@ -105,16 +121,15 @@ class Variant(BaseModel):
 
     @model_validator(mode="after")
     def _options(self) -> Variant:
-        allowed = variant_options()
         extra = dict(self.model_extra or {})
-        shared = sorted(set(extra) - allowed & set(_run_options()))
-        if shared:
+        taken = sorted(set(extra) & set(VARIANT_FORBIDDEN))
+        if taken:
             raise FieldError(
-                shared[0],
-                "changes the exported graph or the inputs, which the variants of one entry share: set "
-                "it on the entry (or make another entry)",
+                taken[0],
+                "the variants of an entry share its model, checkpoint and work_dir: set it on the entry "
+                "(or make another entry)",
             )
-        _check_options(extra, allowed, "a variant")
+        _check_options(extra, variant_options(), "a variant")
         return self
 
     @property

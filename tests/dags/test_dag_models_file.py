@@ -49,6 +49,8 @@ def _entries(work: Path, set_env: Path) -> list[dict[str, Any]]:
                     "precision_mode": "must_keep_origin_dtype",
                     "batch_size": 2,
                 },
+                # changes the inputs: its own export and preprocessing (uint8 inputs, AIPP in the OM)
+                {"name": "small", "height": 96, "width": 128, "dtype": "uint8"},
             ],
         },
         {
@@ -110,6 +112,10 @@ def test_one_dag_per_entry_and_the_bad_one_named(zoo: dict[str, Any]) -> None:
             task = good.get_task(f"{variant}.{task_id}")
             assert (task.queue, task.pool, task.priority_weight) == ("ascend", "ascend_npu", 3)
     assert good.params["height"] == 128 and good.params["published_ap"] == 0.0
+    # one export and one preprocessing for the variants that keep the inputs, own ones for `small`
+    own = {task_id for task_id in good.task_dict if task_id.split(".")[-1] in ("export", "preprocess")}
+    assert own == {"export", "preprocess", "small.export", "small.preprocess"}
+    assert good.get_task("small.infer").upstream_task_ids >= {"small.preprocess", "small.convert"}
     broken = dags["zoo_broken_nightly"]
     assert "models-file-error" in broken.tags
     for words in (str(zoo["file"]), "entry 2 ('zoo_broken')", "variants.0.precision_mode", "fp15"):
@@ -170,7 +176,7 @@ def test_a_night_runs_every_variant_once_against_one_reference(
     summary = values["summary"]
     reference = values["evaluate_reference"]["stats"]["AP"]
     rows = {row["variant"]: row for row in summary["matrix"]}
-    assert list(rows) == ["fp16", "keep"]
+    assert list(rows) == ["fp16", "keep", "small"]
     for name, tool, batch in (("fp16", "msame", 1), ("keep", "ais_bench", 2)):
         ap = values[f"{name}.evaluate"]["stats"]["AP"]
         assert (rows[name]["tool"], rows[name]["batch_size"]) == (tool, batch)
@@ -180,15 +186,47 @@ def test_a_night_runs_every_variant_once_against_one_reference(
         assert rows[name]["fps"] > 0 and rows[name]["p99_ms"] > 0
     assert Path(values["fp16.convert"]["om_path"]).parent != Path(values["keep.convert"]["om_path"]).parent
     gate = values["gate"]
-    assert gate["passed"] and set(gate["variants"]) == {"fp16", "keep"}
+    assert gate["passed"] and set(gate["variants"]) == {"fp16", "keep", "small"}
     assert any(c["name"] == "AP vs published" for c in gate["variants"]["fp16"]["checks"])
     with HistoryStore(os.environ["GFOCAL_HISTORY_URL"]) as store:
         recorded = {r.config.model: r for r in store.run_records(dag.dag_id, run_id)}
-    assert set(recorded) == {"zoo_gfocal/fp16", "zoo_gfocal/keep", "zoo_gfocal/reference"}
+    assert set(recorded) == {f"zoo_gfocal/{name}" for name in ("fp16", "keep", "small", "reference")}
     assert recorded["zoo_gfocal/keep"].config.batch_size == 2
     assert recorded["zoo_gfocal/keep"].config.backend == "ais_bench"
     assert recorded["zoo_gfocal/fp16"].verdict == "pass"
     assert json.dumps(values)
+
+
+def test_a_variant_that_changes_the_inputs_runs_on_its_own(
+    zoo: dict[str, Any], two_nights: list[dict[str, Any]]
+) -> None:
+    """`small` (96x128 uint8) exports, preprocesses and converts in `variants/small/`; the others
+    share the run's 128x160 float32 graph and inputs."""
+    dag = zoo["dags"]["zoo_gfocal_nightly"]
+    run_id, values = two_nights[0]["run_id"], two_nights[0]["values"]
+    run_dir = Path(values["prepare"]["run_dir"])
+    folder = run_dir / "variants" / "small"
+    assert values["prepare"]["variants"]["small"]["run_dir"] == str(folder)
+    shared = json.loads((run_dir / "manifest.json").read_text())
+    own = json.loads((folder / "manifest.json").read_text())
+    assert (shared["input_height"], shared["input_width"], shared["dtype"]) == (128, 160, "float32")
+    assert (own["input_height"], own["input_width"], own["dtype"]) == (96, 128, "uint8")
+    assert values["small.export"]["onnx_sha256"] != values["export"]["onnx_sha256"]
+    atc = " ".join(values["small.convert"]["atc_args"])
+    assert "1,3,96,128" in atc and "--insert_op_conf" in atc  # uint8 inputs: AIPP normalizes
+    assert "--insert_op_conf" not in " ".join(values["fp16.convert"]["atc_args"])
+    assert values["small.evaluate"]["images"] == values["fp16.evaluate"]["images"] == 4
+    inputs = {row["variant"]: row["inputs"] for row in values["summary"]["matrix"]}
+    assert inputs == {"fp16": "128x160 float32", "keep": "128x160 float32", "small": "96x128 uint8"}
+    with HistoryStore(os.environ["GFOCAL_HISTORY_URL"]) as store:
+        recorded = {r.config.model: r for r in store.run_records(dag.dag_id, run_id)}
+    assert "96x128 uint8" in recorded["zoo_gfocal/small"].config.policy
+    assert "128x160 float32" in recorded["zoo_gfocal/fp16"].config.policy
+    assert recorded["zoo_gfocal/small"].onnx_sha256 == values["small.export"]["onnx_sha256"]
+    again = two_nights[1]["values"]
+    assert again["small.export"]["cached"] is True and again["small.convert"]["cached"] is True
+    manifest = xcoms(dag.dag_id, two_nights[1]["run_id"], "manifest")
+    assert manifest["small.preprocess"]["cached"] is True and manifest["preprocess"]["cached"] is True
 
 
 def test_the_second_night_reuses_each_variants_om_and_judges_it_against_the_first(
@@ -196,7 +234,7 @@ def test_the_second_night_reuses_each_variants_om_and_judges_it_against_the_firs
 ) -> None:
     first, second = two_nights
     values = second["values"]
-    for variant in ("fp16", "keep"):
+    for variant in ("fp16", "keep", "small"):
         assert first["values"][f"{variant}.convert"]["cached"] is False, variant
         assert values[f"{variant}.convert"]["cached"] is True, variant
         # each variant's baseline is its own first night (same configuration, `zoo_gfocal/<variant>`)

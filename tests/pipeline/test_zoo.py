@@ -9,7 +9,13 @@ import pytest
 import yaml
 
 from gfocal_pipeline.errors import ConfigError
-from gfocal_pipeline.zoo import DEFAULT_VARIANT, MODELS_FILE_ENV, load_models_file, models_file_path
+from gfocal_pipeline.zoo import (
+    DEFAULT_VARIANT,
+    MODELS_FILE_ENV,
+    load_models_file,
+    models_file_path,
+    owns_inputs,
+)
 
 
 def _write(tmp_path: Path, entries: Any) -> Path:
@@ -52,6 +58,20 @@ def test_the_issue_example_loads_with_its_options(tmp_path: Path) -> None:
     assert entry.expected_failures == {"keep": "atc drops the NMS op"}
 
 
+def test_a_variant_may_change_the_inputs_and_then_owns_them(tmp_path: Path) -> None:
+    variants = [
+        {"name": "fp16", "precision_mode": "force_fp16", "batch_size": 4, "min_ap": 0.3},
+        {"name": "small", "height": 640, "width": 640},
+        {"name": "u8", "dtype": "uint8", "policy": "mmdet"},
+    ]
+    raw = {**GOOD, "variants": variants, "expected_failures": {}}
+    (entry,) = load_models_file(_write(tmp_path, [raw])).entries
+    runs = entry.variant_runs()
+    assert runs["small"] == {"height": 640, "width": 640}
+    assert runs["u8"] == {"dtype": "uint8", "policy": "mmdet"}
+    assert [owns_inputs(runs[name]) for name in ("fp16", "small", "u8")] == [False, True, True]
+
+
 def test_an_entry_without_variants_has_one_default_variant(tmp_path: Path) -> None:
     (entry,) = load_models_file(_write(tmp_path, [{"name": "retina", "adapter": "retinanet"}])).entries
     assert entry.variant_runs() == {DEFAULT_VARIANT: {}}
@@ -68,7 +88,15 @@ BAD_ENTRIES = [
     ({"name": "m", "adapter": "gfocalv2", "schedule": "every night"}, "field 'schedule'"),
     ({"name": "m", "adapter": "gfocalv2", "priority_weight": 0}, "field 'priority_weight'"),
     ({"name": "m", "adapter": "gfocalv2", "variants": [{"name": "a"}, {"name": "a"}]}, "more than once"),
-    ({"name": "m", "adapter": "gfocalv2", "variants": [{"name": "a", "height": 320}]}, "variants.0.height"),
+    ({"name": "m", "adapter": "gfocalv2", "variants": [{"name": "a", "height": 7}]}, "variants.0.height"),
+    (
+        {"name": "m", "adapter": "gfocalv2", "variants": [{"name": "a", "checkpoint": "/b.pth"}]},
+        "share its model",
+    ),
+    (
+        {"name": "m", "adapter": "gfocalv2", "variants": [{"name": "a", "work_dir": "/w"}]},
+        "variants.0.work_dir",
+    ),
     ({"name": "m", "adapter": "gfocalv2", "variants": [{"name": "a", "tool": "atc"}]}, "variants.0.tool"),
     ({"name": "m", "adapter": "gfocalv2", "expected_failures": {"fp32": "x"}}, "not variants"),
     ({"name": "m", "adapter": "gfocalv2", "expected_failures": {"default": " "}}, "need a reason"),
@@ -138,7 +166,14 @@ def test_the_cli_checks_a_file_before_it_is_deployed(
 
     good = _write(tmp_path, [GOOD])
     assert main(["models-file", str(good)]) == 0
-    assert "gfocalv2_r50_nightly: gfocalv2, variants fp16, keep" in capsys.readouterr().out
+    assert "gfocalv2_r50_nightly: gfocalv2, variants fp16, keep\n" in capsys.readouterr().out
+    small = {
+        **GOOD,
+        "variants": [{"name": "fp16"}, {"name": "small", "height": 640}],
+        "expected_failures": {},
+    }
+    assert main(["models-file", str(_write(tmp_path, [small]))]) == 0
+    assert "variants fp16, small (own inputs)" in capsys.readouterr().out
     bad = _write(tmp_path, [GOOD, {"name": "retina", "adapter": "retinanet", "heigth": 3}])
     assert main(["models-file", str(bad)]) == 2
     captured = capsys.readouterr()
