@@ -99,6 +99,15 @@ BAD_ENTRIES = [
     ),
     ({"name": "m", "adapter": "gfocalv2", "variants": [{"name": "a", "tool": "atc"}]}, "variants.0.tool"),
     ({"name": "m", "adapter": "gfocalv2", "expected_failures": {"fp32": "x"}}, "not variants"),
+    # a tool's batch rule: msame runs batch 1, from the entry's tool and the variant's batch
+    (
+        {"name": "m", "adapter": "gfocalv2", "tool": "msame", "variants": [{"name": "a", "batch_size": 4}]},
+        "variants.0.batch_size",
+    ),
+    (
+        {"name": "m", "adapter": "gfocalv2", "batch_size": 2, "variants": [{"name": "a", "tool": "msame"}]},
+        "field 'batch_size'",
+    ),
     ({"name": "m", "adapter": "gfocalv2", "expected_failures": {"default": " "}}, "need a reason"),
     ({"name": "m", "adapter": "onnx", "checkpoint": "/g.onnx"}, "onnx: <graph.onnx>"),
     ({"name": "m", "adapter": "retinanet", "onnx": "/g.onnx"}, "adapter onnx"),
