@@ -51,7 +51,12 @@ def _device_tasks(spec: PipelineSpec) -> dict[str, Any]:
     return {**placement, "priority_weight": spec.priority_weight, "weight_rule": "absolute"}
 
 
-def _own_inputs(spec: PipelineSpec, name: str, budgets: Budgets, plan: dict[str, Any]) -> tuple[Any, ...]:
+def _shares_inputs(spec: PipelineSpec) -> bool:
+    """Whether a variant uses the run's ascend graph and inputs (else none is exported for it)."""
+    return any(not owns_inputs(changes) for changes in spec.variants.values())
+
+
+def _own_inputs(name: str, budgets: Budgets, plan: dict[str, Any]) -> tuple[Any, ...]:
     """(export, preprocessing, shards) of a variant that changes the inputs, in its own folder."""
     read = functools.partial(from_variant, name)
     export = _export(ids.EXPORT, "ascend", budgets, read=read)
@@ -66,7 +71,7 @@ def _variant(spec: PipelineSpec, name: str, shared: tuple[Any, ...], budgets: Bu
     device = _device_tasks(spec)
     own = owns_inputs(spec.variants[name])
     with TaskGroup(group_id=name, tooltip=f"variant {name}: atc, inference and evaluation"):
-        export, preprocess, shards = _own_inputs(spec, name, budgets, shared[1].shard_plan) if own else shared
+        export, preprocess, shards = _own_inputs(name, budgets, shared[1].shard_plan) if own else shared
         convert = AtcConvertOperator(
             task_id=ids.CONVERT,
             onnx_path=pulled(export.task_id, "onnx_path"),
@@ -110,8 +115,9 @@ def variant_branches(
     """The portable export and, when a variant shares the run's inputs, the ascend export (once each),
     and one branch per variant, by variant name."""
     portable = _export(ids.EXPORT_PORTABLE, "portable", budgets)
-    sharing = [name for name, changes in spec.variants.items() if not owns_inputs(changes)]
-    export = _export(ids.EXPORT, "ascend", budgets, batch="export_batch_size") if sharing else None
+    export = (
+        _export(ids.EXPORT, "ascend", budgets, batch="export_batch_size") if _shares_inputs(spec) else None
+    )
     shared = (export, preprocess, shards)
     branches = {name: _variant(spec, name, shared, budgets) for name in spec.variants}
     first = next(iter(branches))  # the portable graph (parity, the reference's) is in the summary's wait
@@ -146,8 +152,8 @@ def finish_variants(
         "variants": _variant_facts(spec),
         "published_ap": prepared("published_ap"),
     }
-    sharing = any(not owns_inputs(changes) for changes in spec.variants.values())
-    export = ids.EXPORT if sharing else ids.EXPORT_PORTABLE  # the checkpoint's facts for the reference
+    # the checkpoint's facts for the reference: the run's ascend graph's, else the portable one's
+    export = ids.EXPORT if _shares_inputs(spec) else ids.EXPORT_PORTABLE
     summary, record = summary_and_record(
         spec, branches, budgets, facts, model=spec.history_name, export_task=export
     )

@@ -94,18 +94,19 @@ class RunLayout:
         return RunLayout(self.run_root / VARIANTS_DIR / name)
 
     @property
-    def run_root(self) -> Path:
-        """The run directory itself: `root`, or for a variant's folder the run it belongs to. A
-        variant that changes the inputs (height, dtype, ...) has its own `run.json`, so its folder
-        is the root of its own graphs, manifest, inputs and cache uses."""
+    def run_folder(self) -> Path:
+        """The run directory this folder belongs to: `root`, or for a variant's folder its run."""
         parent = self.root.parent
-        if (
-            parent.name == VARIANTS_DIR
-            and (parent.parent / "run.json").is_file()
-            and not (self.root / "run.json").is_file()
-        ):
+        if parent.name == VARIANTS_DIR and (parent.parent / "run.json").is_file():
             return parent.parent
         return self.root
+
+    @property
+    def run_root(self) -> Path:
+        """Where this folder's run.json, manifest, inputs and cache uses are: the run's (`run_folder`),
+        or for a variant that changes the inputs (height, dtype, ...: it has a `run.json` of its own)
+        its own folder."""
+        return self.root if (self.root / "run.json").is_file() else self.run_folder
 
     @property
     def model_dir(self) -> Path:

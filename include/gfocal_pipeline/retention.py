@@ -510,9 +510,7 @@ def small_report(report: dict[str, Any], cap: int = 20) -> dict[str, Any]:
 def check_not_pruned(run_dir: str | os.PathLike[str], what: str) -> None:
     """Raise RunPrunedError when retention has pruned `run_dir` (its `what` is gone): a late retry of
     a task of an old run fails clearly instead of on a missing file."""
-    folder = Path(run_dir)
-    run = folder.parent.parent if folder.parent.name == VARIANTS_DIR else folder  # a variant's: its run's
-    record = _pruned_record(run) or _pruned_record(RunLayout.at(folder).run_root)
+    record = _pruned_record(RunLayout.at(run_dir).run_folder)  # a variant's folder: its run's
     if record is None:
         return
     when = record.get("pruned_at_utc") or "an unknown date"

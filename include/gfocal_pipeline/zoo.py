@@ -194,26 +194,25 @@ class Entry(BaseModel):
         taken = sorted(set(self.model_extra or {}) & set(ENTRY_KEYS.values()))
         if taken:
             raise ValueError(f"{taken}: set the model with 'adapter' and 'checkpoint' (or 'onnx') instead")
-        _check_options(
+        entry = _check_options(
             dict(self.model_extra or {}), set(_run_options()) - {"model", "checkpoint"}, "an entry"
         )
-        self._check_batches()
+        self._check_batches(entry)
         return self
 
-    def _check_batches(self) -> None:
+    def _check_batches(self, entry: dict[str, Any]) -> None:
         """The inference tool's batch rule (msame runs batch 1) for each variant whose tool and batch
-        the file sets (its own or the entry's); unset ones come from the form at run time."""
-        from gfocal_pipeline.backends.registry import backend_class
+        the file sets (its own or the entry's `entry` options); unset ones come from the form."""
+        from gfocal_pipeline.backends.registry import check_batch_size
         from gfocal_pipeline.errors import BackendError
 
-        entry = _check_options(dict(self.model_extra or {}), set(_run_options()), "an entry")
         for index, variant in enumerate(self.variants or [None]):
             changes = variant.options if variant else {}
             merged = {**entry, **changes}
             if "tool" not in merged or "batch_size" not in merged:
                 continue
             try:
-                backend_class(merged["tool"]).check_batch_size(merged["batch_size"])
+                check_batch_size(merged["tool"], merged["batch_size"])
             except BackendError as exc:
                 where = f"variants.{index}." if variant and "batch_size" in changes else ""
                 raise FieldError(f"{where}batch_size", str(exc)) from None

@@ -35,6 +35,16 @@ DEVICE_SLOTS = 2
 ZOO = {"it_gfocal": ("gfocalv2", 3), "it_retina": ("retinanet", 2), "it_byo": ("onnx", 1)}
 # must_keep_origin_dtype: 22 characters, more than the history's `precision` column held before
 VARIANTS = {"fp16": "force_fp16", "keep": "must_keep_origin_dtype"}
+# a third variant of one entry that changes the inputs: its own export and preprocessing
+OWN_INPUTS = {"it_retina": {"name": "small", "precision_mode": "force_fp16", "height": 96, "width": 96}}
+
+
+def variants_of(entry: str) -> dict[str, str]:
+    """{variant: precision mode} of a ZOO entry, in file order."""
+    own = OWN_INPUTS.get(entry)
+    return {**VARIANTS, **({own["name"]: own["precision_mode"]} if own else {})}
+
+
 BROKEN_ENTRY = "it_broken"  # a models file entry with a misspelt option (`batch` for batch_size)
 # as test_celery_deployment.SMALL: 3 images at 128 px make 2 shards with the cluster's device_slots
 ZOO_SMALL = {"height": 128, "width": 128, "max_images": 3}
@@ -88,13 +98,14 @@ def _byo_graph(folder: Path) -> dict[str, Any]:
 @pytest.fixture(scope="package")
 def models_file(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The cluster's models file (`$GFOCAL_MODELS_FILE`): the `ZOO` entries, each with the two
-    `VARIANTS`, small data; demo weights and data except the `onnx` entry's own. Returns
-    {"path": its path, "models": its entries}."""
+    `VARIANTS` (and `OWN_INPUTS`' variant), small data; demo weights and data except the `onnx`
+    entry's own. Returns {"path": its path, "models": its entries}."""
     folder = tmp_path_factory.mktemp("models-file")
     models = []
     for name, (adapter, weight) in ZOO.items():
         data = _byo_graph(folder) if adapter == "onnx" else {}
         variants = [{"name": variant, "precision_mode": mode} for variant, mode in VARIANTS.items()]
+        variants += [OWN_INPUTS[name]] if name in OWN_INPUTS else []
         models.append(
             {
                 "name": name,

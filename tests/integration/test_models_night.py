@@ -46,7 +46,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from integration.api import apis as _apis
 from integration.api import task_instances, trigger, wait_dags_parsed, wait_runs, xcom_key_value, xcom_value
 from integration.cluster import ASCEND_HOST, CPU_HOST, Cluster
-from integration.conftest import BROKEN_ENTRY, VARIANTS, ZOO
+from integration.conftest import BROKEN_ENTRY, OWN_INPUTS, VARIANTS, ZOO, ZOO_SMALL, variants_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,7 +55,10 @@ ARTIFACTS = ROOT / "test-artifacts" / "integration"
 RUN = "it-zoo-night"  # the run id of each night: RUN-<entry> (wait_runs keys the runs by run id)
 NIGHT_TIMEOUT_S = 1200
 WAIT_S = 45
-DEVICE_TASKS = {f"{variant}.{task}" for variant in VARIANTS for task in ("convert", "infer")}
+
+
+def device_tasks(entry: str) -> set[str]:
+    return {f"{variant}.{task}" for variant in variants_of(entry) for task in ("convert", "infer")}
 
 
 def dag_of(entry: str) -> str:
@@ -154,8 +157,14 @@ def test_the_models_file_parses_into_three_nightlies_without_import_errors(night
     for entry, tis in night.tis.items():
         assert {ti.state.value for ti in tis} == {"success"}, entry
         tasks = {ti.task_id for ti in tis}
-        assert {f"{v}.{t}" for v in VARIANTS for t in ("convert", "infer", "evaluate")} <= tasks, entry
+        assert {f"{v}.{t}" for v in variants_of(entry) for t in ("convert", "infer", "evaluate")} <= tasks
         assert {"export", "preprocess", "evaluate_reference", "summary", "record", "gate"} <= tasks
+        own = (
+            {f"{OWN_INPUTS[entry]['name']}.{t}" for t in ("export", "preprocess")}
+            if entry in OWN_INPUTS
+            else set()
+        )
+        assert {t for t in tasks if t.endswith((".export", ".preprocess"))} == own, entry
 
 
 def test_a_bad_entry_is_a_dag_whose_description_names_the_entry_and_field(night: Night, api: Any) -> None:
@@ -175,7 +184,8 @@ def test_a_bad_entry_is_a_dag_whose_description_names_the_entry_and_field(night:
 def test_the_summary_matrix_holds_each_variant_as_evaluated(night: Night, entry: str) -> None:
     """One row per variant, its numbers those of the variant's own evaluate XCom and the reference's."""
     matrix = night.xcom(entry, "summary")["matrix"]
-    assert [row["variant"] for row in matrix] == list(VARIANTS)
+    variants = variants_of(entry)
+    assert [row["variant"] for row in matrix] == list(variants)
     reference = night.xcom(entry, "evaluate_reference")["stats"]["AP"]
     published = night.xcom(entry, "prepare").get("published_ap")
     for row in matrix:
@@ -187,13 +197,32 @@ def test_the_summary_matrix_holds_each_variant_as_evaluated(night: Night, entry:
         assert row["dAP_published"] == (None if published is None else pytest.approx(ap - published))
         assert row["fps"] == timing["fps"] and row["fps"] > 0, name
         assert row["p99_ms"] == timing["latency_ms"]["p99"] and row["p99_ms"] > 0, name
-        assert (row["precision_mode"], row["batch_size"]) == (VARIANTS[name], 1), name
+        assert (row["precision_mode"], row["batch_size"]) == (variants[name], 1), name
         assert row["expected_failure"] is None
         atc = night.xcom(entry, f"{name}.convert")["atc_args"]
-        assert f"--precision_mode={VARIANTS[name]}" in atc, atc
+        assert f"--precision_mode={variants[name]}" in atc, atc
     verdict = xcom_key_value(night.apis, (dag_of(entry), run_of(entry)), "gate", "verdict")
-    assert set(verdict["variants"]) == set(VARIANTS)
+    assert set(verdict["variants"]) == set(variants)
     assert verdict["failing"] == [] and verdict["now_passing"] == []
+
+
+def test_a_variant_that_changes_the_inputs_ran_its_own_export_and_preprocessing(night: Night) -> None:
+    """it_retina's `small` (96x96): its own graph and inputs, made on the CPU worker, run on the NPU."""
+    ((entry, own),) = OWN_INPUTS.items()
+    name, size = own["name"], f"{own['height']}x{own['width']}"
+    shared = f"{ZOO_SMALL['height']}x{ZOO_SMALL['width']}"
+    inputs = {row["variant"]: row["inputs"] for row in night.xcom(entry, "summary")["matrix"]}
+    assert inputs == {**dict.fromkeys(VARIANTS, f"{shared} float32"), name: f"{size} float32"}
+    export, run_export = night.xcom(entry, f"{name}.export"), night.xcom(entry, "export")
+    assert export["onnx_sha256"] != run_export["onnx_sha256"]
+    assert f",{own['height']},{own['width']}" in " ".join(night.xcom(entry, f"{name}.convert")["atc_args"])
+    prepared = night.xcom(entry, "prepare")
+    assert night.xcom(entry, f"{name}.evaluate")["images"] == ZOO_SMALL["max_images"]
+    assert prepared["variants"][name]["own_inputs"] is True
+    assert not any(prepared["variants"][v]["own_inputs"] for v in VARIANTS)
+    tis = {ti.task_id: ti for ti in night.tis[entry] if ti.map_index in (-1, None)}
+    for task_id in (f"{name}.export", f"{name}.preprocess"):
+        assert (tis[task_id].queue, tis[task_id].hostname) == ("default", CPU_HOST), task_id
 
 
 def test_the_bring_your_own_graph_has_detections_to_score(night: Night) -> None:
@@ -209,8 +238,8 @@ def test_history_rows_per_variant_and_the_reference(night: Night, cluster: Clust
 
     with HistoryStore(cluster.pg_url(cluster.history_db)) as store:
         rows = {r.config.model: r for r in store.run_records(dag_of(entry), run_of(entry))}
-    assert set(rows) == {f"{entry}/{name}" for name in (*VARIANTS, "reference")}
-    for name in VARIANTS:
+    assert set(rows) == {f"{entry}/{name}" for name in (*variants_of(entry), "reference")}
+    for name in variants_of(entry):
         row = rows[f"{entry}/{name}"]
         assert row.stats["AP"] == pytest.approx(night.xcom(entry, f"{name}.evaluate")["stats"]["AP"])
         assert row.verdict == "pass", row.verdict_detail
@@ -223,10 +252,10 @@ def test_device_tasks_ran_on_the_npu_host_in_the_pool_with_the_entry_weight(nigh
 
     for entry, (_, weight) in ZOO.items():
         device = [ti for ti in night.tis[entry] if ti.queue == "ascend"]
-        assert {ti.task_id for ti in device} == DEVICE_TASKS, entry
+        assert {ti.task_id for ti in device} == device_tasks(entry), entry
         for ti in device:
             assert (ti.hostname, ti.pool, ti.priority_weight) == (ASCEND_HOST, ASCEND_POOL, weight), ti
-        for variant in VARIANTS:
+        for variant in variants_of(entry):
             shards = sorted(ti.map_index for ti in device if ti.task_id == f"{variant}.infer")
             assert shards == [0, 1], (entry, variant)
         others = [ti for ti in night.tis[entry] if ti.queue != "ascend"]
@@ -287,8 +316,8 @@ def test_the_trend_index_shows_every_entry_and_variant_in_chromium(
     for entry in ZOO:
         (model,) = cluster.get_json(f"/gfocal/api/models?model={entry}", cluster.token())["models"]
         assert {row["latest"]["run_id"] for row in model["variants"]} == {run_of(entry)}, entry
-        assert {variant for e, variant in rows if e == entry} == {*VARIANTS, "reference"}, entry
-        for variant in VARIANTS:
+        assert {variant for e, variant in rows if e == entry} == {*variants_of(entry), "reference"}, entry
+        for variant in variants_of(entry):
             cells = rows[entry, variant]["cells"]
             ap = night.xcom(entry, f"{variant}.evaluate")["stats"]["AP"]
             assert (cells["verdict"], cells["num ap"]) == ("PASS", f"{ap:.4f}"), (entry, variant)

@@ -26,6 +26,19 @@ BACKENDS: dict[str, str] = {
 CHEAP_TO_BUILD = frozenset({"msame", "ais_bench"})
 
 
+# tools that feed each input file as one whole inference (no file batching: batch 1 only), so a models
+# file's tool + batch is checked at parse time without importing the backend (numpy); each class's
+# `file_batching` says the same (tests/pipeline/backends/test_batch_rule.py)
+ONE_FILE_PER_INFERENCE = frozenset({"msame"})
+
+
+def check_batch_size(name: str, batch_size: int) -> None:
+    """Backend `name`'s batch rule for a valid batch (an integer >= 1): a BackendError with the
+    backend's own words when it cannot run it; imports the backend only then."""
+    if batch_size != 1 and check_backend_name(name) in ONE_FILE_PER_INFERENCE:
+        backend_class(name).check_batch_size(batch_size)
+
+
 def check_backend_name(name: str) -> str:
     """`name` if it is registered, else a BackendError listing the choices (imports nothing)."""
     if name not in BACKENDS:
